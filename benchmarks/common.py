@@ -1,0 +1,69 @@
+"""Shared by the benchmarks and the tests: the protocol's data and model preparation.
+
+The product never reads ../shared; only these harnesses do."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QUANTC_SHARED", ROOT.parent / "shared"))
+CACHE = Path(os.environ.get("QUANTC_CACHE", Path.home() / ".cache" / "quantc"))
+
+
+def model_dir() -> Path:
+    return Path(os.environ.get("QUANTC_TEST_MODEL", SHARED / "models" / "smollm2-135m-instruct"))
+
+
+def hf_folder_from_gguf(src: Path, gguf_name: str) -> Path:
+    """Dequantize a GGUF model once into an ordinary fp32 HF folder in the cache; reuse it later."""
+    out = CACHE / f"{src.name}-fp32"
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tmp = CACHE / f".{src.name}-fp32.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    for extra in ("generation_config.json", "chat_template.jinja"):
+        if (src / extra).is_file():
+            shutil.copy(src / extra, tmp / extra)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def prepared_model() -> Path:
+    src = model_dir()
+    if any(src.glob("*.safetensors")):
+        return src
+    gguf = sorted(src.glob("*.gguf"))
+    if not gguf:
+        raise SystemExit(f"{src}: no safetensors or GGUF model; set QUANTC_TEST_MODEL")
+    return hf_folder_from_gguf(src, gguf[0].name)
+
+
+def c4_docs(n: int | None = None):
+    with open(SHARED / "data" / "c4-validation-1k.jsonl", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if n is not None and i >= n:
+                return
+            yield json.loads(line)["text"]
+
+
+def calibration(tokenizer, samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+    """The protocol: C4 docs with ≥ seq_len tokens in file order, one random window each, Random(seed)."""
+    from quantc.calibration.data import windows_from_docs
+    return windows_from_docs(c4_docs(), tokenizer, samples, seq_len, seed, "c4")
+
+
+def wikitext(tokenizer, seq_len: int = 512, windows: int = 80) -> torch.Tensor:
+    from quantc.evaluate import eval_tokens, read_text
+    text = read_text(str(SHARED / "data" / "wikitext-2-raw-test.txt"), join_lines=True)
+    return eval_tokens(text, tokenizer, seq_len, windows)

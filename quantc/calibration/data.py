@@ -1,0 +1,116 @@
+"""Calibration sequences: N windows of `seq_len` tokens, reproducible from a seed.
+
+Sources: a .jsonl file (one JSON object per line with a text field), a .txt file, a Hugging Face
+dataset (`hf:name[:config[:split]]`, needs the `datasets` package and network), or `self`:
+sequences sampled from the model itself, so a compile needs nothing but the model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from ..errors import QuantcError
+
+log = logging.getLogger("quantc")
+
+
+def calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
+    """int64 [samples, seq_len] calibration tokens for a `Calibration` config."""
+    if cal.source == "self":
+        if model is None:
+            raise QuantcError("calibration.source `self` needs the model")
+        return sample_from_model(model, cal.samples, cal.seq_len, cal.seed)
+    if cal.source.startswith("hf:"):
+        docs = _hf_docs(cal.source, cal.text_field)
+        return windows_from_docs(docs, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.source)
+    path = Path(cal.source)
+    if path.suffix in (".jsonl", ".json"):
+        return windows_from_docs(_jsonl_docs(path, cal.text_field), tokenizer, cal.samples, cal.seq_len,
+                                 cal.seed, str(path))
+    return windows_from_text(path.read_text(encoding="utf-8"), tokenizer, cal.samples, cal.seq_len,
+                             cal.seed, str(path))
+
+
+def _jsonl_docs(path: Path, field: str):
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QuantcError(f"{path}:{i}: not valid JSON ({e.msg}); expected one object per line") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                raise QuantcError(f"{path}:{i}: no string field {field!r}; set calibration.text_field")
+            yield obj[field]
+
+
+def _hf_docs(source: str, field: str):
+    try:
+        import datasets
+    except ImportError:
+        raise QuantcError("calibration.source hf:... needs the `datasets` package: pip install datasets") from None
+    parts = source[3:].split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+        (parts[2] if len(parts) > 2 else "train")
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # network, unknown dataset: one clear message
+        raise QuantcError(f"calibration.source {source!r}: cannot load the dataset ({e})") from None
+    for row in ds:
+        yield row[field]
+
+
+def windows_from_docs(docs, tokenizer, samples: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
+    """Documents with at least seq_len tokens, in order; one random window from each."""
+    rng = random.Random(seed)
+    out = []
+    for text in docs:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < seq_len:
+            continue
+        start = rng.randint(0, len(ids) - seq_len)
+        out.append(ids[start:start + seq_len])
+        if len(out) == samples:
+            break
+    if not out:
+        raise QuantcError(f"{where}: no document has {seq_len} tokens; lower calibration.seq_len or add text")
+    if len(out) < samples:
+        log.warning("%s: only %d documents have %d tokens; calibrating on %d samples instead of %d",
+                    where, len(out), seq_len, len(out), samples)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < seq_len:
+        raise QuantcError(f"{where}: the calibration text has {len(ids)} tokens, shorter than one sequence "
+                          f"of {seq_len}; add text or lower calibration.seq_len")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seq_len) for _ in range(samples)]
+    return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.int64)
+
+
+@torch.no_grad()
+def sample_from_model(model, samples: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
+    """Data-free calibration (as in LLM-QAT): start from a random token, then sample the model's own
+    next-token distribution. Slow-ish (one decode step per token) but needs no data at all."""
+    from tqdm.auto import tqdm
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    out = []
+    for b in tqdm(range(0, samples, batch_size), desc="sampling calibration text", leave=False):
+        n = min(batch_size, samples - b)
+        ids = torch.randint(0, vocab, (n, 1), generator=g)
+        past = None
+        for _ in range(seq_len - 1):
+            o = model(input_ids=ids[:, -1:] if past is not None else ids, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            probs = torch.softmax(o.logits[:, -1].float(), -1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
+        out.append(ids)
+    return torch.cat(out)

@@ -1,0 +1,311 @@
+"""The budget YAML: parsed and validated before any heavy work.
+
+Every error names the file, the key and what is allowed (ConfigError). See README for the schema.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .options import Option
+from .packing import SUPPORTED_BITS
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EXPORT_TARGETS = ("gptq", "onnx")
+METHODS = ("gptq", "rtn")
+UNIT_MODES = ("shared", "linear")
+
+SCHEMA: dict[str, tuple] = {
+    "model": (str, dict),
+    "budget": (dict,),
+    "quant": (dict,),
+    "candidates": (list,),
+    "keep_fp16": (list,),
+    "overrides": (list,),
+    "calibration": (dict,),
+    "export": (dict,),
+}
+MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str}
+BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
+QUANT_KEYS = {"bits": (int, list), "group_size": (int, list), "sym": bool, "act_order": bool,
+              "static_groups": bool, "mse": bool, "method": str, "damp": (int, float),
+              "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int}
+OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "static_groups": bool,
+               "mse": bool}
+CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
+              "batch_size": int}
+EXPORT_KEYS = {"targets": (list, str), "dtype": str}
+
+
+@dataclass
+class Budget:
+    avg_bits: float | None = None
+    memory: int | None = None          # bytes of the quantized linears
+    max_delta_loss: float | None = None  # inverse problem: least bytes with predicted Δloss ≤ this
+
+
+@dataclass
+class Calibration:
+    source: str = "self"               # self | path to .jsonl/.txt | hf:name[:config[:split]]
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    text_field: str = "text"
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    model: str
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    budget: Budget = field(default_factory=Budget)
+    candidates: list[Option] = field(default_factory=lambda: [Option()])
+    method: str = "gptq"
+    damp: float = 0.01
+    qep_alpha: float = 0.0
+    units: str = "shared"
+    true_sequential: bool = True
+    block_size: int = 128
+    keep_fp16: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
+    overrides: list[tuple[str, dict]] = field(default_factory=list)
+    calibration: Calibration = field(default_factory=Calibration)
+    export_targets: list[str] = field(default_factory=lambda: ["gptq"])
+    export_dtype: str = "float16"
+    source_file: str = ""
+
+    @property
+    def default_option(self) -> Option:
+        """The option used where no budget asks for an allocation: the largest candidate."""
+        return max(self.candidates, key=lambda o: (o.bits, -o.group_size))
+
+    @property
+    def uniform(self) -> bool:
+        return self.budget.avg_bits is None and self.budget.memory is None and self.budget.max_delta_loss is None
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "gguf_file": self.gguf_file, "method": self.method, "damp": self.damp,
+            "qep_alpha": self.qep_alpha, "units": self.units, "true_sequential": self.true_sequential,
+            "candidates": [o.to_dict() for o in self.candidates], "keep_fp16": self.keep_fp16,
+            "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
+            "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
+                                                              "dtype": self.export_dtype},
+        }
+
+
+def parse_size(value: Any, file: str, key: str) -> int:
+    """'60MiB', '1.5GB', 1234 -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(file, key, "expected a size such as 60MiB, 1.5GB or a number of bytes")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS and m.group(2) != "":
+            raise ConfigError(file, key, f"cannot read size {value!r}: use a number with a unit "
+                                         f"({', '.join(u for u in ['B', 'KiB', 'MiB', 'GiB', 'MB', 'GB'])})")
+        n = float(m.group(1)) * _UNITS[m.group(2).lower() or "b"]
+    if n <= 0:
+        raise ConfigError(file, key, f"must be positive, got {value!r}")
+    return int(n)
+
+
+def _typed(d: dict, allowed: dict, file: str, prefix: str) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError(file, prefix, f"expected a mapping, got {type(d).__name__}")
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in allowed:
+            raise ConfigError(file, key, f"unknown key; allowed keys: {', '.join(sorted(allowed))}")
+        types = allowed[k] if isinstance(allowed[k], tuple) else (allowed[k],)
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise ConfigError(file, key, f"expected {names}, got {type(v).__name__} {v!r}")
+    return d
+
+
+def _bits(v: Any, file: str, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v not in SUPPORTED_BITS:
+        raise ConfigError(file, key, f"bits {v!r} is not supported; allowed: {', '.join(map(str, SUPPORTED_BITS))}")
+    return v
+
+
+def _group(v: Any, file: str, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not (v == -1 or (v >= 32 and v % 32 == 0)):
+        raise ConfigError(file, key, f"group size {v!r} is not allowed; use -1 (per channel) or a "
+                                     "multiple of 32 such as 32, 64, 128")
+    return v
+
+
+def _as_list(v):
+    return v if isinstance(v, list) else [v]
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise ConfigError(file, "", "budget file not found; pass the path of a budget YAML (see README)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, "", f"malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "not a UTF-8 text file") from None
+    return parse_config(raw, file, base=path.parent)
+
+
+def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", f"the top level must be a mapping with at least `model`, got {type(raw).__name__}")
+    raw = {str(k): v for k, v in raw.items()}
+    _typed(raw, SCHEMA, file, "")
+    if "model" not in raw:
+        raise ConfigError(file, "model", "missing: name a local Hugging Face model folder or a hub id")
+
+    m = raw["model"] if isinstance(raw["model"], dict) else {"path": raw["model"]}
+    _typed(m, MODEL_KEYS, file, "model")
+    if "path" not in m:
+        raise ConfigError(file, "model.path", "missing: name a local model folder or a hub id")
+    model = _resolve_model(m["path"], file, base)
+    cfg = Config(model=model, gguf_file=m.get("gguf_file"), trust_remote_code=m.get("trust_remote_code", False),
+                 revision=m.get("revision"), source_file=file)
+    if cfg.gguf_file and not (Path(model) / cfg.gguf_file).is_file():
+        raise ConfigError(file, "model.gguf_file", f"{cfg.gguf_file!r} not found in {model}")
+
+    q = _typed(raw.get("quant", {}) or {}, QUANT_KEYS, file, "quant")
+    bits = [_bits(b, file, "quant.bits") for b in _as_list(q.get("bits", 4))]
+    groups = [_group(g, file, "quant.group_size") for g in _as_list(q.get("group_size", 128))]
+    if not bits or not groups:
+        raise ConfigError(file, "quant.bits", "needs at least one candidate")
+    shared = {k: q[k] for k in ("sym", "act_order", "static_groups", "mse") if k in q}
+    if "candidates" in raw:
+        cands = []
+        for i, c in enumerate(raw["candidates"]):
+            key = f"candidates[{i}]"
+            c = _typed(c, OPTION_KEYS, file, key)
+            if "bits" not in c:
+                raise ConfigError(file, f"{key}.bits", "missing")
+            _bits(c["bits"], file, f"{key}.bits")
+            _group(c.get("group_size", groups[0]), file, f"{key}.group_size")
+            cands.append(Option(**{**shared, "group_size": groups[0], **c}))
+    else:
+        cands = [Option(bits=b, group_size=g, **shared) for b, g in itertools.product(bits, groups)]
+    cfg.candidates = list(dict.fromkeys(cands))
+
+    cfg.method = q.get("method", "gptq")
+    if cfg.method not in METHODS:
+        raise ConfigError(file, "quant.method", f"{cfg.method!r} is not known; allowed: {', '.join(METHODS)}")
+    cfg.damp = float(q.get("damp", 0.01))
+    if not 0 < cfg.damp <= 1:
+        raise ConfigError(file, "quant.damp", f"must be in (0, 1], got {cfg.damp}")
+    cfg.qep_alpha = float(q.get("qep_alpha", 0.0))
+    if not 0 <= cfg.qep_alpha <= 1:
+        raise ConfigError(file, "quant.qep_alpha", f"must be in [0, 1] (0 = plain GPTQ), got {cfg.qep_alpha}")
+    cfg.units = q.get("units", "shared")
+    if cfg.units not in UNIT_MODES:
+        raise ConfigError(file, "quant.units", f"{cfg.units!r}; allowed: {', '.join(UNIT_MODES)}")
+    cfg.true_sequential = q.get("true_sequential", True)
+    cfg.block_size = q.get("block_size", 128)
+    if cfg.block_size < 1:
+        raise ConfigError(file, "quant.block_size", "must be positive")
+
+    b = _typed(raw.get("budget", {}) or {}, BUDGET_KEYS, file, "budget")
+    if sum(k in b for k in BUDGET_KEYS) > 1:
+        raise ConfigError(file, "budget", "give one of avg_bits, memory or max_delta_loss, not several")
+    if "avg_bits" in b:
+        if not 0 < b["avg_bits"] <= 16:
+            raise ConfigError(file, "budget.avg_bits", f"must be in (0, 16], got {b['avg_bits']}")
+        cfg.budget.avg_bits = float(b["avg_bits"])
+    if "memory" in b:
+        cfg.budget.memory = parse_size(b["memory"], file, "budget.memory")
+    if "max_delta_loss" in b:
+        if b["max_delta_loss"] < 0:
+            raise ConfigError(file, "budget.max_delta_loss", "must be ≥ 0")
+        cfg.budget.max_delta_loss = float(b["max_delta_loss"])
+
+    keep = raw.get("keep_fp16", cfg.keep_fp16)
+    for i, k in enumerate(keep):
+        _regex(k, file, f"keep_fp16[{i}]")
+    cfg.keep_fp16 = list(keep)
+
+    for i, o in enumerate(raw.get("overrides", [])):
+        key = f"overrides[{i}]"
+        if not isinstance(o, dict) or "match" not in o:
+            raise ConfigError(file, key, "each override is a mapping with `match` (a regex) and option keys")
+        pat = _regex(o["match"], file, f"{key}.match")
+        rest = _typed({k: v for k, v in o.items() if k != "match"}, {**OPTION_KEYS, "skip": bool}, file, key)
+        if "bits" in rest:
+            _bits(rest["bits"], file, f"{key}.bits")
+        if "group_size" in rest:
+            _group(rest["group_size"], file, f"{key}.group_size")
+        cfg.overrides.append((pat, rest))
+
+    c = _typed(raw.get("calibration", {}) or {}, CALIB_KEYS, file, "calibration")
+    cal = Calibration(**c)
+    for k in ("samples", "seq_len", "batch_size"):
+        if getattr(cal, k) < 1:
+            raise ConfigError(file, f"calibration.{k}", f"must be a positive integer, got {getattr(cal, k)}")
+    if cal.source not in ("self",) and not cal.source.startswith("hf:"):
+        src = Path(cal.source)
+        if base is not None and not src.is_absolute():
+            src = base / src
+        if not src.is_file():
+            raise ConfigError(file, "calibration.source", f"file {cal.source!r} not found; use a .jsonl "
+                              "(field `text`) or .txt file, `hf:<dataset>[:config[:split]]`, or `self`")
+        if src.suffix not in (".jsonl", ".txt", ".json"):
+            raise ConfigError(file, "calibration.source", f"{cal.source!r}: expected a .jsonl or .txt file")
+        cal.source = str(src)
+    cfg.calibration = cal
+
+    e = _typed(raw.get("export", {}) or {}, EXPORT_KEYS, file, "export")
+    targets = _as_list(e.get("targets", ["gptq"]))
+    for t in targets:
+        if t not in EXPORT_TARGETS:
+            raise ConfigError(file, "export.targets", f"{t!r} is not known; allowed: {', '.join(EXPORT_TARGETS)}")
+    cfg.export_targets = targets
+    cfg.export_dtype = e.get("dtype", "float16")
+    if cfg.export_dtype not in ("float16", "bfloat16"):
+        raise ConfigError(file, "export.dtype", f"{cfg.export_dtype!r}; allowed: float16, bfloat16")
+    return cfg
+
+
+def _regex(p: Any, file: str, key: str) -> str:
+    if not isinstance(p, str):
+        raise ConfigError(file, key, f"expected a regular expression string, got {type(p).__name__}")
+    try:
+        re.compile(p)
+    except re.error as e:
+        raise ConfigError(file, key, f"invalid regular expression {p!r}: {e}") from None
+    return p
+
+
+def _resolve_model(p: str, file: str, base: Path | None) -> str:
+    local = Path(p).expanduser()
+    if base is not None and not local.is_absolute():
+        cand = base / local
+        if cand.exists():
+            local = cand
+    if local.exists():
+        if not local.is_dir():
+            raise ConfigError(file, "model", f"{p!r} is a file; point at the model folder")
+        if not (local / "config.json").is_file():
+            raise ConfigError(file, "model", f"{local} has no config.json: not a Hugging Face model folder")
+        return str(local.resolve())
+    if _HUB_ID.match(p) and not p.startswith((".", "/", "~")):
+        return p                                      # a hub id: resolved (online) when loaded
+    raise ConfigError(file, "model", f"model folder {p!r} not found (relative paths are read from the "
+                                     "YAML's folder); give an existing folder or a hub id like org/name")

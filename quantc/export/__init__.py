@@ -1,0 +1,1 @@
+"""Writers of compiled artifacts: one module per format."""

@@ -1,0 +1,217 @@
+"""GPTQ (Frantar et al., 2022) and round-to-nearest, as short direct tensor code.
+
+Modelled on the reference implementation (IST-DASLab/gptq, gptq.py): quantize one column at a time,
+spread its error over the not-yet-quantized columns through the inverse Hessian, with lazy blocked
+updates. Additions: a clip search for the grid (`mse`), the QEP target (see `qep_target`), and
+automatic dampening increase when the Cholesky factorisation fails.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import QuantcError
+from .options import Option
+
+log = logging.getLogger("quantc")
+
+
+@dataclass
+class QuantResult:
+    """Integer weights and their grid: W ≈ (q - zeros[g_idx]) * scales[g_idx] (transposed per row)."""
+    q: torch.Tensor        # int   [out, in]
+    scales: torch.Tensor   # float [groups, out]
+    zeros: torch.Tensor    # int   [groups, out], true zero points in [1, maxq]
+    g_idx: torch.Tensor    # int   [in]
+    weight: torch.Tensor   # float [out, in], the dequantized weight
+    damp: float = 0.0      # dampening actually used (fraction of mean diag)
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        return (self.q.float() - self.zeros[g].t().float()) * self.scales[g].t()
+
+
+def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) for a slice x [rows, cols]. Zeros lie in [1, maxq] (GPTQ v1 stores zero-1)."""
+    maxq = 2**bits - 1
+    xmin = x.min(1).values.clamp(max=0)
+    xmax = x.max(1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    dead = (xmin == 0) & (xmax == 0)
+    xmin[dead], xmax[dead] = -1.0, 1.0
+
+    def grid(lo, hi):
+        scale = (hi - lo) / maxq
+        if sym:
+            zero = torch.full_like(scale, (maxq + 1) / 2)
+        else:
+            zero = torch.round(-lo / scale)
+            # zero 0 cannot be stored in v1; widen the step so the grid [-s, (maxq-1)s] covers hi
+            low = zero < 1
+            scale = torch.where(low, torch.maximum(hi / (maxq - 1), -lo), scale)
+            zero = zero.clamp(min=1)
+        # the checkpoint stores fp16 scales: use exactly those while quantizing
+        return scale.clamp(min=1e-7).to(torch.float16).float(), zero
+
+    scale, zero = grid(xmin, xmax)
+    if mse:
+        # Shrink the range and keep the grid with the least |x - q|^2.4 error (as in GPTQ's --mse).
+        best = torch.full_like(scale, float("inf"))
+        for p in torch.linspace(1.0, 0.5, 26).tolist():
+            s, z = grid(p * xmin, p * xmax)
+            q = quantize(x, s.unsqueeze(1), z.unsqueeze(1), maxq)
+            err = (q - x).abs().pow(2.4).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize(x, scale, zero, maxq):
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def _int(x, scale, zero, maxq):
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
+    """Round-to-nearest baseline with the same grid as GPTQ."""
+    W = W.float()
+    rows, cols = W.shape
+    gs = cols if opt.group_size <= 0 else opt.group_size
+    maxq = 2**opt.bits - 1
+    scales, zeros, qs = [], [], []
+    for c in range(0, cols, gs):
+        s, z = find_params(W[:, c:c + gs], opt.bits, opt.sym, opt.mse)
+        qs.append(_int(W[:, c:c + gs], s.unsqueeze(1), z.unsqueeze(1), maxq))
+        scales.append(s)
+        zeros.append(z)
+    q = torch.cat(qs, 1).to(torch.int32)
+    res = QuantResult(q, torch.stack(scales), torch.stack(zeros).to(torch.int32),
+                      torch.arange(cols, dtype=torch.int32) // gs, W)
+    res.weight = res.dequantize()
+    return res
+
+
+def cholesky_inverse_upper(H: torch.Tensor, percdamp: float, name: str = "") -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp·I)⁻¹. Raise the dampening (x10 up to 1.0) if H is not
+    positive definite after damping, and say so; fail clearly if even that does not help."""
+    diag = torch.arange(H.shape[0])
+    mean = torch.mean(torch.diag(H)).item()
+    damp = percdamp
+    while True:
+        Hd = H.clone()
+        Hd[diag, diag] += damp * mean
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                if damp != percdamp:
+                    log.warning("%s: Hessian not positive definite; dampening raised to %.3g", name, damp)
+                return U, damp
+        if damp >= 1.0 or not math.isfinite(mean):
+            raise QuantcError(
+                f"{name}: the Hessian is not positive definite even with dampening {damp:.3g}·mean(diag). "
+                "The calibration data may be too short or contain NaN/Inf activations: add calibration "
+                "samples or raise `gptq.damp` in the budget YAML.")
+        damp = min(1.0, damp * 10)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
+         blocksize: int = 128, name: str = "") -> QuantResult:
+    """Quantize W [out, in] minimising ‖(W - Ŵ)X‖² for the Hessian H = 2XXᵀ/n [in, in]."""
+    W = W.float().clone()
+    H = H.float().clone()
+    rows, cols = W.shape
+    gs = cols if opt.group_size <= 0 else opt.group_size
+    maxq = 2**opt.bits - 1
+
+    dead = torch.diag(H) == 0                  # inputs that never fire carry no information
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.arange(cols)
+    if opt.act_order:                          # quantize the columns with the largest inputs first
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    invperm = torch.argsort(perm)
+
+    static = None
+    if opt.act_order and opt.static_groups:    # grids from the original contiguous groups: g_idx = i // gs
+        static = [find_params(W[:, invperm][:, c:c + gs], opt.bits, opt.sym, opt.mse) for c in range(0, cols, gs)]
+
+    Hinv, damp = cholesky_inverse_upper(H, percdamp, name)
+    Q = torch.zeros_like(W)
+    qint = torch.zeros_like(W)
+    scales = torch.zeros(math.ceil(cols / gs), rows)
+    zeros = torch.zeros_like(scales)
+    g_idx = torch.zeros(cols, dtype=torch.int32)   # in permuted order; un-permuted at the end
+
+    scale = zero = None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                g = int(perm[col]) // gs
+                scale, zero = static[g]
+                scales[g], zeros[g] = scale, zero
+            elif col % gs == 0:
+                # grid from the weights as already updated by the errors of earlier columns
+                g = col // gs
+                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                scale, zero = find_params(cur, opt.bits, opt.sym, opt.mse)
+                scales[g], zeros[g] = scale, zero
+            g_idx[col] = g
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            qi = _int(w, scale, zero, maxq)
+            q = scale * (qi - zero)
+            qint[:, col] = qi
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])   # lazy batch update of the remaining columns
+
+    Q, qint, g_idx = Q[:, invperm], qint[:, invperm], g_idx[invperm]
+    if not torch.isfinite(Q).all():
+        raise QuantcError(f"{name}: GPTQ produced non-finite weights (NaN/Inf in the weights or Hessian)")
+    return QuantResult(qint.to(torch.int32), scales, zeros.to(torch.int32), g_idx, Q, damp)
+
+
+def qep_target(W: torch.Tensor, H_hat: torch.Tensor, delta: torch.Tensor, alpha: float,
+               percdamp: float = 0.01) -> torch.Tensor:
+    """QEP (Arai & Ichikawa, 2025): the weights that best map the quantized model's inputs X̂ to
+    the original outputs WX. min_Ŵ ‖WX − ŴX̂‖² = ‖(W* − Ŵ)X̂‖² + const with
+    W* = W + W·δ·Ĥ⁻¹, δ = (X − X̂)X̂ᵀ, Ĥ = X̂X̂ᵀ (both scaled like H). GPTQ then runs on W* with Ĥ;
+    alpha ∈ [0, 1] scales the correction (0 = plain GPTQ)."""
+    if alpha == 0:
+        return W
+    n = H_hat.shape[0]
+    Hd = H_hat.double().clone()
+    Hd[torch.arange(n), torch.arange(n)] += percdamp * torch.mean(torch.diag(Hd))
+    corr = torch.linalg.solve(Hd, (W.double() @ delta.double()).t()).t()   # W δ Ĥ⁻¹ (Ĥ symmetric)
+    return (W.double() + alpha * corr).float()
+
+
+def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² computed from H ∝ XXᵀ."""
+    D = (W - Wq).double()
+    num = torch.einsum("oi,ij,oj->", D, H.double(), D)
+    den = torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double())
+    return float(num / den.clamp(min=1e-30))

@@ -1,0 +1,183 @@
+"""Model access: load a Hugging Face causal LM, find its decoder layers, linears and units, and
+stream calibration activations through it one decoder layer at a time."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QuantcError
+
+log = logging.getLogger("quantc")
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Linears that must share one precision for vLLM (fused at load time), in execution order.
+SHARED_UNITS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once the inputs we need are captured."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Linears that receive one option together (q/k/v, gate/up, o, down, or single linears)."""
+    layer: int
+    names: tuple[str, ...]        # full module names, e.g. model.layers.3.self_attn.q_proj
+
+    @property
+    def key(self) -> str:
+        short = "+".join(n.rsplit(".", 1)[-1].replace("_proj", "") for n in self.names)
+        return f"{self.layer}.{short}"
+
+
+def read_model_type(path: str) -> str | None:
+    cfg = Path(path) / "config.json"
+    if cfg.is_file():
+        try:
+            return json.loads(cfg.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise QuantcError(f"{cfg}: not valid JSON ({e})") from None
+    return None
+
+
+def check_supported(model_type: str | None, where: str) -> None:
+    if model_type not in SUPPORTED_TYPES:
+        raise QuantcError(f"{where}: model_type {model_type!r} is not supported; quantc supports "
+                          f"{', '.join(SUPPORTED_TYPES)}")
+
+
+def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+               revision: str | None = None, dtype=torch.float32):
+    """Load a causal LM (local folder or hub id) in float32 on the CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    check_supported(read_model_type(path) or _remote_type(path, trust_remote_code), path)
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except OSError as e:
+        raise QuantcError(f"{path}: cannot load the model: {e}") from None
+    model.eval()
+    model.config.use_cache = False
+    check_finite(model, path)
+    return model
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    kw = {"gguf_file": gguf_file} if gguf_file and not (Path(path) / "tokenizer.json").is_file() else {}
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError) as e:
+        raise QuantcError(f"{path}: cannot load the tokenizer: {e}") from None
+
+
+def _remote_type(path: str, trust_remote_code: bool) -> str | None:
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError) as e:
+        raise QuantcError(f"{path}: cannot read the model config: {e}") from None
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise QuantcError(f"{where}: weight {name} contains NaN or Inf values; the checkpoint is corrupt")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise QuantcError(f"{type(model).__name__}: no decoder layers found at model.layers")
+    return layers
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Linears of one decoder layer, by their name inside the layer (self_attn.q_proj, ...)."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def units(model: nn.Module, mode: str = "shared") -> list[Unit]:
+    """All units of the decoder, in execution order."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        names = list(layer_linears(layer))
+        prefix = f"model.layers.{i}."
+        if mode == "shared":
+            done = set()
+            for group in SHARED_UNITS:
+                members = tuple(n for g in group for n in names if n.rsplit(".", 1)[-1] == g)
+                if members:
+                    out.append(Unit(i, tuple(prefix + n for n in members)))
+                    done.update(members)
+            rest = [n for n in names if n not in done]
+        else:
+            rest = names
+        out.extend(Unit(i, (prefix + n,)) for n in rest)
+    return out
+
+
+def keep_in_fp16(name: str, patterns: list[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def capture_layer0_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int):
+    """Run the embedding and everything before the first decoder layer; return the layer-0
+    hidden states [n, seq, hidden] and the keyword arguments (position embeddings, masks) of
+    each batch. Stops every forward at the first decoder layer (no other layer runs)."""
+    layers = decoder_layers(model)
+    captured: list = []
+
+    def hook(_mod, args, kwargs):
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.append((hs.detach(), kwargs))
+        raise StopForward
+
+    h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in range(0, tokens.shape[0], batch_size):
+                try:
+                    model(input_ids=tokens[b:b + batch_size], use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        h.remove()
+    hidden = torch.cat([c[0] for c in captured])
+    return hidden, [c[1] for c in captured]
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Activations:
+    """Hidden states entering one decoder layer, kept in batches with their keyword arguments."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: list[dict], batch_size: int):
+        self.hidden, self.kwargs, self.batch_size = hidden, kwargs, batch_size
+
+    def batches(self):
+        for j, b in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
+            yield self.hidden[b:b + self.batch_size], self.kwargs[j]
+
+    @torch.no_grad()
+    def through(self, layer: nn.Module) -> "Activations":
+        """The outputs of `layer` on these inputs, i.e. the next layer's inputs."""
+        out = torch.empty_like(self.hidden)
+        for j, (x, kw) in enumerate(self.batches()):
+            b = j * self.batch_size
+            out[b:b + x.shape[0]] = run_layer(layer, x, kw)
+        return Activations(out, self.kwargs, self.batch_size)

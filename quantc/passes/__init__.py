@@ -1,0 +1,1 @@
+"""The compile passes, one module each: calibrate → measure → allocate → quantize → export."""

@@ -1,0 +1,177 @@
+"""The compile, top to bottom: load → calibrate → (measure → allocate) → quantize → export.
+
+The passes know nothing of files, YAML or the CLI; this module owns those, plus timing and the
+atomic write of the output folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import Config
+from .errors import QuantcError
+from .model import Activations, capture_layer0_inputs, decoder_layers, keep_in_fp16, layer_linears
+from .options import Option
+
+log = logging.getLogger("quantc")
+
+
+def linear_names(model) -> list[str]:
+    return [f"model.layers.{i}.{n}" for i, layer in enumerate(decoder_layers(model)) for n in layer_linears(layer)]
+
+
+def resolve_options(model, cfg: Config, chosen: dict[str, Option] | None = None) -> tuple[dict[str, Option], list[str]]:
+    """Option of every decoder linear: the plan's choice (or the default option), then the YAML's
+    overrides (first matching regex wins); modules matching keep_fp16 stay unquantized."""
+    options, skipped = {}, []
+    for name in linear_names(model):
+        if keep_in_fp16(name, cfg.keep_fp16):
+            skipped.append(name)
+            continue
+        opt = (chosen or {}).get(name, cfg.default_option)
+        for pattern, fields in cfg.overrides:
+            if re.search(pattern, name):
+                if fields.get("skip"):
+                    opt = None
+                else:
+                    opt = Option(**{**opt.to_dict(), **{k: v for k, v in fields.items() if k != "skip"}})
+                break
+        if opt is None:
+            skipped.append(name)
+        else:
+            options[name] = opt
+    return options, skipped
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    """Check the output path now (before hours of work) and return a fresh temporary folder beside it."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise QuantcError(f"{out} already exists; pass --force to overwrite it or choose another -o")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantcError(f"cannot create the output folder's parent {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise QuantcError(f"{parent} is not writable; choose another output folder with -o")
+    tmp = parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def finalize_output(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary folder into place (the old output, if any, only goes now)."""
+    out = Path(out)
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def module_table(model, options: dict[str, Option]) -> dict[str, dict]:
+    mods = dict(model.named_modules())
+    return {n: {**o.to_dict(), "in": mods[n].in_features, "out": mods[n].out_features,
+                "bytes": o.bytes_for(mods[n].in_features, mods[n].out_features)} for n, o in options.items()}
+
+
+def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_file: str | None = None,
+                  progress: bool = True) -> dict:
+    """Run the whole compile; return the manifest written to out/quantc.json."""
+    from .calibration import calibration_tokens
+    from .export.gptq import write_gptq
+    from .model import load_model, load_tokenizer
+    from .passes.quantize import quantize_gptq, quantize_rtn
+
+    out = Path(out)
+    tmp = prepare_output(out, force)
+    timings = {}
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.calibration.seed)
+    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision)
+    tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
+    timings["load_s"] = time.perf_counter() - t0
+
+    plan = None
+    chosen = None
+    tokens = None
+    if plan_file is not None or not cfg.uniform:
+        from .planning import make_plan, read_plan
+        if plan_file is not None:
+            plan = read_plan(plan_file, model, cfg)
+        else:
+            t = time.perf_counter()
+            tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+            plan = make_plan(cfg, model, tokens, progress=progress)
+            timings["plan_s"] = time.perf_counter() - t
+        chosen = plan.module_options()
+    options, skipped = resolve_options(model, cfg, chosen)
+    if not options:
+        raise QuantcError(f"{cfg.source_file}: no linear layer is left to quantize (keep_fp16/overrides skip all)")
+
+    t = time.perf_counter()
+    if cfg.method == "rtn":
+        results = quantize_rtn(model, options)
+    else:
+        if tokens is None:
+            tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+        hidden, kwargs = capture_layer0_inputs(model, tokens, cfg.calibration.batch_size)
+        acts = Activations(hidden, kwargs, cfg.calibration.batch_size)
+        results = quantize_gptq(model, acts, options, damp=cfg.damp, qep_alpha=cfg.qep_alpha,
+                                true_sequential=cfg.true_sequential, block_size=cfg.block_size,
+                                progress=progress)
+    timings["quantize_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dtype = getattr(torch, cfg.export_dtype)
+    qc = write_gptq(tmp, model, results, options, skipped, tokenizer=tokenizer, damp=cfg.damp,
+                    true_sequential=cfg.true_sequential, dtype=dtype)
+    if plan is not None:
+        plan.save(tmp / "plan.yaml")
+    if "onnx" in cfg.export_targets:
+        from .export.onnx import write_onnx
+        write_onnx(tmp, progress=progress)
+    timings["export_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    modules = module_table(model, options)
+    qbytes = sum(m["bytes"] for m in modules.values())
+    weights = sum(m["in"] * m["out"] for m in modules.values())
+    manifest = {
+        "quantc": __version__,
+        "source": {"model": cfg.model, "gguf_file": cfg.gguf_file},
+        "config": cfg.to_dict(),
+        "quantization_config": qc,
+        "totals": {"quantized_linear_bytes": qbytes, "quantized_weights": weights,
+                   "avg_bits": 8 * qbytes / max(weights, 1), "modules": len(modules), "skipped": len(skipped)},
+        "modules": modules,
+        "skipped": skipped,
+        "timings": timings,
+        "files": {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+    }
+    (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))
+    finalize_output(tmp, out)
+    return manifest

@@ -1,0 +1,133 @@
+"""quantc's runtime: load a GPTQ-format checkpoint (quantc's or another tool's, `dynamic`
+included) as a transformers model whose quantized linears are QuantLinear modules."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import QuantcError
+from .packing import dequantize_gptq
+
+
+class QuantLinear(nn.Module):
+    """A linear layer stored in GPTQ v1 format. On the CPU it dequantizes in torch (once, cached,
+    when `cache` is set); on CUDA a fused kernel can take over without changing the format."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+                 dtype=torch.float32, cache: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = in_features if group_size <= 0 else group_size
+        groups = -(-in_features // self.group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32) // self.group_size)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.dtype, self.cache = dtype, cache
+        self._weight: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._weight is not None:
+            return self._weight
+        w = self.dequantize()
+        if self.cache:
+            self._weight = w
+        return w
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight = None          # new packed tensors: drop the cached dense weight
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.dtype), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def module_option(name: str, qc: dict) -> dict | None:
+    """bits/group_size/sym/desc_act of module `name` under quantization_config (None = not quantized),
+    with GPTQModel's `dynamic` semantics: first matching pattern wins; "-:" skips the module."""
+    base = {k: qc.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
+    for pattern, override in (qc.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return None
+        elif re.match(pattern.removeprefix("+:"), name):
+            return {**base, **override}
+    return base
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise QuantcError(f"{folder}: no .safetensors file; is this a compiled checkpoint?")
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    out[k] = sf.get_tensor(k)
+        except Exception as e:  # truncated or corrupt file: name it
+            raise QuantcError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+    return out
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = True):
+    """Load a GPTQ-format checkpoint folder as a transformers causal LM (eval mode) whose quantized
+    linears are QuantLinear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise QuantcError(f"{folder}: no config.json; pass the folder that `quantc compile` wrote")
+    config = AutoConfig.from_pretrained(folder)
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        raise QuantcError(f"{folder}/config.json: no quantization_config; not a quantized checkpoint")
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "gptq" or qc.get("checkpoint_format", "gptq") not in ("gptq", None):
+        raise QuantcError(f"{folder}: quant_method {qc.get('quant_method')!r} / checkpoint_format "
+                          f"{qc.get('checkpoint_format')!r}; quantc reads GPTQ v1 ('gptq') checkpoints")
+    del config.quantization_config
+    config.use_cache = True
+    tensors = read_tensors(folder)
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    for name in quantized:
+        parent, _, leaf = name.rpartition(".")
+        old = model.get_submodule(name)
+        opt = module_option(name, qc)
+        if opt is None:
+            raise QuantcError(f"{folder}: {name} has packed weights but `dynamic` excludes it")
+        ql = QuantLinear(old.in_features, old.out_features, int(opt["bits"]), int(opt["group_size"]),
+                         old.bias is not None, dtype=dtype, cache=cache)
+        setattr(model.get_submodule(parent), leaf, ql)
+    state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v)
+             for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise QuantcError(f"{folder}: checkpoint does not match its config (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model

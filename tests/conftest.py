@@ -1,0 +1,91 @@
+"""Fixtures: tiny random models of each supported architecture (built here, in seconds), a small
+tokenizer trained on the fly, and the real SmolLM2-135M from ../shared (converted once from GGUF
+into a cache folder)."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jackals "
+         "model layer weight bits group scale zero error budget memory token sequence").split()
+
+
+def corpus(n_words: int = 4000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 12):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + ".")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus().splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def build_tiny(kind: str, folder: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
+    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind]
+    cfg = cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+              tie_word_embeddings=(kind == "llama"), bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():   # larger-than-init weights so that quantization error is visible
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer):
+    base = tmp_path_factory.mktemp("models")
+    return {k: build_tiny(k, base / k, tiny_tokenizer) for k in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(corpus(6000, seed=1))
+    return p
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Folder of the real SmolLM2-135M as an ordinary HF model (fp32 safetensors)."""
+    src = Path(os.environ.get("QUANTC_TEST_MODEL", SHARED / "models" / "smollm2-135m-instruct"))
+    if not src.is_dir():
+        pytest.skip(f"real test model not found at {src} (set QUANTC_TEST_MODEL)")
+    if (src / "model.safetensors").is_file() or any(src.glob("*.safetensors")):
+        return src
+    gguf = sorted(src.glob("*.gguf"))
+    if not gguf:
+        pytest.skip(f"{src} has neither safetensors nor a GGUF file")
+    from benchmarks.common import hf_folder_from_gguf
+    return hf_folder_from_gguf(src, gguf[0].name)

@@ -1,0 +1,150 @@
+"""End to end on tiny random models: compile through the CLI, load with quantc.load, evaluate."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import quantc
+from quantc.cli import main
+from quantc.packing import dequantize_gptq
+
+from conftest import write_yaml
+
+
+def budget(tmp_path, model, extra=""):
+    return write_yaml(tmp_path / "budget.yaml", f"model: {model}\n{extra}")
+
+
+def compile_cli(yaml_path, out, *args):
+    r = CliRunner().invoke(main, ["-q", "compile", str(yaml_path), "-o", str(out), *args])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    return json.loads((out / "quantc.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+def test_compile_gptq_each_architecture(tmp_path, tiny_models, calib_file, kind):
+    from transformers import AutoModelForCausalLM
+    y = budget(tmp_path, tiny_models[kind], f"""
+quant: {{bits: 4, group_size: 32, sym: true}}
+calibration: {{source: {calib_file}, samples: 8, seq_len: 64, batch_size: 4}}
+""")
+    out = tmp_path / "out"
+    m = compile_cli(y, out)
+    assert m["totals"]["modules"] == 7 * 2
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "quantize_config.json", "quantc.json", "tokenizer.json"} <= files
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["quant_method"], qc["checkpoint_format"]) == \
+        (4, 32, True, "gptq", "gptq")
+    assert qc["meta"]["quantizer"][0].startswith("quantc:")
+    assert "dynamic" not in qc
+    assert not (tmp_path / ".out.partial").exists()
+
+    q = quantc.load(out)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+    from conftest import corpus
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor(tok(corpus(800, seed=7))["input_ids"][: 2 * 48]).reshape(2, 48)
+    with torch.no_grad():
+        lq, lr = q(input_ids=ids).logits, ref(input_ids=ids).logits
+    rel = float((lq - lr).norm() / lr.norm())
+    assert 0 < rel < 0.3, rel                         # quantized: close to, not equal to, the original
+    lin = q.model.layers[0].self_attn.q_proj
+    assert type(lin).__name__ == "QuantLinear" and lin.bits == 4
+    if kind == "qwen2":
+        assert lin.bias is not None and torch.count_nonzero(lin.bias) > 0
+    out_ids = q.generate(ids[:1, :8], max_new_tokens=5, do_sample=False)
+    assert out_ids.shape == (1, 13)
+
+
+def test_gptq_closer_than_rtn_end_to_end(tmp_path, tiny_models, calib_file):
+    from quantc.evaluate import evaluate
+    from transformers import AutoModelForCausalLM
+    kl = {}
+    for method in ("rtn", "gptq"):
+        y = write_yaml(tmp_path / f"{method}.yaml", f"""model: {tiny_models['llama']}
+quant: {{bits: 3, group_size: 64, method: {method}}}
+calibration: {{source: {calib_file}, samples: 16, seq_len: 64}}
+""")
+        compile_cli(y, tmp_path / method)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    from conftest import corpus
+    from transformers import AutoTokenizer
+    t = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    ids = torch.tensor(t(corpus(800, seed=7))["input_ids"][: 4 * 64]).reshape(4, 64)
+    for method in ("rtn", "gptq"):
+        kl[method] = evaluate(quantc.load(tmp_path / method), ids, ref, progress=False)["kl"]
+    assert kl["gptq"] < kl["rtn"], kl
+
+
+def test_act_order_and_overrides_write_dynamic(tmp_path, tiny_models, calib_file):
+    y = budget(tmp_path, tiny_models["qwen2"], f"""
+quant: {{bits: 4, group_size: 32, act_order: true, sym: false}}
+overrides:
+  - {{match: 'layers\\.0\\.mlp\\.down_proj', bits: 8}}
+  - {{match: 'layers\\.1\\.self_attn\\.(q|k|v)_proj', bits: 2, group_size: 64}}
+  - {{match: 'layers\\.1\\.mlp\\.up_proj', skip: true}}
+calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
+""")
+    out = tmp_path / "out"
+    m = compile_cli(y, out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    dyn = qc["dynamic"]
+    assert dyn == {
+        r"+:^model\.layers\.0\.mlp\.down_proj$": {"bits": 8, "group_size": 32, "sym": False, "desc_act": True},
+        r"+:^model\.layers\.1\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)$":
+            {"bits": 2, "group_size": 64, "sym": False, "desc_act": True},
+        r"-:^model\.layers\.1\.mlp\.up_proj$": {},
+    }
+    assert m["skipped"] == ["model.layers.1.mlp.up_proj"]
+    q = quantc.load(out)
+    assert q.model.layers[0].mlp.down_proj.bits == 8
+    assert q.model.layers[1].self_attn.k_proj.bits == 2
+    assert isinstance(q.model.layers[1].mlp.up_proj, torch.nn.Linear)
+    # act-order: g_idx is a real permutation of groups, not i // group_size
+    g = q.model.layers[0].self_attn.q_proj.g_idx
+    assert not torch.equal(g, torch.arange(g.numel(), dtype=torch.int32) // 32)
+    w = q.model.layers[0].self_attn.q_proj
+    dense = dequantize_gptq(w.qweight, w.qzeros, w.scales, w.g_idx, 4)
+    assert torch.equal(dense, w.weight)
+
+
+def test_existing_output_needs_force(tmp_path, tiny_models, calib_file):
+    y = budget(tmp_path, tiny_models["llama"], "quant: {method: rtn, group_size: 32}\n")
+    out = tmp_path / "out"
+    compile_cli(y, out)
+    r = CliRunner().invoke(main, ["-q", "compile", str(y), "-o", str(out)])
+    assert r.exit_code == 2 and "--force" in r.output
+    compile_cli(y, out, "--force")
+
+
+def test_eval_and_inspect_cli(tmp_path, tiny_models, calib_file):
+    y = budget(tmp_path, tiny_models["llama"], f"""
+quant: {{bits: 4, group_size: 32}}
+overrides: [{{match: 'layers\\.1\\.', bits: 8}}]
+calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
+""")
+    out = tmp_path / "out"
+    compile_cli(y, out)
+    r = CliRunner().invoke(main, ["-q", "eval", str(out), "--text", str(calib_file), "--seq-len", "64",
+                                  "--windows", "4", "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["windows"] == 4 and res["ppl"] > 1 and res["kl"] > 0
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "bits per module" in r.output and "quantc" in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip().startswith(("│ 0", "│ 1", "┃ 0", "┃ 1"))]
+    assert any(" 8 " in ln for ln in lines) and any(" 4 " in ln for ln in lines)
+
+
+def test_self_calibration_needs_no_data(tmp_path, tiny_models):
+    y = budget(tmp_path, tiny_models["llama"], """
+quant: {bits: 4, group_size: 32}
+calibration: {source: self, samples: 4, seq_len: 32}
+""")
+    m = compile_cli(y, tmp_path / "out")
+    assert m["config"]["calibration"]["source"] == "self"

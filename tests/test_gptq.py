@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from quantc.errors import QuantcError
+from quantc.gptq import find_params, gptq, qep_target, relative_error, rtn
+from quantc.options import Option
+
+
+def correlated_inputs(n=2048, d=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    scale = torch.rand(d, generator=g) * 3 + 0.1          # uneven channel magnitudes, like LLM activations
+    return (torch.randn(n, d, generator=g) @ mix) * scale
+
+
+def hessian(X):
+    return 2 * X.t() @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("opt", [Option(4, 32, True), Option(3, 64, False), Option(2, 32, False, mse=True),
+                                 Option(4, 32, True, act_order=True), Option(3, -1, True),
+                                 Option(4, 32, True, act_order=True, static_groups=True)])
+def test_gptq_beats_rtn(opt):
+    X = correlated_inputs()
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    H = hessian(X)
+    e_rtn = relative_error(W, rtn(W, opt).weight, H)
+    res = gptq(W, H, opt)
+    e_gptq = relative_error(W, res.weight, H)
+    assert e_gptq < 0.85 * e_rtn, (e_gptq, e_rtn)
+    # the integers, grid and g_idx reproduce the weight GPTQ propagated
+    torch.testing.assert_close(res.dequantize(), res.weight, rtol=1e-5, atol=1e-5)
+    maxq = 2**opt.bits - 1
+    assert res.q.min() >= 0 and res.q.max() <= maxq and res.zeros.min() >= 1 and res.zeros.max() <= maxq
+    gs = 128 if opt.group_size < 0 else opt.group_size
+    counts = torch.bincount(res.g_idx.long())
+    assert torch.all(counts == gs)                    # every group holds group_size columns
+    if not opt.act_order or opt.static_groups:
+        assert torch.equal(res.g_idx, torch.arange(128, dtype=torch.int32) // gs)
+
+
+def test_scales_are_fp16_exact():
+    W = torch.randn(32, 64)
+    s, z = find_params(W, 4, sym=False)
+    assert torch.equal(s, s.half().float())
+    assert z.min() >= 1
+
+
+def test_mse_grid_not_worse():
+    W = torch.randn(64, 128) * torch.rand(64, 1)
+    W[0, 0] = 20.0                                       # an outlier stretches the min-max grid
+    H = torch.eye(128)
+    e_minmax = relative_error(W, rtn(W, Option(3, 64, True)).weight, H)
+    e_mse = relative_error(W, rtn(W, Option(3, 64, True, mse=True)).weight, H)
+    assert e_mse < e_minmax
+
+
+def test_dampening_raised_for_rank_deficient_hessian(caplog):
+    X = correlated_inputs(n=16, d=128)                   # 16 samples: rank 16 ≪ 128
+    H = hessian(X)
+    H[5, 5] += 1e-3
+    W = torch.randn(32, 128)
+    res = gptq(W, H, Option(4, 32), percdamp=1e-9)
+    assert res.damp > 1e-9
+    assert "dampening raised" in caplog.text
+
+
+def test_nan_hessian_fails_clearly():
+    H = torch.full((64, 64), float("nan"))
+    with pytest.raises(QuantcError, match="not positive definite"):
+        gptq(torch.randn(32, 64), H, Option(4, 32), name="layers.0.q_proj")
+
+
+def test_dead_input_channel_is_handled():
+    X = correlated_inputs(d=64)
+    X[:, 3] = 0
+    res = gptq(torch.randn(32, 64), hessian(X), Option(4, 32))
+    assert torch.isfinite(res.weight).all()
+
+
+def test_qep_target_reduces_propagated_error():
+    X = correlated_inputs(d=64)
+    Xhat = X + 0.2 * correlated_inputs(d=64, seed=3)     # inputs as the quantized model produces them
+    W = torch.randn(48, 64)
+    Hh = hessian(Xhat)
+    delta = 2 * (X - Xhat).t() @ Xhat / X.shape[0]
+    opt = Option(4, 32)
+
+    def err(Wq):
+        return float(((X @ W.t() - Xhat @ Wq.t()) ** 2).sum())
+
+    plain = gptq(W, Hh, opt).weight
+    qep = gptq(qep_target(W, Hh, delta, 1.0), Hh, opt).weight
+    assert err(qep) < 0.8 * err(plain)
+    assert torch.equal(qep_target(W, Hh, delta, 0.0), W)

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from quantc.packing import dequantize_gptq, pack_cols, pack_gptq, pack_rows, packed_bytes, unpack_cols, unpack_rows
+
+
+def reference_pack(intweight, bits):
+    """The classic GPTQ/AutoGPTQ packing loop (word by word), to pin the exact format."""
+    import numpy as np
+    intweight = intweight.numpy().astype(np.uint32)
+    rows = intweight.shape[0] // 32 * bits
+    q = np.zeros((rows, intweight.shape[1]), dtype=np.uint32)
+    i = row = 0
+    while row < rows:
+        if bits in (2, 4, 8):
+            for j in range(i, i + 32 // bits):
+                q[row] |= intweight[j] << (bits * (j - i))
+            i += 32 // bits
+            row += 1
+        else:  # 3 bits: 32 values over three words, two of them straddling
+            for j in range(i, i + 10):
+                q[row] |= intweight[j] << (3 * (j - i))
+            i += 10
+            q[row] |= intweight[i] << 30
+            row += 1
+            q[row] |= (intweight[i] >> 2) & 1
+            i += 1
+            for j in range(i, i + 10):
+                q[row] |= intweight[j] << (3 * (j - i) + 1)
+            i += 10
+            q[row] |= intweight[i] << 31
+            row += 1
+            q[row] |= (intweight[i] >> 1) & 0x3
+            i += 1
+            for j in range(i, i + 10):
+                q[row] |= intweight[j] << (3 * (j - i) + 2)
+            i += 10
+            row += 1
+    return torch.from_numpy(q.view(np.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_trip_and_reference_layout(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (96, 40), generator=g, dtype=torch.int32)
+    packed = pack_rows(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (96 * bits // 32, 40)
+    assert torch.equal(packed, reference_pack(q, bits))
+    assert torch.equal(unpack_rows(packed, bits), q)
+    qc = torch.randint(0, 2**bits, (3, 64), generator=g, dtype=torch.int32)
+    assert torch.equal(unpack_cols(pack_cols(qc, bits), bits), qc)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_matches_formula(bits):
+    g = torch.Generator().manual_seed(0)
+    out, inp, gs = 64, 128, 32
+    q = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 2**bits, (inp // gs, out), generator=g, dtype=torch.int32)
+    scales = (torch.rand(inp // gs, out, generator=g) + 0.01).half().float()
+    g_idx = torch.randperm(inp, generator=g).to(torch.int32) // gs     # act-order style groups
+    t = pack_gptq(q, zeros, scales, g_idx, bits)
+    w = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
+    gl = g_idx.long()
+    ref = (q.float() - zeros[gl].t().float()) * scales[gl].t()
+    torch.testing.assert_close(w, ref)
+    nbytes = sum(v.numel() * v.element_size() for v in t.values())
+    assert nbytes == packed_bytes(inp, out, bits, gs)
+
+
+def test_zero_point_zero_is_refused():
+    q = torch.zeros(32, 32, dtype=torch.int32)
+    with pytest.raises(ValueError, match="zero points"):
+        pack_gptq(q, torch.zeros(1, 32, dtype=torch.int32), torch.ones(1, 32), torch.zeros(32, dtype=torch.int32), 4)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError):
+        pack_rows(torch.zeros(33, 4, dtype=torch.int32), 4)
+    with pytest.raises(ValueError):
+        pack_rows(torch.zeros(32, 4, dtype=torch.int32), 5)
