@@ -44,7 +44,7 @@ def build_tiny(kind: str, folder: Path, tokenizer, layers: int = 2, seed: int = 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind]
     cfg = cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-              tie_word_embeddings=(kind == "llama"), bos_token_id=1, eos_token_id=2)
+              tie_word_embeddings=(kind == "llama"), bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():   # larger-than-init weights so that quantization error is visible
