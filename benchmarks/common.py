@@ -29,7 +29,18 @@ def hf_folder_from_gguf(src: Path, gguf_name: str) -> Path:
     tmp = CACHE / f".{src.name}-fp32.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
-    model.save_pretrained(tmp)
+    # a GGUF-loaded model refuses save_pretrained: write its (dequantized) weights ourselves
+    from safetensors.torch import save_file
+    tmp.mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
     for extra in ("generation_config.json", "chat_template.jinja"):
         if (src / extra).is_file():

@@ -148,3 +148,26 @@ calibration: {source: self, samples: 4, seq_len: 32}
 """)
     m = compile_cli(y, tmp_path / "out")
     assert m["config"]["calibration"]["source"] == "self"
+
+
+def test_true_sequential_replay_matches_full_forward(tiny_models, calib_file):
+    """The cached attention/MLP replay must give exactly what a full forward of the quantized layer gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from quantc.calibration.data import windows_from_text
+    from quantc.model import Activations, capture_layer0_inputs, decoder_layers
+    from quantc.options import Option
+    from quantc.passes.quantize import quantize_gptq
+    from quantc.pipeline import linear_names
+    for kind in ("llama", "qwen3"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(tiny_models[kind])
+        ids = windows_from_text(calib_file.read_text(), tok, 6, 32, 0, "c")
+        hidden, kw = capture_layer0_inputs(model, ids, 4)
+        acts = Activations(hidden, kw, 4)
+        seen = {}
+        quantize_gptq(model, acts, {n: Option(3, 32) for n in linear_names(model)}, progress=False,
+                      on_layer=lambda i, r, xh, xr: seen.__setitem__(i, xh))
+        x = acts
+        for i, layer in enumerate(decoder_layers(model)):
+            x = x.through(layer)                     # plain forward of the quantized layer
+            torch.testing.assert_close(seen[i].hidden, x.hidden, rtol=1e-5, atol=1e-5)

@@ -1,13 +1,15 @@
 """Sweep 2: quantize the decoder layer by layer, each layer fitted on the inputs X̂ that the already
 quantized layers produce (sequential GPTQ), optionally with QEP error propagation.
 
-Within a layer the linears are done in execution order (q/k/v, o, gate/up, down: "true
-sequential"), so o_proj is fitted on the outputs of the quantized q/k/v. Each stage's forward stops
-as soon as its linears have seen their inputs.
+Within a layer the linears are fitted group by group in execution order (q/k/v, o, gate/up, down:
+"true sequential"), so o_proj is fitted on the outputs of the quantized q/k/v. Linears of a group
+read the same tensor and share one Hessian. Each group's forward stops as soon as its input is
+captured, and later groups reuse what earlier ones computed: once o_proj is done, the attention
+block is replayed from its cached input (o_proj's), and down_proj's input comes from the MLP alone.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 from typing import Callable
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.hessian import HessianCapture, InputRecorder
+from ..calibration.hessian import CaptureInput, Hessian, run_until
 from ..gptq import QuantResult, gptq, qep_target, rtn
 from ..model import SHARED_UNITS, Activations, decoder_layers, layer_linears, run_layer
 from ..options import Option
@@ -23,16 +25,14 @@ from ..options import Option
 log = logging.getLogger("quantc")
 
 
-def stages(linears: dict[str, nn.Linear], true_sequential: bool) -> list[dict[str, nn.Linear]]:
-    """Groups of linears that see the same input, in execution order."""
-    if not true_sequential:
-        return [linears] if linears else []
+def input_groups(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+    """Linears that read the same input, in execution order."""
     out, done = [], set()
     for group in SHARED_UNITS:
-        st = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in group}
-        if st:
-            out.append(st)
-            done.update(st)
+        g = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in group}
+        if g:
+            out.append(g)
+            done.update(g)
     out.extend({n: m} for n, m in linears.items() if n not in done)
     return out
 
@@ -47,47 +47,123 @@ def quantize_rtn(model: nn.Module, options: dict[str, Option]) -> dict[str, Quan
     return results
 
 
+class LayerRunner:
+    """Computes, batch by batch, the inputs of one group of linears of `layer` in its current
+    (partly quantized) state, from the layer inputs `acts`, reusing earlier groups' work."""
+
+    def __init__(self, layer: nn.Module, acts: Activations):
+        self.layer, self.acts = layer, acts
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        self.o_proj = getattr(attn, "o_proj", None)
+        self.down = getattr(mlp, "down_proj", None)
+        self.attn_in: list[torch.Tensor] | None = None     # o_proj's inputs, once o is final
+        self.mlp_in: list[torch.Tensor] | None = None      # gate/up inputs, once they are final
+
+    @contextlib.contextmanager
+    def _attention_replay(self, j: int):
+        """Replace self_attn by o_proj(cached input): the q/k/v and attention are unchanged."""
+        if self.attn_in is None:
+            yield
+            return
+        attn = self.layer.self_attn
+        attn.forward = lambda *a, **k: (self.o_proj(self.attn_in[j]), None)
+        try:
+            yield
+        finally:
+            del attn.forward
+
+    def inputs(self, first: nn.Linear):
+        """Yield (batch index, input of `first`) for every calibration batch."""
+        for j, (xb, kw) in enumerate(self.acts.batches()):
+            got = []
+            with CaptureInput(first, got.append):
+                if first is self.down and self.mlp_in is not None:
+                    run_until(lambda: self.layer.mlp(self.mlp_in[j]))
+                else:
+                    with self._attention_replay(j):
+                        run_until(lambda: run_layer(self.layer, xb, kw))
+            yield j, got[0]
+
+    def outputs(self) -> Activations:
+        out = torch.empty_like(self.acts.hidden)
+        for j, (xb, kw) in enumerate(self.acts.batches()):
+            b = j * self.acts.batch_size
+            with self._attention_replay(j):
+                out[b:b + xb.shape[0]] = run_layer(self.layer, xb, kw)
+        return Activations(out, self.acts.kwargs, self.acts.batch_size)
+
+
+def reference_inputs(layer: nn.Module, acts: Activations, groups) -> tuple[list[list[torch.Tensor]], Activations]:
+    """The original layer on the original inputs X: each group's input per batch, and the output."""
+    firsts = [next(iter(g.values())) for g in groups]
+    seen: list[list[torch.Tensor]] = [[] for _ in groups]
+    out = torch.empty_like(acts.hidden)
+    with contextlib.ExitStack() as stack:
+        for k, f in enumerate(firsts):
+            stack.enter_context(CaptureInput(f, seen[k].append, stop=False))
+        for j, (xb, kw) in enumerate(acts.batches()):
+            b = j * acts.batch_size
+            out[b:b + xb.shape[0]] = run_layer(layer, xb, kw)
+    return seen, Activations(out, acts.kwargs, acts.batch_size)
+
+
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option], *, damp: float = 0.01,
                   qep_alpha: float = 0.0, true_sequential: bool = True, block_size: int = 128,
-                  start_layer: int = 0, on_layer: Callable | None = None, progress: bool = True):
+                  start_layer: int = 0, ref_acts: Activations | None = None,
+                  on_layer: Callable | None = None, progress: bool = True):
     """Quantize every linear named in `options` in place (weights replaced by their dequantized
-    values) and return {name: QuantResult}. `acts` are the inputs of decoder layer `start_layer`;
+    values) and return {name: QuantResult}. `acts` are the quantized model's inputs of decoder layer
+    `start_layer` (`ref_acts` the original model's, for QEP; the same at layer 0).
     `on_layer(i, results, x_hat, x_ref)` is called after each layer (resume checkpoints)."""
     layers = decoder_layers(model)
     results: dict[str, QuantResult] = {}
     x_hat = acts
-    x_ref = acts if qep_alpha > 0 else None          # the original model's inputs, for QEP
+    x_ref = (ref_acts or acts) if qep_alpha > 0 else None
     bar = tqdm(range(start_layer, len(layers)), desc="GPTQ layers", disable=not progress)
     for i in bar:
         layer = layers[i]
         prefix = f"model.layers.{i}."
-        todo = {n: m for n, m in layer_linears(layer).items() if prefix + n in options}
-        ref_layer = copy.deepcopy(layer) if x_ref is not None else None
-        ref_lin = layer_linears(ref_layer) if ref_layer is not None else {}
+        groups = input_groups({n: m for n, m in layer_linears(layer).items() if prefix + n in options})
+        ref_in = None
+        if x_ref is not None:          # before any weight of this layer changes
+            ref_in, x_ref = reference_inputs(layer, x_ref, groups)
+
+        runner = LayerRunner(layer, x_hat)
+        hessians = [Hessian(next(iter(g.values())).in_features, cross=ref_in is not None) for g in groups]
+        if not true_sequential:        # all groups' Hessians from one forward of the original layer
+            with contextlib.ExitStack() as stack:
+                for g, h in zip(groups, hessians):
+                    stack.enter_context(CaptureInput(next(iter(g.values())), h.add, stop=False))
+                for xb, kw in x_hat.batches():
+                    run_layer(layer, xb, kw)
+
         layer_results = {}
-        for stage in stages(todo, true_sequential):
-            cap = HessianCapture(stage)
-            with cap:
-                for j, (xb, kw) in enumerate(x_hat.batches()):
-                    if x_ref is not None:   # the same tokens through the original layer: X for δ
-                        xr = x_ref.hidden[j * x_ref.batch_size:j * x_ref.batch_size + xb.shape[0]]
-                        rec = InputRecorder({n: ref_lin[n] for n in stage})
-                        cap.reference = rec.run(lambda: run_layer(ref_layer, xr, kw))
-                    cap.run(lambda: run_layer(layer, xb, kw))
-            for n, m in stage.items():
+        for k, (group, hess) in enumerate(zip(groups, hessians)):
+            first = next(iter(group.values()))
+            if true_sequential:
+                is_mlp_in = runner.down is not None and any(n.endswith("gate_proj") for n in group)
+                keep = [] if first is runner.o_proj or is_mlp_in else None
+                for j, x in runner.inputs(first):
+                    hess.add(x, ref_in[k][j] if ref_in is not None else None)
+                    if keep is not None:
+                        keep.append(x)
+            for n, m in group.items():
                 name = prefix + n
                 W = m.weight.data.float()
-                if x_ref is not None:
-                    W = qep_target(W, cap.H[n], cap.delta[n], qep_alpha, damp)
-                res = gptq(W, cap.H[n], options[name], percdamp=damp, blocksize=block_size, name=name)
+                if ref_in is not None:
+                    W = qep_target(W, hess.H, hess.delta, qep_alpha, damp)
+                res = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
                 m.weight.data = res.weight.to(m.weight.dtype)
                 layer_results[name] = res
-            del cap
+            if true_sequential and keep is not None:
+                # this group's inputs are now final: later groups start from them
+                if first is runner.o_proj:
+                    runner.attn_in = keep
+                else:
+                    runner.mlp_in = keep
         results.update(layer_results)
-        x_hat = x_hat.through(layer)
-        if x_ref is not None:
-            x_ref = x_ref.through(ref_layer)
+        x_hat = runner.outputs() if true_sequential else x_hat.through(layer)
         if on_layer is not None:
             on_layer(i, layer_results, x_hat, x_ref)
     return results
