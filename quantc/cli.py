@@ -75,6 +75,55 @@ def _print_summary(m: dict, out) -> None:
     console.print(table)
 
 
+@main.command("plan")
+@click.argument("budget", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", default="plan", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for plan.yaml and the report (table + PNG plots).")
+@click.option("--avg-bits", type=float, help="Override the YAML's budget: bits per weight.")
+@click.option("--memory", help="Override the YAML's budget: bytes such as 48MiB.")
+@click.pass_context
+@_fail_clearly
+def plan_cmd(ctx, budget, out, avg_bits, memory):
+    """Measure (or read the cached measurement) and allocate bits per unit under the budget."""
+    import time
+    from .config import Budget, load_config, parse_size
+    from .calibration import calibration_tokens
+    from .model import load_model, load_tokenizer
+    from .planning import budget_bytes, get_measurements, solve
+    from .report import write_report
+    cfg = load_config(budget)
+    if avg_bits is not None or memory is not None:
+        cfg.budget = Budget(avg_bits=avg_bits, memory=parse_size(memory, budget, "--memory") if memory else None)
+    if cfg.uniform:
+        raise QuantcError(f"{budget}: `budget` is missing; give budget.avg_bits, budget.memory or "
+                          "budget.max_delta_loss (or --avg-bits/--memory)")
+    t = time.perf_counter()
+    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision)
+    tok = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
+    tokens = calibration_tokens(cfg.calibration, tok, model)
+    ms, cached = get_measurements(cfg, model, tokens, progress=ctx.obj["progress"])
+    t_solve = time.perf_counter()
+    plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)
+    solve_s = time.perf_counter() - t_solve
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan.save(folder / "plan.yaml")
+    files = write_report(folder, plan, ms, cfg)
+    p = plan.predicted
+    table = Table(title=f"quantc plan → {folder / 'plan.yaml'}", show_header=False)
+    table.add_row("measurement", f"{'cached' if cached else 'measured'} ({ms.meta.get('seconds', 0):.0f} s when measured)")
+    table.add_row("solve", f"{solve_s * 1000:.0f} ms (DP grid {p['dp_quantum_bytes']} bytes)")
+    table.add_row("predicted size", f"{p['bytes']:,} bytes ({p['bytes'] / 2**20:.2f} MiB), {p['avg_bits']:.3f} bits/weight")
+    table.add_row("predicted ΔKL", f"{p['delta_kl']:.4f} nats/token")
+    bits = {}
+    for o in plan.choices.values():
+        bits[o.bits] = bits.get(o.bits, 0) + 1
+    table.add_row("units per bit-width", ", ".join(f"{b}-bit: {n}" for b, n in sorted(bits.items())))
+    table.add_row("report", ", ".join(f.name for f in files))
+    table.add_row("total time", f"{time.perf_counter() - t:.1f} s")
+    console.print(table)
+
+
 @main.command("eval")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False), help="Evaluation text file.")

@@ -32,6 +32,7 @@ SCHEMA: dict[str, tuple] = {
     "overrides": (list,),
     "calibration": (dict,),
     "export": (dict,),
+    "plan": (dict,),
 }
 MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str}
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
@@ -43,6 +44,15 @@ OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int}
 EXPORT_KEYS = {"targets": (list, str), "dtype": str}
+PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float)}
+
+
+@dataclass
+class PlanSettings:
+    measure_samples: int = 32      # calibration sequences whose Hessians measure every option
+    alpha_samples: int = 4         # held-out sequences for the linearity coefficients α
+    alpha_seq_len: int = 256       # ... truncated to this many tokens
+    noise: float = 0.01            # relative output error injected to estimate α
 
 
 @dataclass
@@ -81,6 +91,7 @@ class Config:
     calibration: Calibration = field(default_factory=Calibration)
     export_targets: list[str] = field(default_factory=lambda: ["gptq"])
     export_dtype: str = "float16"
+    plan: PlanSettings = field(default_factory=PlanSettings)
     source_file: str = ""
 
     @property
@@ -100,6 +111,7 @@ class Config:
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
                                                               "dtype": self.export_dtype},
+            "plan": vars(self.plan),
         }
 
 
@@ -191,7 +203,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     groups = [_group(g, file, "quant.group_size") for g in _as_list(q.get("group_size", 128))]
     if not bits or not groups:
         raise ConfigError(file, "quant.bits", "needs at least one candidate")
-    shared = {k: q[k] for k in ("sym", "act_order", "static_groups", "mse") if k in q}
+    # quantc's defaults: act-order with static groups (g_idx stays i // group_size) and the clipped grid
+    shared = {"act_order": True, "static_groups": True, "mse": True,
+              **{k: q[k] for k in ("sym", "act_order", "static_groups", "mse") if k in q}}
     if "candidates" in raw:
         cands = []
         for i, c in enumerate(raw["candidates"]):
@@ -278,6 +292,14 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             raise ConfigError(file, "export.targets", f"{t!r} is not known; allowed: {', '.join(EXPORT_TARGETS)}")
     cfg.export_targets = targets
     cfg.export_dtype = e.get("dtype", "float16")
+
+    pl = _typed(raw.get("plan", {}) or {}, PLAN_KEYS, file, "plan")
+    cfg.plan = PlanSettings(**pl)
+    for k in ("measure_samples", "alpha_samples", "alpha_seq_len"):
+        if getattr(cfg.plan, k) < 1:
+            raise ConfigError(file, f"plan.{k}", f"must be a positive integer, got {getattr(cfg.plan, k)}")
+    if not 0 < cfg.plan.noise < 1:
+        raise ConfigError(file, "plan.noise", f"must be in (0, 1), got {cfg.plan.noise}")
     if cfg.export_dtype not in ("float16", "bfloat16"):
         raise ConfigError(file, "export.dtype", f"{cfg.export_dtype!r}; allowed: float16, bfloat16")
     return cfg

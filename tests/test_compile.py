@@ -82,7 +82,7 @@ calibration: {{source: {calib_file}, samples: 16, seq_len: 64}}
 
 def test_act_order_and_overrides_write_dynamic(tmp_path, tiny_models, calib_file):
     y = budget(tmp_path, tiny_models["qwen2"], f"""
-quant: {{bits: 4, group_size: 32, act_order: true, sym: false}}
+quant: {{bits: 4, group_size: 32, act_order: true, static_groups: false, sym: false}}
 overrides:
   - {{match: 'layers\\.0\\.mlp\\.down_proj', bits: 8}}
   - {{match: 'layers\\.1\\.self_attn\\.(q|k|v)_proj', bits: 2, group_size: 64}}

@@ -39,7 +39,7 @@ def test_gptqmodel_loads_same_logits(tmp_path, tiny_models, calib_file, mixed):
     from gptqmodel import BACKEND, GPTQModel
     extra = {}
     if mixed:
-        extra = {"quant": {"bits": 4, "group_size": 32, "act_order": True},
+        extra = {"quant": {"bits": 4, "group_size": 32, "act_order": True, "static_groups": False},
                  "overrides": [{"match": r"layers\.1\.mlp\.", "bits": 8},
                                {"match": r"layers\.0\.mlp\.down", "bits": 3, "group_size": 64},
                                {"match": r"layers\.1\.self_attn\.(q|k|v)_proj", "bits": 2, "sym": False}]}

@@ -1,0 +1,73 @@
+import itertools
+import random
+
+import pytest
+
+from quantc.errors import QuantcError
+from quantc.passes.allocate import allocate, least_bytes, size_range
+
+
+def brute(costs, values, budget):
+    best = None
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        c = sum(costs[u][o] for u, o in enumerate(pick))
+        v = sum(values[u][o] for u, o in enumerate(pick))
+        if c <= budget and (best is None or v < best[0] - 1e-12):
+            best = (v, c)
+    return best
+
+
+def instance(rng, units, options):
+    costs, values = [], []
+    for _ in range(units):
+        base = rng.randint(1, 40) * 96
+        cs = sorted(base * b + rng.randint(0, 5) * 32 for b in rng.sample([2, 3, 4, 8], options))
+        a = rng.random() * 3
+        vs = [a * 4.0 ** -(c / base) for c in cs]     # more bytes, less error
+        costs.append(cs)
+        values.append(vs)
+    return costs, values
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_dp_matches_brute_force(seed):
+    rng = random.Random(seed)
+    costs, values = instance(rng, rng.randint(1, 6), rng.randint(1, 4))
+    lo, hi = size_range(costs)
+    budget = rng.randint(lo, hi)
+    sol = allocate(costs, values, budget)
+    v, _ = brute(costs, values, budget)
+    assert sol.bytes <= budget
+    assert sol.value == pytest.approx(v, rel=1e-9, abs=1e-12)
+    assert sol.quantum >= 1 and all(c % sol.quantum == 0 for row in costs for c in row)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_inverse_is_least_bytes(seed):
+    rng = random.Random(100 + seed)
+    costs, values = instance(rng, rng.randint(1, 5), 3)
+    lo, hi = size_range(costs)
+    target = brute(costs, values, rng.randint(lo, hi))[0] * 1.0000001
+    sol = least_bytes(costs, values, target)
+    assert sol.value <= target
+    combos = itertools.product(*[range(len(c)) for c in costs])
+    cheapest = min(sum(costs[u][o] for u, o in enumerate(p)) for p in combos
+                   if sum(values[u][o] for u, o in enumerate(p)) <= target)
+    assert sol.bytes == cheapest
+
+
+def test_coarse_grid_never_exceeds_budget():
+    rng = random.Random(7)
+    costs, values = instance(rng, 30, 4)
+    costs = [[c + 1 for c in row] for row in costs]        # gcd 1: forces a rounded grid
+    lo, hi = size_range(costs)
+    budget = (lo + hi) // 2
+    sol = allocate(costs, values, budget, max_states=1000)
+    assert sol.quantum > 1 and sol.bytes <= budget
+    assert sol.value <= allocate(costs, values, lo + (budget - lo) // 2, max_states=1000).value
+
+
+def test_infeasible_budget_names_the_range():
+    costs, values = [[100, 200], [50, 80]], [[1.0, 0.5], [2.0, 1.0]]
+    with pytest.raises(QuantcError, match="smallest achievable size is 150 bytes .* largest 280 bytes"):
+        allocate(costs, values, 120)

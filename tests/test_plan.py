@@ -1,0 +1,98 @@
+"""Measurement, allocation and plan files on a tiny model; the real-model numbers are in benchmarks/."""
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import quantc
+from quantc.cli import main
+
+from conftest import write_yaml
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def yaml_for(tmp_path, model, calib, budget="avg_bits: 4.5", extra=""):
+    return write_yaml(tmp_path / "b.yaml", f"""model: {model}
+budget: {{{budget}}}
+quant: {{bits: [2, 4, 8], group_size: 32}}
+calibration: {{source: {calib}, samples: 10, seq_len: 64}}
+plan: {{measure_samples: 6, alpha_samples: 2, alpha_seq_len: 32}}
+{extra}""")
+
+
+def run(*args):
+    r = CliRunner().invoke(main, list(map(str, args)))
+    return r
+
+
+def test_plan_then_replan_from_cache(tmp_path, tiny_models, calib_file, cache):
+    y = yaml_for(tmp_path, tiny_models["llama"], calib_file)
+    r = run("plan", y, "-o", tmp_path / "p1")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "measured" in r.output
+    for f in ("plan.yaml", "report.md", "bits_per_layer.png", "importance.png", "quality_vs_size.png"):
+        assert (tmp_path / "p1" / f).is_file(), f
+    plan = yaml.safe_load((tmp_path / "p1" / "plan.yaml").read_text())
+    assert len(plan["units"]) == 2 * 4                       # q/k/v, o, gate/up, down per layer
+    weights = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
+    assert plan["predicted"]["bytes"] <= 4.5 * weights / 8
+    assert len(list(cache.rglob("*.json"))) == 1
+    r2 = run("plan", y, "-o", tmp_path / "p2", "--avg-bits", "3.5")
+    assert r2.exit_code == 0 and "cached" in r2.output, r2.output
+    plan2 = yaml.safe_load((tmp_path / "p2" / "plan.yaml").read_text())
+    assert plan2["predicted"]["bytes"] < plan["predicted"]["bytes"]
+    assert plan2["predicted"]["delta_kl"] >= plan["predicted"]["delta_kl"]
+    ms = json.loads(next(cache.rglob("*.json")).read_text())
+    u = ms["units"]["0.q+k+v"]
+    errs = [u["options"][k]["err"] for k in sorted(u["options"], key=lambda k: int(k[0]))]
+    assert errs[0] > errs[1] > errs[2] > 0                   # 2-bit worse than 4-bit worse than 8-bit
+    assert all(v["alpha"] > 0 for v in ms["units"].values())
+    assert {"block_influence", "outlier_share", "lieq_kl", "effective_rank", "topk_energy_gain"} <= set(ms["layers"][0])
+
+
+def test_compile_with_budget_and_edited_plan(tmp_path, tiny_models, calib_file, cache):
+    y = yaml_for(tmp_path, tiny_models["qwen2"], calib_file, "memory: 48KiB")
+    r = run("-q", "compile", y, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    m = json.loads((tmp_path / "out" / "quantc.json").read_text())
+    assert m["totals"]["quantized_linear_bytes"] <= 48 * 1024
+    assert len({o["bits"] for o in m["modules"].values()}) > 1       # a real mix
+    plan = yaml.safe_load((tmp_path / "out" / "plan.yaml").read_text())
+    for k, u in plan["units"].items():                    # q/k/v share one option (vLLM fusing)
+        assert len({m["modules"][n]["bits"] for n in u["modules"]}) == 1
+    plan["units"]["1.down"]["bits"] = 8
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(plan))
+    r = run("-q", "compile", y, "-o", tmp_path / "out2", "--plan", tmp_path / "edited.yaml")
+    assert r.exit_code == 0, r.output
+    q = quantc.load(tmp_path / "out2")
+    assert q.model.layers[1].mlp.down_proj.bits == 8
+
+
+def test_plan_errors(tmp_path, tiny_models, calib_file, cache):
+    y = yaml_for(tmp_path, tiny_models["llama"], calib_file, "memory: 1KiB")
+    r = run("plan", y, "-o", tmp_path / "p")
+    assert r.exit_code == 2 and "infeasible" in r.output and "smallest achievable size" in r.output
+    bad = tmp_path / "bad_plan.yaml"
+    bad.write_text(yaml.safe_dump({"units": {"7.q+k+v": {"bits": 4, "group_size": 32}}}))
+    y2 = yaml_for(tmp_path, tiny_models["llama"], calib_file)
+    r = run("compile", y2, "-o", tmp_path / "o", "--plan", bad)
+    assert r.exit_code == 2 and "does not match the model" in r.output
+
+
+def test_qep_changes_the_fit(tmp_path, tiny_models, calib_file):
+    from quantc.config import parse_config
+    from quantc.pipeline import compile_model
+    import torch
+    out = {}
+    for alpha in (0.0, 1.0):
+        raw = {"model": str(tiny_models["llama"]), "quant": {"bits": 3, "group_size": 32, "qep_alpha": alpha},
+               "calibration": {"source": str(calib_file), "samples": 8, "seq_len": 64}}
+        compile_model(parse_config(raw), tmp_path / f"q{alpha}", progress=False)
+        out[alpha] = quantc.load(tmp_path / f"q{alpha}").model.layers[1].mlp.down_proj.weight
+    assert not torch.equal(out[0.0], out[1.0])
