@@ -52,8 +52,63 @@ def resolve_options(model, cfg: Config, chosen: dict[str, Option] | None = None)
     return options, skipped
 
 
+class Checkpoint:
+    """Resume point of the quantize sweep, inside the temporary output folder: after every decoder
+    layer, its quantized tensors and the activations entering the next layer. A rerun of the same
+    compile (same config, plan and calibration: `key`) continues after the last finished layer."""
+
+    def __init__(self, tmp: Path, key: str):
+        self.dir, self.key = tmp / "resume", key
+
+    def load(self):
+        from safetensors.torch import load_file
+        from .gptq import QuantResult
+        state = self.dir / "state.json"
+        if not state.is_file():
+            return None
+        st = json.loads(state.read_text())
+        if st.get("key") != self.key:
+            log.info("resume state is from another compile; starting over")
+            return None
+        results = {}
+        for i in range(st["next_layer"]):
+            t = load_file(str(self.dir / f"layer-{i}.safetensors"))
+            for name in {k.rsplit(".", 1)[0] for k in t}:
+                r = QuantResult(t[f"{name}.q"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], None)
+                r.weight = r.dequantize()
+                results[name] = r
+        acts = load_file(str(self.dir / "acts.safetensors"))
+        log.warning("resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
+        return st["next_layer"], results, acts["x_hat"], acts.get("x_ref")
+
+    def save(self, i: int, layer_results: dict, x_hat, x_ref) -> None:
+        from safetensors.torch import save_file
+        self.dir.mkdir(exist_ok=True)
+        t = {}
+        for name, r in layer_results.items():
+            t.update({f"{name}.q": r.q.contiguous(), f"{name}.scales": r.scales.contiguous(),
+                      f"{name}.zeros": r.zeros.contiguous(), f"{name}.g_idx": r.g_idx.contiguous()})
+        _atomic_save(save_file, t, self.dir / f"layer-{i}.safetensors")
+        acts = {"x_hat": x_hat.hidden.contiguous()}
+        if x_ref is not None:
+            acts["x_ref"] = x_ref.hidden.contiguous()
+        _atomic_save(save_file, acts, self.dir / "acts.safetensors")
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps({"key": self.key, "next_layer": i + 1}))
+        os.replace(tmp, self.dir / "state.json")
+        if os.environ.get("QUANTC_FAULT_AFTER_LAYER") == str(i):   # fault injection for the resume test
+            os.kill(os.getpid(), 9)
+
+
+def _atomic_save(save_file, tensors, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
 def prepare_output(out: Path, force: bool) -> Path:
-    """Check the output path now (before hours of work) and return a fresh temporary folder beside it."""
+    """Check the output path now (before hours of work) and return the temporary folder beside it
+    (kept when it holds a resume point)."""
     out = Path(out)
     if out.exists() and not force:
         raise QuantcError(f"{out} already exists; pass --force to overwrite it or choose another -o")
@@ -66,8 +121,10 @@ def prepare_output(out: Path, force: bool) -> Path:
         raise QuantcError(f"{parent} is not writable; choose another output folder with -o")
     tmp = parent / f".{out.name}.partial"
     if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+        for p in tmp.iterdir():          # drop everything but the resume point
+            if p.name != "resume":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    tmp.mkdir(exist_ok=True)
     return tmp
 
 
@@ -138,11 +195,21 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     else:
         if tokens is None:
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
-        hidden, kwargs = capture_layer0_inputs(model, tokens, cfg.calibration.batch_size)
-        acts = Activations(hidden, kwargs, cfg.calibration.batch_size)
-        results = quantize_gptq(model, acts, options, damp=cfg.damp, qep_alpha=cfg.qep_alpha,
-                                true_sequential=cfg.true_sequential, block_size=cfg.block_size,
-                                progress=progress)
+        bs = cfg.calibration.batch_size
+        hidden, kwargs = capture_layer0_inputs(model, tokens, bs)
+        key = hashlib.sha256(json.dumps([cfg.to_dict(), {n: o.to_dict() for n, o in options.items()}],
+                                        sort_keys=True, default=str).encode() + tokens.numpy().tobytes())
+        ckpt = Checkpoint(tmp, key.hexdigest()[:24])
+        start, done, ref = 0, {}, None
+        resumed = ckpt.load()
+        if resumed is not None:
+            start, done, hidden, ref_hidden = resumed
+            ref = Activations(ref_hidden, kwargs, bs) if ref_hidden is not None else None
+        results = quantize_gptq(model, Activations(hidden, kwargs, bs), options, damp=cfg.damp,
+                                qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
+                                block_size=cfg.block_size, start_layer=start, ref_acts=ref,
+                                on_layer=ckpt.save, progress=progress)
+        results = {**done, **results}
     timings["quantize_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -173,5 +240,6 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "files": {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(tmp / "resume", ignore_errors=True)
     finalize_output(tmp, out)
     return manifest

@@ -103,7 +103,8 @@ def write_gptq(folder: Path, model, results: dict[str, QuantResult], options: di
         if tied and key == "lm_head.weight":
             continue                     # tied to the embeddings: readers re-tie it
         tensors[key] = value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", "quantizer": f"quantc {__version__}"})
+    tensors = dict(sorted(tensors.items()))      # canonical order: a resumed compile writes the same bytes
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})  # one key: stable bytes
 
     qc = quantization_config(options, skipped, damp, true_sequential)
     config = model.config.to_dict()

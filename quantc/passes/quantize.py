@@ -119,7 +119,7 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
     layers = decoder_layers(model)
     results: dict[str, QuantResult] = {}
     x_hat = acts
-    x_ref = (ref_acts or acts) if qep_alpha > 0 else None
+    x_ref = (ref_acts if ref_acts is not None else acts) if qep_alpha > 0 else None
     bar = tqdm(range(start_layer, len(layers)), desc="GPTQ layers", disable=not progress)
     for i in bar:
         layer = layers[i]
