@@ -23,7 +23,7 @@ def _fail_clearly(fn):
         try:
             return fn(*a, **k)
         except QuantcError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            click.echo(f"error: {e}", err=True)      # one unwrapped line: easy to read and to grep
             sys.exit(2)
     return wrapper
 
@@ -215,6 +215,25 @@ def inspect_cmd(artifact, modules):
                   f"bytes {t['quantized_linear_bytes']:,} ({t['quantized_linear_bytes'] / 2**20:.2f} MiB), "
                   f"{t['avg_bits']:.3f} bits/weight; compiled by quantc {m.get('quantc')} "
                   f"from {m['source']['model']} in {m['timings'].get('total_s', 0):.0f} s")
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-logits", is_flag=True, help="Skip the logits comparison against the source model.")
+@_fail_clearly
+def verify_cmd(artifact, no_logits):
+    """Check ARTIFACT: file hashes, tensor shapes against its config, logits against the source."""
+    from .verify import verify
+    rows = verify(artifact, logits=not no_logits)
+    table = Table(title=f"quantc verify {artifact}")
+    for c in ("check", "result", "detail"):
+        table.add_column(c)
+    for name, ok, detail in rows:
+        table.add_row(name, "[green]ok[/]" if ok else "[red]FAIL[/]", detail)
+    console.print(table)
+    if not all(ok for _, ok, _ in rows):
+        click.echo(f"error: {artifact} failed verification", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

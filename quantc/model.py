@@ -61,10 +61,15 @@ def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool 
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     if gguf_file:
         kw["gguf_file"] = gguf_file
+    if Path(path).is_dir() and not gguf_file and not any(Path(path).glob("*.safetensors")) \
+            and not any(Path(path).glob("*.bin")):
+        raise QuantcError(f"{path}: no weight files (*.safetensors) in the model folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    except OSError as e:
-        raise QuantcError(f"{path}: cannot load the model: {e}") from None
+    except Exception as e:  # OSError, SafetensorError (truncated file), ValueError...: one clear line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QuantcError(f"{path}: cannot load the model ({type(e).__name__}: {msg}); "
+                          "check that the weight files are complete") from None
     model.eval()
     model.config.use_cache = False
     check_finite(model, path)

@@ -120,11 +120,16 @@ def prepare_output(out: Path, force: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise QuantcError(f"{parent} is not writable; choose another output folder with -o")
     tmp = parent / f".{out.name}.partial"
-    if tmp.exists():
-        for p in tmp.iterdir():          # drop everything but the resume point
-            if p.name != "resume":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    tmp.mkdir(exist_ok=True)
+    try:
+        if tmp.exists():
+            for p in tmp.iterdir():          # drop everything but the resume point
+                if p.name != "resume":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        tmp.mkdir(exist_ok=True)
+        (tmp / ".write-test").write_bytes(b"")
+        (tmp / ".write-test").unlink()
+    except OSError as e:
+        raise QuantcError(f"cannot write the output beside {out} ({e.strerror}); choose a writable folder with -o") from None
     return tmp
 
 

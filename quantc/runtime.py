@@ -121,7 +121,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = Tru
         setattr(model.get_submodule(parent), leaf, ql)
     state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v)
              for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        detail = str(e).split("\n\t", 1)[-1].splitlines()[0]
+        raise QuantcError(f"{folder}: checkpoint does not match its config ({detail}); run `quantc verify`") from None
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:

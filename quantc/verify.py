@@ -1,0 +1,95 @@
+"""`quantc verify`: check an artifact without trusting it. Reads safetensors and JSON only (never
+unpickles): the manifest's SHA-256 of every file, every quantized tensor's shape and dtype against
+config.json, and (when the source model is present) a short logits comparison against it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import QuantcError
+from .runtime import module_option
+
+
+def expected_shapes(in_f: int, out_f: int, bits: int, group_size: int) -> dict[str, tuple]:
+    gs = in_f if group_size <= 0 else group_size
+    groups = -(-in_f // gs)
+    return {"qweight": (in_f * bits // 32, out_f), "qzeros": (groups, out_f * bits // 32),
+            "scales": (groups, out_f), "g_idx": (in_f,)}
+
+
+def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool, str]]:
+    """Run every check; return (check, ok, detail) rows."""
+    from .pipeline import sha256
+    folder = Path(folder)
+    rows = []
+    man_path = folder / "quantc.json"
+    if not (folder / "config.json").is_file():
+        raise QuantcError(f"{folder}: no config.json; not a checkpoint folder")
+    manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
+    if manifest is None:
+        rows.append(("manifest", False, "quantc.json missing: file hashes cannot be checked"))
+    else:
+        for name, digest in manifest["files"].items():
+            p = folder / name
+            ok = p.is_file() and sha256(p) == digest
+            rows.append((f"sha256 {name}", ok, "matches" if ok else ("missing" if not p.is_file() else "differs")))
+
+    config = json.loads((folder / "config.json").read_text())
+    qc = config.get("quantization_config")
+    if not qc:
+        raise QuantcError(f"{folder}/config.json: no quantization_config")
+    bad, count = [], 0
+    shapes = (manifest or {}).get("modules", {})
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                keys = set(sf.keys())
+                for qname in sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight")):
+                    opt = module_option(qname, qc)
+                    if opt is None:
+                        bad.append(f"{qname}: packed but excluded by `dynamic`")
+                        continue
+                    mod = shapes.get(qname)
+                    if mod is None:        # no manifest: take in/out from the g_idx and scales
+                        in_f = sf.get_slice(f"{qname}.g_idx").get_shape()[0]
+                        out_f = sf.get_slice(f"{qname}.scales").get_shape()[1]
+                    else:
+                        in_f, out_f = mod["in"], mod["out"]
+                    for part, shape in expected_shapes(in_f, out_f, int(opt["bits"]), int(opt["group_size"])).items():
+                        key = f"{qname}.{part}"
+                        got = tuple(sf.get_slice(key).get_shape()) if key in keys else None
+                        if got != shape:
+                            bad.append(f"{key}: shape {got}, expected {shape}")
+                    count += 1
+        except QuantcError:
+            raise
+        except Exception as e:
+            rows.append((f"read {f.name}", False, f"cannot read safetensors: {e}"))
+    rows.append(("tensor shapes", not bad and count > 0,
+                 f"{count} quantized linears consistent with config.json" if not bad else "; ".join(bad[:5])))
+
+    src = (manifest or {}).get("source", {}).get("model")
+    if logits and src and Path(src).is_dir() and all(ok for _, ok, _ in rows):
+        rows.append(_logits_check(folder, src, (manifest or {}).get("source", {}).get("gguf_file")))
+    elif logits:
+        rows.append(("logits", True, "skipped: source model not present locally" if not (src and Path(src).is_dir())
+                     else "skipped: earlier checks failed"))
+    return rows
+
+
+@torch.no_grad()
+def _logits_check(folder: Path, src: str, gguf_file: str | None) -> tuple[str, bool, str]:
+    from .model import load_model, load_tokenizer
+    from .runtime import load
+    tok = load_tokenizer(str(folder))
+    text = "The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits " * 4
+    ids = torch.tensor([tok(text)["input_ids"][:64]])
+    q = load(folder)(input_ids=ids).logits
+    ref = load_model(src, gguf_file)(input_ids=ids).logits
+    rel = float((q - ref).norm() / ref.norm())
+    agree = float((q.argmax(-1) == ref.argmax(-1)).float().mean())
+    ok = rel < 0.5 and torch.isfinite(q).all()
+    return ("logits vs source", bool(ok), f"relative error {rel:.4f}, top-1 agreement {agree:.1%} on {ids.shape[1]} tokens")
