@@ -160,6 +160,69 @@ def module_table(model, options: dict[str, Option]) -> dict[str, dict]:
                 "bytes": o.bytes_for(mods[n].in_features, mods[n].out_features)} for n, o in options.items()}
 
 
+def _param_count(folder: Path) -> int | None:
+    """Parameters of a local safetensors model, from the file headers only (no tensor is read)."""
+    import struct
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    n = 0
+    for f in files:
+        with f.open("rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(size))
+        for k, v in header.items():
+            if k != "__metadata__":
+                count = 1
+                for d in v["shape"]:
+                    count *= d
+                n += count
+    return n
+
+
+def memory_estimate(cfg: Config) -> dict | None:
+    """Expected peak memory of the compile: fp32 weights, calibration activations (quantized and,
+    with QEP, original inputs, plus one layer's cached intermediate inputs and outputs), Hessians."""
+    folder = Path(cfg.model)
+    cfgp = folder / "config.json"
+    n = _param_count(folder) if folder.is_dir() else None
+    if n is None or not cfgp.is_file():
+        return None
+    mc = json.loads(cfgp.read_text())
+    hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
+    tokens = cfg.calibration.samples * cfg.calibration.seq_len
+    streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
+    acts = tokens * hidden * 4 * streams
+    hess = 4 * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
+    batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
+    return {"weights": n * 4, "activations": acts, "hessians": hess, "working": batch,
+            "total": n * 4 + acts + hess + batch}
+
+
+def available_memory() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(cfg: Config) -> None:
+    est = memory_estimate(cfg)
+    if est is None:
+        return
+    avail = available_memory()
+    log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians and working %.2f); "
+             "available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
+             (est["hessians"] + est["working"]) / 2**30, f"{avail / 2**30:.2f} GiB" if avail else "unknown")
+    if avail is not None and est["total"] > avail:
+        raise QuantcError(f"the compile needs about {est['total'] / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB "
+                          f"is available (calibration activations alone {est['activations'] / 2**30:.2f} GiB); "
+                          "lower calibration.samples or calibration.seq_len, or free memory")
+
+
 def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_file: str | None = None,
                   progress: bool = True) -> dict:
     """Run the whole compile; return the manifest written to out/quantc.json."""
@@ -169,6 +232,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     from .passes.quantize import quantize_gptq, quantize_rtn
 
     out = Path(out)
+    check_memory(cfg)
     tmp = prepare_output(out, force)
     timings = {}
     t0 = time.perf_counter()

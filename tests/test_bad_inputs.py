@@ -123,3 +123,12 @@ def test_verify_detects_tampering(tmp_path, tiny_models, calib_file):
     assert rows["sha256 model.safetensors"] == (False, "differs")
     assert not rows["tensor shapes"][0] and "model.layers.0.mlp.down_proj.scales: shape" in rows["tensor shapes"][1]
     check(CliRunner().invoke(main, ["eval", str(out), "--text", str(calib_file)]), "does not match its config")
+
+
+def test_memory_estimate_refuses_what_cannot_fit(tmp_path, tiny_models, calib_file):
+    from quantc.config import parse_config
+    from quantc.pipeline import memory_estimate
+    small = memory_estimate(parse_config({"model": str(tiny_models["llama"])}))
+    assert small["weights"] > 0 and small["total"] > small["weights"]
+    r = compile_(tmp_path, f"model: {tiny_models['llama']}\ncalibration: {{source: {calib_file}, samples: 10000000, seq_len: 4096}}\n")
+    check(r, "the compile needs about", "GiB is available", "lower calibration.samples")
