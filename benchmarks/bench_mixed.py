@@ -63,7 +63,7 @@ def job_plan(budgets: dict[str, int]) -> dict:
         ms2, hit = get_measurements(cfg, model, tokens, progress=False)
         plan = solve(ms2, cfg, b)
         out["plans"][name] = {**plan.predicted, "replan_s": time.perf_counter() - t, "cache_hit": hit,
-                              "bits": {o: sum(1 for c in plan.choices.values() if c.bits == o) for o in (2, 3, 4, 8)}}
+                              "bits": {str(o): sum(1 for c in plan.choices.values() if c.bits == o) for o in (2, 3, 4, 8)}}
     for bits, sym in ((3, True), (4, True)):       # predictions for the uniform references
         k = option_key(next(o for o in cfg.candidates if o.bits == bits))
         out[f"uniform{bits}_pred"] = sum(u["alpha"] * u["options"][k]["err"] for u in ms.units.values())
@@ -105,7 +105,8 @@ def main() -> None:
     plan = cached("mixed-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets)]))
     fp = json.loads((WORK / "eval-fp32.json").read_text())
     rows = []
-    runs = [(b, 0.0) for b in budgets] + [(b, args.qep) for b in args.qep_budgets.split(",") if b in budgets and args.qep > 0]
+    qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
+    runs = [(b, q) for b in budgets for q in ([0.0, args.qep] if b in qep_budgets else [0.0])]
     cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
     for b, qep in runs:
         key = f"mixed-{b}-qep{qep:g}"
@@ -152,14 +153,11 @@ def write(rows, plan, fp, sizes, cmd, qep) -> None:
         gap = ""
         if u3 and u4:
             gap = f"{100 * (u3['ppl'] - ppl) / (u3['ppl'] - u4['ppl']):.0f}%"
-        bits = r["plan"]["bits"]
+        mix = "/".join(str(r["plan"]["bits"][k]) for k in ("2", "3", "4", "8"))
+        ref_ppl = f"{ref['ppl']:.2f}" if ref else "—"
         lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {r['qep']:g} | {r['bytes'] / 1e6:.2f} MB | "
-                     f"{r['plan']['avg_bits']:.3f} | {bits[2]}/{bits[3]}/{bits[4]}/{bits[8]} | "
-                     f"{r['compile']['total_s']:.0f} | {ppl:.2f} | {ref['ppl']:.2f} |" if ref else
-                     f"| {b} ({sizes[b] / 1e6:.1f} MB) | {r['qep']:g} | {r['bytes'] / 1e6:.2f} MB | "
-                     f"{r['plan']['avg_bits']:.3f} | {bits[2]}/{bits[3]}/{bits[4]}/{bits[8]} | "
-                     f"{r['compile']['total_s']:.0f} | {ppl:.2f} | — |")
-        lines[-1] += f" {gap} |"
+                     f"{r['plan']['avg_bits']:.3f} | {mix} | {r['compile']['total_s']:.0f} | {ppl:.2f} | "
+                     f"{ref_ppl} | {gap} |")
     lines += ["", "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit).", "",
               "Predicted ΔKL (Σ α·err from the measurement) against measured Δloss on WikiText-2 "
               "(ln ppl − ln ppl_fp32):", "",
