@@ -287,9 +287,6 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                     true_sequential=cfg.true_sequential, dtype=dtype)
     if plan is not None:
         plan.save(tmp / "plan.yaml")
-    if "onnx" in cfg.export_targets:
-        from .export.onnx import write_onnx
-        write_onnx(tmp, progress=progress)
     timings["export_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
