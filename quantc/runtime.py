@@ -48,7 +48,14 @@ class QuantLinear(nn.Module):
         self._weight = None          # new packed tensors: drop the cached dense weight
         super()._load_from_state_dict(*args, **kwargs)
 
+    kernel = "auto"   # "auto": Triton on CUDA tensors, torch dequantize elsewhere; or "torch" / "triton"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import HAVE_TRITON, gptq_matmul
+        use_triton = self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda and HAVE_TRITON)
+        if use_triton:
+            y = gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
         return nn.functional.linear(x.to(self.dtype), self.weight, self.bias)
 
     def extra_repr(self) -> str:

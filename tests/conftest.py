@@ -7,6 +7,9 @@ import os
 import random
 from pathlib import Path
 
+# Triton kernels run on CPU tensors through the interpreter (must be set before triton is imported)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
