@@ -121,8 +121,9 @@ def run_job(argv: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def subprocess_job(args: list[str]) -> dict:
-    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_gptq", "--job", *args], cwd=ROOT,
+def subprocess_job(args: list[str], module: str = "benchmarks.bench_gptq") -> dict:
+    """Run one job in its own process (its peak RSS is its own) and return its RESULT line."""
+    p = subprocess.run([sys.executable, "-m", module, "--job", *args], cwd=ROOT,
                        capture_output=True, text=True)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -120,14 +120,7 @@ def main() -> None:
 
 
 def subprocess_job_m(args):
-    import subprocess
-    from benchmarks.common import ROOT
-    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_mixed", "--job", *args], cwd=ROOT,
-                       capture_output=True, text=True)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"job {args} failed:\n{p.stderr[-3000:]}")
+    return subprocess_job(args, "benchmarks.bench_mixed")
 
 
 def _uniform(bits: int) -> dict | None:
