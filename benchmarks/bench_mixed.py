@@ -18,7 +18,7 @@ import time
 
 from benchmarks.bench_gptq import (QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes, peak_rss_mb,
                                    subprocess_job, write_calibration_file)
-from benchmarks.common import prepared_model
+from benchmarks.common import ROOT, prepared_model
 
 MARK = "<!-- bench_mixed -->"
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
@@ -58,10 +58,12 @@ def job_plan(budgets: dict[str, int]) -> dict:
     measure_s = time.perf_counter() - t
     out = {"measure_s": ms.meta["seconds"], "measure_cached": was_cached, "measure_call_s": measure_s,
            "plans": {}}
+    from quantc.report import write_report
     for name, b in budgets.items():
         t = time.perf_counter()
         ms2, hit = get_measurements(cfg, model, tokens, progress=False)
         plan = solve(ms2, cfg, b)
+        write_report(ROOT / "benchmarks" / "plots" / f"plan-{name}", plan, ms2, cfg)
         out["plans"][name] = {**plan.predicted, "replan_s": time.perf_counter() - t, "cache_hit": hit,
                               "bits": {str(o): sum(1 for c in plan.choices.values() if c.bits == o) for o in (2, 3, 4, 8)}}
     for bits, sym in ((3, True), (4, True)):       # predictions for the uniform references
