@@ -88,15 +88,15 @@ def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
     rows, cols = W.shape
     gs = cols if opt.group_size <= 0 else opt.group_size
     maxq = 2**opt.bits - 1
-    scales, zeros, qs = [], [], []
-    for c in range(0, cols, gs):
-        s, z = find_params(W[:, c:c + gs], opt.bits, opt.sym, opt.mse)
-        qs.append(_int(W[:, c:c + gs], s.unsqueeze(1), z.unsqueeze(1), maxq))
-        scales.append(s)
-        zeros.append(z)
-    q = torch.cat(qs, 1).to(torch.int32)
-    res = QuantResult(q, torch.stack(scales), torch.stack(zeros).to(torch.int32),
-                      torch.arange(cols, dtype=torch.int32) // gs, W)
+    G = -(-cols // gs)
+    Wp = torch.nn.functional.pad(W, (0, G * gs - cols)) if G * gs != cols else W
+    # every (row, group) is one row of the grid search: one vectorised call for the whole matrix
+    # (a ragged last group is zero-padded; zeros never widen a grid that always contains 0)
+    s, z = find_params(Wp.reshape(rows * G, gs), opt.bits, opt.sym, opt.mse)
+    s, z = s.reshape(rows, G), z.reshape(rows, G)
+    g_idx = torch.arange(cols, dtype=torch.int32) // gs
+    q = _int(W, s[:, g_idx.long()], z[:, g_idx.long()], maxq).to(torch.int32)
+    res = QuantResult(q, s.t().contiguous(), z.t().contiguous().to(torch.int32), g_idx, W)
     res.weight = res.dequantize()
     return res
 

@@ -260,7 +260,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
 
     t = time.perf_counter()
     if cfg.method == "rtn":
-        results = quantize_rtn(model, options)
+        results = quantize_rtn(model, options, progress=progress)
     else:
         if tokens is None:
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)

@@ -37,11 +37,11 @@ def input_groups(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     return out
 
 
-def quantize_rtn(model: nn.Module, options: dict[str, Option]) -> dict[str, QuantResult]:
+def quantize_rtn(model: nn.Module, options: dict[str, Option], progress: bool = True) -> dict[str, QuantResult]:
     """Round-to-nearest: no calibration, every linear on its own."""
     mods = dict(model.named_modules())
     results = {}
-    for name, opt in tqdm(options.items(), desc="RTN", leave=False):
+    for name, opt in tqdm(options.items(), desc="RTN", leave=False, disable=not progress):
         results[name] = rtn(mods[name].weight.data, opt)
         mods[name].weight.data = results[name].weight.to(mods[name].weight.dtype)
     return results
