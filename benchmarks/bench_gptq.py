@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--job", nargs=argparse.REMAINDER)
     ap.add_argument("--configs", default="4b,3b,2b")
     ap.add_argument("--gptqmodel", default="4b,3b,2b", help="configs to run through GPTQModel ('' = none)")
+    ap.add_argument("--rtn", default="4b,3b,2b", help="configs to run with quantc RTN ('' = none)")
     ap.add_argument("--fresh", action="store_true", help="forget cached job results")
     args = ap.parse_args()
     if args.job:
@@ -213,7 +214,7 @@ def main() -> None:
     rows = [{"config": "fp32", "tool": "—", "bytes": None}]
     plan = []
     for c in args.configs.split(","):
-        plan += [("quantc", "gptq", c), ("quantc", "rtn", c)]
+        plan += [("quantc", "gptq", c)] + ([("quantc", "rtn", c)] if c in args.rtn.split(",") else [])
     plan += [("gptqmodel", "gptq", c) for c in args.gptqmodel.split(",") if c]   # slowest last
     names = {("quantc", "gptq"): "quantc GPTQ", ("quantc", "rtn"): "quantc RTN", ("gptqmodel", "gptq"): "GPTQModel 7.6.0"}
     for tool, method, c in plan:
