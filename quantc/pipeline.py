@@ -185,10 +185,13 @@ def memory_estimate(cfg: Config) -> dict | None:
     with QEP, original inputs, plus one layer's cached intermediate inputs and outputs), Hessians."""
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
-    n = _param_count(folder) if folder.is_dir() else None
-    if n is None or not cfgp.is_file():
+    try:
+        n = _param_count(folder) if folder.is_dir() else None
+        mc = json.loads(cfgp.read_text()) if cfgp.is_file() else None
+    except (OSError, ValueError, KeyError):   # unreadable files: the model loader reports them clearly
         return None
-    mc = json.loads(cfgp.read_text())
+    if n is None or mc is None:
+        return None
     hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
     tokens = cfg.calibration.samples * cfg.calibration.seq_len
     streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
