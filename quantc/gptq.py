@@ -73,13 +73,12 @@ def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tup
     return scale, zero
 
 
-def quantize(x, scale, zero, maxq):
-    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-    return scale * (q - zero)
-
-
 def _int(x, scale, zero, maxq):
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def quantize(x, scale, zero, maxq):
+    return scale * (_int(x, scale, zero, maxq) - zero)
 
 
 def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
@@ -147,7 +146,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
 
     static = None
     if opt.act_order and opt.static_groups:    # grids from the original contiguous groups: g_idx = i // gs
-        static = [find_params(W[:, invperm][:, c:c + gs], opt.bits, opt.sym, opt.mse) for c in range(0, cols, gs)]
+        W_orig = W[:, invperm]
+        static = [find_params(W_orig[:, c:c + gs], opt.bits, opt.sym, opt.mse) for c in range(0, cols, gs)]
 
     Hinv, damp = cholesky_inverse_upper(H, percdamp, name)
     Q = torch.zeros_like(W)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import QuantcError
+from .kernels import HAVE_TRITON, gptq_matmul
 from .packing import dequantize_gptq
 
 
@@ -51,7 +52,6 @@ class QuantLinear(nn.Module):
     kernel = "auto"   # "auto": Triton on CUDA tensors, torch dequantize elsewhere; or "torch" / "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import HAVE_TRITON, gptq_matmul
         use_triton = self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda and HAVE_TRITON)
         if use_triton:
             y = gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
