@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--job", nargs=argparse.REMAINDER)
     ap.add_argument("--budgets", default="3b,3.5b,4b")
     ap.add_argument("--qep", type=float, default=0.5)
-    ap.add_argument("--qep-budgets", default="3b,3.5b,4b")
+    ap.add_argument("--qep-budgets", default="3b")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     if args.job:
@@ -106,10 +106,14 @@ def main() -> None:
     sizes["3.5b"] = (sizes["3b"] + sizes["4b"]) // 2
     budgets = {b: sizes[b] for b in args.budgets.split(",")}
     plan = cached("mixed-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets)]))
-    fp = json.loads((WORK / "eval-fp32.json").read_text())
+    fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
+    for c in ("3b", "4b"):      # the uniform references: bench_gptq's quantc rows (same cache keys)
+        folder = WORK / f"quantc-gptq-{c}"
+        cached(f"quant-quantc-gptq-{c}", lambda: subprocess_job(["quantc", "gptq", c, str(folder)]))
+        cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
-    runs = [(b, q) for b in budgets for q in ([0.0, args.qep] if b in qep_budgets else [0.0])]
+    runs = [(b, 0.0) for b in budgets] + [(b, args.qep) for b in budgets if b in qep_budgets]
     cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
     for b, qep in runs:
         key = f"mixed-{b}-qep{qep:g}"

@@ -133,14 +133,32 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
 @click.option("--reference", type=click.Path(), help="Original model for KL (default: the compile's source).")
 @click.option("--no-kl", is_flag=True, help="Skip the KL divergence against the original model.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="torch: quantc.load; onnx: ONNX Runtime on ARTIFACT/onnx (or ARTIFACT itself).")
 @click.pass_context
 @_fail_clearly
-def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl, json_out):
+def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl, json_out, backend):
     """Perplexity of ARTIFACT on a text file, and KL against the original model."""
     from .evaluate import eval_tokens, evaluate, read_text
     from .model import load_model, load_tokenizer
     from .runtime import load
 
+    if backend == "onnx":
+        from .ort import OrtModel, evaluate_onnx, onnx_folder
+        om = OrtModel(artifact)
+        tokens = eval_tokens(read_text(text, join_lines), load_tokenizer(str(onnx_folder(artifact))), seq_len,
+                             windows or None)
+        res = evaluate_onnx(om, tokens.numpy(), progress=ctx.obj["progress"])
+        res["artifact"] = str(artifact)
+        table = Table(title=f"quantc eval --backend onnx {artifact}")
+        for k in ("ppl", "windows", "tokens", "providers"):
+            table.add_column(k)
+        table.add_row(f"{res['ppl']:.4f}", str(res["windows"]), str(res["tokens"]), ", ".join(res["providers"]))
+        console.print(table)
+        if json_out:
+            Path(json_out).write_text(json.dumps(res, indent=2))
+        click.echo(json.dumps(res))
+        return
     model = load(artifact)
     tok = load_tokenizer(artifact)
     tokens = eval_tokens(read_text(text, join_lines), tok, seq_len, windows or None)
@@ -169,6 +187,73 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
 def _manifest(artifact) -> dict:
     p = Path(artifact) / "quantc.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+@main.group("export")
+def export_group():
+    """Export a compiled artifact to another format."""
+
+
+@export_group.command("onnx")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder (default: ARTIFACT/onnx).")
+@click.option("--accuracy-level", default=0, show_default=True, type=click.IntRange(0, 4),
+              help="MatMulNBits accuracy_level (0: float compute; 4: int8 activations, faster on CPU).")
+@click.option("--max-length", type=int, help="Longest sequence (RoPE table size; default: the model's, ≤ 8192).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@_fail_clearly
+def export_onnx_cmd(artifact, out, accuracy_level, max_length, force):
+    """ONNX Runtime model (MatMulNBits per quantized linear, KV cache) from ARTIFACT."""
+    from .export.onnx import export_onnx
+    out = out or str(Path(artifact) / "onnx")
+    info = export_onnx(artifact, out, accuracy_level=accuracy_level, max_length=max_length, force=force)
+    bits: dict[int, int] = {}
+    for m in info["matmulnbits"].values():
+        bits[m["bits"]] = bits.get(m["bits"], 0) + 1
+    table = Table(title=f"quantc export onnx → {out}", show_header=False)
+    table.add_row("MatMulNBits", ", ".join(f"{b}-bit: {n}" for b, n in sorted(bits.items())) or "none")
+    table.add_row("float MatMul", str(len(info["matmul"])))
+    if info["container_4bit"]:
+        table.add_row("3-bit in 4-bit container", f"{len(info['container_4bit'])} linears (exact values, 4-bit storage)")
+    table.add_row("graph", "input_ids, attention_mask, position_ids, past_key_values.* → logits, present.*")
+    table.add_row("files", ", ".join(sorted(p.name for p in Path(out).iterdir())))
+    console.print(table)
+
+
+@main.command("generate")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-n", "--max-new-tokens", default=32, show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@_fail_clearly
+def generate_cmd(artifact, prompt, max_new_tokens, backend, chat):
+    """Greedy text generation from ARTIFACT with either backend."""
+    import time
+    from .model import load_tokenizer
+    tok_dir = artifact
+    if backend == "onnx":
+        from .ort import OrtModel, onnx_folder
+        om = OrtModel(artifact)
+        tok_dir = str(onnx_folder(artifact))
+    tok = load_tokenizer(tok_dir)
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tok(prompt)["input_ids"]
+    t = time.perf_counter()
+    if backend == "onnx":
+        out = om.generate(ids, max_new_tokens, tok.eos_token_id)
+        where = ", ".join(om.providers)
+    else:
+        from .ort import generate_torch
+        from .runtime import load
+        out = generate_torch(load(artifact), ids, max_new_tokens, tok.eos_token_id)
+        where = "torch"
+    dt = time.perf_counter() - t
+    click.echo(prompt + tok.decode(out, skip_special_tokens=True))
+    err_console.print(f"[dim]{len(out)} tokens in {dt:.2f} s ({backend}: {where})[/]")
 
 
 @main.command("inspect")

@@ -19,7 +19,7 @@ from .packing import SUPPORTED_BITS
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EXPORT_TARGETS = ("gptq",)   # onnx: see the open issue on ONNX Runtime export
+EXPORT_TARGETS = ("gptq", "onnx")   # the GPTQ checkpoint is always written; onnx adds out/onnx/
 METHODS = ("gptq", "rtn")
 UNIT_MODES = ("shared", "linear")
 

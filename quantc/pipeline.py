@@ -291,6 +291,11 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     if plan is not None:
         plan.save(tmp / "plan.yaml")
     timings["export_s"] = time.perf_counter() - t
+    if "onnx" in cfg.export_targets:        # built from the GPTQ files just written: the same integers
+        from .export.onnx import export_onnx
+        t = time.perf_counter()
+        export_onnx(tmp, tmp / "onnx")
+        timings["export_onnx_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     modules = module_table(model, options)
@@ -306,7 +311,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "modules": modules,
         "skipped": skipped,
         "timings": timings,
-        "files": {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*"))
+                  if p.is_file() and "resume" not in p.relative_to(tmp).parts},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(tmp / "resume", ignore_errors=True)
