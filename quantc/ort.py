@@ -23,6 +23,21 @@ def onnx_folder(path: str | Path) -> Path:
     raise QuantcError(f"{p}: no model.onnx (nor onnx/model.onnx); run `quantc export onnx {p}` first")
 
 
+def check_single_runtime() -> None:
+    """onnxruntime and onnxruntime-gpu install into one folder: with both, whichever was installed last
+    wins silently (often the CPU one). Say so instead of running on the wrong provider."""
+    from importlib.metadata import PackageNotFoundError, version
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    if len(found) > 1:
+        log.warning("both %s are installed and share one folder; `pip uninstall -y onnxruntime onnxruntime-gpu` "
+                    "then install one: pip install 'quantc[ort]' (CPU) or 'quantc[ort-gpu]' (CUDA)", " and ".join(found))
+
+
 class OrtModel:
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
         try:
@@ -30,6 +45,7 @@ class OrtModel:
         except ImportError:
             raise QuantcError("the ONNX backend needs ONNX Runtime: pip install 'quantc[ort]' "
                               "(or 'quantc[ort-gpu]' for CUDA)") from None
+        check_single_runtime()
         self.folder = onnx_folder(path)
         self.info = json.loads((self.folder / "onnx_export.json").read_text())
         avail = ort.get_available_providers()

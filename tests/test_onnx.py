@@ -204,3 +204,23 @@ def test_export_bad_inputs(tmp_path, tiny_models):
     r = CliRunner().invoke(main, ["eval", str(tiny_models["llama"]), "--text", str(bad / "config.json"),
                                   "--backend", "onnx"])
     assert r.exit_code == 2 and "no model.onnx" in r.output and "quantc export onnx" in r.output
+
+
+def test_onnxruntime_genai_runs_the_folder(tmp_path, tiny_models, tiny_tokenizer, calib_file):
+    """genai_config.json fits ONNX Runtime GenAI: its greedy search gives quantc's tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    y = write_yaml(tmp_path / "b.yaml", f"model: {tiny_models['qwen3']}\n" + MIXED.format(calib=calib_file))
+    out = tmp_path / "out"
+    compile_cli(y, out)
+    model = og.Model(str(out / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=28, do_sample=False)
+    gen = og.Generator(model, params)
+    prompt = [int(t) for t in ids_for(tiny_tokenizer)[0, :8]]
+    gen.append_tokens(prompt)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    assert len(got) == 20
+    assert got == OrtModel(out).generate(np.array(prompt), 20)
