@@ -39,7 +39,8 @@ def test_dp_matches_brute_force(seed):
     v, _ = brute(costs, values, budget)
     assert sol.bytes <= budget
     assert sol.value == pytest.approx(v, rel=1e-9, abs=1e-12)
-    assert sol.quantum >= 1 and all(c % sol.quantum == 0 for row in costs for c in row)
+    # exact DP: the grid divides every size above the unit's smallest option
+    assert sol.quantum >= 1 and all((c - min(row)) % sol.quantum == 0 for row in costs for c in row)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -71,3 +72,15 @@ def test_infeasible_budget_names_the_range():
     costs, values = [[100, 200], [50, 80]], [[1.0, 0.5], [2.0, 1.0]]
     with pytest.raises(QuantcError, match="smallest achievable size is 150 bytes .* largest 280 bytes"):
         allocate(costs, values, 120)
+
+
+def test_budget_equal_to_smallest_size_is_feasible_on_a_coarse_grid():
+    """Sizes that force a rounded grid: the smallest achievable budget still gives the all-smallest plan."""
+    rng = random.Random(5)
+    costs = [[rng.randint(10_000, 20_000) * 7 + k * 100_003 for k in range(4)] for _ in range(120)]
+    values = [[1.0 / (k + 1) for k in range(4)] for _ in costs]
+    lo, _ = size_range(costs)
+    sol = allocate(costs, values, lo, max_states=1000)
+    assert sol.bytes == lo and sol.choice == [0] * 120
+    sol = allocate(costs, values, lo + 250_000, max_states=100)       # rounded grid, still within budget
+    assert sol.quantum > 1 and lo < sol.bytes <= lo + 250_000

@@ -2,8 +2,10 @@
 Σ bytesᵤ(option) ≤ budget: a multiple-choice knapsack, solved exactly by dynamic programming over
 bytes (in units of the greatest common divisor of all option sizes).
 
-When the byte grid would exceed `max_states` cells, sizes are rounded *up* to a coarser quantum:
-the answer then still fits the budget and is optimal for the rounded sizes (reported as `quantum`).
+The DP runs over the bytes *above* every unit's smallest option (the all-smallest plan costs 0), so
+any budget ≥ the smallest achievable size is feasible and the grid spans only the freedom the budget
+leaves. When that grid would exceed `max_states` cells, the extra sizes are rounded *up* to a coarser
+quantum: the answer then still fits the budget and is optimal for the rounded sizes (`quantum`).
 """
 from __future__ import annotations
 
@@ -77,21 +79,24 @@ def allocate(costs: list[list[int]], values: list[list[float]], budget: int, max
                           f"{lo:,} bytes ({lo / 2**20:.2f} MiB) and the largest {hi:,} bytes "
                           f"({hi / 2**20:.2f} MiB); raise the budget or add lower-bit candidates")
     budget = min(budget, hi)
-    best, choices, q = _dp(costs, values, budget, max_states)
-    s = len(best) - 1
-    if not np.isfinite(best[s]):               # rounding made the smallest size not fit: one step more
-        raise QuantcError(f"budget of {budget:,} bytes is too tight for a {q}-byte grid; raise it slightly "
-                          f"(smallest achievable: {lo:,} bytes)")
-    return _solution(costs, values, _backtrack(costs, choices, s, q), q)
+    extra = _extra(costs)
+    best, choices, q = _dp(extra, values, budget - lo, max_states)
+    return _solution(costs, values, _backtrack(extra, choices, len(best) - 1, q), q)
+
+
+def _extra(costs: list[list[int]]) -> list[list[int]]:
+    """Bytes above each unit's smallest option."""
+    return [[c - min(cs) for c in cs] for cs in costs]
 
 
 def least_bytes(costs: list[list[int]], values: list[list[float]], target: float,
                 max_states: int = 400_000) -> Solution:
     """The inverse problem: least total cost whose total value ≤ target."""
     lo, hi = size_range(costs)
-    best, choices, q = _dp(costs, values, hi, max_states)
+    extra = _extra(costs)
+    best, choices, q = _dp(extra, values, hi - lo, max_states)
     ok = np.nonzero(best <= target)[0]
     if ok.size == 0:
         raise QuantcError(f"no plan reaches predicted Δloss ≤ {target:g}: even the largest options "
                           f"({hi:,} bytes) predict {best[-1]:.4g}")
-    return _solution(costs, values, _backtrack(costs, choices, int(ok[0]), q), q)
+    return _solution(costs, values, _backtrack(extra, choices, int(ok[0]), q), q)
