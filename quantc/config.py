@@ -33,6 +33,7 @@ SCHEMA: dict[str, tuple] = {
     "calibration": (dict,),
     "export": (dict,),
     "plan": (dict,),
+    "resources": (dict,),
 }
 MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str}
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
@@ -44,6 +45,7 @@ OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int}
 EXPORT_KEYS = {"targets": (list, str), "dtype": str}
+RESOURCE_KEYS = {"lazy_load": bool}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float)}
 
 
@@ -92,6 +94,7 @@ class Config:
     export_targets: list[str] = field(default_factory=lambda: ["gptq"])
     export_dtype: str = "float16"
     plan: PlanSettings = field(default_factory=PlanSettings)
+    lazy_load: bool = True             # decoder layers read from disk one at a time (local safetensors)
     source_file: str = ""
 
     @property
@@ -111,7 +114,7 @@ class Config:
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
                                                               "dtype": self.export_dtype},
-            "plan": vars(self.plan),
+            "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load},
         }
 
 
@@ -292,6 +295,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             raise ConfigError(file, "export.targets", f"{t!r} is not known; allowed: {', '.join(EXPORT_TARGETS)}")
     cfg.export_targets = targets
     cfg.export_dtype = e.get("dtype", "float16")
+
+    res = _typed(raw.get("resources", {}) or {}, RESOURCE_KEYS, file, "resources")
+    cfg.lazy_load = res.get("lazy_load", True)
 
     pl = _typed(raw.get("plan", {}) or {}, PLAN_KEYS, file, "plan")
     cfg.plan = PlanSettings(**pl)

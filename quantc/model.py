@@ -53,11 +53,15 @@ def check_supported(model_type: str | None, where: str) -> None:
 
 
 def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
-               revision: str | None = None, dtype=torch.float32):
-    """Load a causal LM (local folder or hub id) in float32 on the CPU, in eval mode."""
+               revision: str | None = None, dtype=torch.float32, lazy: bool = False):
+    """Load a causal LM (local folder or hub id) in float32 on the CPU, in eval mode. With `lazy` (and a
+    local safetensors folder) the decoder layers stay on disk until `lazy.materialize` reads them."""
     from transformers import AutoModelForCausalLM
 
     check_supported(read_model_type(path) or _remote_type(path, trust_remote_code), path)
+    from .lazy import can_load_lazily, load_lazy
+    if lazy and can_load_lazily(path, gguf_file):
+        return load_lazy(path, trust_remote_code, dtype)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     if gguf_file:
         kw["gguf_file"] = gguf_file

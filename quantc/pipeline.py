@@ -160,13 +160,15 @@ def module_table(model, options: dict[str, Option]) -> dict[str, dict]:
                 "bytes": o.bytes_for(mods[n].in_features, mods[n].out_features)} for n, o in options.items()}
 
 
-def _param_count(folder: Path) -> int | None:
-    """Parameters of a local safetensors model, from the file headers only (no tensor is read)."""
+def _param_count(folder: Path, lazy: bool = False) -> int | None:
+    """Parameters of a local safetensors model, from the file headers only (no tensor is read).
+    With `lazy`: those held at once when decoder layers are loaded one at a time (everything outside
+    the layers plus the largest layer)."""
     import struct
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    n = 0
+    outside, per_layer = 0, {}
     for f in files:
         with f.open("rb") as fh:
             size = struct.unpack("<Q", fh.read(8))[0]
@@ -176,8 +178,14 @@ def _param_count(folder: Path) -> int | None:
                 count = 1
                 for d in v["shape"]:
                     count *= d
-                n += count
-    return n
+                m = re.match(r"model\.layers\.(\d+)\.", k)
+                if m:
+                    per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + count
+                else:
+                    outside += count
+    if lazy:
+        return outside + max(per_layer.values(), default=0)
+    return outside + sum(per_layer.values())
 
 
 def memory_estimate(cfg: Config) -> dict | None:
@@ -186,7 +194,9 @@ def memory_estimate(cfg: Config) -> dict | None:
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
     try:
-        n = _param_count(folder) if folder.is_dir() else None
+        # a plan's measurement and `self` calibration hold every layer
+        lazy = cfg.lazy_load and cfg.uniform and not cfg.gguf_file and cfg.calibration.source != "self"
+        n = _param_count(folder, lazy) if folder.is_dir() else None
         mc = json.loads(cfgp.read_text()) if cfgp.is_file() else None
     except (OSError, ValueError, KeyError):   # unreadable files: the model loader reports them clearly
         return None
@@ -240,9 +250,12 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     timings = {}
     t0 = time.perf_counter()
     torch.manual_seed(cfg.calibration.seed)
-    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision)
+    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load)
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
+    from .lazy import is_lazy, materialize_all, release
+    if is_lazy(model):
+        log.info("lazy loading: decoder layers are read from %s one at a time", cfg.model)
 
     plan = None
     chosen = None
@@ -254,7 +267,10 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         else:
             t = time.perf_counter()
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+            materialize_all(model)          # the measurement runs every layer many times (then cached)
             plan = make_plan(cfg, model, tokens, progress=progress)
+            for i in range(len(model.model.layers)):
+                release(model, i)
             timings["plan_s"] = time.perf_counter() - t
         chosen = plan.module_options()
     options, skipped = resolve_options(model, cfg, chosen)

@@ -40,8 +40,11 @@ def test_truncated_safetensors(tmp_path, tiny_models):
     m = copy_model(tiny_models["llama"], tmp_path / "m")
     data = (m / "model.safetensors").read_bytes()
     (m / "model.safetensors").write_bytes(data[: len(data) // 2])
-    check(compile_(tmp_path, f"model: {m}\nquant: {{method: rtn, group_size: 32}}\n"), "cannot load the model",
-          "complete")
+    check(compile_(tmp_path, f"model: {m}\nquant: {{method: rtn, group_size: 32}}\n"),
+          "model.safetensors: cannot read safetensors", "truncated or corrupt")
+    # the same file through the eager loader (resources.lazy_load: false)
+    check(compile_(tmp_path, f"model: {m}\nquant: {{method: rtn, group_size: 32}}\nresources: {{lazy_load: false}}\n"),
+          "cannot load the model", "complete")
 
 
 def test_unsupported_model_type(tmp_path, tiny_models):

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..gptq import QuantResult
+from ..lazy import tensor as lazy_tensor
 from ..options import Option
 from ..packing import pack_gptq
 
@@ -91,17 +92,20 @@ def write_gptq(folder: Path, model, results: dict[str, QuantResult], options: di
     """Write the checkpoint into `folder` (an empty temporary folder: the caller renames it into
     place). Returns the quantization_config written."""
     mods = dict(model.named_modules())
+    state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for name, res in results.items():
-        tensors.update(quantized_tensors(name, res, options[name], mods[name].bias, dtype))
+        bias = lazy_tensor(model, f"{name}.bias", state) if mods[name].bias is not None else None
+        tensors.update(quantized_tensors(name, res, options[name], bias, dtype))
     quantized = set(results)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for key, value in model.state_dict().items():
+    for key in state:
         owner, _, leaf = key.rpartition(".")
         if owner in quantized:
             continue
         if tied and key == "lm_head.weight":
             continue                     # tied to the embeddings: readers re-tie it
+        value = lazy_tensor(model, key, state)  # released layers of a lazy model are read from disk again
         tensors[key] = value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
     tensors = dict(sorted(tensors.items()))      # canonical order: a resumed compile writes the same bytes
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})  # one key: stable bytes

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian, run_until
 from ..gptq import QuantResult, gptq, qep_target, rtn
+from ..lazy import materialize, release
 from ..model import SHARED_UNITS, Activations, decoder_layers, layer_linears, run_layer
 from ..options import Option
 
@@ -39,12 +40,24 @@ def input_groups(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
 
 def quantize_rtn(model: nn.Module, options: dict[str, Option], progress: bool = True) -> dict[str, QuantResult]:
     """Round-to-nearest: no calibration, every linear on its own."""
-    mods = dict(model.named_modules())
     results = {}
-    for name, opt in tqdm(options.items(), desc="RTN", leave=False, disable=not progress):
-        results[name] = rtn(mods[name].weight.data, opt)
-        mods[name].weight.data = results[name].weight.to(mods[name].weight.dtype)
+    for i in tqdm(range(len(decoder_layers(model))), desc="RTN layers", leave=False, disable=not progress):
+        materialize(model, i)
+        mods = dict(model.model.layers[i].named_modules())
+        for short, m in mods.items():
+            name = f"model.layers.{i}.{short}"
+            if name in options:
+                results[name] = rtn(m.weight.data, options[name])
+                m.weight.data = results[name].weight.to(m.weight.dtype)
+                _shrink(results[name])
+        release(model, i)
     return results
+
+
+def _shrink(res: QuantResult) -> None:
+    """Keep only what the exporter needs: the integers as uint8 (values < 256), no float copy."""
+    res.weight = None
+    res.q = res.q.to(torch.uint8)
 
 
 class LayerRunner:
@@ -122,6 +135,7 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
     x_ref = (ref_acts if ref_acts is not None else acts) if qep_alpha > 0 else None
     bar = tqdm(range(start_layer, len(layers)), desc="GPTQ layers", disable=not progress)
     for i in bar:
+        materialize(model, i)           # lazy models: this layer's weights come from disk now
         layer = layers[i]
         prefix = f"model.layers.{i}."
         groups = input_groups({n: m for n, m in layer_linears(layer).items() if prefix + n in options})
@@ -166,4 +180,7 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
         x_hat = runner.outputs() if true_sequential else x_hat.through(layer)
         if on_layer is not None:
             on_layer(i, layer_results, x_hat, x_ref)
+        for res in layer_results.values():
+            _shrink(res)
+        release(model, i)               # lazy models: the layer's memory goes back
     return results

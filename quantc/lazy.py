@@ -1,0 +1,147 @@
+"""Bounded memory: a model whose decoder layers stay on the meta device (no memory) until a pass needs
+them, read from the model's memory-mapped safetensors one layer at a time and released afterwards.
+
+The skeleton is built by transformers on the meta device; only what sits outside the decoder layers
+(embeddings, final norm, lm_head, rotary tables) is materialized at load. Peak memory during the
+quantize sweep is then about one layer's weights plus the calibration activations, not the model.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QuantcError
+
+log = logging.getLogger("quantc")
+
+
+class WeightSource:
+    """Tensor name → safetensors file of a local model folder; reads one tensor at a time (mmap)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        self.folder = folder
+        self.files = sorted(folder.glob("*.safetensors"))
+        self.index: dict[str, Path] = {}
+        for f in self.files:
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        self.index[k] = f
+            except Exception as e:
+                raise QuantcError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+        self._open: dict[Path, object] = {}
+
+    def get(self, key: str, dtype=torch.float32) -> torch.Tensor:
+        from safetensors import safe_open
+        f = self.index.get(key)
+        if f is None:
+            raise QuantcError(f"{self.folder}: tensor {key} is missing from the model's safetensors files")
+        if f not in self._open:
+            self._open[f] = safe_open(str(f), framework="pt")
+        try:
+            t = self._open[f].get_tensor(key)
+        except Exception as e:
+            raise QuantcError(f"{f}: cannot read {key} ({e}); the file is truncated or corrupt") from None
+        t = t.to(dtype) if t.is_floating_point() else t
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QuantcError(f"{f}: weight {key} contains NaN or Inf values; the checkpoint is corrupt")
+        return t
+
+
+def can_load_lazily(path: str, gguf_file: str | None) -> bool:
+    p = Path(path)
+    return not gguf_file and p.is_dir() and any(p.glob("*.safetensors"))
+
+
+def load_lazy(path: str, trust_remote_code: bool = False, dtype=torch.float32):
+    """The model with every decoder layer on the meta device; `materialize(model, i)` brings one in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    folder = Path(path)
+    src = WeightSource(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise QuantcError(f"{path}: cannot read the model config: {e}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.config.use_cache = False
+    model._quantc_source = src
+    layers = model.model.layers
+    in_layers = {id(p) for p in layers.parameters()}
+    for name, p in list(model.named_parameters()):
+        if id(p) in in_layers:
+            continue
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        _set(model, name, src.get(name, dtype))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for name, mod in list(model.named_modules()):   # buffers computed in __init__ (rotary tables)
+        if any(b.is_meta for b in mod.buffers(recurse=False)) and not name.startswith("model.layers."):
+            with torch.device("cpu"):
+                fresh = type(mod)(config=config)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+    for key in src.index:          # NaN/Inf anywhere fails now, not hours later (one tensor at a time)
+        if key.startswith("model.layers."):
+            src.get(key)
+    missing = [k for k in _layer_keys(model, 0) if k not in src.index]
+    if missing:
+        raise QuantcError(f"{path}: the safetensors files lack {missing[0]} (and {len(missing) - 1} more); "
+                          "the weights do not match config.json")
+    return model
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(owner)
+    old = mod._parameters.get(leaf)
+    if old is not None and tuple(old.shape) != tuple(value.shape):
+        raise QuantcError(f"weight {name} has shape {tuple(value.shape)}, config.json implies {tuple(old.shape)}")
+    mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _layer_keys(model, i: int) -> list[str]:
+    return [f"model.layers.{i}.{n}" for n, _ in model.model.layers[i].named_parameters()]
+
+
+def is_lazy(model) -> bool:
+    return getattr(model, "_quantc_source", None) is not None
+
+
+def materialize(model, i: int) -> None:
+    """Read decoder layer i's weights from disk (no-op for an ordinary model or a loaded layer)."""
+    if not is_lazy(model):
+        return
+    layer = model.model.layers[i]
+    if not any(p.is_meta for p in layer.parameters()):
+        return
+    for key in _layer_keys(model, i):
+        _set(model, key, model._quantc_source.get(key))
+
+
+def release(model, i: int) -> None:
+    """Give decoder layer i's memory back (the weights stay readable from disk)."""
+    if is_lazy(model):
+        model.model.layers[i].to("meta")
+
+
+def materialize_all(model) -> None:
+    for i in range(len(model.model.layers)):
+        materialize(model, i)
+
+
+def tensor(model, key: str, state: dict | None = None) -> torch.Tensor:
+    """A weight by name: from memory, or from disk when its layer is released (`state`: the model's
+    state_dict, when the caller already has it)."""
+    v = (state if state is not None else model.state_dict()).get(key)
+    if v is not None and not v.is_meta:
+        return v.detach()
+    if is_lazy(model):
+        return model._quantc_source.get(key)
+    raise QuantcError(f"no tensor {key} in the model")
