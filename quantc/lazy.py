@@ -131,6 +131,19 @@ def release(model, i: int) -> None:
         model.model.layers[i].to("meta")
 
 
+def release_outside(model) -> None:
+    """After the layer-0 inputs are captured the quantize sweep needs nothing outside the decoder
+    layers: embeddings, final norm and lm_head go back to disk too (the exporter reads them again)."""
+    if is_lazy(model):
+        for name, mod in model.named_children():
+            if name == "model":
+                for sub, m in mod.named_children():
+                    if sub != "layers":
+                        m.to("meta")
+            else:
+                mod.to("meta")
+
+
 def materialize_all(model) -> None:
     for i in range(len(model.model.layers)):
         materialize(model, i)

@@ -285,6 +285,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
         bs = cfg.calibration.batch_size
         hidden, kwargs = capture_layer0_inputs(model, tokens, bs)
+        from .lazy import release_outside
+        release_outside(model)
         key = hashlib.sha256(json.dumps([cfg.to_dict(), {n: o.to_dict() for n, o in options.items()}],
                                         sort_keys=True, default=str).encode() + tokens.numpy().tobytes())
         ckpt = Checkpoint(tmp, key.hexdigest()[:24])

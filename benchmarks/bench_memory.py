@@ -1,0 +1,125 @@
+"""Benchmark: peak RSS of compiling SmolLM2-135M (GPTQ 4-bit g128), lazy loading against loading the
+model whole, and against GPTQModel 7.6.0 on the same calibration.
+
+    python -m benchmarks.bench_memory [--samples 32] [--gptqmodel] [--fresh]
+
+Every compile runs in its own process; its peak RSS is that process's ru_maxrss. The baseline row is a
+process that only imports torch, transformers and quantc (the floor any Python compile pays).
+Calibration: the protocol's C4 windows (Random(0)), `--samples` × 512 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.bench_gptq import (QUANTC_GPTQ, RESULTS, WORK, cached, peak_rss_mb, subprocess_job,
+                                   write_calibration_file)
+from benchmarks.common import calibration, prepared_model
+
+MARK = "<!-- bench_memory -->"
+
+
+def job_baseline() -> dict:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import quantc.pipeline  # noqa: F401
+    return {"peak_rss_mb": peak_rss_mb()}
+
+
+def job_quantc(lazy: str, samples: str, out: str) -> dict:
+    from quantc.config import parse_config
+    from quantc.pipeline import compile_model, memory_estimate
+    raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy == "lazy"},
+           "quant": {"bits": 4, "group_size": 128, **QUANTC_GPTQ},
+           "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": int(samples), "seq_len": 512, "seed": 0}}
+    cfg = parse_config(raw, "bench")
+    t = time.perf_counter()
+    compile_model(cfg, out, force=True, progress=False)
+    return {"seconds": time.perf_counter() - t, "estimate_mb": memory_estimate(cfg)["total"] / 2**20,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def job_gptqmodel(samples: str, out: str) -> dict:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+    model = prepared_model()
+    tok = AutoTokenizer.from_pretrained(model)
+    cal = calibration(tok, int(samples), 512, 0)
+    data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in cal]
+    t = time.perf_counter()
+    m = GPTQModel.load(str(model), QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False), dtype=torch.float16)
+    m.quantize(data, batch_size=1)
+    m.save(out)
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--job", nargs=argparse.REMAINDER)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--gptqmodel", action="store_true", help="also run GPTQModel 7.6.0 (slow on 2 cores)")
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    if args.job:
+        kind, rest = args.job[0], args.job[1:]
+        res = {"baseline": job_baseline, "quantc": job_quantc, "gptqmodel": job_gptqmodel}[kind](*rest)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        for p in WORK.glob("mem-*.json"):
+            p.unlink()
+    write_calibration_file()
+    job = lambda *a: subprocess_job(list(a), "benchmarks.bench_memory")   # noqa: E731
+    n = args.samples
+    rows = {"baseline": cached("mem-baseline", lambda: job("baseline"))}
+    for mode in ("lazy", "eager"):
+        rows[mode] = cached(f"mem-quantc-{mode}-{n}", lambda: job("quantc", mode, str(n), str(WORK / f"mem-{mode}")))
+    if args.gptqmodel:
+        rows["gptqmodel"] = cached(f"mem-gptqmodel-{n}", lambda: job("gptqmodel", str(n), str(WORK / "mem-gptqmodel")))
+    write(rows, n, "python -m benchmarks.bench_memory " + " ".join(sys.argv[1:]))
+
+
+def write(rows: dict, n: int, cmd: str) -> None:
+    folder = prepared_model()
+    fp32_mb = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
+    acts_mb = n * 512 * 576 * 4 / 2**20          # one stream of hidden states, float32
+    goal = fp32_mb / 2 + acts_mb
+    lines = [MARK, "## Peak memory of a compile (SmolLM2-135M, GPTQ 4-bit g128)", "",
+             f"Command: `{cmd}`. Calibration {n}×512 C4 tokens; peak RSS = ru_maxrss of the compiling process. "
+             f"fp32 model {fp32_mb:.0f} MiB; one stream of calibration activations {acts_mb:.0f} MiB; "
+             f"the issue's goal, half the fp32 model plus the activations: {goal:.0f} MiB.", "",
+             "| run | peak RSS MiB | above the import baseline MiB | quantc's printed estimate MiB | seconds |",
+             "|---|---|---|---|---|"]
+    base = rows["baseline"]["peak_rss_mb"]
+    names = {"baseline": "python + torch + transformers + quantc imported (nothing else)",
+             "lazy": "quantc, lazy loading (default)", "eager": "quantc, whole model loaded (`resources.lazy_load: false`)",
+             "gptqmodel": "GPTQModel 7.6.0 (fp16 load, `desc_act=False`)"}
+    for k, r in rows.items():
+        est = f"{r['estimate_mb']:.0f}" if "estimate_mb" in r else "—"
+        sec = f"{r['seconds']:.0f}" if "seconds" in r else "—"
+        lines.append(f"| {names[k]} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base:.0f} | {est} | {sec} |")
+    if "lazy" in rows and "eager" in rows:
+        lines += ["", f"Lazy / whole: {rows['lazy']['peak_rss_mb'] / rows['eager']['peak_rss_mb']:.2f} of the peak "
+                  f"({(rows['lazy']['peak_rss_mb'] - base) / (rows['eager']['peak_rss_mb'] - base):.2f} above the "
+                  "import baseline)."]
+    lines += [MARK, ""]
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    if MARK in text:
+        pre, _, rest = text.partition(MARK)
+        _, _, post = rest.partition(MARK)
+        text = pre + "\n".join(lines) + post.lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
+    RESULTS.write_text(text)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
