@@ -24,9 +24,12 @@ MARK = "<!-- bench_memory -->"
 
 
 def job_baseline() -> dict:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+    """The floor: libraries imported and the model's skeleton built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
     import quantc.pipeline  # noqa: F401
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(prepared_model()))
     return {"peak_rss_mb": peak_rss_mb()}
 
 
@@ -98,7 +101,7 @@ def write(rows: dict, n: int, cmd: str) -> None:
              "| run | peak RSS MiB | above the import baseline MiB | quantc's printed estimate MiB | seconds |",
              "|---|---|---|---|---|"]
     base = rows["baseline"]["peak_rss_mb"]
-    names = {"baseline": "python + torch + transformers + quantc imported (nothing else)",
+    names = {"baseline": "floor: libraries imported, model skeleton on the meta device (no weights)",
              "lazy": "quantc, lazy loading (default)", "eager": "quantc, whole model loaded (`resources.lazy_load: false`)",
              "gptqmodel": "GPTQModel 7.6.0 (fp16 load, `desc_act=False`)"}
     for k, r in rows.items():

@@ -33,17 +33,15 @@ class WeightSource:
                         self.index[k] = f
             except Exception as e:
                 raise QuantcError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
-        self._open: dict[Path, object] = {}
 
     def get(self, key: str, dtype=torch.float32) -> torch.Tensor:
         from safetensors import safe_open
         f = self.index.get(key)
         if f is None:
             raise QuantcError(f"{self.folder}: tensor {key} is missing from the model's safetensors files")
-        if f not in self._open:
-            self._open[f] = safe_open(str(f), framework="pt")
-        try:
-            t = self._open[f].get_tensor(key)
+        try:    # opened per read: the mapping (and its resident pages) goes away with the handle
+            with safe_open(str(f), framework="pt") as sf:
+                t = sf.get_tensor(key)
         except Exception as e:
             raise QuantcError(f"{f}: cannot read {key} ({e}); the file is truncated or corrupt") from None
         t = t.to(dtype) if t.is_floating_point() else t
@@ -129,6 +127,25 @@ def release(model, i: int) -> None:
     """Give decoder layer i's memory back (the weights stay readable from disk)."""
     if is_lazy(model):
         model.model.layers[i].to("meta")
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc). Without it, the layer-sized buffers that every
+    layer allocates and frees fragment the heap and the resident size creeps up layer after layer."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def release_outside(model) -> None:

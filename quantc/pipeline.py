@@ -253,7 +253,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load)
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
-    from .lazy import is_lazy, materialize_all, release
+    from .lazy import is_lazy, materialize_all, release, trim_heap
     if is_lazy(model):
         log.info("lazy loading: decoder layers are read from %s one at a time", cfg.model)
 
@@ -303,6 +303,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     timings["quantize_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    trim_heap()
     dtype = getattr(torch, cfg.export_dtype)
     qc = write_gptq(tmp, model, results, options, skipped, tokenizer=tokenizer, damp=cfg.damp,
                     true_sequential=cfg.true_sequential, dtype=dtype)

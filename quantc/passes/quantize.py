@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian, run_until
 from ..gptq import QuantResult, gptq, qep_target, rtn
-from ..lazy import materialize, release
+from ..lazy import materialize, release, trim_heap
 from ..model import SHARED_UNITS, Activations, decoder_layers, layer_linears, run_layer
 from ..options import Option
 
@@ -170,6 +170,7 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
                 res = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
                 m.weight.data = res.weight.to(m.weight.dtype)
                 layer_results[name] = res
+            trim_heap()                 # this group's batch buffers are free: give them back
             if true_sequential and keep is not None:
                 # this group's inputs are now final: later groups start from them
                 if first is runner.o_proj:
