@@ -47,7 +47,7 @@ def job_plan(budgets: dict[str, int]) -> dict:
     from quantc.config import parse_config
     from quantc.model import load_model, load_tokenizer
     from quantc.options import Option
-    from quantc.passes.measure import option_key
+    from quantc.passes.measure import option_key, unit_dkl
     from quantc.planning import get_measurements, solve
     cfg = parse_config(raw_config(None, 0.0), "bench")
     model = load_model(cfg.model)
@@ -69,7 +69,8 @@ def job_plan(budgets: dict[str, int]) -> dict:
                               "bits": {str(o): sum(1 for c in plan.choices.values() if c.bits == o) for o in (2, 3, 4, 8)}}
     for bits, sym in ((3, True), (4, True)):       # predictions for the uniform references
         k = option_key(next(o for o in cfg.candidates if o.bits == bits))
-        out[f"uniform{bits}_pred"] = sum(u["alpha"] * u["options"][k]["err"] for u in ms.units.values())
+        out[f"uniform{bits}_pred"] = sum(unit_dkl(u, k) for u in ms.units.values())
+        out[f"uniform{bits}_pred_linear"] = sum(u["alpha"] * u["options"][k]["err"] for u in ms.units.values())
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 

@@ -46,7 +46,8 @@ CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_
               "batch_size": int}
 EXPORT_KEYS = {"targets": (list, str), "dtype": str}
 RESOURCE_KEYS = {"lazy_load": bool}
-PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float)}
+PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
+             "direct_bits": int}
 
 
 @dataclass
@@ -55,6 +56,7 @@ class PlanSettings:
     alpha_samples: int = 4         # held-out sequences for the linearity coefficients α
     alpha_seq_len: int = 256       # ... truncated to this many tokens
     noise: float = 0.01            # relative output error injected to estimate α
+    direct_bits: int = 4           # options with ≤ this many bits get their ΔKL measured directly (0: α·err only)
 
 
 @dataclass

@@ -22,10 +22,10 @@ from .errors import ConfigError, QuantcError
 from .model import Activations, capture_layer0_inputs, keep_in_fp16, units
 from .options import Option
 from .passes.allocate import allocate, least_bytes, size_range
-from .passes.measure import Measurements, measure, option_key
+from .passes.measure import Measurements, measure, option_key, unit_dkl
 
 log = logging.getLogger("quantc")
-MEASURE_VERSION = 1
+MEASURE_VERSION = 2
 
 
 @dataclass
@@ -95,7 +95,7 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
         h.update(cfg.model.encode())
     h.update(tokens.numpy().tobytes())
     h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
-    h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{cfg.plan.noise}:{MEASURE_VERSION}".encode())
+    h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{cfg.plan.noise}:{cfg.plan.direct_bits}:{MEASURE_VERSION}".encode())
     return h.hexdigest()[:20]
 
 
@@ -118,7 +118,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     hh, hkw = capture_layer0_inputs(model, hold, bs)
     ms = measure(model, Activations(hidden, kw, bs), Activations(hh, hkw, bs), hold, cfg.candidates,
                  unit_mode=cfg.units, method=cfg.method, damp=cfg.damp, seed=cfg.calibration.seed,
-                 noise=cfg.plan.noise, progress=progress)
+                 noise=cfg.plan.noise, direct_bits=cfg.plan.direct_bits, progress=progress)
     ms.meta = {"key": key, "model": cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
         raise QuantcError(f"{cfg.source_file}: every unit is pinned by keep_fp16/overrides; nothing to allocate")
     opt_keys = [option_key(o) for o in cfg.candidates]
     costs = [[ms.units[k]["options"][o]["bytes"] for o in opt_keys] for k in keys]
-    values = [[ms.units[k]["alpha"] * ms.units[k]["options"][o]["err"] for o in opt_keys] for k in keys]
+    values = [[unit_dkl(ms.units[k], o) for o in opt_keys] for k in keys]
     if target is not None:
         sol = least_bytes(costs, values, target)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .passes.measure import Measurements, option_key
+from .passes.measure import Measurements, option_key, unit_dkl
 
 
 def _short(key: str) -> str:
@@ -61,7 +61,7 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
 
     # importance and sensitivity per layer
     lowest = option_key(min(cfg.candidates, key=lambda o: (o.bits, -o.group_size)))
-    sens = [sum(u["alpha"] * u["options"][lowest]["err"] for u in ms.units.values() if u["layer"] == i) for i in layers]
+    sens = [sum(unit_dkl(u, lowest) for u in ms.units.values() if u["layer"] == i) for i in layers]
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
     L = ms.layers
     axes[0].plot(layers, [x["block_influence"] for x in L], "o-")
@@ -69,7 +69,7 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
     axes[1].plot(layers, [100 * x["outlier_share"] for x in L], "o-", color="C1")
     axes[1].set_ylabel("outlier weights %")
     axes[2].semilogy(layers, [max(x["lieq_kl"], 1e-6) for x in L], "o-", color="C2", label="measured (LieQ)")
-    axes[2].semilogy(layers, [max(s, 1e-6) for s in sens], "x--", color="C3", label="predicted Σα·err")
+    axes[2].semilogy(layers, [max(s, 1e-6) for s in sens], "x--", color="C3", label="predicted ΣΔKL (lowest option)")
     axes[2].set_ylabel(f"ΔKL, layer alone\nat {lowest}")
     axes[2].legend(fontsize=8)
     for kind in kinds:

@@ -2,7 +2,9 @@
 
 For every unit (linears that share one precision) and every candidate option: the relative output
 error ‖(W−Ŵ)X‖²/‖WX‖² of GPTQ (or RTN) from the Hessian, and the exact bytes the exporter writes.
-For every unit, its linearity coefficient α (HIGGS): the change of the model's KL to the original
+For options of ≤ 4 bits, the ΔKL of the model with that unit alone quantized to that option (its
+real GPTQ weights), measured on the held-out slice: large errors leave the linear regime, and an
+error's direction matters as much as its size. For every unit, its linearity coefficient α (HIGGS): the change of the model's KL to the original
 per unit of relative error, from noise of known relative size injected into that unit alone and
 the rest of the model run on a held-out slice. For every layer, importance diagnostics: block
 influence, outlier share, LieQ's quantize-this-layer-alone ΔKL/Δloss, effective rank and top-k
@@ -105,7 +107,7 @@ def _swapped(mods: dict, weights: dict):
 @torch.no_grad()
 def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torch.Tensor,
             candidates: list[Option], *, unit_mode: str = "shared", method: str = "gptq",
-            damp: float = 0.01, seed: int = 0, noise: float = 0.01,
+            damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
             progress: bool = True) -> Measurements:
     layers = decoder_layers(model)
     all_units = units(model, unit_mode)
@@ -144,17 +146,22 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                      "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
             for o in candidates:
                 num = den = 0.0
+                qw = {}
                 for n in unit.names:
                     W, H = mods[n].weight.data, hess[n].H
                     res = gptq(W, H, o, percdamp=damp, name=n) if method == "gptq" else rtn(W, o)
                     D = (W - res.weight).double()
                     num += float(torch.einsum("oi,ij,oj->", D, H.double(), D))
                     den += float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
+                    qw[n] = res.weight
                     if o == lowest:
                         lowest_w[n] = res.weight
-                entry["options"][option_key(o)] = {
+                m = entry["options"][option_key(o)] = {
                     "err": num / max(den, 1e-30),
                     "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
+                if o.bits <= direct_bits:       # large errors leave the linear regime: measure, don't assume
+                    with _swapped(mods, qw):
+                        m["dkl"], _ = tail.compare(xh, i)
             entry["alpha"] = _alpha(unit, mods, hess, tail, xh, i, gen, noise)
             ms.units[unit.key] = entry
 
@@ -165,6 +172,14 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                           "topk_energy_gain": topk_out - topk_in, "lowest_option": option_key(lowest)})
         x, xh = x_next, xh.through(layer)
     return ms
+
+
+def unit_dkl(unit: dict, key: str) -> float:
+    """Predicted ΔKL of one unit at one option: the ΔKL measured with that option's own quantized
+    weights where it was measured (options of ≤ `direct_bits` bits), else α·err (HIGGS' linear model,
+    accurate for the small errors of 8-bit)."""
+    o = unit["options"][key]
+    return o["dkl"] if "dkl" in o else unit["alpha"] * o["err"]
 
 
 def _alpha(unit: Unit, mods, hess, tail: Tail, xh: Activations, layer: int, gen, noise: float) -> float:
