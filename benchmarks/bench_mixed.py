@@ -137,17 +137,49 @@ def _uniform(bits: int) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _linear_rows() -> tuple[list[dict], dict | None]:
+    """Rows of the earlier run whose allocator used α·err alone (HIGGS' linear model) for every option."""
+    lp = WORK / "mixed-linear-plan.json"
+    plan = json.loads(lp.read_text()) if lp.is_file() else None
+    rows = []
+    for f in sorted(WORK.glob("mixed-linear-*-compile.json")):
+        key = f.name[len("mixed-linear-"):-len("-compile.json")]
+        b, q = key.split("-qep")
+        e = WORK / f"mixed-linear-{key}-eval.json"
+        if plan and e.is_file():
+            rows.append({"budget": b, "qep": float(q), "compile": json.loads(f.read_text()),
+                         "eval": json.loads(e.read_text()), "bytes": linear_bytes(WORK / f"mixed-linear-{key}"),
+                         "pred": plan["plans"][b]["delta_kl"], "plan": plan["plans"][b], "predictor": "α·err"})
+    return rows, plan
+
+
 def write(rows, plan, fp, sizes, cmd, qep) -> None:
     u3, u4 = _uniform(3), _uniform(4)
+    lin_rows, lin_plan = _linear_rows()
+    rows = [{**r, "predictor": r.get("predictor", "measured ΔKL")} for r in rows] + lin_rows
     lines = [MARK, "## Mixed precision: allocation under a memory budget (SmolLM2-135M)", "",
-             f"Command: `{cmd}` (after `python -m benchmarks.bench_gptq`, whose quantc rows are the uniform "
-             "references). Candidates per unit (q/k/v, o, gate/up, down): 2-bit asym, 3-, 4-, 8-bit sym, "
-             f"all g128 with {QUANTC_GPTQ}. Same calibration and evaluation protocol as above.", "",
-             f"Measurement pass (sweep 1, 32×512 calibration tokens for the Hessians, α from 4×256 held-out "
-             f"tokens): {plan['measure_s']:.0f} s; a re-plan from the cache: "
+             f"Command: `{cmd}` (it also runs the uniform GPTQ references with bench_gptq's settings). "
+             "Candidates per unit (q/k/v, o, gate/up, down): 2-bit asym, 3-, 4-, 8-bit sym, "
+             f"all g128 with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
+             "float32 through `quantc.load`) as above.", "",
+             f"Measurement pass (sweep 1: 32×512 calibration tokens for the Hessians; every unit's GPTQ at every "
+             f"option; ΔKL of every unit at every ≤4-bit option and α, on 4×256 held-out tokens): "
+             f"{plan['measure_s']:.0f} s; a re-plan from the cache: "
              + ", ".join(f"{p['replan_s']:.2f} s" for p in plan["plans"].values()) + ".", "",
-             "| budget | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Predictor: *measured ΔKL* = each unit's ΔKL measured with its own quantized weights at each ≤4-bit "
+             "option (the default); *α·err* = HIGGS' linear model for every option (the previous default, "
+             "kept for comparison).", "",
+             "| budget | predictor | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    p0 = next(iter(plan["plans"].values()))
+    weights = 8 * p0["allocated_bytes"] / p0["avg_bits"]        # quantized weights (from any plan)
+    for bits, u in ((3, u3), (4, u4)):
+        q = WORK / f"quant-quantc-gptq-{bits}b.json"
+        if u and q.is_file():
+            mix = "0/120/0/0" if bits == 3 else "0/0/120/0"
+            lines.append(f"| uniform {bits}-bit | — | 0 | {sizes[f'{bits}b'] / 1e6:.2f} MB | "
+                         f"{8 * sizes[f'{bits}b'] / weights:.3f} | {mix} | "
+                         f"{json.loads(q.read_text())['total_s']:.0f} | {u['ppl']:.2f} | — | — |")
     for r in rows:
         b, ppl = r["budget"], r["eval"]["ppl"]
         ref = {"3b": u3, "4b": u4}.get(b)
@@ -156,19 +188,26 @@ def write(rows, plan, fp, sizes, cmd, qep) -> None:
             gap = f"{100 * (u3['ppl'] - ppl) / (u3['ppl'] - u4['ppl']):.0f}%"
         mix = "/".join(str(r["plan"]["bits"][k]) for k in ("2", "3", "4", "8"))
         ref_ppl = f"{ref['ppl']:.2f}" if ref else "—"
-        lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {r['qep']:g} | {r['bytes'] / 1e6:.2f} MB | "
+        lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {r['predictor']} | {r['qep']:g} | {r['bytes'] / 1e6:.2f} MB | "
                      f"{r['plan']['avg_bits']:.3f} | {mix} | {r['compile']['total_s']:.0f} | {ppl:.2f} | "
                      f"{ref_ppl} | {gap} |")
-    lines += ["", "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit).", "",
-              "Predicted ΔKL (Σ α·err from the measurement) against measured Δloss on WikiText-2 "
-              "(ln ppl − ln ppl_fp32):", "",
-              "| plan | predicted ΔKL | measured Δloss | ratio |", "|---|---|---|---|"]
-    pts = [(f"uniform 3-bit", plan["uniform3_pred"], u3), (f"uniform 4-bit", plan["uniform4_pred"], u4)]
-    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["pred"], r["eval"]) for r in rows]
-    for name, pred, ev in pts:
+    lines += ["", "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
+              "Bits/weight counts qweight, qzeros, scales and g_idx (uniform 4-bit g128 is 4.25).", "",
+              "Predicted ΔKL (sum over units) against measured Δloss on WikiText-2 (ln ppl − ln ppl_fp32):", "",
+              "| plan | predictor | predicted ΔKL | measured Δloss | measured / predicted |", "|---|---|---|---|---|"]
+    pts = [("uniform 3-bit", "measured ΔKL", plan["uniform3_pred"], u3), ("uniform 4-bit", "measured ΔKL", plan["uniform4_pred"], u4)]
+    if "uniform3_pred_linear" in plan:
+        pts += [("uniform 3-bit", "α·err", plan["uniform3_pred_linear"], u3), ("uniform 4-bit", "α·err", plan["uniform4_pred_linear"], u4)]
+    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["predictor"], r["pred"], r["eval"]) for r in rows]
+    for name, pred_kind, pred, ev in pts:
         if ev:
             d = math.log(ev["ppl"]) - math.log(fp["ppl"])
-            lines.append(f"| {name} | {pred:.4f} | {d:.4f} | {d / pred:.2f} |")
+            lines.append(f"| {name} | {pred_kind} | {pred:.4f} | {d:.4f} | {d / pred:.2f} |")
+    png = _plot(rows, u3, u4, sizes, fp)
+    if png:
+        lines += ["", f"![perplexity against size]({png.relative_to(RESULTS.parent).as_posix()})  ",
+                  "Plans: `benchmarks/plots/plan-3b/`, `plan-3.5b/`, `plan-4b/` (bits per layer, importance and "
+                  "sensitivity per layer, predicted quality against size, report.md)."]
     lines += [MARK, ""]
     text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
     if MARK in text:
@@ -178,6 +217,32 @@ def write(rows, plan, fp, sizes, cmd, qep) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
     RESULTS.write_text(text)
+
+
+def _plot(rows, u3, u4, sizes, fp):
+    """Measured perplexity against quantized-linear size: uniform GPTQ and the mixed plans."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = RESULTS.parent / "plots" / "mixed_ppl_vs_size.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    uni = [(sizes[k] / 1e6, u["ppl"]) for k, u in (("3b", u3), ("4b", u4)) if u]
+    if uni:
+        ax.plot(*zip(*uni), "o-", color="k", label="uniform GPTQ (3, 4 bit)")
+    for (pred, q), marker in zip(sorted({(r["predictor"], r["qep"]) for r in rows}), "s^Dv"):
+        pts = sorted((r["bytes"] / 1e6, r["eval"]["ppl"]) for r in rows if (r["predictor"], r["qep"]) == (pred, q))
+        ax.plot(*zip(*pts), marker + "--", label=f"mixed, {pred}, QEP {q:g}")
+    ax.axhline(fp["ppl"], color="grey", lw=0.8, ls=":", label="fp32")
+    ax.set_xlabel("quantized-linear bytes (MB)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
