@@ -41,9 +41,10 @@ def run_single(m: dict, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size,act_order,sym", [(32, False, True), (64, True, False), (-1, False, False),
-                                                      (96, True, True)])
+                                                      (96, True, True), (128, True, False)])
 def test_matmulnbits_matches_float64_reference(bits, group_size, act_order, sym):
-    """Random GPTQ tensors (any zero points, act-order g_idx, non power-of-two groups) → MatMulNBits in
+    """Random GPTQ tensors (any zero points, act-order g_idx, non power-of-two groups, a partial last
+    group: K = 192 with groups of 128) → MatMulNBits in
     ONNX Runtime equals x @ dequantize(W)ᵀ computed in float64."""
     torch.manual_seed(bits * 100 + group_size)
     K, N = 192, 64
@@ -57,7 +58,7 @@ def test_matmulnbits_matches_float64_reference(bits, group_size, act_order, sym)
     if act_order:
         g_idx = g_idx[torch.randperm(K)]
     p = pack_gptq(q, zeros, scales, g_idx, bits)
-    m = matmulnbits_tensors(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bits)
+    m = matmulnbits_tensors(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bits, group_size)
     assert (m["perm"] is not None) == act_order
     assert m["attrs"]["bits"] == (4 if bits == 3 else bits) and m["container"] == (bits == 3)
     assert (m["zero_points"] is None) == (sym and bits != 3)       # default zero 2^(b-1) is left out

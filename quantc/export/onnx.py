@@ -87,7 +87,7 @@ def block_size_for(group_size: int) -> int:
     return b
 
 
-def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int) -> dict:
+def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int, group_size: int) -> dict:
     """GPTQ v1 tensors → MatMulNBits inputs: B [N, k_blocks, blob] uint8, scales [N, k_blocks] f32,
     zero_points packed uint8 (or None), the K permutation for act-order (or None), attributes."""
     K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
@@ -95,7 +95,7 @@ def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int) -> dict:
     zeros = (unpack_cols(qzeros, bits) + 1).numpy()           # [G, N], v1 stores zero - 1
     g = g_idx.long().numpy()
     G = scales.shape[0]
-    gs = K if G == 1 else -(-K // G)
+    gs = K if group_size <= 0 else group_size                  # the last group may be partial (K % gs)
     perm = None
     if not np.array_equal(g, np.arange(K) // gs):             # act-order: make groups contiguous
         perm = np.argsort(g, kind="stable")
@@ -158,7 +158,7 @@ class _Export:
             if opt is None:
                 raise QuantcError(f"{self.folder}: {name} has packed weights but `dynamic` excludes it")
             m = matmulnbits_tensors(t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"],
-                                    t[f"{name}.g_idx"], int(opt["bits"]))
+                                    t[f"{name}.g_idx"], int(opt["bits"]), int(opt["group_size"]))
             if m["perm"] is not None:       # act-order: gather the activations in the reordered K
                 key = m["perm"].tobytes()
                 if key not in self.perms:
