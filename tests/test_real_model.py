@@ -62,3 +62,31 @@ def test_generate_and_inspect(setup):
     assert gen.shape[1] == ids.shape[1] + 8
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "210" in r.output
+
+
+def test_onnx_parity_mixed_248_on_smollm2(setup):
+    """A mixed 2/4/8-bit SmolLM2 checkpoint in ONNX Runtime: the torch runtime's logits and greedy tokens."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from quantc.ort import OrtModel, generate_torch
+    model, tmp, tokens = setup
+    y = write_yaml(tmp / "mixed.yaml", f"""model: {model}
+quant: {{bits: 4, group_size: 128, method: rtn, mse: false}}
+overrides:
+  - {{match: 'layers\\.[0-9]\\.self_attn\\.(q|k|v)_proj', bits: 2, sym: false}}
+  - {{match: 'mlp\\.down_proj', bits: 8}}
+export: {{targets: [gptq, onnx]}}
+""")
+    r = CliRunner().invoke(main, ["-q", "compile", str(y), "-o", str(tmp / "mixed")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    info = json.loads((tmp / "mixed" / "onnx" / "onnx_export.json").read_text())
+    assert {m["bits"] for m in info["matmulnbits"].values()} == {2, 4, 8} and len(info["matmulnbits"]) == 210
+    q = quantc.load(tmp / "mixed")
+    om = OrtModel(tmp / "mixed")
+    ids = tokens[:1].numpy()
+    lo, _ = om.forward(ids)
+    with torch.no_grad():
+        lt = q(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(lo - lt).max() / np.abs(lt).max() < 1e-4
+    prompt = load_tokenizer(str(model))("The history of the city begins", add_special_tokens=False)["input_ids"]
+    assert om.generate(prompt, 32) == generate_torch(q, prompt, 32)
