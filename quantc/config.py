@@ -45,7 +45,7 @@ OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int}
 EXPORT_KEYS = {"targets": (list, str), "dtype": str}
-RESOURCE_KEYS = {"lazy_load": bool}
+RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
              "direct_bits": int}
 
@@ -97,6 +97,7 @@ class Config:
     export_dtype: str = "float16"
     plan: PlanSettings = field(default_factory=PlanSettings)
     lazy_load: bool = True             # decoder layers read from disk one at a time (local safetensors)
+    offload_activations: bool = False  # calibration hidden states in files beside the output, not in RAM
     source_file: str = ""
 
     @property
@@ -116,7 +117,8 @@ class Config:
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
                                                               "dtype": self.export_dtype},
-            "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load},
+            "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load,
+                                                               "offload_activations": self.offload_activations},
         }
 
 
@@ -300,6 +302,7 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
 
     res = _typed(raw.get("resources", {}) or {}, RESOURCE_KEYS, file, "resources")
     cfg.lazy_load = res.get("lazy_load", True)
+    cfg.offload_activations = res.get("offload_activations", False)
 
     pl = _typed(raw.get("plan", {}) or {}, PLAN_KEYS, file, "plan")
     cfg.plan = PlanSettings(**pl)

@@ -172,11 +172,35 @@ def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-class Activations:
-    """Hidden states entering one decoder layer, kept in batches with their keyword arguments."""
+def offloaded_empty(like: torch.Tensor, folder: Path) -> torch.Tensor:
+    """An uninitialised tensor shaped like `like`, backed by a file in `folder` instead of anonymous
+    memory: the kernel can write its pages out and drop them under memory pressure. The file is
+    unlinked at once (the mapping keeps it alive), so nothing is left behind after a crash."""
+    import uuid
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"acts-{uuid.uuid4().hex}.bin"
+    t = torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype)
+    path.unlink()
+    return t.view(like.shape)
 
-    def __init__(self, hidden: torch.Tensor, kwargs: list[dict], batch_size: int):
-        self.hidden, self.kwargs, self.batch_size = hidden, kwargs, batch_size
+
+class Activations:
+    """Hidden states entering one decoder layer, kept in batches with their keyword arguments
+    (in memory, or in unlinked files under `offload` when the compile is asked to offload them)."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: list[dict], batch_size: int, offload: Path | None = None):
+        self.hidden, self.kwargs, self.batch_size, self.offload = hidden, kwargs, batch_size, offload
+        if offload is not None and hidden.untyped_storage().filename is None:   # move into a file now
+            t = offloaded_empty(hidden, offload)
+            t.copy_(hidden)
+            self.hidden = t
+
+    def empty_like(self) -> torch.Tensor:
+        return offloaded_empty(self.hidden, self.offload) if self.offload else torch.empty_like(self.hidden)
+
+    def like(self, hidden: torch.Tensor) -> "Activations":
+        """Other hidden states with the same batches, kwargs and offload setting."""
+        return Activations(hidden, self.kwargs, self.batch_size, self.offload)
 
     def batches(self):
         for j, b in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
@@ -185,8 +209,8 @@ class Activations:
     @torch.no_grad()
     def through(self, layer: nn.Module) -> "Activations":
         """The outputs of `layer` on these inputs, i.e. the next layer's inputs."""
-        out = torch.empty_like(self.hidden)
+        out = self.empty_like()
         for j, (x, kw) in enumerate(self.batches()):
             b = j * self.batch_size
             out[b:b + x.shape[0]] = run_layer(layer, x, kw)
-        return Activations(out, self.kwargs, self.batch_size)
+        return self.like(out)

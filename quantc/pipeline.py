@@ -205,6 +205,8 @@ def memory_estimate(cfg: Config) -> dict | None:
     hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
     tokens = cfg.calibration.samples * cfg.calibration.seq_len
     streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
+    if cfg.offload_activations:
+        streams = 2                                           # only the cached attn/mlp inputs stay in RAM
     acts = tokens * hidden * 4 * streams
     hess = 4 * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
     batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
@@ -285,17 +287,19 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
         bs = cfg.calibration.batch_size
         hidden, kwargs = capture_layer0_inputs(model, tokens, bs)
+        offload = tmp / "offload" if cfg.offload_activations else None
         from .lazy import release_outside
         release_outside(model)
-        key = hashlib.sha256(json.dumps([cfg.to_dict(), {n: o.to_dict() for n, o in options.items()}],
+        same = {k: v for k, v in cfg.to_dict().items() if k != "resources"}   # memory settings: same bytes
+        key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}],
                                         sort_keys=True, default=str).encode() + tokens.numpy().tobytes())
         ckpt = Checkpoint(tmp, key.hexdigest()[:24])
         start, done, ref = 0, {}, None
         resumed = ckpt.load()
         if resumed is not None:
             start, done, hidden, ref_hidden = resumed
-            ref = Activations(ref_hidden, kwargs, bs) if ref_hidden is not None else None
-        results = quantize_gptq(model, Activations(hidden, kwargs, bs), options, damp=cfg.damp,
+            ref = Activations(ref_hidden, kwargs, bs, offload) if ref_hidden is not None else None
+        results = quantize_gptq(model, Activations(hidden, kwargs, bs, offload), options, damp=cfg.damp,
                                 qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
                                 block_size=cfg.block_size, start_layer=start, ref_acts=ref,
                                 on_layer=ckpt.save, progress=progress)
@@ -331,9 +335,10 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "skipped": skipped,
         "timings": timings,
         "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*"))
-                  if p.is_file() and "resume" not in p.relative_to(tmp).parts},
+                  if p.is_file() and not {"resume", "offload"} & set(p.relative_to(tmp).parts)},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(tmp / "resume", ignore_errors=True)
+    shutil.rmtree(tmp / "offload", ignore_errors=True)
     finalize_output(tmp, out)
     return manifest

@@ -65,3 +65,30 @@ def test_memory_estimate_counts_one_layer_when_lazy(tiny_models, calib_file):
     est = {lz: memory_estimate(parse_config(raw(tiny_models["llama"], calib_file, lz), "t"))["weights"]
            for lz in (True, False)}
     assert est[True] < est[False]
+
+
+def test_offloaded_activations_give_the_same_artifact(tmp_path, tiny_models, calib_file, monkeypatch):
+    import quantc.model as qm
+    made = []
+    real = qm.offloaded_empty
+
+    def spy(like, folder):
+        t = real(like, folder)
+        made.append(t.untyped_storage().filename)
+        return t
+
+    monkeypatch.setattr(qm, "offloaded_empty", spy)
+    outs = {}
+    for off in (True, False):
+        r = raw(tiny_models["mistral"], calib_file, True, qep_alpha=0.5)
+        r["resources"]["offload_activations"] = off
+        outs[off] = tmp_path / f"out-{off}"
+        cfg = parse_config(r, "t")
+        compile_model(cfg, outs[off], progress=False)
+    assert digest(outs[True]) == digest(outs[False])
+    assert len(made) > 4 and all("offload" in f for f in made)          # x̂, x and outputs lived in files
+    assert not (outs[True] / "offload").exists() and not any((tmp_path).glob(".out-True.partial"))
+    est = {off: memory_estimate(parse_config({**raw(tiny_models["mistral"], calib_file, True),
+                                              "resources": {"offload_activations": off}}, "t"))["activations"]
+           for off in (True, False)}
+    assert est[True] < est[False]

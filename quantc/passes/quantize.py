@@ -98,26 +98,26 @@ class LayerRunner:
             yield j, got[0]
 
     def outputs(self) -> Activations:
-        out = torch.empty_like(self.acts.hidden)
+        out = self.acts.empty_like()
         for j, (xb, kw) in enumerate(self.acts.batches()):
             b = j * self.acts.batch_size
             with self._attention_replay(j):
                 out[b:b + xb.shape[0]] = run_layer(self.layer, xb, kw)
-        return Activations(out, self.acts.kwargs, self.acts.batch_size)
+        return self.acts.like(out)
 
 
 def reference_inputs(layer: nn.Module, acts: Activations, groups) -> tuple[list[list[torch.Tensor]], Activations]:
     """The original layer on the original inputs X: each group's input per batch, and the output."""
     firsts = [next(iter(g.values())) for g in groups]
     seen: list[list[torch.Tensor]] = [[] for _ in groups]
-    out = torch.empty_like(acts.hidden)
+    out = acts.empty_like()
     with contextlib.ExitStack() as stack:
         for k, f in enumerate(firsts):
             stack.enter_context(CaptureInput(f, seen[k].append, stop=False))
         for j, (xb, kw) in enumerate(acts.batches()):
             b = j * acts.batch_size
             out[b:b + xb.shape[0]] = run_layer(layer, xb, kw)
-    return seen, Activations(out, acts.kwargs, acts.batch_size)
+    return seen, acts.like(out)
 
 
 @torch.no_grad()
