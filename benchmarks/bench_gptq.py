@@ -162,6 +162,19 @@ def write_calibration_file() -> None:
     assert (a == b).all(), "calibration windows differ between quantc's reader and the protocol"
 
 
+def write_section(mark: str, lines: list[str]) -> None:
+    """Replace the section between two `mark` lines of RESULTS.md (append it when absent)."""
+    body = "\n".join([mark, *lines, mark, ""])
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    if mark in text:
+        pre, _, rest = text.partition(mark)
+        _, _, post = rest.partition(mark)
+        text = pre + body + post.lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    RESULTS.write_text(text)
+
+
 def table(rows: list[dict]) -> str:
     head = "| config | tool | quantize s | peak RSS MB (quantize) | quantized-linear bytes | ppl |\n|---|---|---|---|---|---|\n"
     body = ""
@@ -177,21 +190,13 @@ def table(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], cmd: str) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    section = (f"{MARK}\n## Foundation protocol: quantc vs GPTQModel 7.6.0 on SmolLM2-135M\n\n"
-               f"Command: `{cmd}`  \nMachine: 2-core x86_64 CPU (AVX2), 24 GiB, torch 2.13.0+cpu. "
-               "Calibration 128×512 C4 tokens (Random(0)); WikiText-2 test, first 80×512 tokens, "
-               "every checkpoint evaluated in float32 through `quantc.load`. quantc GPTQ rows use "
-               f"{QUANTC_GPTQ} (same bits/group/sym as GPTQModel, which runs `desc_act=False`). "
-               "Bytes: qweight+qzeros+scales+g_idx of the 210 decoder linears.\n\n"
-               + table(rows) + f"\n{MARK}\n")
-    if MARK in text:
-        pre, _, rest = text.partition(MARK)
-        _, _, post = rest.partition(MARK)
-        text = pre + section + post.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(MARK, [
+        "## Foundation protocol: quantc vs GPTQModel 7.6.0 on SmolLM2-135M", "",
+        f"Command: `{cmd}`  \nMachine: 2-core x86_64 CPU (AVX2), 24 GiB, torch 2.13.0+cpu. "
+        "Calibration 128×512 C4 tokens (Random(0)); WikiText-2 test, first 80×512 tokens, "
+        "every checkpoint evaluated in float32 through `quantc.load`. quantc GPTQ rows use "
+        f"{QUANTC_GPTQ} (same bits/group/sym as GPTQModel, which runs `desc_act=False`). "
+        "Bytes: qweight+qzeros+scales+g_idx of the 210 decoder linears.", "", table(rows)])
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_gptq import (QUANTC_GPTQ, RESULTS, WORK, cached, peak_rss_mb, subprocess_job,
+from benchmarks.bench_gptq import (QUANTC_GPTQ, WORK, cached, peak_rss_mb, subprocess_job, write_section,
                                    write_calibration_file)
 from benchmarks.common import calibration, prepared_model
 
@@ -112,15 +112,7 @@ def write(rows: dict, n: int, cmd: str) -> None:
         lines += ["", f"Lazy / whole: {rows['lazy']['peak_rss_mb'] / rows['eager']['peak_rss_mb']:.2f} of the peak "
                   f"({(rows['lazy']['peak_rss_mb'] - base) / (rows['eager']['peak_rss_mb'] - base):.2f} above the "
                   "import baseline)."]
-    lines += [MARK, ""]
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if MARK in text:
-        pre, _, rest = text.partition(MARK)
-        _, _, post = rest.partition(MARK)
-        text = pre + "\n".join(lines) + post.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-    RESULTS.write_text(text)
+    write_section(MARK, lines[1:])
     print("\n".join(lines))
 
 

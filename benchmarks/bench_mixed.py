@@ -16,7 +16,7 @@ import math
 import sys
 import time
 
-from benchmarks.bench_gptq import (QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes, peak_rss_mb,
+from benchmarks.bench_gptq import (write_section, QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes, peak_rss_mb,
                                    subprocess_job, write_calibration_file)
 from benchmarks.common import ROOT, prepared_model
 
@@ -208,15 +208,7 @@ def write(rows, plan, fp, sizes, cmd, qep) -> None:
         lines += ["", f"![perplexity against size]({png.relative_to(RESULTS.parent).as_posix()})  ",
                   "Plans: `benchmarks/plots/plan-3b/`, `plan-3.5b/`, `plan-4b/` (bits per layer, importance and "
                   "sensitivity per layer, predicted quality against size, report.md)."]
-    lines += [MARK, ""]
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if MARK in text:
-        pre, _, rest = text.partition(MARK)
-        _, _, post = rest.partition(MARK)
-        text = pre + "\n".join(lines) + post.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-    RESULTS.write_text(text)
+    write_section(MARK, lines[1:])
 
 
 def _plot(rows, u3, u4, sizes, fp):

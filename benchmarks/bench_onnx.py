@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_gptq import RESULTS, WORK, cached, subprocess_job
+from benchmarks.bench_gptq import WORK, cached, subprocess_job, write_section
 from benchmarks.common import ROOT, prepared_model, wikitext
 
 MARK = "<!-- bench_onnx -->"
@@ -185,15 +185,7 @@ def write(results, parity, cmd) -> None:
     for label, p in parity:
         lines.append(f"| {label} | {'/'.join(map(str, p['container_bits']))} | {p['max_abs_rel']:.2e} | "
                      f"{p['norm_rel']:.2e} | {'yes' if p['same_tokens'] else 'NO'} ({p['n_tokens']}) |")
-    lines += [MARK, ""]
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    if MARK in text:
-        pre, _, rest = text.partition(MARK)
-        _, _, post = rest.partition(MARK)
-        text = pre + "\n".join(lines) + post.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-    RESULTS.write_text(text)
+    write_section(MARK, lines[1:])
     print("\n".join(lines))
 
 
