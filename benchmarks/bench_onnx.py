@@ -38,14 +38,17 @@ def job_export(kind: str, src: str, out: str) -> dict:
     on the fp32 graph at `src`)."""
     import shutil
     t = time.perf_counter()
+    acc = 4 if kind.endswith("-acc4") else 0        # accuracy_level 4: int8 activations in MatMulNBits
+    kind = kind.removesuffix("-acc4")
     if kind in ("fp32", "quantc"):
         from quantc.export.onnx import export_onnx
-        export_onnx(src, out, force=True)
+        export_onnx(src, out, force=True, accuracy_level=acc)
     else:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         model = onnx.load(str(Path(src) / "model.onnx"))
-        q = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=kind.endswith("-sym"))
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=kind.endswith("-sym"),
+                                 accuracy_level=acc or None)
         q.process()
         o = Path(out)
         shutil.rmtree(o, ignore_errors=True)
@@ -152,6 +155,11 @@ def main() -> None:
                         ("mixed-3b-qep0", "quantc mixed (budget = uniform 3-bit size)")):
         if (WORK / name / "config.json").is_file():
             rows.append((label, name, "quantc", str(WORK / name), od / name))
+    if (WORK / "quantc-gptq-4b" / "config.json").is_file():      # int8-activation compute, both 4-bit models
+        rows += [("ORT MatMulNBitsQuantizer RTN 4-bit block 128 sym, accuracy_level 4", "ort-rtn-sym-acc4",
+                  "ort-rtn-sym-acc4", str(fp), od / "ort-rtn-sym-acc4"),
+                 ("quantc GPTQ 4-bit g128 sym, accuracy_level 4", "quantc-gptq-4b-acc4", "quantc-acc4",
+                  str(WORK / "quantc-gptq-4b"), od / "quantc-gptq-4b-acc4")]
     cmd = "python -m benchmarks.bench_onnx " + " ".join(sys.argv[1:])
     results = []
     for label, key, kind, src, out in rows:
@@ -173,7 +181,7 @@ def write(results, parity, cmd) -> None:
     lines = [MARK, "## ONNX Runtime (CPU): quantc export against fp32 and ORT's own RTN quantizer (SmolLM2-135M)", "",
              f"Command: `{cmd}` (after `python -m benchmarks.bench_mixed`). onnxruntime "
              f"{_ort_version()}, CPUExecutionProvider, {THREADS} threads, batch 1, `accuracy_level` 0 (float "
-             "compute) for every model. Same graph builder for every row (quantc's), so only the linear "
+             "compute) unless the row says 4 (int8 activations). Same graph builder for every row (quantc's), so only the linear "
              "weights differ. Perplexity: WikiText-2, first 80×512 tokens, run by ONNX Runtime.", "",
              "| model | model.onnx + data MB | ppl | prefill 512 tok ms | decode tok/s |", "|---|---|---|---|---|"]
     for label, e, m in results:
