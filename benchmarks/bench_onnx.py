@@ -151,8 +151,10 @@ def main() -> None:
             ("ORT MatMulNBitsQuantizer RTN 4-bit block 128 sym", "ort-rtn-sym", "ort-rtn-sym", str(fp), od / "ort-rtn-sym"),
             ("ORT MatMulNBitsQuantizer RTN 4-bit block 128 asym", "ort-rtn-asym", "ort-rtn-asym", str(fp), od / "ort-rtn-asym")]
     for name, label in (("quantc-gptq-4b", "quantc GPTQ 4-bit g128 sym"),
+                        ("mixed-4b-qep0", "quantc mixed (budget = uniform 4-bit size)"),
                         ("mixed-3.5b-qep0", "quantc mixed (budget ≈3.5 bits/weight)"),
-                        ("mixed-3b-qep0", "quantc mixed (budget = uniform 3-bit size)")):
+                        ("mixed-3b-qep0", "quantc mixed (budget = uniform 3-bit size)"),
+                        ("mixed-3b-qep0.5", "quantc mixed + QEP 0.5 (budget = uniform 3-bit size)")):
         if (WORK / name / "config.json").is_file():
             rows.append((label, name, "quantc", str(WORK / name), od / name))
     if (WORK / "quantc-gptq-4b" / "config.json").is_file():      # int8-activation compute, both 4-bit models
