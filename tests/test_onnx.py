@@ -61,7 +61,7 @@ def test_matmulnbits_matches_float64_reference(bits, group_size, act_order, sym)
     m = matmulnbits_tensors(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bits, group_size)
     assert (m["perm"] is not None) == act_order
     assert m["attrs"]["bits"] == (4 if bits == 3 else bits) and m["container"] == (bits == 3)
-    assert (m["zero_points"] is None) == (sym and bits != 3)       # default zero 2^(b-1) is left out
+    assert (m["zero_points"] is None) == (sym or bits == 3)        # default zero 2^(b-1) is left out
     x = np.random.default_rng(0).standard_normal((5, K)).astype(np.float32)
     W = dequantize_gptq(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bits, torch.float64).numpy()
     ref = x.astype(np.float64) @ W.T

@@ -3,8 +3,9 @@ folder (quantc's GPTQ artifact, any GPTQ v1 checkpoint, or an unquantized HF fol
 
 Every GPTQ-packed linear becomes one `com.microsoft::MatMulNBits` node carrying the checkpoint's own
 integers, scales and zero points (nothing is re-quantized):
-- 2-, 4- and 8-bit weights are stored natively; 3-bit weights sit in a 4-bit container (same values,
-  same scales and zero points: exact, only the storage grows);
+- 2-, 4- and 8-bit weights are stored natively; 3-bit weights sit in a 4-bit container, each code
+  shifted by 8 − its zero point so that the default zero point serves (exact; only the storage grows,
+  and no zero-point input: the same kernel path as symmetric 4-bit);
 - block size = group size (or the largest power of two ≥ 16 that divides it: scales repeat);
 - act-order (a g_idx that is not i // group_size) is undone by reordering K at export and gathering
   the activations in the same order, never through MatMulNBits' g_idx (wrong with packed zeros);
@@ -105,6 +106,11 @@ def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int, group_size: i
             raise QuantcError(f"g_idx does not split K={K} into groups of {gs}; cannot reorder for MatMulNBits")
     block = block_size_for(gs)
     cbits = 4 if bits == 3 else bits                          # 3-bit values in a 4-bit container
+    if bits == 3:
+        # shift every code by 8 - zero: (q - z)·s = (q - z + 8 - 8)·s, and q - z + 8 lies in [1, 14], so
+        # the container's default zero point 8 serves every group: no zero-point input, the fast path
+        q = q - zeros[g] + 8
+        zeros = np.full_like(zeros, 8)
     k_blocks = -(-K // block)
     qt = q.T                                                  # [N, K]
     if k_blocks * block != K:
