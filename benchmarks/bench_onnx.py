@@ -39,10 +39,11 @@ def job_export(kind: str, src: str, out: str) -> dict:
     import shutil
     t = time.perf_counter()
     acc = 4 if kind.endswith("-acc4") else 0        # accuracy_level 4: int8 activations in MatMulNBits
-    kind = kind.removesuffix("-acc4")
+    widen = kind.endswith("-w2")                     # 2-bit layers in the 4-bit container
+    kind = kind.removesuffix("-acc4").removesuffix("-w2")
     if kind in ("fp32", "quantc"):
         from quantc.export.onnx import export_onnx
-        export_onnx(src, out, force=True, accuracy_level=acc)
+        export_onnx(src, out, force=True, accuracy_level=acc, widen_2bit=widen)
     else:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -157,6 +158,10 @@ def main() -> None:
                         ("mixed-3b-qep0.5", "quantc mixed + QEP 0.5 (budget = uniform 3-bit size)")):
         if (WORK / name / "config.json").is_file():
             rows.append((label, name, "quantc", str(WORK / name), od / name))
+    for name in ("mixed-3b-qep0", "mixed-3b-qep0.5"):       # ONNX Runtime's 2-bit CPU path is slow: widened
+        if (WORK / name / "config.json").is_file():
+            rows.append((f"{dict((k, l) for k, l in ((r[1], r[0]) for r in rows)).get(name, name)}, 2-bit in 4-bit container",
+                         f"{name}-w2", "quantc-w2", str(WORK / name), od / f"{name}-w2"))
     if (WORK / "quantc-gptq-4b" / "config.json").is_file():      # int8-activation compute, both 4-bit models
         rows += [("ORT MatMulNBitsQuantizer RTN 4-bit block 128 sym, accuracy_level 4", "ort-rtn-sym-acc4",
                   "ort-rtn-sym-acc4", str(fp), od / "ort-rtn-sym-acc4"),

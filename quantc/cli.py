@@ -200,13 +200,16 @@ def export_group():
 @click.option("--accuracy-level", default=0, show_default=True, type=click.IntRange(0, 4),
               help="MatMulNBits accuracy_level (0: float compute; 4: int8 activations, faster on CPU).")
 @click.option("--max-length", type=int, help="Longest sequence (RoPE table size; default: the model's, ≤ 8192).")
+@click.option("--widen-2bit", is_flag=True,
+              help="Store 2-bit layers in the 4-bit container (exact; larger file, ONNX Runtime's fast 4-bit CPU path).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @_fail_clearly
-def export_onnx_cmd(artifact, out, accuracy_level, max_length, force):
+def export_onnx_cmd(artifact, out, accuracy_level, max_length, widen_2bit, force):
     """ONNX Runtime model (MatMulNBits per quantized linear, KV cache) from ARTIFACT."""
     from .export.onnx import export_onnx
     out = out or str(Path(artifact) / "onnx")
-    info = export_onnx(artifact, out, accuracy_level=accuracy_level, max_length=max_length, force=force)
+    info = export_onnx(artifact, out, accuracy_level=accuracy_level, max_length=max_length, force=force,
+                       widen_2bit=widen_2bit)
     bits: dict[int, int] = {}
     for m in info["matmulnbits"].values():
         bits[m["bits"]] = bits.get(m["bits"], 0) + 1
@@ -214,7 +217,8 @@ def export_onnx_cmd(artifact, out, accuracy_level, max_length, force):
     table.add_row("MatMulNBits", ", ".join(f"{b}-bit: {n}" for b, n in sorted(bits.items())) or "none")
     table.add_row("float MatMul", str(len(info["matmul"])))
     if info["container_4bit"]:
-        table.add_row("3-bit in 4-bit container", f"{len(info['container_4bit'])} linears (exact values, 4-bit storage)")
+        table.add_row("in a 4-bit container", f"{len(info['container_4bit'])} linears of 3 (or widened 2) bits "
+                      "(exact values, 4-bit storage)")
     table.add_row("graph", "input_ids, attention_mask, position_ids, past_key_values.* → logits, present.*")
     table.add_row("files", ", ".join(sorted(p.name for p in Path(out).iterdir())))
     console.print(table)

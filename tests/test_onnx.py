@@ -67,6 +67,10 @@ def test_matmulnbits_matches_float64_reference(bits, group_size, act_order, sym)
     ref = x.astype(np.float64) @ W.T
     got = run_single(m, x)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    if bits == 2:                                   # widened into the 4-bit container: the same product
+        w = matmulnbits_tensors(p["qweight"], p["qzeros"], p["scales"], p["g_idx"], bits, group_size, widen_2bit=True)
+        assert w["attrs"]["bits"] == 4 and w["container"] and w["zero_points"] is None
+        assert np.linalg.norm(run_single(w, x) - ref) / np.linalg.norm(ref) < 1e-5
 
 
 def test_group_size_without_power_of_two_block_is_refused():

@@ -88,7 +88,7 @@ def block_size_for(group_size: int) -> int:
     return b
 
 
-def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int, group_size: int) -> dict:
+def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int, group_size: int, widen_2bit: bool = False) -> dict:
     """GPTQ v1 tensors → MatMulNBits inputs: B [N, k_blocks, blob] uint8, scales [N, k_blocks] f32,
     zero_points packed uint8 (or None), the K permutation for act-order (or None), attributes."""
     K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
@@ -105,8 +105,8 @@ def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int, group_size: i
         if not np.array_equal(g, np.arange(K) // gs):
             raise QuantcError(f"g_idx does not split K={K} into groups of {gs}; cannot reorder for MatMulNBits")
     block = block_size_for(gs)
-    cbits = 4 if bits == 3 else bits                          # 3-bit values in a 4-bit container
-    if bits == 3:
+    cbits = 4 if bits == 3 or (bits == 2 and widen_2bit) else bits   # 3-bit (and, asked, 2-bit) in 4-bit
+    if cbits != bits:
         # shift every code by 8 - zero: (q - z)·s = (q - z + 8 - 8)·s, and q - z + 8 lies in [1, 14], so
         # the container's default zero point 8 serves every group: no zero-point input, the fast path
         q = q - zeros[g] + 8
@@ -127,7 +127,7 @@ def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int, group_size: i
 # ----------------------------------------------------------------------------- the graph
 
 class _Export:
-    def __init__(self, folder: Path, accuracy_level: int = 0, max_length: int | None = None):
+    def __init__(self, folder: Path, accuracy_level: int = 0, max_length: int | None = None, widen_2bit: bool = False):
         from transformers import AutoConfig
         self.folder = folder
         cfg = json.loads((folder / "config.json").read_text())
@@ -143,7 +143,7 @@ class _Export:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.layers = c.num_hidden_layers
         self.max_length = int(max_length or min(getattr(c, "max_position_embeddings", 4096), 8192))
-        self.accuracy_level = accuracy_level
+        self.accuracy_level, self.widen_2bit = accuracy_level, widen_2bit
         from ..runtime import read_tensors
         self.t = read_tensors(folder)
         self.g = GraphBuilder()
@@ -164,7 +164,7 @@ class _Export:
             if opt is None:
                 raise QuantcError(f"{self.folder}: {name} has packed weights but `dynamic` excludes it")
             m = matmulnbits_tensors(t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"],
-                                    t[f"{name}.g_idx"], int(opt["bits"]), int(opt["group_size"]))
+                                    t[f"{name}.g_idx"], int(opt["bits"]), int(opt["group_size"]), self.widen_2bit)
             if m["perm"] is not None:       # act-order: gather the activations in the reordered K
                 key = m["perm"].tobytes()
                 if key not in self.perms:
@@ -332,7 +332,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export_onnx(src: str | Path, out: str | Path, *, accuracy_level: int = 0, max_length: int | None = None,
-                force: bool = False) -> dict:
+                force: bool = False, widen_2bit: bool = False) -> dict:
     """Write `out/` (model.onnx + model.onnx.data, genai_config.json, tokenizer files, onnx_export.json)
     from the checkpoint folder `src`; atomically (a temporary folder renamed into place)."""
     try:
@@ -344,7 +344,7 @@ def export_onnx(src: str | Path, out: str | Path, *, accuracy_level: int = 0, ma
         raise QuantcError(f"{src}: no config.json; pass a folder written by `quantc compile` (or an HF model folder)")
     if out.exists() and not force:
         raise QuantcError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    e = _Export(src, accuracy_level, max_length)
+    e = _Export(src, accuracy_level, max_length, widen_2bit)
     model = e.build()
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -360,8 +360,9 @@ def export_onnx(src: str | Path, out: str | Path, *, accuracy_level: int = 0, ma
             "vocab_size": e.config.vocab_size,
             "matmulnbits": e.report["matmulnbits"], "matmul": e.report["matmul"],
             "container_4bit": e.report["container_4bit"],
-            "notes": ["3-bit layers are stored in a 4-bit MatMulNBits container (exact values, 4-bit storage)"]
-            if e.report["container_4bit"] else []}
+            "widen_2bit": widen_2bit,
+            "notes": ["3-bit layers (and 2-bit ones with widen_2bit) are stored in a 4-bit MatMulNBits container "
+                      "(exact values, 4-bit storage)"] if e.report["container_4bit"] else []}
     (tmp / "onnx_export.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)
