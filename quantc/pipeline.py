@@ -210,8 +210,12 @@ def memory_estimate(cfg: Config) -> dict | None:
     acts = tokens * hidden * 4 * streams
     hess = 4 * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
     batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
-    return {"weights": n * 4, "activations": acts, "hessians": hess, "working": batch,
-            "total": n * 4 + acts + hess + batch}
+    runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
+    return {"weights": n * 4, "activations": acts, "hessians": hess, "working": batch, "runtime": runtime,
+            "total": n * 4 + acts + hess + batch + runtime}
+
+
+RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
 
 
 def available_memory() -> int | None:
@@ -229,9 +233,10 @@ def check_memory(cfg: Config) -> None:
     if est is None:
         return
     avail = available_memory()
-    log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians and working %.2f); "
-             "available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
-             (est["hessians"] + est["working"]) / 2**30, f"{avail / 2**30:.2f} GiB" if avail else "unknown")
+    log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians and working %.2f, "
+             "runtime %.2f); available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
+             (est["hessians"] + est["working"]) / 2**30, est["runtime"] / 2**30,
+             f"{avail / 2**30:.2f} GiB" if avail else "unknown")
     if avail is not None and est["total"] > avail:
         raise QuantcError(f"the compile needs about {est['total'] / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB "
                           f"is available (calibration activations alone {est['activations'] / 2**30:.2f} GiB); "
