@@ -243,7 +243,7 @@ def generate_cmd(artifact, prompt, max_new_tokens, backend, chat):
     tok = load_tokenizer(tok_dir)
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids       # BatchEncoding in transformers 5
     else:
         ids = tok(prompt)["input_ids"]
     t = time.perf_counter()

@@ -34,7 +34,7 @@ class WeightSource:
             except Exception as e:
                 raise QuantcError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
 
-    def get(self, key: str, dtype=torch.float32) -> torch.Tensor:
+    def get(self, key: str, dtype=torch.float32, check: bool = False) -> torch.Tensor:
         from safetensors import safe_open
         f = self.index.get(key)
         if f is None:
@@ -45,7 +45,7 @@ class WeightSource:
         except Exception as e:
             raise QuantcError(f"{f}: cannot read {key} ({e}); the file is truncated or corrupt") from None
         t = t.to(dtype) if t.is_floating_point() else t
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if check and t.is_floating_point() and not torch.isfinite(t).all():
             raise QuantcError(f"{f}: weight {key} contains NaN or Inf values; the checkpoint is corrupt")
         return t
 
@@ -69,6 +69,8 @@ def load_lazy(path: str, trust_remote_code: bool = False, dtype=torch.float32):
     model.eval()
     model.config.use_cache = False
     model._quantc_source = src
+    for key in src.index:          # NaN/Inf anywhere fails now, not hours later (one tensor at a time)
+        src.get(key, check=True)
     layers = model.model.layers
     in_layers = {id(p) for p in layers.parameters()}
     for name, p in list(model.named_parameters()):
@@ -85,9 +87,6 @@ def load_lazy(path: str, trust_remote_code: bool = False, dtype=torch.float32):
                 fresh = type(mod)(config=config)
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
-    for key in src.index:          # NaN/Inf anywhere fails now, not hours later (one tensor at a time)
-        if key.startswith("model.layers."):
-            src.get(key)
     missing = [k for k in _layer_keys(model, 0) if k not in src.index]
     if missing:
         raise QuantcError(f"{path}: the safetensors files lack {missing[0]} (and {len(missing) - 1} more); "
@@ -130,6 +129,12 @@ def release(model, i: int) -> None:
     trim_heap()
 
 
+def release_all(model) -> None:
+    if is_lazy(model):
+        model.model.layers.to("meta")
+        trim_heap()
+
+
 def trim_heap() -> None:
     """Return freed heap memory to the OS (glibc). Without it, the layer-sized buffers that every
     layer allocates and frees fragment the heap and the resident size creeps up layer after layer."""
@@ -152,13 +157,10 @@ def release_outside(model) -> None:
     """After the layer-0 inputs are captured the quantize sweep needs nothing outside the decoder
     layers: embeddings, final norm and lm_head go back to disk too (the exporter reads them again)."""
     if is_lazy(model):
-        for name, mod in model.named_children():
-            if name == "model":
-                for sub, m in mod.named_children():
-                    if sub != "layers":
-                        m.to("meta")
-            else:
-                mod.to("meta")
+        outside = [m for n, m in model.named_children() if n != "model"] + \
+                  [m for n, m in model.model.named_children() if n != "layers"]
+        for mod in outside:
+            mod.to("meta")
 
 
 def materialize_all(model) -> None:

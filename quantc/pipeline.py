@@ -260,7 +260,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load)
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
-    from .lazy import is_lazy, materialize_all, release, trim_heap
+    from .lazy import is_lazy, materialize_all, release_all, release_outside, trim_heap
     if is_lazy(model):
         log.info("lazy loading: decoder layers are read from %s one at a time", cfg.model)
 
@@ -276,8 +276,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
             materialize_all(model)          # the measurement runs every layer many times (then cached)
             plan = make_plan(cfg, model, tokens, progress=progress)
-            for i in range(len(model.model.layers)):
-                release(model, i)
+            release_all(model)
             timings["plan_s"] = time.perf_counter() - t
         chosen = plan.module_options()
     options, skipped = resolve_options(model, cfg, chosen)
@@ -293,7 +292,6 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         bs = cfg.calibration.batch_size
         hidden, kwargs = capture_layer0_inputs(model, tokens, bs)
         offload = tmp / "offload" if cfg.offload_activations else None
-        from .lazy import release_outside
         release_outside(model)
         same = {k: v for k, v in cfg.to_dict().items() if k != "resources"}   # memory settings: same bytes
         key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}],

@@ -23,13 +23,12 @@ def calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
     if cal.source == "self":
         if model is None:
             raise QuantcError("calibration.source `self` needs the model")
-        from ..lazy import materialize_all, release
+        from ..lazy import materialize_all, release_all
         materialize_all(model)             # sampling runs the whole model (lazy models: all layers)
         try:
             return sample_from_model(model, cal.samples, cal.seq_len, cal.seed)
         finally:
-            for i in range(len(model.model.layers)):
-                release(model, i)
+            release_all(model)
     if cal.source.startswith("hf:"):
         docs = _hf_docs(cal.source, cal.text_field)
         return windows_from_docs(docs, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.source)

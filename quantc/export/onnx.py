@@ -171,9 +171,8 @@ class _Export:
                     self.perms[key] = g.const(f"{name}.perm", m["perm"].astype(np.int64))
                 x = g.op("Gather", [x, self.perms[key]], axis=-1)
             inputs = [x, g.const(f"{name}.B", m["B"]), g.const(f"{name}.scales", m["scales"])]
-            inputs.append(g.const(f"{name}.zero_points", m["zero_points"]) if m["zero_points"] is not None else "")
-            while inputs[-1] == "":
-                inputs.pop()
+            if m["zero_points"] is not None:
+                inputs.append(g.const(f"{name}.zero_points", m["zero_points"]))
             y = g.op("MatMulNBits", inputs, domain="com.microsoft", name=name.replace(".", "_"),
                      accuracy_level=self.accuracy_level, **m["attrs"])
             self.report["matmulnbits"][name] = {"bits": int(opt["bits"]), **m["attrs"], "act_order": m["perm"] is not None}
