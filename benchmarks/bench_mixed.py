@@ -1,9 +1,11 @@
 """Benchmark: mixed-precision allocation on SmolLM2-135M (the protocol of bench_gptq).
 
-    python -m benchmarks.bench_mixed [--qep 0.5] [--budgets 3b,3.5b,4b] [--qep-budgets 3b] [--fresh]
+    python -m benchmarks.bench_mixed [--predictors fisher,exact] [--qep 0.5] [--budgets 3b,3.5b,4b]
+                                     [--qep-budgets 3b] [--fresh]
 
-Measures once (sweep 1, cached), re-plans from the cache for each budget, compiles each plan with
-and without QEP, and evaluates every checkpoint through `quantc.load` in float32 on WikiText-2.
+For each predictor (plan.predictor): measures once (sweep 1, cached), re-plans from the cache for each
+budget, compiles each plan (QEP rows: the first predictor only), and evaluates every checkpoint
+through `quantc.load` in float32 on WikiText-2.
 Budgets equal the exact byte size of uniform 3-bit g128 and 4-bit g128 (as bench_gptq's quantc
 rows) and the midpoint (~3.5 bits/weight). Uniform rows are read from bench_gptq's cached results.
 Predicted ΔKL (Σ α·err) is compared with the measured Δloss = ln(ppl) − ln(ppl_fp32).
@@ -24,11 +26,12 @@ MARK = "<!-- bench_mixed -->"
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
 
 
-def raw_config(budget_bytes: int | None, qep: float) -> dict:
+def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher") -> dict:
     return {"model": str(prepared_model()),
             "budget": {"memory": budget_bytes} if budget_bytes else {},
             "quant": {"group_size": 128, "qep_alpha": qep, **QUANTC_GPTQ},
             "candidates": CANDIDATES,
+            "plan": {"predictor": predictor},
             "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": 0}}
 
 
@@ -41,7 +44,7 @@ def uniform_bytes(bits: int) -> int:
     return sum(Option(bits, 128).bytes_for(mods[n].in_features, mods[n].out_features) for n in linear_names(model))
 
 
-def job_plan(budgets: dict[str, int]) -> dict:
+def job_plan(budgets: dict[str, int], predictor: str) -> dict:
     """Measure (timed), then re-plan from the cache for every budget (timed)."""
     from quantc.calibration import calibration_tokens
     from quantc.config import parse_config
@@ -49,7 +52,7 @@ def job_plan(budgets: dict[str, int]) -> dict:
     from quantc.options import Option
     from quantc.passes.measure import option_key, unit_dkl
     from quantc.planning import get_measurements, solve
-    cfg = parse_config(raw_config(None, 0.0), "bench")
+    cfg = parse_config(raw_config(None, 0.0, predictor), "bench")
     model = load_model(cfg.model)
     tok = load_tokenizer(cfg.model)
     tokens = calibration_tokens(cfg.calibration, tok)
@@ -64,22 +67,22 @@ def job_plan(budgets: dict[str, int]) -> dict:
         ms2, hit = get_measurements(cfg, model, tokens, progress=False)
         plan = solve(ms2, cfg, b)
         replan_s = time.perf_counter() - t
-        write_report(ROOT / "benchmarks" / "plots" / f"plan-{name}", plan, ms2, cfg)
+        write_report(ROOT / "benchmarks" / "plots" / f"plan-{predictor}-{name}", plan, ms2, cfg)
         out["plans"][name] = {**plan.predicted, "replan_s": replan_s, "cache_hit": hit,
                               "bits": {str(o): sum(1 for c in plan.choices.values() if c.bits == o) for o in (2, 3, 4, 8)}}
     for bits, sym in ((3, True), (4, True)):       # predictions for the uniform references
         k = option_key(next(o for o in cfg.candidates if o.bits == bits))
         out[f"uniform{bits}_pred"] = sum(unit_dkl(u, k) for u in ms.units.values())
-        out[f"uniform{bits}_pred_linear"] = sum(u["alpha"] * u["options"][k]["err"] for u in ms.units.values())
+    out["calibration"] = ms.meta.get("calibration")
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
-def job_compile(budget: int, qep: float, folder: str) -> dict:
+def job_compile(budget: int, qep: float, folder: str, predictor: str) -> dict:
     from quantc.config import parse_config
     from quantc.pipeline import compile_model
     t = time.perf_counter()
-    m = compile_model(parse_config(raw_config(budget, qep), "bench"), folder, force=True, progress=False)
+    m = compile_model(parse_config(raw_config(budget, qep, predictor), "bench"), folder, force=True, progress=False)
     return {"quantize_s": m["timings"]["quantize_s"], "plan_s": m["timings"].get("plan_s", 0),
             "total_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
 
@@ -88,14 +91,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", nargs=argparse.REMAINDER)
     ap.add_argument("--budgets", default="3b,3.5b,4b")
+    ap.add_argument("--predictors", default="fisher,exact")
     ap.add_argument("--qep", type=float, default=0.5)
     ap.add_argument("--qep-budgets", default="3b")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     if args.job:
         kind = args.job[0]
-        res = job_plan(json.loads(args.job[1])) if kind == "plan" else \
-            job_compile(int(args.job[1]), float(args.job[2]), args.job[3])
+        res = job_plan(json.loads(args.job[1]), args.job[2]) if kind == "plan" else \
+            job_compile(int(args.job[1]), float(args.job[2]), args.job[3], args.job[4])
         print("RESULT " + json.dumps(res), flush=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,9 @@ def main() -> None:
     sizes = cached("mixed-sizes", lambda: {"3b": uniform_bytes(3), "4b": uniform_bytes(4)})
     sizes["3.5b"] = (sizes["3b"] + sizes["4b"]) // 2
     budgets = {b: sizes[b] for b in args.budgets.split(",")}
-    plan = cached("mixed-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets)]))
+    predictors = args.predictors.split(",")
+    plans = {p: cached(f"mixed-{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p]))
+             for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     for c in ("3b", "4b"):      # the uniform references: bench_gptq's quantc rows (same cache keys)
         folder = WORK / f"quantc-gptq-{c}"
@@ -114,17 +120,18 @@ def main() -> None:
         cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
-    runs = [(b, 0.0) for b in budgets] + [(b, args.qep) for b in budgets if b in qep_budgets]
+    runs = [(p, b, 0.0) for p in predictors for b in budgets] + \
+           [(predictors[0], b, args.qep) for b in budgets if b in qep_budgets]
     cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
-    for b, qep in runs:
-        key = f"mixed-{b}-qep{qep:g}"
+    for p, b, qep in runs:
+        key = f"mixed-{p}-{b}-qep{qep:g}"
         folder = WORK / key
-        q = cached(f"{key}-compile", lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder)]))
+        q = cached(f"{key}-compile", lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p]))
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
         rows.append({"budget": b, "qep": qep, "compile": q, "eval": e, "bytes": linear_bytes(folder),
-                     "pred": plan["plans"][b]["delta_kl"], "plan": plan["plans"][b]})
-        write(rows, plan, fp, sizes, cmd, args.qep)
-    write(rows, plan, fp, sizes, cmd, args.qep)
+                     "pred": plans[p]["plans"][b]["delta_kl"], "plan": plans[p]["plans"][b], "predictor": p})
+        write(rows, plans, fp, sizes, cmd)
+    write(rows, plans, fp, sizes, cmd)
 
 
 def subprocess_job_m(args):
@@ -137,41 +144,26 @@ def _uniform(bits: int) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _linear_rows() -> tuple[list[dict], dict | None]:
-    """Rows of the earlier run whose allocator used α·err alone (HIGGS' linear model) for every option."""
-    lp = WORK / "mixed-linear-plan.json"
-    plan = json.loads(lp.read_text()) if lp.is_file() else None
-    rows = []
-    for f in sorted(WORK.glob("mixed-linear-*-compile.json")):
-        key = f.name[len("mixed-linear-"):-len("-compile.json")]
-        b, q = key.split("-qep")
-        e = WORK / f"mixed-linear-{key}-eval.json"
-        if plan and e.is_file():
-            rows.append({"budget": b, "qep": float(q), "compile": json.loads(f.read_text()),
-                         "eval": json.loads(e.read_text()), "bytes": linear_bytes(WORK / f"mixed-linear-{key}"),
-                         "pred": plan["plans"][b]["delta_kl"], "plan": plan["plans"][b], "predictor": "α·err"})
-    return rows, plan
-
-
-def write(rows, plan, fp, sizes, cmd, qep) -> None:
+def write(rows, plans, fp, sizes, cmd) -> None:
     u3, u4 = _uniform(3), _uniform(4)
-    lin_rows, lin_plan = _linear_rows()
-    rows = [{**r, "predictor": r.get("predictor", "measured ΔKL")} for r in rows] + lin_rows
     lines = [MARK, "## Mixed precision: allocation under a memory budget (SmolLM2-135M)", "",
              f"Command: `{cmd}` (it also runs the uniform GPTQ references with bench_gptq's settings). "
              "Candidates per unit (q/k/v, o, gate/up, down): 2-bit asym, 3-, 4-, 8-bit sym, "
              f"all g128 with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
-             "float32 through `quantc.load`) as above.", "",
-             f"Measurement pass (sweep 1: 32×512 calibration tokens for the Hessians; every unit's GPTQ at every "
-             f"option; ΔKL of every unit at every ≤4-bit option and α, on 4×256 held-out tokens): "
-             f"{plan['measure_s']:.0f} s; a re-plan from the cache: "
-             + ", ".join(f"{p['replan_s']:.2f} s" for p in plan["plans"].values()) + ".", "",
-             "Predictor: *measured ΔKL* = each unit's ΔKL measured with its own quantized weights at each ≤4-bit "
-             "option (the default); *α·err* = HIGGS' linear model for every option (the previous default, "
-             "kept for comparison).", "",
-             "| budget | predictor | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    p0 = next(iter(plan["plans"].values()))
+             "float32 through `quantc.load`) as above. All rows of this section come from one run.", "",
+             "Predictors (`plan.predictor`): *fisher* (the default) = sweep 1 streams forward once (Hessians, every "
+             "unit's GPTQ at every option, one held-out stream per uniform plan) and backward once (8 sampled-label "
+             "probes), ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / 4T scaled per option by the uniform plans' measured ΔKL; "
+             "*exact* = every unit's ΔKL measured with its own quantized weights at each ≤4-bit option (+ α·err "
+             "for 8-bit), all perturbed streams carried forward together (O(layers²) compute).", "",
+             "| predictor | measurement (sweep 1) | re-plan from the cache | peak RSS |", "|---|---|---|---|"]
+    for p, plan in plans.items():
+        lines.append(f"| {p} | {plan['measure_s']:.0f} s | "
+                     + ", ".join(f"{x['replan_s']:.2f} s" for x in plan["plans"].values())
+                     + f" | {plan['peak_rss_mb']:.0f} MB |")
+    lines += ["", "| budget | predictor | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    p0 = next(iter(next(iter(plans.values()))["plans"].values()))
     weights = 8 * p0["allocated_bytes"] / p0["avg_bits"]        # quantized weights (from any plan)
     for bits, u in ((3, u3), (4, u4)):
         q = WORK / f"quant-quantc-gptq-{bits}b.json"
@@ -192,22 +184,30 @@ def write(rows, plan, fp, sizes, cmd, qep) -> None:
                      f"{r['plan']['avg_bits']:.3f} | {mix} | {r['compile']['total_s']:.0f} | {ppl:.2f} | "
                      f"{ref_ppl} | {gap} |")
     lines += ["", "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
-              "Bits/weight counts qweight, qzeros, scales and g_idx per quantized weight. Compile times of the uniform "
-              "and α·err rows were taken while tests shared the two cores; the measured-ΔKL rows ran alone.", "",
+              "Bits/weight counts qweight, qzeros, scales and g_idx per quantized weight. The compile s of a mixed "
+              "row includes its plan step (a cache read after the first).", "",
               "Predicted ΔKL (sum over units) against measured Δloss on WikiText-2 (ln ppl − ln ppl_fp32):", "",
               "| plan | predictor | predicted ΔKL | measured Δloss | measured / predicted |", "|---|---|---|---|---|"]
-    pts = [("uniform 3-bit", "measured ΔKL", plan["uniform3_pred"], u3), ("uniform 4-bit", "measured ΔKL", plan["uniform4_pred"], u4)]
-    if "uniform3_pred_linear" in plan:
-        pts += [("uniform 3-bit", "α·err", plan["uniform3_pred_linear"], u3), ("uniform 4-bit", "α·err", plan["uniform4_pred_linear"], u4)]
+    pts = []
+    for p, plan in plans.items():
+        pts += [("uniform 3-bit", p, plan["uniform3_pred"], u3), ("uniform 4-bit", p, plan["uniform4_pred"], u4)]
     pts += [(f"{r['budget']} QEP {r['qep']:g}", r["predictor"], r["pred"], r["eval"]) for r in rows]
     for name, pred_kind, pred, ev in pts:
         if ev:
             d = math.log(ev["ppl"]) - math.log(fp["ppl"])
             lines.append(f"| {name} | {pred_kind} | {pred:.4f} | {d:.4f} | {d / pred:.2f} |")
+    cal = plans.get("fisher", {}).get("calibration")
+    if cal:
+        lines += ["", "The fisher predictor's per-option scale (uniform plan at that option, held-out ΔKL "
+                  "measured / Fisher form; options past 2 nats take the nearest calibrated factor):", "",
+                  "| option | measured ΔKL | Fisher form | factor |", "|---|---|---|---|"]
+        for k, c in cal.items():
+            lines.append(f"| {k} | {c['measured']:.4f} | {c['predicted']:.4f} | {c['factor']:.3f}"
+                         + (f" (from {c['from']})" if c.get("from") else "") + " |")
     png = _plot(rows, u3, u4, sizes, fp)
     if png:
         lines += ["", f"![perplexity against size]({png.relative_to(RESULTS.parent).as_posix()})  ",
-                  "Plans: `benchmarks/plots/plan-3b/`, `plan-3.5b/`, `plan-4b/` (bits per layer, importance and "
+                  "Plans: `benchmarks/plots/plan-PREDICTOR-BUDGET/` (bits per layer, importance and "
                   "sensitivity per layer, predicted quality against size, report.md)."]
     write_section(MARK, lines[1:])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from functools import wraps
 from pathlib import Path
 
@@ -28,6 +29,37 @@ def _fail_clearly(fn):
     return wrapper
 
 
+class _OursFirst(logging.Filter):
+    """Let quantc's records through at their level, and third-party ones only from ERROR up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] == "quantc" or record.levelno >= logging.ERROR
+
+
+def _setup_logging(level: int, verbose: bool) -> None:
+    """quantc's own lines at `level`; third-party import noise (torchao's optional libraries that fail
+    to load, torch's deprecation notes, transformers' advice) silenced unless -v, so the first screen
+    is quantc's. quantc's warnings stay visible."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_quantc", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler._quantc = True
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if not verbose
+                                               else "%(levelname)s %(name)s: %(message)s"))
+        if not verbose:
+            handler.addFilter(_OursFirst())
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("quantc").setLevel(level)
+    if verbose:
+        return
+    import torch  # noqa: F401  (torch configures its own loggers on import: quiet them after that)
+    for noisy in ("torch", "torchao", "transformers", "accelerate", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")                               # third-party warnings.warn ...
+    warnings.filterwarnings("default", module=r"quantc(\.|$)")      # ... but never quantc's own
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings only.")
@@ -35,11 +67,7 @@ def _fail_clearly(fn):
 @click.pass_context
 def main(ctx, verbose, quiet):
     """quantc: mixed-precision post-training quantization compiler for LLMs."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
-    logging.getLogger("quantc").setLevel(level)
-    for noisy in ("transformers", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, verbose)
     ctx.obj = {"progress": not quiet, "quiet": quiet}
 
 
@@ -87,9 +115,7 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     """Measure (or read the cached measurement) and allocate bits per unit under the budget."""
     import time
     from .config import Budget, load_config, parse_size
-    from .calibration import calibration_tokens
-    from .model import load_model, load_tokenizer
-    from .planning import budget_bytes, get_measurements, solve
+    from .pipeline import plan_only
     from .report import write_report
     cfg = load_config(budget)
     if avg_bits is not None or memory is not None:
@@ -98,13 +124,7 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
         raise QuantcError(f"{budget}: `budget` is missing; give budget.avg_bits, budget.memory or "
                           "budget.max_delta_loss (or --avg-bits/--memory)")
     t = time.perf_counter()
-    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision)
-    tok = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
-    tokens = calibration_tokens(cfg.calibration, tok, model)
-    ms, cached = get_measurements(cfg, model, tokens, progress=ctx.obj["progress"])
-    t_solve = time.perf_counter()
-    plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)
-    solve_s = time.perf_counter() - t_solve
+    plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"])
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.yaml")

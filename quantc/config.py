@@ -45,9 +45,11 @@ OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int}
 EXPORT_KEYS = {"targets": (list, str), "dtype": str}
-RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool}
+RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
-             "direct_bits": int}
+             "direct_bits": int, "predictor": str, "probes": int}
+PREDICTORS = ("fisher", "exact")          # see passes/measure.py
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -56,7 +58,9 @@ class PlanSettings:
     alpha_samples: int = 4         # held-out sequences for the linearity coefficients α
     alpha_seq_len: int = 256       # ... truncated to this many tokens
     noise: float = 0.01            # relative output error injected to estimate α
-    direct_bits: int = 4           # options with ≤ this many bits get their ΔKL measured directly (0: α·err only)
+    direct_bits: int = 4           # exact predictor: options with ≤ this many bits get their ΔKL measured (0: α·err only)
+    predictor: str = "fisher"      # fisher: O(L) backward-sweep estimate, calibrated; exact: measured tails, O(L²)
+    probes: int = 8                # fisher: sampled-label probes of the backward sweep
 
 
 @dataclass
@@ -98,6 +102,8 @@ class Config:
     plan: PlanSettings = field(default_factory=PlanSettings)
     lazy_load: bool = True             # decoder layers read from disk one at a time (local safetensors)
     offload_activations: bool = False  # calibration hidden states in files beside the output, not in RAM
+    device: str = "auto"               # auto (a GPU when torch sees one) | cpu | cuda | cuda:N
+    compute_dtype: str = "float32"     # layer forwards; Hessians and GPTQ solves stay float32
     source_file: str = ""
 
     @property
@@ -118,7 +124,9 @@ class Config:
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
                                                               "dtype": self.export_dtype},
             "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load,
-                                                               "offload_activations": self.offload_activations},
+                                                               "offload_activations": self.offload_activations,
+                                                               "device": self.device,
+                                                               "compute_dtype": self.compute_dtype},
         }
 
 
@@ -303,12 +311,23 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     res = _typed(raw.get("resources", {}) or {}, RESOURCE_KEYS, file, "resources")
     cfg.lazy_load = res.get("lazy_load", True)
     cfg.offload_activations = res.get("offload_activations", False)
+    cfg.device = res.get("device", "auto")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(file, "resources.device", f"{cfg.device!r}; allowed: auto, cpu, cuda, cuda:N")
+    cfg.compute_dtype = res.get("compute_dtype", "float32")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(file, "resources.compute_dtype", f"{cfg.compute_dtype!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
 
     pl = _typed(raw.get("plan", {}) or {}, PLAN_KEYS, file, "plan")
     cfg.plan = PlanSettings(**pl)
     for k in ("measure_samples", "alpha_samples", "alpha_seq_len"):
         if getattr(cfg.plan, k) < 1:
             raise ConfigError(file, f"plan.{k}", f"must be a positive integer, got {getattr(cfg.plan, k)}")
+    if cfg.plan.predictor not in PREDICTORS:
+        raise ConfigError(file, "plan.predictor", f"{cfg.plan.predictor!r}; allowed: {', '.join(PREDICTORS)} "
+                          "(fisher: fast O(layers) estimate, the default; exact: measured, O(layers²))")
+    if cfg.plan.probes < 1:
+        raise ConfigError(file, "plan.probes", f"must be a positive integer, got {cfg.plan.probes}")
     if not 0 < cfg.plan.noise < 1:
         raise ConfigError(file, "plan.noise", f"must be in (0, 1), got {cfg.plan.noise}")
     if cfg.export_dtype not in ("float16", "bfloat16"):

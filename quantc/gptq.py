@@ -29,6 +29,11 @@ class QuantResult:
     weight: torch.Tensor   # float [out, in], the dequantized weight
     damp: float = 0.0      # dampening actually used (fraction of mean diag)
 
+    def cpu(self) -> "QuantResult":
+        """The integers and grid on the CPU (where the exporter and resume files read them)."""
+        self.q, self.scales, self.zeros, self.g_idx = (t.cpu() for t in (self.q, self.scales, self.zeros, self.g_idx))
+        return self
+
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
         return (self.q.float() - self.zeros[g].t().float()) * self.scales[g].t()
@@ -93,7 +98,7 @@ def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
     # (a ragged last group is zero-padded; zeros never widen a grid that always contains 0)
     s, z = find_params(Wp.reshape(rows * G, gs), opt.bits, opt.sym, opt.mse)
     s, z = s.reshape(rows, G), z.reshape(rows, G)
-    g_idx = torch.arange(cols, dtype=torch.int32) // gs
+    g_idx = torch.arange(cols, dtype=torch.int32, device=W.device) // gs
     q = _int(W, s[:, g_idx.long()], z[:, g_idx.long()], maxq).to(torch.int32)
     res = QuantResult(q, s.t().contiguous(), z.t().contiguous().to(torch.int32), g_idx, W)
     res.weight = res.dequantize()
@@ -103,7 +108,7 @@ def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
 def cholesky_inverse_upper(H: torch.Tensor, percdamp: float, name: str = "") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp·I)⁻¹. Raise the dampening (x10 up to 1.0) if H is not
     positive definite after damping, and say so; fail clearly if even that does not help."""
-    diag = torch.arange(H.shape[0])
+    diag = torch.arange(H.shape[0], device=H.device)
     mean = torch.mean(torch.diag(H)).item()
     damp = percdamp
     while True:
@@ -138,7 +143,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    perm = torch.arange(cols)
+    perm = torch.arange(cols, device=W.device)
     if opt.act_order:                          # quantize the columns with the largest inputs first
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -152,9 +157,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
     Hinv, damp = cholesky_inverse_upper(H, percdamp, name)
     Q = torch.zeros_like(W)
     qint = torch.zeros_like(W)
-    scales = torch.zeros(math.ceil(cols / gs), rows)
+    scales = torch.zeros(math.ceil(cols / gs), rows, device=W.device)
     zeros = torch.zeros_like(scales)
-    g_idx = torch.zeros(cols, dtype=torch.int32)   # in permuted order; un-permuted at the end
+    g_idx = torch.zeros(cols, dtype=torch.int32, device=W.device)   # in permuted order; un-permuted at the end
 
     scale = zero = None
     for i1 in range(0, cols, blocksize):
@@ -204,7 +209,8 @@ def qep_target(W: torch.Tensor, H_hat: torch.Tensor, delta: torch.Tensor, alpha:
         return W
     n = H_hat.shape[0]
     Hd = H_hat.double().clone()
-    Hd[torch.arange(n), torch.arange(n)] += percdamp * torch.mean(torch.diag(Hd))
+    i = torch.arange(n, device=Hd.device)
+    Hd[i, i] += percdamp * torch.mean(torch.diag(Hd))
     corr = torch.linalg.solve(Hd, (W.double() @ delta.double()).t()).t()   # W δ Ĥ⁻¹ (Ĥ symmetric)
     return (W.double() + alpha * corr).float()
 

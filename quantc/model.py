@@ -2,6 +2,7 @@
 stream calibration activations through it one decoder layer at a time."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -136,6 +137,59 @@ def units(model: nn.Module, mode: str = "shared") -> list[Unit]:
     return out
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where layer forwards, Hessians and GPTQ solves run (`resources.device`), and the dtype of the
+    layer forwards (`resources.compute_dtype`; Hessians and solves stay float32). Calibration
+    activations stay on the device when `acts_on_device`, else in host memory, batch by batch."""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    acts_on_device: bool = True
+
+    @property
+    def is_default(self) -> bool:
+        return self.device.type == "cpu" and self.dtype == torch.float32
+
+
+CPU = Placement()
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str, where: str = "resources.device") -> torch.device:
+    """`auto` (a GPU when torch sees one), `cpu`, `cuda` or `cuda:N`; a clear error when absent."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QuantcError(f"{where}: {spec!r} asked for, but this torch build sees no CUDA GPU "
+                              f"(torch {torch.__version__}); use device: cpu or install a CUDA build of torch")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QuantcError(f"{where}: {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return dev
+    raise QuantcError(f"{where}: unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+
+
+@contextlib.contextmanager
+def decoder_layer(model: nn.Module, i: int, place: Placement = CPU):
+    """Decoder layer i for the with-block: read from disk for lazy models, moved onto the compute
+    device in the compute dtype; afterwards moved back (its weights may have been quantized) and,
+    for lazy models, released. The one place that loads and releases layers."""
+    from .lazy import materialize, release
+    materialize(model, i)
+    layer = decoder_layers(model)[i]
+    if not place.is_default:
+        layer.to(device=place.device, dtype=place.dtype)
+    try:
+        yield layer
+    finally:
+        if not place.is_default:
+            layer.to(device="cpu", dtype=torch.float32)
+        release(model, i)
+
+
 def keep_in_fp16(name: str, patterns: list[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
@@ -184,12 +238,28 @@ def offloaded_empty(like: torch.Tensor, folder: Path) -> torch.Tensor:
     return t.view(like.shape)
 
 
+def _to(kwargs: dict, place: Placement) -> dict:
+    """A layer's keyword arguments on the compute device (floating tensors in the compute dtype)."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(place.device, place.dtype if v.is_floating_point() else v.dtype)
+        if isinstance(v, tuple):
+            return tuple(move(t) for t in v)
+        return v
+    return {k: move(v) for k, v in kwargs.items()}
+
+
 class Activations:
     """Hidden states entering one decoder layer, kept in batches with their keyword arguments
     (in memory, or in unlinked files under `offload` when the compile is asked to offload them)."""
 
-    def __init__(self, hidden: torch.Tensor, kwargs: list[dict], batch_size: int, offload: Path | None = None):
-        self.hidden, self.kwargs, self.batch_size, self.offload = hidden, kwargs, batch_size, offload
+    def __init__(self, hidden: torch.Tensor, kwargs: list[dict], batch_size: int, offload: Path | None = None,
+                 place: Placement = CPU):
+        self.batch_size, self.offload, self.place = batch_size, offload, place
+        if not place.is_default:     # stored in the compute dtype, on the device while they fit
+            hidden = hidden.to(place.device if place.acts_on_device and offload is None else "cpu", place.dtype)
+            kwargs = [_to(kw, place) for kw in kwargs]
+        self.hidden, self.kwargs = hidden, kwargs
         if offload is not None and hidden.untyped_storage().filename is None:   # move into a file now
             t = offloaded_empty(hidden, offload)
             t.copy_(hidden)
@@ -199,12 +269,14 @@ class Activations:
         return offloaded_empty(self.hidden, self.offload) if self.offload else torch.empty_like(self.hidden)
 
     def like(self, hidden: torch.Tensor) -> "Activations":
-        """Other hidden states with the same batches, kwargs and offload setting."""
-        return Activations(hidden, self.kwargs, self.batch_size, self.offload)
+        """Other hidden states with the same batches, kwargs, placement and offload setting."""
+        return Activations(hidden, self.kwargs, self.batch_size, self.offload, self.place)
 
     def batches(self):
+        """(hidden states, kwargs) per batch, on the compute device."""
+        dev = self.place.device
         for j, b in enumerate(range(0, self.hidden.shape[0], self.batch_size)):
-            yield self.hidden[b:b + self.batch_size], self.kwargs[j]
+            yield self.hidden[b:b + self.batch_size].to(dev, non_blocking=True), self.kwargs[j]
 
     @torch.no_grad()
     def through(self, layer: nn.Module) -> "Activations":
@@ -212,5 +284,5 @@ class Activations:
         out = self.empty_like()
         for j, (x, kw) in enumerate(self.batches()):
             b = j * self.batch_size
-            out[b:b + x.shape[0]] = run_layer(layer, x, kw)
+            out[b:b + x.shape[0]] = run_layer(layer, x, kw)     # back to where `out` lives
         return self.like(out)

@@ -19,7 +19,8 @@ import torch
 from . import __version__
 from .config import Config
 from .errors import QuantcError
-from .model import Activations, capture_layer0_inputs, decoder_layers, keep_in_fp16, layer_linears
+from .model import (COMPUTE_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
+                    layer_linears, resolve_device)
 from .options import Option
 
 log = logging.getLogger("quantc")
@@ -195,7 +196,7 @@ def memory_estimate(cfg: Config) -> dict | None:
     cfgp = folder / "config.json"
     try:
         # a plan's measurement and `self` calibration hold every layer
-        lazy = cfg.lazy_load and cfg.uniform and not cfg.gguf_file and cfg.calibration.source != "self"
+        lazy = cfg.lazy_load and not cfg.gguf_file and cfg.calibration.source != "self"   # `self` samples: every layer
         n = _param_count(folder, lazy) if folder.is_dir() else None
         mc = json.loads(cfgp.read_text()) if cfgp.is_file() else None
     except (OSError, ValueError, KeyError):   # unreadable files: the model loader reports them clearly
@@ -220,9 +221,10 @@ RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a me
 
 def available_memory() -> int | None:
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
@@ -243,12 +245,58 @@ def check_memory(cfg: Config) -> None:
                           "lower calibration.samples or calibration.seq_len, or free memory")
 
 
+def placement(cfg: Config) -> Placement:
+    """Where the compile computes (`resources.device`, `resources.compute_dtype`), and whether the
+    calibration activations fit on that device (else they stay in host memory, moved batch by batch)."""
+    device = resolve_device(cfg.device)
+    dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    on_device = True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        tokens = cfg.calibration.samples * cfg.calibration.seq_len
+        hidden = _hidden_size(cfg)
+        streams = 2 + (2 if cfg.qep_alpha > 0 else 0)
+        need = tokens * hidden * torch.finfo(dtype).bits // 8 * streams
+        on_device = need < 0.5 * free         # leave room for the layer, Hessians and the working set
+        log.info("compute on %s in %s; calibration activations %.2f GiB %s", device, cfg.compute_dtype,
+                 need / 2**30, "on the device" if on_device else "in host memory (moved batch by batch)")
+    return Placement(device, dtype, on_device)
+
+
+def _hidden_size(cfg: Config) -> int:
+    try:
+        return int(json.loads((Path(cfg.model) / "config.json").read_text()).get("hidden_size", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def load_source(cfg: Config):
+    """The model (lazily, one decoder layer at a time, where it can) and its tokenizer."""
+    from .model import load_model, load_tokenizer
+    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load)
+    tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
+    return model, tokenizer
+
+
+def plan_only(cfg: Config, progress: bool = True):
+    """`quantc plan`: load → calibrate → measure (or read the cache) → allocate.
+    Returns (plan, measurements, cached, solve seconds)."""
+    from .calibration import calibration_tokens
+    from .planning import budget_bytes, get_measurements, solve
+    torch.manual_seed(cfg.calibration.seed)
+    model, tokenizer = load_source(cfg)
+    tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+    ms, cached = get_measurements(cfg, model, tokens, progress, placement(cfg))
+    t = time.perf_counter()
+    plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)
+    return plan, ms, cached, time.perf_counter() - t
+
+
 def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_file: str | None = None,
                   progress: bool = True) -> dict:
     """Run the whole compile; return the manifest written to out/quantc.json."""
     from .calibration import calibration_tokens
     from .export.gptq import write_gptq
-    from .model import load_model, load_tokenizer
     from .passes.quantize import quantize_gptq, quantize_rtn
 
     out = Path(out)
@@ -257,12 +305,12 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     timings = {}
     t0 = time.perf_counter()
     torch.manual_seed(cfg.calibration.seed)
-    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load)
-    tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
+    model, tokenizer = load_source(cfg)
     timings["load_s"] = time.perf_counter() - t0
-    from .lazy import is_lazy, materialize_all, release_all, release_outside, trim_heap
+    from .lazy import is_lazy, release_outside, trim_heap
     if is_lazy(model):
         log.info("lazy loading: decoder layers are read from %s one at a time", cfg.model)
+    place = placement(cfg)
 
     plan = None
     chosen = None
@@ -274,9 +322,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         else:
             t = time.perf_counter()
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
-            materialize_all(model)          # the measurement runs every layer many times (then cached)
-            plan = make_plan(cfg, model, tokens, progress=progress)
-            release_all(model)
+            plan = make_plan(cfg, model, tokens, progress=progress, place=place)
             timings["plan_s"] = time.perf_counter() - t
         chosen = plan.module_options()
     options, skipped = resolve_options(model, cfg, chosen)
@@ -285,7 +331,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
 
     t = time.perf_counter()
     if cfg.method == "rtn":
-        results = quantize_rtn(model, options, progress=progress)
+        results = quantize_rtn(model, options, progress=progress, place=place)
     else:
         if tokens is None:
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
@@ -293,7 +339,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         hidden, kwargs = capture_layer0_inputs(model, tokens, bs)
         offload = tmp / "offload" if cfg.offload_activations else None
         release_outside(model)
-        same = {k: v for k, v in cfg.to_dict().items() if k != "resources"}   # memory settings: same bytes
+        same = {k: v for k, v in cfg.to_dict().items() if k != "resources"}   # memory settings: same bytes ...
+        same["compute"] = [place.device.type, str(place.dtype)]                # ... devices and dtypes: not
         key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}],
                                         sort_keys=True, default=str).encode() + tokens.numpy().tobytes())
         ckpt = Checkpoint(tmp, key.hexdigest()[:24])
@@ -301,11 +348,11 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         resumed = ckpt.load()
         if resumed is not None:
             start, done, hidden, ref_hidden = resumed
-            ref = Activations(ref_hidden, kwargs, bs, offload) if ref_hidden is not None else None
-        results = quantize_gptq(model, Activations(hidden, kwargs, bs, offload), options, damp=cfg.damp,
+            ref = Activations(ref_hidden, kwargs, bs, offload, place) if ref_hidden is not None else None
+        results = quantize_gptq(model, Activations(hidden, kwargs, bs, offload, place), options, damp=cfg.damp,
                                 qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
                                 block_size=cfg.block_size, start_layer=start, ref_acts=ref,
-                                on_layer=ckpt.save, progress=progress)
+                                on_layer=ckpt.save, progress=progress, place=place)
         results = {**done, **results}
     timings["quantize_s"] = time.perf_counter() - t
 

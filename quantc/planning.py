@@ -19,13 +19,13 @@ import yaml
 
 from .config import Config
 from .errors import ConfigError, QuantcError
-from .model import Activations, capture_layer0_inputs, keep_in_fp16, units
+from .model import CPU, Activations, Placement, capture_layer0_inputs, keep_in_fp16, units
 from .options import Option
 from .passes.allocate import allocate, least_bytes, size_range
 from .passes.measure import Measurements, measure, option_key, unit_dkl
 
 log = logging.getLogger("quantc")
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3
 
 
 @dataclass
@@ -95,11 +95,14 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
         h.update(cfg.model.encode())
     h.update(tokens.numpy().tobytes())
     h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
-    h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{cfg.plan.noise}:{cfg.plan.direct_bits}:{MEASURE_VERSION}".encode())
+    p = cfg.plan
+    h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.noise}:{p.direct_bits}:{p.predictor}:{p.probes}:"
+             f"{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
     return h.hexdigest()[:20]
 
 
-def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = True) -> tuple[Measurements, bool]:
+def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = True,
+                     place: Placement = CPU) -> tuple[Measurements, bool]:
     """Measure (sweep 1), or read the cached measurement of the same model/calibration/options.
     The calibration tokens are split: the first `measure_samples` sequences give the Hessians,
     the held-out `alpha_samples` give α (truncated to `alpha_seq_len` tokens)."""
@@ -116,10 +119,11 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     bs = cfg.calibration.batch_size
     hidden, kw = capture_layer0_inputs(model, calib, bs)
     hh, hkw = capture_layer0_inputs(model, hold, bs)
-    ms = measure(model, Activations(hidden, kw, bs), Activations(hh, hkw, bs), hold, cfg.candidates,
-                 unit_mode=cfg.units, method=cfg.method, damp=cfg.damp, seed=cfg.calibration.seed,
-                 noise=cfg.plan.noise, direct_bits=cfg.plan.direct_bits, progress=progress)
-    ms.meta = {"key": key, "model": cfg.model, "measure_samples": int(n_measure),
+    ms = measure(model, Activations(hidden, kw, bs, place=place), Activations(hh, hkw, bs, place=place), hold,
+                 cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
+                 damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
+                 progress=progress, place=place)
+    ms.meta = {**ms.meta, "key": key, "model": cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -188,6 +192,6 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
     return Plan(choices, {k: ms.units[k]["names"] for k in keys}, predicted, meta)
 
 
-def make_plan(cfg: Config, model, tokens: torch.Tensor, progress: bool = True) -> Plan:
-    ms, _ = get_measurements(cfg, model, tokens, progress)
+def make_plan(cfg: Config, model, tokens: torch.Tensor, progress: bool = True, place: Placement = CPU) -> Plan:
+    ms, _ = get_measurements(cfg, model, tokens, progress, place)
     return solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)

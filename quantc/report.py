@@ -68,14 +68,16 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
     axes[0].set_ylabel("block influence\n1 − cos(in, out)")
     axes[1].plot(layers, [100 * x["outlier_share"] for x in L], "o-", color="C1")
     axes[1].set_ylabel("outlier weights %")
-    axes[2].semilogy(layers, [max(x["lieq_kl"], 1e-6) for x in L], "o-", color="C2", label="measured (LieQ)")
+    if ms.meta.get("predictor", "exact") == "exact":    # the fisher predictor's LieQ value is the sum below
+        axes[2].semilogy(layers, [max(x["lieq_kl"], 1e-6) for x in L], "o-", color="C2", label="measured (LieQ)")
     axes[2].semilogy(layers, [max(s, 1e-6) for s in sens], "x--", color="C3", label="predicted ΣΔKL (lowest option)")
     axes[2].set_ylabel(f"ΔKL, layer alone\nat {lowest}")
     axes[2].legend(fontsize=8)
     for kind in kinds:
-        axes[3].semilogy(layers, [ms.units[f"{i}.{kind}"]["alpha"] for i in layers if f"{i}.{kind}" in ms.units],
-                         ".-", label=kind)
-    axes[3].set_ylabel("α = dKL / d err")
+        us = [ms.units[f"{i}.{kind}"] for i in layers if f"{i}.{kind}" in ms.units]
+        axes[3].semilogy([u["layer"] for u in us],
+                         [unit_dkl(u, lowest) / max(u["options"][lowest]["err"], 1e-30) for u in us], ".-", label=kind)
+    axes[3].set_ylabel(f"ΔKL / err\nat {lowest}")
     axes[3].legend(fontsize=7, ncol=4)
     axes[3].set_xlabel("decoder layer")
     fig.suptitle("importance and sensitivity per layer")

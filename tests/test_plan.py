@@ -52,7 +52,9 @@ def test_plan_then_replan_from_cache(tmp_path, tiny_models, calib_file, cache):
     u = ms["units"]["0.q+k+v"]
     errs = [u["options"][k]["err"] for k in sorted(u["options"], key=lambda k: int(k[0]))]
     assert errs[0] > errs[1] > errs[2] > 0                   # 2-bit worse than 4-bit worse than 8-bit
-    assert all(v["alpha"] > 0 for v in ms["units"].values())
+    assert ms["meta"]["predictor"] == "fisher"               # the default: every option predicted
+    assert all(o["dkl"] >= 0 and o["fisher"] > 0 for v in ms["units"].values() for o in v["options"].values())
+    assert set(ms["meta"]["calibration"]) == set(u["options"])   # one uniform-plan stream per option
     assert {"block_influence", "outlier_share", "lieq_kl", "effective_rank", "topk_energy_gain"} <= set(ms["layers"][0])
 
 

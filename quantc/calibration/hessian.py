@@ -14,9 +14,9 @@ from ..model import StopForward
 class Hessian:
     """Running 2·XXᵀ/n (and δ when the reference inputs are given) for one input width."""
 
-    def __init__(self, dim: int, cross: bool = False):
-        self.H = torch.zeros(dim, dim)
-        self.delta = torch.zeros(dim, dim) if cross else None
+    def __init__(self, dim: int, cross: bool = False, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(dim, dim, device=device)           # float32 whatever the compute dtype
+        self.delta = torch.zeros(dim, dim, device=device) if cross else None
         self.n = 0
 
     def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
@@ -26,7 +26,7 @@ class Hessian:
         self.H *= keep
         self.H.addmm_(x.t(), x, alpha=2 / (self.n + t))
         if self.delta is not None:
-            xr = x_ref.reshape(-1, x.shape[-1]).float()
+            xr = x_ref.reshape(-1, x.shape[-1]).to(x.device, torch.float32)
             self.delta *= keep
             self.delta.addmm_((xr - x).t(), x, alpha=2 / (self.n + t))
         self.n += t

@@ -1,14 +1,26 @@
-"""Sweep 1: measure, layer by layer on the original model's activations.
+"""Sweep 1: measure, streaming one decoder layer at a time, on the original model's activations.
 
 For every unit (linears that share one precision) and every candidate option: the relative output
-error ‖(W−Ŵ)X‖²/‖WX‖² of GPTQ (or RTN) from the Hessian, and the exact bytes the exporter writes.
-For options of ≤ 4 bits, the ΔKL of the model with that unit alone quantized to that option (its
-real GPTQ weights), measured on the held-out slice: large errors leave the linear regime, and an
-error's direction matters as much as its size. For every unit, its linearity coefficient α (HIGGS): the change of the model's KL to the original
-per unit of relative error, from noise of known relative size injected into that unit alone and
-the rest of the model run on a held-out slice. For every layer, importance diagnostics: block
-influence, outlier share, LieQ's quantize-this-layer-alone ΔKL/Δloss, effective rank and top-k
-energy gain of its output.
+error ‖(W−Ŵ)X‖²/‖WX‖² of GPTQ (or RTN) from the Hessian, the exact bytes the exporter writes, and
+the predicted ΔKL of the model with that unit alone at that option. Each layer is loaded once per
+sweep (`model.decoder_layer`), so memory holds one layer whatever the depth. Two predictors:
+
+- `fisher` (default, O(L)): ΔKL ≈ ½·E[(∇ℓ·δ)²], the Fisher quadratic form of the output
+  perturbation δ = ΔW·x. A backward sweep (one layer at a time, on the held-out slice) takes the
+  gradients G of sampled-label probes ℓ = Σₜ rₜ·log p(yₜ), yₜ ~ p, rₜ = ±1, so E[(∇ℓ·δ)²] = 2·T·ΔKL
+  to second order. Keeping only the diagonal over output channels and positions, and taking G² and
+  x as independent (K-FAC), gives ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / (4·T) with b_c = Σ G²_c / probes:
+  only the diagonal of ΔW H ΔWᵀ per option is kept (out_features numbers). Those approximations
+  drop how errors of one channel or position add up coherently downstream, so the prediction is
+  then scaled per option by measured / predicted ΔKL of the uniform plan at that option: one extra
+  held-out stream per option, carried through the same forward sweep (exact, O(L)).
+- `exact` (validation, O(L²) compute): the measured ΔKL of every unit × option of ≤ `direct_bits`
+  bits with its real GPTQ weights, and HIGGS' α from injected noise for the rest. Every perturbed
+  held-out stream starts at its layer and is carried forward together with the others, so each
+  layer is still loaded once; the numbers equal those of re-running each tail on its own.
+
+For every layer, importance diagnostics: block influence, outlier share, LieQ's quantize-this-layer-
+alone ΔKL/Δloss (measured by `exact`, predicted by `fisher`), effective rank and top-k energy gain.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian
 from ..gptq import gptq, rtn
-from ..model import Activations, Unit, decoder_layers, layer_linears, run_layer, units
+from ..model import CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, layer_linears, run_layer, units
 from ..options import Option
 from .quantize import input_groups
 
@@ -53,32 +65,52 @@ class Measurements:
         return Option(**self.options[key])
 
 
-class Tail:
-    """Runs the model from decoder layer i to the logits on a held-out slice and compares with the
-    original model: KL(original ‖ perturbed) and Δ of the next-token loss, per token."""
+PREDICTORS = ("fisher", "exact")
+KL_CALIBRATION_MAX = 2.0   # nats: a uniform plan past this breaks the model; its ratio says nothing
 
-    def __init__(self, model, tokens: torch.Tensor, hidden: Activations, every: int = 2):
-        self.model, self.tokens, self.every = model, tokens, every
-        self.layers = decoder_layers(model)
-        self.ref_logp = self._logp(hidden, 0)
-        self.ref_nll = self._nll(self.ref_logp)
 
-    def _logp(self, acts: Activations, start: int) -> torch.Tensor:
-        outs = []
-        for xb, kw in acts.batches():
-            h = xb
-            for layer in self.layers[start:]:
-                h = run_layer(layer, h, kw)
-            h = self.model.model.norm(h[:, :-1:self.every])          # a subset of positions: the
-            outs.append(F.log_softmax(self.model.lm_head(h).float(), -1))  # lm_head is the costly part
-        return torch.cat(outs)
+class Head:
+    """The model's final norm and lm_head on a subset of positions of the held-out slice: log-probs,
+    and KL(original ‖ perturbed) and Δ of the next-token loss, per token, against the reference."""
+
+    def __init__(self, model, tokens: torch.Tensor, place: Placement, every: int = 2):
+        self.model, self.tokens, self.every, self.place = model, tokens, every, place
+        self.ref_logp = self.ref_nll = None
+
+    @contextlib.contextmanager
+    def on_device(self):
+        mods = (self.model.model.norm, self.model.lm_head)
+        if not self.place.is_default:
+            for m in mods:
+                m.to(self.place.device)
+        try:
+            yield
+        finally:
+            if not self.place.is_default:
+                for m in mods:
+                    m.to("cpu")
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.model.model.norm(h[:, :-1:self.every].to(self.model.lm_head.weight.dtype))
+        return self.model.lm_head(h).float()                  # a subset of positions: the lm_head is the costly part
+
+    def logp(self, acts: Activations) -> torch.Tensor:
+        with self.on_device():
+            return torch.cat([F.log_softmax(self.logits(xb), -1) for xb, _ in acts.batches()])
+
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, 1::self.every]
 
     def _nll(self, logp: torch.Tensor) -> float:
-        target = self.tokens[:, 1::self.every][:, : logp.shape[1]]
+        target = self.targets()[:, : logp.shape[1]].to(logp.device)
         return float(-logp.gather(-1, target.unsqueeze(-1)).mean())
 
-    def compare(self, acts: Activations, start: int) -> tuple[float, float]:
-        logp = self._logp(acts, start)
+    def set_reference(self, acts: Activations) -> None:
+        self.ref_logp = self.logp(acts)
+        self.ref_nll = self._nll(self.ref_logp)
+
+    def compare(self, acts: Activations) -> tuple[float, float]:
+        logp = self.logp(acts)
         kl = float((self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean())
         return kl, self._nll(logp) - self.ref_nll
 
@@ -106,93 +138,211 @@ def _swapped(mods: dict, weights: dict):
 
 @torch.no_grad()
 def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torch.Tensor,
-            candidates: list[Option], *, unit_mode: str = "shared", method: str = "gptq",
-            damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
-            progress: bool = True) -> Measurements:
-    layers = decoder_layers(model)
-    all_units = units(model, unit_mode)
-    mods = dict(model.named_modules())
+            candidates: list[Option], *, predictor: str = "fisher", probes: int = 8, unit_mode: str = "shared",
+            method: str = "gptq", damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
+            progress: bool = True, place: Placement = CPU) -> Measurements:
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}; one of {PREDICTORS}")
+    n_layers = len(decoder_layers(model))
+    by_layer: dict[int, list[Unit]] = {}
+    for u in units(model, unit_mode):
+        by_layer.setdefault(u.layer, []).append(u)
     ms = Measurements(options={option_key(o): o.to_dict() for o in candidates})
-    tail = Tail(model, holdout_tokens, holdout)
+    head = Head(model, holdout_tokens, place)
     gen = torch.Generator().manual_seed(seed)
     lowest = min(candidates, key=lambda o: (o.bits, -o.group_size))
+    exact = predictor == "exact"
+    streams: dict[tuple, torch.Tensor] = {}        # exact: perturbed held-out streams, from their layer on
+    uniform = {} if exact else {option_key(o): holdout.hidden for o in candidates}   # fisher: one per option
+    held_in: list[torch.Tensor] = []                # fisher: the held-out inputs of every layer
+    sq: dict[str, dict[str, torch.Tensor]] = {}      # fisher: linear -> option -> diag(ΔW H ΔWᵀ)
     x, xh = acts, holdout
-    for i in tqdm(range(len(layers)), desc="measuring layers", disable=not progress):
-        layer = layers[i]
-        prefix = f"model.layers.{i}."
-        lins = layer_linears(layer)
-        groups = input_groups(lins)
-        hess = {}
-        with contextlib.ExitStack() as stack:          # all Hessians from one forward
-            for g in groups:
-                h = Hessian(next(iter(g.values())).in_features)
-                stack.enter_context(CaptureInput(next(iter(g.values())), h.add, stop=False))
-                hess.update({prefix + n: h for n in g})
-            x_next = x.through(layer)
+    for i in tqdm(range(n_layers), desc="measuring layers", disable=not progress):
+        with decoder_layer(model, i, place) as layer:
+            lins = layer_linears(layer)
+            prefix = f"model.layers.{i}."
+            mods = {prefix + n: m for n, m in lins.items()}
+            hess = {}
+            with contextlib.ExitStack() as stack:           # all Hessians from one forward
+                for g in input_groups(lins):
+                    first = next(iter(g.values()))
+                    h = Hessian(first.in_features, device=place.device)
+                    stack.enter_context(CaptureInput(first, h.add, stop=False))
+                    hess.update({prefix + n: h for n in g})
+                x_next = x.through(layer)
+            ms.layers.append(_diagnostics(i, x, x_next, lins, lowest))
+            if exact:                                       # older streams: through the original layer i
+                streams = {k: xh.like(v).through(layer).hidden for k, v in streams.items()}
+            else:
+                held_in.append(xh.hidden)
 
-        # importance diagnostics of the block
-        xin, xout = x.hidden[:, :-1].reshape(-1, x.hidden.shape[-1]), x_next.hidden[:, :-1].reshape(-1, x.hidden.shape[-1])
-        influence = float(1 - F.cosine_similarity(xin, xout, dim=-1).mean())
-        sample = xout[:: max(1, xout.shape[0] // 2048)]
-        erank, topk_out = _effective_rank(sample)
-        _, topk_in = _effective_rank(xin[:: max(1, xin.shape[0] // 2048)])
-        ws = [m.weight.data.abs() for m in lins.values()]
-        outliers = sum(int((w > OUTLIER_K * w.mean()).sum()) for w in ws) / sum(w.numel() for w in ws)
+            quantized: dict[str, dict[str, torch.Tensor]] = {option_key(o): {} for o in candidates}
+            for unit in by_layer.get(i, []):
+                entry = {"layer": i, "names": list(unit.names), "options": {}, "alpha": None,
+                         "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
+                         "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
+                for o in candidates:
+                    k = option_key(o)
+                    num = den = 0.0
+                    for n in unit.names:
+                        W, H = mods[n].weight.data.float(), hess[n].H
+                        res = gptq(W, H, o, percdamp=damp, name=n) if method == "gptq" else rtn(W, o)
+                        D = (W - res.weight).double()
+                        num += float(torch.einsum("oi,ij,oj->", D, H.double(), D))
+                        den += float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
+                        quantized[k][n] = res.weight.to(mods[n].weight.dtype)
+                        if not exact:
+                            sq.setdefault(n, {})[k] = ((D @ H.double()) * D).sum(1).cpu()
+                    entry["options"][k] = {
+                        "err": num / max(den, 1e-30),
+                        "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
+                    if exact and o.bits <= direct_bits:    # large errors leave the linear regime: measure them
+                        with _swapped(mods, {n: quantized[k][n] for n in unit.names}):
+                            streams[("dkl", unit.key, k)] = xh.through(layer).hidden
+                if exact:
+                    with _swapped(mods, _noisy(unit, mods, hess, gen, noise)):
+                        streams[("alpha", unit.key)] = xh.through(layer).hidden
+                ms.units[unit.key] = entry
+            if exact:                                       # LieQ: this layer alone at the lowest option
+                with _swapped(mods, quantized[option_key(lowest)]):
+                    streams[("lieq", i)] = xh.through(layer).hidden
+            for k, v in uniform.items():                    # fisher: the uniform plan at each option
+                with _swapped(mods, quantized[k]):
+                    uniform[k] = xh.like(v).through(layer).hidden
+            x, xh = x_next, xh.through(layer)
 
-        lowest_w = {}
-        for unit in (u for u in all_units if u.layer == i):
-            entry = {"layer": i, "names": list(unit.names), "options": {},
-                     "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
-                     "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
-            for o in candidates:
-                num = den = 0.0
-                qw = {}
-                for n in unit.names:
-                    W, H = mods[n].weight.data, hess[n].H
-                    res = gptq(W, H, o, percdamp=damp, name=n) if method == "gptq" else rtn(W, o)
-                    D = (W - res.weight).double()
-                    num += float(torch.einsum("oi,ij,oj->", D, H.double(), D))
-                    den += float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
-                    qw[n] = res.weight
-                    if o == lowest:
-                        lowest_w[n] = res.weight
-                m = entry["options"][option_key(o)] = {
-                    "err": num / max(den, 1e-30),
-                    "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
-                if o.bits <= direct_bits:       # large errors leave the linear regime: measure, don't assume
-                    with _swapped(mods, qw):
-                        m["dkl"], _ = tail.compare(xh, i)
-            entry["alpha"] = _alpha(unit, mods, hess, tail, xh, i, gen, noise)
-            ms.units[unit.key] = entry
-
-        with _swapped(mods, lowest_w):                  # LieQ: this layer alone at the lowest option
-            lieq_kl, lieq_dloss = tail.compare(xh, i)
-        ms.layers.append({"layer": i, "block_influence": influence, "outlier_share": outliers,
-                          "lieq_kl": lieq_kl, "lieq_dloss": lieq_dloss, "effective_rank": erank,
-                          "topk_energy_gain": topk_out - topk_in, "lowest_option": option_key(lowest)})
-        x, xh = x_next, xh.through(layer)
+    head.set_reference(xh)
+    if exact:
+        _exact_results(ms, head, xh, streams, noise)
+    else:
+        acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress)
+        _fisher_results(ms, head, xh, sq, acc, uniform)
+    ms.meta.update({"predictor": predictor, "probes": None if exact else probes})
     return ms
 
 
-def unit_dkl(unit: dict, key: str) -> float:
-    """Predicted ΔKL of one unit at one option: the ΔKL measured with that option's own quantized
-    weights where it was measured (options of ≤ `direct_bits` bits), else α·err (HIGGS' linear model,
-    accurate for the small errors of 8-bit)."""
-    o = unit["options"][key]
-    return o["dkl"] if "dkl" in o else unit["alpha"] * o["err"]
+def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option) -> dict:
+    """Importance diagnostics of block i (LieQ's ΔKL is filled in after the sweep)."""
+    hid = x.hidden.shape[-1]
+    xin = x.hidden[:, :-1].reshape(-1, hid).float()
+    xout = x_next.hidden[:, :-1].reshape(-1, hid).float()
+    influence = float(1 - F.cosine_similarity(xin, xout, dim=-1).mean())
+    erank, topk_out = _effective_rank(xout[:: max(1, xout.shape[0] // 2048)])
+    _, topk_in = _effective_rank(xin[:: max(1, xin.shape[0] // 2048)])
+    ws = [m.weight.data.abs() for m in lins.values()]
+    outliers = sum(int((w > OUTLIER_K * w.mean()).sum()) for w in ws) / sum(w.numel() for w in ws)
+    return {"layer": i, "block_influence": influence, "outlier_share": outliers, "lieq_kl": None,
+            "lieq_dloss": None, "effective_rank": erank, "topk_energy_gain": topk_out - topk_in,
+            "lowest_option": option_key(lowest)}
 
 
-def _alpha(unit: Unit, mods, hess, tail: Tail, xh: Activations, layer: int, gen, noise: float) -> float:
-    """α = ΔKL / relative error, from Gaussian noise scaled to a relative output error `noise` over
-    the whole unit (small, to stay in the linear regime)."""
+def _noisy(unit: Unit, mods, hess, gen, noise: float) -> dict[str, torch.Tensor]:
+    """The unit's weights plus Gaussian noise scaled to a relative output error `noise` over the
+    whole unit (small, to stay in the linear regime): α = ΔKL / noise (HIGGS)."""
     noisy, num, den = {}, 0.0, 0.0
     for n in unit.names:
         W, H = mods[n].weight.data, hess[n].H.double()
-        N = torch.randn(W.shape, generator=gen) * W.std()
+        N = (torch.randn(W.shape, generator=gen) * W.float().std().cpu()).to(W.device)
         noisy[n] = N
         num += float(torch.einsum("oi,ij,oj->", N.double(), H, N.double()))
         den += float(torch.einsum("oi,ij,oj->", W.double(), H, W.double()))
     scale = math.sqrt(noise * den / max(num, 1e-30))
-    with _swapped(mods, {n: mods[n].weight.data + scale * N for n, N in noisy.items()}):
-        kl, _ = tail.compare(xh, layer)
-    return kl / noise
+    return {n: (mods[n].weight.data + scale * N).to(mods[n].weight.dtype) for n, N in noisy.items()}
+
+
+def _exact_results(ms: Measurements, head: Head, xh: Activations, streams: dict, noise: float) -> None:
+    """Each perturbed stream's ΔKL at the head: dkl of unit × option, α of each unit, LieQ per layer."""
+    for key, hidden in streams.items():
+        kl, dloss = head.compare(xh.like(hidden))
+        if key[0] == "dkl":
+            ms.units[key[1]]["options"][key[2]]["dkl"] = kl
+        elif key[0] == "alpha":
+            ms.units[key[1]]["alpha"] = kl / noise
+        else:
+            ms.layers[key[1]].update(lieq_kl=kl, lieq_dloss=dloss)
+
+
+def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Activations, probes: int,
+                     gen: torch.Generator, place: Placement, progress: bool) -> dict[str, torch.Tensor]:
+    """Backward sweep, one layer at a time from the last: for every linear, the squared gradient of
+    the probes ℓ w.r.t. its output, summed over held-out positions and probes, / probes, per channel."""
+    g_next = []                         # [batch][probe]: ∂ℓ/∂(hidden states leaving the current layer)
+    with head.on_device(), torch.enable_grad():
+        for xb, _ in final.batches():
+            h = xb.detach().requires_grad_()
+            logits = head.logits(h)
+            p = logits.detach().softmax(-1)
+            flat = p.reshape(-1, p.shape[-1]).cpu()
+            per = []
+            for _ in range(probes):     # ∂ℓ/∂logits = r·(onehot(y) − p), y ~ p, r = ±1
+                y = torch.multinomial(flat, 1, generator=gen).view(p.shape[:-1]).to(p.device)
+                r = (torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(p)
+                gz = (-p * r.unsqueeze(-1)).scatter_add_(-1, y.unsqueeze(-1), r.unsqueeze(-1))
+                per.append(torch.autograd.grad(logits, h, gz, retain_graph=True)[0].detach())
+            g_next.append(per)
+    acc: dict[str, torch.Tensor] = {}
+    n_layers = len(held_in)
+    for i in tqdm(reversed(range(n_layers)), total=n_layers, desc="measuring layers (backward)",
+                  disable=not progress):
+        with decoder_layer(model, i, place) as layer:
+            lins = layer_linears(layer)
+            sums = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lins.items()}
+            for j, (xb, kw) in enumerate(final.like(held_in[i]).batches()):
+                for k in range(probes):
+                    outs: dict[str, torch.Tensor] = {}
+                    hooks = [m.register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
+                             for n, m in lins.items()]
+                    try:
+                        with torch.enable_grad():
+                            x = xb.detach().requires_grad_()
+                            y = run_layer(layer, x, kw)
+                            names = list(outs)
+                            gs = torch.autograd.grad(y, [x] + [outs[n] for n in names],
+                                                     g_next[j][k].to(y.dtype), allow_unused=True)
+                    finally:
+                        for hk in hooks:
+                            hk.remove()
+                    g_next[j][k] = gs[0].detach()
+                    for n, g in zip(names, gs[1:]):
+                        if g is not None:
+                            sums[n] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+            acc.update({f"model.layers.{i}.{n}": v / probes for n, v in sums.items()})
+    return acc
+
+
+def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc: dict, uniform: dict) -> None:
+    """Predicted ΔKL of every unit × option: the Fisher form, scaled per option by measured /
+    predicted ΔKL of the uniform plan at that option (options whose uniform plan breaks the model,
+    ΔKL > KL_CALIBRATION_MAX, take the factor of the nearest calibrated bit width)."""
+    targets = head.ref_logp.shape[0] * head.ref_logp.shape[1]
+    for u in ms.units.values():
+        for k, o in u["options"].items():
+            o["fisher"] = sum(float((acc[n] * sq[n][k]).sum()) for n in u["names"]) / (4 * targets)
+    cal = {}
+    for k, hidden in uniform.items():
+        measured = head.compare(xh.like(hidden))[0]
+        predicted = sum(u["options"][k]["fisher"] for u in ms.units.values())
+        ok = 0 < measured <= KL_CALIBRATION_MAX and predicted > 0
+        cal[k] = {"measured": measured, "predicted": predicted, "factor": measured / predicted if ok else None}
+    good = [k for k, c in cal.items() if c["factor"] is not None]
+    for k, c in cal.items():
+        if c["factor"] is None:
+            near = min(good, key=lambda g: (abs(ms.options[g]["bits"] - ms.options[k]["bits"]),
+                                            -ms.options[g]["bits"]), default=None)
+            c["factor"], c["from"] = (cal[near]["factor"], near) if near else (1.0, None)
+    for u in ms.units.values():
+        for k, o in u["options"].items():
+            o["dkl"] = cal[k]["factor"] * o["fisher"]
+    low = ms.layers[0]["lowest_option"] if ms.layers else None
+    for layer in ms.layers:         # LieQ's layer importance, predicted: its units at the lowest option
+        kl = sum(u["options"][low]["dkl"] for u in ms.units.values() if u["layer"] == layer["layer"])
+        layer.update(lieq_kl=kl, lieq_dloss=kl)
+    ms.meta["calibration"] = cal
+
+
+def unit_dkl(unit: dict, key: str) -> float:
+    """Predicted ΔKL of one unit at one option: `dkl` where the measurement gave one (the fisher
+    predictor: every option; exact: options of ≤ `direct_bits` bits), else α·err (HIGGS' linear
+    model, accurate for the small errors of 8-bit)."""
+    o = unit["options"][key]
+    return o["dkl"] if "dkl" in o else unit["alpha"] * o["err"]

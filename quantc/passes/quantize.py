@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian, run_until
 from ..gptq import QuantResult, gptq, qep_target, rtn
-from ..lazy import materialize, release, trim_heap
-from ..model import SHARED_UNITS, Activations, decoder_layers, layer_linears, run_layer
+from ..lazy import trim_heap
+from ..model import CPU, SHARED_UNITS, Activations, Placement, decoder_layer, decoder_layers, layer_linears, run_layer
 from ..options import Option
 
 log = logging.getLogger("quantc")
@@ -38,26 +38,74 @@ def input_groups(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     return out
 
 
-def quantize_rtn(model: nn.Module, options: dict[str, Option], progress: bool = True) -> dict[str, QuantResult]:
+def quantize_rtn(model: nn.Module, options: dict[str, Option], progress: bool = True,
+                 place: Placement = CPU) -> dict[str, QuantResult]:
     """Round-to-nearest: no calibration, every linear on its own."""
     results = {}
     for i in tqdm(range(len(decoder_layers(model))), desc="RTN layers", leave=False, disable=not progress):
-        materialize(model, i)
-        mods = dict(model.model.layers[i].named_modules())
-        for short, m in mods.items():
-            name = f"model.layers.{i}.{short}"
-            if name in options:
-                results[name] = rtn(m.weight.data, options[name])
-                m.weight.data = results[name].weight.to(m.weight.dtype)
-                _shrink(results[name])
-        release(model, i)
+        with decoder_layer(model, i, place) as layer:
+            for short, m in layer.named_modules():
+                name = f"model.layers.{i}.{short}"
+                if name in options:
+                    results[name] = rtn(m.weight.data, options[name])
+                    m.weight.data = results[name].weight.to(m.weight.dtype)
+                    _shrink(results[name])
     return results
 
 
+def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_sequential, block_size, place):
+    """One decoder layer: its linears fitted group by group; returns (results, next x̂, next x)."""
+    prefix = f"model.layers.{i}."
+    groups = input_groups({n: m for n, m in layer_linears(layer).items() if prefix + n in options})
+    ref_in = None
+    if x_ref is not None:          # before any weight of this layer changes
+        ref_in, x_ref = reference_inputs(layer, x_ref, groups)
+
+    runner = LayerRunner(layer, x_hat)
+    hessians = [Hessian(next(iter(g.values())).in_features, cross=ref_in is not None, device=place.device)
+                for g in groups]
+    if not true_sequential:        # all groups' Hessians from one forward of the original layer
+        with contextlib.ExitStack() as stack:
+            for g, h in zip(groups, hessians):
+                stack.enter_context(CaptureInput(next(iter(g.values())), h.add, stop=False))
+            for xb, kw in x_hat.batches():
+                run_layer(layer, xb, kw)
+
+    layer_results = {}
+    for k, (group, hess) in enumerate(zip(groups, hessians)):
+        first = next(iter(group.values()))
+        keep = None
+        if true_sequential:
+            is_mlp_in = runner.down is not None and any(n.endswith("gate_proj") for n in group)
+            keep = [] if first is runner.o_proj or is_mlp_in else None
+            for j, x in runner.inputs(first):
+                hess.add(x, ref_in[k][j] if ref_in is not None else None)
+                if keep is not None:
+                    keep.append(x)
+        for n, m in group.items():
+            name = prefix + n
+            W = m.weight.data.float()
+            if ref_in is not None:
+                W = qep_target(W, hess.H, hess.delta, qep_alpha, damp)
+            res = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
+            m.weight.data = res.weight.to(m.weight.dtype)
+            layer_results[name] = res
+        trim_heap()                 # this group's batch buffers are free: give them back
+        if keep is not None:
+            # this group's inputs are now final: later groups start from them
+            if first is runner.o_proj:
+                runner.attn_in = keep
+            else:
+                runner.mlp_in = keep
+    x_hat = runner.outputs() if true_sequential else x_hat.through(layer)
+    return layer_results, x_hat, x_ref
+
+
 def _shrink(res: QuantResult) -> None:
-    """Keep only what the exporter needs: the integers as uint8 (values < 256), no float copy."""
+    """Keep only what the exporter needs: the integers as uint8 (values < 256) on the CPU, no float copy."""
     res.weight = None
     res.q = res.q.to(torch.uint8)
+    res.cpu()
 
 
 class LayerRunner:
@@ -124,7 +172,7 @@ def reference_inputs(layer: nn.Module, acts: Activations, groups) -> tuple[list[
 def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option], *, damp: float = 0.01,
                   qep_alpha: float = 0.0, true_sequential: bool = True, block_size: int = 128,
                   start_layer: int = 0, ref_acts: Activations | None = None,
-                  on_layer: Callable | None = None, progress: bool = True):
+                  on_layer: Callable | None = None, progress: bool = True, place: Placement = CPU):
     """Quantize every linear named in `options` in place (weights replaced by their dequantized
     values) and return {name: QuantResult}. `acts` are the quantized model's inputs of decoder layer
     `start_layer` (`ref_acts` the original model's, for QEP; the same at layer 0).
@@ -135,53 +183,14 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
     x_ref = (ref_acts if ref_acts is not None else acts) if qep_alpha > 0 else None
     bar = tqdm(range(start_layer, len(layers)), desc="GPTQ layers", disable=not progress)
     for i in bar:
-        materialize(model, i)           # lazy models: this layer's weights come from disk now
-        layer = layers[i]
-        prefix = f"model.layers.{i}."
-        groups = input_groups({n: m for n, m in layer_linears(layer).items() if prefix + n in options})
-        ref_in = None
-        if x_ref is not None:          # before any weight of this layer changes
-            ref_in, x_ref = reference_inputs(layer, x_ref, groups)
-
-        runner = LayerRunner(layer, x_hat)
-        hessians = [Hessian(next(iter(g.values())).in_features, cross=ref_in is not None) for g in groups]
-        if not true_sequential:        # all groups' Hessians from one forward of the original layer
-            with contextlib.ExitStack() as stack:
-                for g, h in zip(groups, hessians):
-                    stack.enter_context(CaptureInput(next(iter(g.values())), h.add, stop=False))
-                for xb, kw in x_hat.batches():
-                    run_layer(layer, xb, kw)
-
-        layer_results = {}
-        for k, (group, hess) in enumerate(zip(groups, hessians)):
-            first = next(iter(group.values()))
-            if true_sequential:
-                is_mlp_in = runner.down is not None and any(n.endswith("gate_proj") for n in group)
-                keep = [] if first is runner.o_proj or is_mlp_in else None
-                for j, x in runner.inputs(first):
-                    hess.add(x, ref_in[k][j] if ref_in is not None else None)
-                    if keep is not None:
-                        keep.append(x)
-            for n, m in group.items():
-                name = prefix + n
-                W = m.weight.data.float()
-                if ref_in is not None:
-                    W = qep_target(W, hess.H, hess.delta, qep_alpha, damp)
-                res = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
-                m.weight.data = res.weight.to(m.weight.dtype)
-                layer_results[name] = res
-            trim_heap()                 # this group's batch buffers are free: give them back
-            if true_sequential and keep is not None:
-                # this group's inputs are now final: later groups start from them
-                if first is runner.o_proj:
-                    runner.attn_in = keep
-                else:
-                    runner.mlp_in = keep
-        results.update(layer_results)
-        x_hat = runner.outputs() if true_sequential else x_hat.through(layer)
-        if on_layer is not None:
-            on_layer(i, layer_results, x_hat, x_ref)
-        for res in layer_results.values():
-            _shrink(res)
-        release(model, i)               # lazy models: the layer's memory goes back
+        with decoder_layer(model, i, place) as layer:       # lazy models: this layer's weights come from disk now
+            layer_results, x_hat, x_ref = _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha,
+                                                          true_sequential, block_size, place)
+            results.update(layer_results)
+            for res in layer_results.values():
+                res.cpu()
+            if on_layer is not None:
+                on_layer(i, layer_results, x_hat, x_ref)
+            for res in layer_results.values():
+                _shrink(res)
     return results
