@@ -1,0 +1,71 @@
+"""resources.device / resources.compute_dtype: the placement paths, tested on the CPU (a GPU run uses
+the same code with another torch.device)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import quantc
+from quantc.cli import main
+from quantc.config import parse_config
+from quantc.errors import ConfigError
+from quantc.pipeline import compile_model
+
+from conftest import write_yaml
+
+
+def raw(model, calib, **res):
+    return {"model": str(model), "quant": {"bits": [2, 4], "group_size": 32},
+            "calibration": {"source": str(calib), "samples": 8, "seq_len": 64, "batch_size": 4},
+            "resources": res}
+
+
+def logits(folder, ids):
+    with torch.no_grad():
+        return quantc.load(folder)(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_forwards_give_a_close_artifact(tmp_path, tiny_models, calib_file, dtype):
+    ref, low = tmp_path / "fp32", tmp_path / dtype
+    compile_model(parse_config(raw(tiny_models["qwen2"], calib_file, device="cpu")), ref, progress=False)
+    m = compile_model(parse_config(raw(tiny_models["qwen2"], calib_file, device="cpu", compute_dtype=dtype)), low,
+                      progress=False)
+    assert m["config"]["resources"]["compute_dtype"] == dtype
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    from transformers import AutoModelForCausalLM
+    with torch.no_grad():
+        f = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])(input_ids=ids).logits
+    a, b = logits(ref, ids), logits(low, ids)
+    assert a.dtype == b.dtype == torch.float32
+    err_ref, err_low = float((a - f).norm() / f.norm()), float((b - f).norm() / f.norm())
+    assert err_low < 1.1 * err_ref                        # Hessians and solves stay float32: as good a fit
+
+
+def test_budgeted_compile_in_bfloat16_plans_and_restores_layers(tmp_path, tiny_models, calib_file, monkeypatch):
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache"))
+    r = raw(tiny_models["llama"], calib_file, device="cpu", compute_dtype="bfloat16", lazy_load=False)
+    r["budget"] = {"avg_bits": 3.2}
+    r["plan"] = {"measure_samples": 4, "alpha_samples": 2, "alpha_seq_len": 32}
+    m = compile_model(parse_config(r), tmp_path / "out", progress=False)
+    assert {o["bits"] for o in m["modules"].values()} == {2, 4}
+
+
+def test_unavailable_device_is_a_clear_error(tmp_path, tiny_models, calib_file):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    y = write_yaml(tmp_path / "b.yaml", f"model: {tiny_models['llama']}\nresources: {{device: 'cuda:0'}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 4, seq_len: 32}}\n")
+    r = CliRunner().invoke(main, ["compile", str(y), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "resources.device" in r.output and "no CUDA" in r.output and "device: cpu" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("resources", "device", "gpu"), ("resources", "device", "cuda:x"), ("resources", "compute_dtype", "int8"),
+    ("plan", "predictor", "magic"), ("plan", "probes", 0)])
+def test_bad_placement_and_predictor_keys(section, key, value):
+    with pytest.raises(ConfigError, match=f"{section}.{key}"):
+        parse_config({"model": "org/model", section: {key: value}}, "b.yaml")
