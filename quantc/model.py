@@ -174,19 +174,22 @@ def resolve_device(spec: str, where: str = "resources.device") -> torch.device:
 
 @contextlib.contextmanager
 def decoder_layer(model: nn.Module, i: int, place: Placement = CPU):
-    """Decoder layer i for the with-block: read from disk for lazy models, moved onto the compute
-    device in the compute dtype; afterwards moved back (its weights may have been quantized) and,
-    for lazy models, released. The one place that loads and releases layers."""
+    """Decoder layer i for the with-block: read from disk for lazy models, and on the compute device in
+    the compute dtype; afterwards its source tensors are back (CPU, float32) and, for lazy models,
+    the layer is released. The one place that loads and releases layers."""
     from .lazy import materialize, release
     materialize(model, i)
     layer = decoder_layers(model)[i]
-    if not place.is_default:
+    source = None
+    if not place.is_default:       # the source tensors stay as they are (readers take them, not the copies)
+        source = {n: t.data for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
         layer.to(device=place.device, dtype=place.dtype)
     try:
         yield layer
     finally:
-        if not place.is_default:
-            layer.to(device="cpu", dtype=torch.float32)
+        if source is not None:
+            for n, t in [*layer.named_parameters(), *layer.named_buffers()]:
+                t.data = source[n]
         release(model, i)
 
 

@@ -53,60 +53,6 @@ def resolve_options(model, cfg: Config, chosen: dict[str, Option] | None = None)
     return options, skipped
 
 
-class Checkpoint:
-    """Resume point of the quantize sweep, inside the temporary output folder: after every decoder
-    layer, its quantized tensors and the activations entering the next layer. A rerun of the same
-    compile (same config, plan and calibration: `key`) continues after the last finished layer."""
-
-    def __init__(self, tmp: Path, key: str):
-        self.dir, self.key = tmp / "resume", key
-
-    def load(self):
-        from safetensors.torch import load_file
-        from .gptq import QuantResult
-        state = self.dir / "state.json"
-        if not state.is_file():
-            return None
-        st = json.loads(state.read_text())
-        if st.get("key") != self.key:
-            log.info("resume state is from another compile; starting over")
-            return None
-        results = {}
-        for i in range(st["next_layer"]):
-            t = load_file(str(self.dir / f"layer-{i}.safetensors"))
-            for name in {k.rsplit(".", 1)[0] for k in t}:
-                r = QuantResult(t[f"{name}.q"], t[f"{name}.scales"], t[f"{name}.zeros"], t[f"{name}.g_idx"], None)
-                r.weight = r.dequantize()
-                results[name] = r
-        acts = load_file(str(self.dir / "acts.safetensors"))
-        log.warning("resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
-        return st["next_layer"], results, acts["x_hat"], acts.get("x_ref")
-
-    def save(self, i: int, layer_results: dict, x_hat, x_ref) -> None:
-        from safetensors.torch import save_file
-        self.dir.mkdir(exist_ok=True)
-        t = {}
-        for name, r in layer_results.items():
-            t.update({f"{name}.q": r.q.contiguous(), f"{name}.scales": r.scales.contiguous(),
-                      f"{name}.zeros": r.zeros.contiguous(), f"{name}.g_idx": r.g_idx.contiguous()})
-        _atomic_save(save_file, t, self.dir / f"layer-{i}.safetensors")
-        acts = {"x_hat": x_hat.hidden.contiguous()}
-        if x_ref is not None:
-            acts["x_ref"] = x_ref.hidden.contiguous()
-        _atomic_save(save_file, acts, self.dir / "acts.safetensors")
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps({"key": self.key, "next_layer": i + 1}))
-        os.replace(tmp, self.dir / "state.json")
-        if os.environ.get("QUANTC_FAULT_AFTER_LAYER") == str(i):   # fault injection for the resume test
-            os.kill(os.getpid(), 9)
-
-
-def _atomic_save(save_file, tensors, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
 def prepare_output(out: Path, force: bool) -> Path:
     """Check the output path now (before hours of work) and return the temporary folder beside it
     (kept when it holds a resume point)."""
@@ -296,7 +242,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                   progress: bool = True) -> dict:
     """Run the whole compile; return the manifest written to out/quantc.json."""
     from .calibration import calibration_tokens
-    from .export.gptq import write_gptq
+    from .export.gptq import layer_tensors, write_gptq
+    from .resume import Checkpoint
     from .passes.quantize import quantize_gptq, quantize_rtn
 
     out = Path(out)
@@ -330,36 +277,42 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         raise QuantcError(f"{cfg.source_file}: no linear layer is left to quantize (keep_fp16/overrides skip all)")
 
     t = time.perf_counter()
+    dtype = getattr(torch, cfg.export_dtype)
+    same = {k: v for k, v in cfg.to_dict().items() if k != "resources"}   # memory settings: same bytes ...
+    same["compute"] = [place.device.type, str(place.dtype)]                # ... devices and dtypes: not
+    if tokens is None and cfg.method != "rtn":
+        tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+    key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}], sort_keys=True,
+                                    default=str).encode() + (tokens.numpy().tobytes() if tokens is not None else b""))
+    ckpt = Checkpoint(tmp, key.hexdigest()[:24])
+
+    def layer_done(i, results, x_hat=None, x_ref=None):   # the layer's shard, then the resume point
+        ckpt.save_layer(i, layer_tensors(model, i, results, options, dtype))
+        if x_hat is not None:
+            ckpt.save_state(i, x_hat, x_ref)
+
     if cfg.method == "rtn":
-        results = quantize_rtn(model, options, progress=progress, place=place)
+        quantize_rtn(model, options, layer_done, progress=progress, place=place)
     else:
-        if tokens is None:
-            tokens = calibration_tokens(cfg.calibration, tokenizer, model)
         bs = cfg.calibration.batch_size
         hidden, kwargs = capture_layer0_inputs(model, tokens, bs)
         offload = tmp / "offload" if cfg.offload_activations else None
         release_outside(model)
-        same = {k: v for k, v in cfg.to_dict().items() if k != "resources"}   # memory settings: same bytes ...
-        same["compute"] = [place.device.type, str(place.dtype)]                # ... devices and dtypes: not
-        key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}],
-                                        sort_keys=True, default=str).encode() + tokens.numpy().tobytes())
-        ckpt = Checkpoint(tmp, key.hexdigest()[:24])
-        start, done, ref = 0, {}, None
+        start, ref = 0, None
         resumed = ckpt.load()
         if resumed is not None:
-            start, done, hidden, ref_hidden = resumed
+            start, hidden, ref_hidden = resumed
             ref = Activations(ref_hidden, kwargs, bs, offload, place) if ref_hidden is not None else None
-        results = quantize_gptq(model, Activations(hidden, kwargs, bs, offload, place), options, damp=cfg.damp,
-                                qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
-                                block_size=cfg.block_size, start_layer=start, ref_acts=ref,
-                                on_layer=ckpt.save, progress=progress, place=place)
-        results = {**done, **results}
+        quantize_gptq(model, Activations(hidden, kwargs, bs, offload, place), options, damp=cfg.damp,
+                      qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
+                      block_size=cfg.block_size, start_layer=start, ref_acts=ref,
+                      on_layer=layer_done, progress=progress, place=place)
     timings["quantize_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     trim_heap()
-    dtype = getattr(torch, cfg.export_dtype)
-    qc = write_gptq(tmp, model, results, options, skipped, tokenizer=tokenizer, damp=cfg.damp,
+    shards = [ckpt.shard(i) for i in range(len(decoder_layers(model)))]
+    qc = write_gptq(tmp, model, shards, options, skipped, tokenizer=tokenizer, damp=cfg.damp,
                     true_sequential=cfg.true_sequential, dtype=dtype)
     if plan is not None:
         plan.save(tmp / "plan.yaml")

@@ -48,3 +48,35 @@ def test_changed_config_does_not_resume(tmp_path, tiny_tokenizer, calib_file):
     assert r.returncode == 0 and "resuming" not in r.stderr
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     assert cfg["quantization_config"]["bits"] == 2
+
+
+def test_big_models_are_written_as_shards_with_an_index(tmp_path, tiny_models, calib_file, monkeypatch):
+    """Above MAX_SHARD_BYTES the exporter writes whole layers per shard plus an index, as transformers
+    does; the tensors and quantc.load's logits equal the single-file artifact's."""
+    import torch
+    from safetensors.torch import load_file
+
+    import quantc
+    import quantc.export.gptq as eg
+    from quantc.config import parse_config
+    from quantc.pipeline import compile_model
+    raw = {"model": str(tiny_models["qwen2"]), "quant": {"bits": 4, "group_size": 32},
+           "calibration": {"source": str(calib_file), "samples": 4, "seq_len": 32}}
+    one = compile_model(parse_config(raw), tmp_path / "one", progress=False)
+    monkeypatch.setattr(eg, "MAX_SHARD_BYTES", 40_000)
+    many = compile_model(parse_config(raw), tmp_path / "many", progress=False)
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not (tmp_path / "many" / "model.safetensors").exists()
+    assert set(many["files"]) >= set(shards) | {"model.safetensors.index.json"}
+    merged = {}
+    for s in shards:
+        merged.update(load_file(str(tmp_path / "many" / s)))
+    ref = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert merged.keys() == ref.keys() == index["weight_map"].keys()
+    assert all(torch.equal(merged[k], ref[k]) for k in ref)
+    assert one["totals"] == many["totals"]
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(quantc.load(tmp_path / "one")(input_ids=ids).logits,
+                           quantc.load(tmp_path / "many")(input_ids=ids).logits)

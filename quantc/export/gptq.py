@@ -1,5 +1,6 @@
-"""GPTQ-format checkpoint: model.safetensors (qweight/qzeros/scales/g_idx per quantized linear,
-other weights in 16-bit), config.json with quantization_config (+ quantize_config.json), the
+"""GPTQ-format checkpoint: model.safetensors, or shards with an index for big models (qweight/qzeros/
+scales/g_idx per quantized linear, other weights in 16-bit), assembled from the quantize sweep's
+per-layer shards, config.json with quantization_config (+ quantize_config.json), the
 `dynamic` field for modules whose option differs from the default, tokenizer files, and quantc.json
 (provenance, per-module options, bytes and file hashes)."""
 from __future__ import annotations
@@ -86,29 +87,82 @@ def quantized_tensors(name: str, res: QuantResult, opt: Option, bias: torch.Tens
     return out
 
 
-def write_gptq(folder: Path, model, results: dict[str, QuantResult], options: dict[str, Option],
-               skipped: list[str], *, tokenizer=None, damp: float = 0.01, true_sequential: bool = True,
-               dtype: torch.dtype = torch.float16) -> dict:
-    """Write the checkpoint into `folder` (an empty temporary folder: the caller renames it into
-    place). Returns the quantization_config written."""
-    mods = dict(model.named_modules())
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
+MAX_SHARD_BYTES = 5 * 10**9     # as transformers' save_pretrained: one file below this, shards above
+
+
+def layer_tensors(model, i: int, results: dict[str, QuantResult], options: dict[str, Option],
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor of decoder layer i: the packed quantized linears (+ bias) and the
+    layer's other weights in `dtype` (read from the source, so a lazy layer may be released)."""
+    prefix = f"model.layers.{i}."
+    layer = model.model.layers[i]
+    state = {prefix + k: v for k, v in layer.state_dict().items()}   # meta when released: read from disk
+    out: dict[str, torch.Tensor] = {}
     for name, res in results.items():
-        bias = lazy_tensor(model, f"{name}.bias", state) if mods[name].bias is not None else None
-        tensors.update(quantized_tensors(name, res, options[name], bias, dtype))
-    quantized = set(results)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        bias = f"{name}.bias"
+        out.update(quantized_tensors(name, res, options[name],
+                                     lazy_tensor(model, bias, state) if bias in state else None, dtype))
     for key in state:
-        owner, _, leaf = key.rpartition(".")
-        if owner in quantized:
-            continue
-        if tied and key == "lm_head.weight":
-            continue                     # tied to the embeddings: readers re-tie it
-        value = lazy_tensor(model, key, state)  # released layers of a lazy model are read from disk again
-        tensors[key] = value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
-    tensors = dict(sorted(tensors.items()))      # canonical order: a resumed compile writes the same bytes
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})  # one key: stable bytes
+        if key.rpartition(".")[0] not in results:
+            out[key] = _export(lazy_tensor(model, key, state), dtype)
+    return out
+
+
+def _export(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
+
+
+def outside_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers (embeddings, final norm, untied lm_head)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = model.state_dict()
+    out = {}
+    for key in state:
+        if key.startswith("model.layers.") or (tied and key == "lm_head.weight"):
+            continue                     # layers come from their shards; a tied lm_head is re-tied by readers
+        out[key] = _export(lazy_tensor(model, key, state), dtype)
+    return out
+
+
+def write_gptq(folder: Path, model, layer_shards: list[Path], options: dict[str, Option],
+               skipped: list[str], *, tokenizer=None, damp: float = 0.01, true_sequential: bool = True,
+               dtype: torch.dtype = torch.float16, max_shard_bytes: int | None = None) -> dict:
+    """Write the checkpoint into `folder` (the staging folder: the caller renames it into place) from
+    the per-layer shards the quantize sweep wrote (`layer_tensors`, one file per decoder layer, in
+    order). Up to `max_shard_bytes` one `model.safetensors` with its tensors in sorted order (a
+    resumed compile writes the same bytes); above, `model-0000k-of-0000n.safetensors` files of whole
+    layers and `model.safetensors.index.json`, as transformers saves big models, reading one layer
+    shard at a time. Returns the quantization_config written."""
+    from safetensors.torch import load_file
+    max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    outside = outside_tensors(model, dtype)
+    sizes = [p.stat().st_size for p in layer_shards]
+    if sum(sizes) + sum(t.numel() * t.element_size() for t in outside.values()) <= max_shard_bytes:
+        tensors = dict(outside)
+        for p in layer_shards:
+            tensors.update(load_file(str(p)))
+        save_file(dict(sorted(tensors.items())), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        groups, cur, size = [], [], 0
+        for p, n in zip(layer_shards, sizes):
+            if cur and size + n > max_shard_bytes:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += n
+        groups.append(cur)
+        total, weight_map = len(groups) + 1, {}
+        for k, group in enumerate([None] + groups, 1):
+            name = f"model-{k:05d}-of-{total:05d}.safetensors"
+            tensors = outside if group is None else {}
+            for p in group or []:
+                tensors.update(load_file(str(p)))
+            save_file(dict(sorted(tensors.items())), str(folder / name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in tensors})
+            del tensors
+        index = {"metadata": {"total_size": sum(sizes) + sum(t.numel() * t.element_size() for t in outside.values())},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     qc = quantization_config(options, skipped, damp, true_sequential)
     config = model.config.to_dict()

@@ -38,11 +38,12 @@ def input_groups(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     return out
 
 
-def quantize_rtn(model: nn.Module, options: dict[str, Option], progress: bool = True,
-                 place: Placement = CPU) -> dict[str, QuantResult]:
-    """Round-to-nearest: no calibration, every linear on its own."""
-    results = {}
+def quantize_rtn(model: nn.Module, options: dict[str, Option], on_layer: Callable, progress: bool = True,
+                 place: Placement = CPU) -> None:
+    """Round-to-nearest: no calibration, every linear on its own. `on_layer(i, results)` takes each
+    layer's {name: QuantResult} (on the CPU) as soon as the layer is done; nothing is kept here."""
     for i in tqdm(range(len(decoder_layers(model))), desc="RTN layers", leave=False, disable=not progress):
+        results = {}
         with decoder_layer(model, i, place) as layer:
             for short, m in layer.named_modules():
                 name = f"model.layers.{i}.{short}"
@@ -50,7 +51,7 @@ def quantize_rtn(model: nn.Module, options: dict[str, Option], progress: bool = 
                     results[name] = rtn(m.weight.data, options[name])
                     m.weight.data = results[name].weight.to(m.weight.dtype)
                     _shrink(results[name])
-    return results
+        on_layer(i, results)
 
 
 def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_sequential, block_size, place):
@@ -172,13 +173,14 @@ def reference_inputs(layer: nn.Module, acts: Activations, groups) -> tuple[list[
 def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option], *, damp: float = 0.01,
                   qep_alpha: float = 0.0, true_sequential: bool = True, block_size: int = 128,
                   start_layer: int = 0, ref_acts: Activations | None = None,
-                  on_layer: Callable | None = None, progress: bool = True, place: Placement = CPU):
-    """Quantize every linear named in `options` in place (weights replaced by their dequantized
-    values) and return {name: QuantResult}. `acts` are the quantized model's inputs of decoder layer
-    `start_layer` (`ref_acts` the original model's, for QEP; the same at layer 0).
-    `on_layer(i, results, x_hat, x_ref)` is called after each layer (resume checkpoints)."""
+                  on_layer: Callable | None = None, progress: bool = True, place: Placement = CPU) -> None:
+    """Quantize every linear named in `options` in place (on the default CPU placement the weights
+    are replaced by their dequantized values). `acts` are the quantized model's inputs of decoder
+    layer `start_layer` (`ref_acts` the original model's, for QEP; the same at layer 0).
+    `on_layer(i, results, x_hat, x_ref)` takes each finished layer's {name: QuantResult} (on the CPU)
+    and the next layer's inputs, once the layer is released (the shard and resume point are written
+    there); nothing is kept here, so memory holds one layer's codes, not the model's."""
     layers = decoder_layers(model)
-    results: dict[str, QuantResult] = {}
     x_hat = acts
     x_ref = (ref_acts if ref_acts is not None else acts) if qep_alpha > 0 else None
     bar = tqdm(range(start_layer, len(layers)), desc="GPTQ layers", disable=not progress)
@@ -186,11 +188,7 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
         with decoder_layer(model, i, place) as layer:       # lazy models: this layer's weights come from disk now
             layer_results, x_hat, x_ref = _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha,
                                                           true_sequential, block_size, place)
-            results.update(layer_results)
-            for res in layer_results.values():
-                res.cpu()
-            if on_layer is not None:
-                on_layer(i, layer_results, x_hat, x_ref)
-            for res in layer_results.values():
-                _shrink(res)
-    return results
+        for res in layer_results.values():
+            res.cpu()
+        if on_layer is not None:
+            on_layer(i, layer_results, x_hat, x_ref)

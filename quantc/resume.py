@@ -1,0 +1,60 @@
+"""Resume state of the quantize sweep, inside the staging folder (`.OUT.partial/resume/`).
+
+After every decoder layer: that layer's final checkpoint tensors as a shard (`layer-I.safetensors`,
+packed, in the export dtype: the exporter assembles the artifact from these, so the sweep keeps no
+layer's codes in memory), the activations entering the next layer (`acts.safetensors`), and
+`state.json` with the compile's key and the next layer. A rerun of the same compile (same config,
+plan, calibration and compute placement: `key`) continues after the last finished layer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("quantc")
+FORMAT = 2          # layer files hold final packed tensors (format 1 held raw codes)
+
+
+class Checkpoint:
+    def __init__(self, staging: Path, key: str):
+        self.dir, self.key = staging / "resume", f"{key}:{FORMAT}"
+
+    def shard(self, i: int) -> Path:
+        return self.dir / f"layer-{i}.safetensors"
+
+    def load(self):
+        """(next layer, x̂, x or None) of an interrupted run of the same compile, else None."""
+        from safetensors.torch import load_file
+        state = self.dir / "state.json"
+        if not state.is_file():
+            return None
+        st = json.loads(state.read_text())
+        if st.get("key") != self.key:
+            log.info("resume state is from another compile; starting over")
+            return None
+        acts = load_file(str(self.dir / "acts.safetensors"))
+        log.warning("resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
+        return st["next_layer"], acts["x_hat"], acts.get("x_ref")
+
+    def save_layer(self, i: int, tensors: dict) -> None:
+        from safetensors.torch import save_file
+        self.dir.mkdir(exist_ok=True)
+        _atomic(lambda p: save_file(tensors, str(p), metadata={"format": "pt"}), self.shard(i))
+
+    def save_state(self, i: int, x_hat, x_ref) -> None:
+        from safetensors.torch import save_file
+        acts = {"x_hat": x_hat.hidden.contiguous()}
+        if x_ref is not None:
+            acts["x_ref"] = x_ref.hidden.contiguous()
+        _atomic(lambda p: save_file({k: v.cpu() for k, v in acts.items()}, str(p)), self.dir / "acts.safetensors")
+        _atomic(lambda p: p.write_text(json.dumps({"key": self.key, "next_layer": i + 1})), self.dir / "state.json")
+        if os.environ.get("QUANTC_FAULT_AFTER_LAYER") == str(i):   # fault injection for the resume test
+            os.kill(os.getpid(), 9)
+
+
+def _atomic(write, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
