@@ -34,6 +34,7 @@ SCHEMA: dict[str, tuple] = {
     "export": (dict,),
     "plan": (dict,),
     "resources": (dict,),
+    "serve": (list, str),
 }
 MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str}
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
@@ -99,6 +100,7 @@ class Config:
     lazy_load: bool = True             # decoder layers read from disk one at a time (local safetensors)
     offload_activations: bool = False  # calibration hidden states in files beside the output, not in RAM
     source_file: str = ""
+    serve: list[str] = field(default_factory=list)   # runtimes the plan must load in (serve.py)
 
     @property
     def default_option(self) -> Option:
@@ -119,6 +121,7 @@ class Config:
                                                               "dtype": self.export_dtype},
             "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load,
                                                                "offload_activations": self.offload_activations},
+            "serve": self.serve,
         }
 
 
@@ -313,6 +316,11 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         raise ConfigError(file, "plan.noise", f"must be in (0, 1), got {cfg.plan.noise}")
     if cfg.export_dtype not in ("float16", "bfloat16"):
         raise ConfigError(file, "export.dtype", f"{cfg.export_dtype!r}; allowed: float16, bfloat16")
+
+    if "serve" in raw:                         # runtimes the plan must load in: checked in serve.py
+        from .serve import check_config, parse_targets
+        cfg.serve = parse_targets(raw["serve"], file)
+        check_config(cfg, file, explicit_candidates="candidates" in raw)
     return cfg
 
 

@@ -250,8 +250,12 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     from .export.gptq import write_gptq
     from .model import load_model, load_tokenizer
     from .passes.quantize import quantize_gptq, quantize_rtn
+    from .serve import check_modules
 
     out = Path(out)
+    if plan_file is not None:              # the plan's options against cfg.serve, before any work
+        from .planning import read_plan_options
+        read_plan_options(plan_file, cfg)
     check_memory(cfg)
     tmp = prepare_output(out, force)
     timings = {}
@@ -263,6 +267,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     from .lazy import is_lazy, materialize_all, release_all, release_outside, trim_heap
     if is_lazy(model):
         log.info("lazy loading: decoder layers are read from %s one at a time", cfg.model)
+    check_modules(*resolve_options(model, cfg), cfg.serve, cfg.source_file)   # overrides/keep_fp16 vs serve
 
     plan = None
     chosen = None
@@ -282,6 +287,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     options, skipped = resolve_options(model, cfg, chosen)
     if not options:
         raise QuantcError(f"{cfg.source_file}: no linear layer is left to quantize (keep_fp16/overrides skip all)")
+    check_modules(options, skipped, cfg.serve, cfg.source_file)
 
     t = time.perf_counter()
     if cfg.method == "rtn":
