@@ -89,8 +89,10 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     from .config import Budget, load_config, parse_size
     from .calibration import calibration_tokens
     from .model import load_model, load_tokenizer
+    from .pipeline import resolve_options
     from .planning import budget_bytes, get_measurements, solve
     from .report import write_report
+    from .serve import check_modules
     cfg = load_config(budget)
     if avg_bits is not None or memory is not None:
         cfg.budget = Budget(avg_bits=avg_bits, memory=parse_size(memory, budget, "--memory") if memory else None)
@@ -99,6 +101,7 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
                           "budget.max_delta_loss (or --avg-bits/--memory)")
     t = time.perf_counter()
     model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision)
+    check_modules(*resolve_options(model, cfg), cfg.serve, cfg.source_file)   # overrides/keep_fp16 vs serve
     tok = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     tokens = calibration_tokens(cfg.calibration, tok, model)
     ms, cached = get_measurements(cfg, model, tokens, progress=ctx.obj["progress"])

@@ -214,3 +214,17 @@ def test_allocator_offers_only_servable_options(tmp_path, tiny_models, calib_fil
     cfg.serve = []
     free = solve(ms, cfg, all4 - 1)                                 # without serve, 2-bit fits there
     assert 2 in {o.bits for o in free.choices.values()}
+
+
+def test_plan_command_refuses_a_split_fused_unit(tmp_path, tiny_models, calib_file, monkeypatch):
+    import quantc.calibration as calibration
+    monkeypatch.setattr(calibration, "calibration_tokens", lambda *a, **k: pytest.fail("calibrated"))
+    y = _yaml(tmp_path, tiny_models["qwen3"], f"""serve: [vllm]
+budget: {{avg_bits: 6}}
+quant: {{bits: [4, 8], group_size: 32}}
+overrides: [{{match: 'layers\\.0\\.mlp\\.gate_proj', bits: 4}}]
+calibration: {{source: {calib_file}, samples: 4, seq_len: 32}}
+""")
+    r = CliRunner().invoke(main, ["plan", str(y), "-o", str(tmp_path / "p")])
+    assert r.exit_code == 2, r.output
+    assert "model.layers.0.mlp.up_proj (8-bit sym, group 32) cannot be served by vllm" in r.output
