@@ -74,7 +74,8 @@ def test_dynamic_replayed_by_vllm_and_gptqmodel_rules(vllm_only):
     # every linear vLLM builds was asked for and answered: 4 per layer (qkv, o, gate_up, down)
     assert len(got) == 4 * 24 and "model.layers.0.self_attn.qkv_proj" in got
     assert got["model.layers.0.self_attn.qkv_proj"]["bits"] == 8 == got["model.layers.0.self_attn.o_proj"]["bits"]
-    assert got["model.layers.1.mlp.gate_up_proj"]["group_size"] == 64 == got["model.layers.1.mlp.down_proj"]["group_size"]
+    mlp1 = "model.layers.1.mlp."
+    assert got[mlp1 + "gate_up_proj"]["group_size"] == 64 == got[mlp1 + "down_proj"]["group_size"]
     assert got["model.layers.3.self_attn.qkv_proj"] is None and got["model.layers.3.mlp.gate_up_proj"] is None
     assert got["model.layers.6.self_attn.qkv_proj"]["desc_act"] is True
     if vllm_only:
@@ -160,7 +161,8 @@ def _raw(model, calib, **extra):
      "model.layers.1.self_attn.k_proj", "8-bit sym, group 32"),
     ({"keep_fp16": ["lm_head", r"layers\.0\.mlp\.up_proj"]}, "model.layers.0.mlp.up_proj", "16-bit"),
 ])
-def test_split_fused_unit_refused_before_any_work(tmp_path, tiny_models, calib_file, monkeypatch, extra, module, option):
+def test_split_fused_unit_refused_before_any_work(tmp_path, tiny_models, calib_file, monkeypatch, extra, module,
+                                                  option):
     import quantc.calibration as calibration
     monkeypatch.setattr(calibration, "calibration_tokens", lambda *a, **k: pytest.fail("calibrated"))
     cfg = parse_config(_raw(tiny_models["llama"], calib_file, **extra), "b.yaml")
