@@ -92,7 +92,7 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     from .pipeline import resolve_options
     from .planning import budget_bytes, get_measurements, solve
     from .report import write_report
-    from .serve import check_modules
+    from .serve import check_modules, targets_for
     cfg = load_config(budget)
     if avg_bits is not None or memory is not None:
         cfg.budget = Budget(avg_bits=avg_bits, memory=parse_size(memory, budget, "--memory") if memory else None)
@@ -101,7 +101,7 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
                           "budget.max_delta_loss (or --avg-bits/--memory)")
     t = time.perf_counter()
     model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision)
-    check_modules(*resolve_options(model, cfg), cfg.serve, cfg.source_file)   # overrides/keep_fp16 vs serve
+    check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides/keep_fp16 vs serve
     tok = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     tokens = calibration_tokens(cfg.calibration, tok, model)
     ms, cached = get_measurements(cfg, model, tokens, progress=ctx.obj["progress"])
@@ -224,6 +224,24 @@ def export_onnx_cmd(artifact, out, accuracy_level, max_length, widen_2bit, force
                       "(exact values, 4-bit storage)")
     table.add_row("graph", "input_ids, attention_mask, position_ids, past_key_values.* → logits, present.*")
     table.add_row("files", ", ".join(sorted(p.name for p in Path(out).iterdir())))
+    console.print(table)
+
+
+@export_group.command("gguf")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder (default: ARTIFACT/gguf).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@_fail_clearly
+def export_gguf_cmd(artifact, out, force):
+    """llama.cpp GGUF (Q4_0 / Q4_1 / Q8_0 at group 32, from the checkpoint's own integers) from ARTIFACT."""
+    from .export.gguf import export_gguf
+    out = out or str(Path(artifact) / "gguf")
+    src = _manifest(artifact).get("source", {})
+    source = str(Path(src["model"]) / src["gguf_file"]) if src.get("model") and src.get("gguf_file") else None
+    info = export_gguf(artifact, out, source_gguf=source, force=force)
+    table = Table(title=f"quantc export gguf → {out}", show_header=False)
+    table.add_row("quantized tensors", ", ".join(f"{t}: {n}" for t, n in sorted(info["types"].items())) or "none")
+    table.add_row("file", str(Path(out) / info["file"]))
     console.print(table)
 
 

@@ -19,7 +19,7 @@ from .packing import SUPPORTED_BITS
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EXPORT_TARGETS = ("gptq", "onnx")   # the GPTQ checkpoint is always written; onnx adds out/onnx/
+EXPORT_TARGETS = ("gptq", "onnx", "gguf")   # the GPTQ checkpoint is always written; onnx/gguf add out/onnx|gguf/
 METHODS = ("gptq", "rtn")
 UNIT_MODES = ("shared", "linear")
 
@@ -317,10 +317,10 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if cfg.export_dtype not in ("float16", "bfloat16"):
         raise ConfigError(file, "export.dtype", f"{cfg.export_dtype!r}; allowed: float16, bfloat16")
 
-    if "serve" in raw:                         # runtimes the plan must load in: checked in serve.py
-        from .serve import check_config, parse_targets
+    from .serve import check_config, parse_targets   # runtimes the plan must load in: serve.py
+    if "serve" in raw:
         cfg.serve = parse_targets(raw["serve"], file)
-        check_config(cfg, file, explicit_candidates="candidates" in raw)
+    check_config(cfg, file, explicit_candidates="candidates" in raw)
     return cfg
 
 

@@ -50,9 +50,10 @@ class Plan:
 
 def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option], dict[str, list[str]], dict]:
     """Read an (edited) plan file without the model: unit key -> option (checked: bits, group size, and
-    every runtime named in cfg.serve), unit key -> the modules the file lists, and the raw mapping."""
+    every runtime the compile targets: serve.targets_for), unit key -> the modules the file lists, and
+    the raw mapping."""
     from .config import _bits, _group
-    from .serve import check, refuse
+    from .serve import check, refuse, targets_for
     file = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -74,9 +75,9 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
         mods = entry.get("modules")
         listed[key] = [str(m) for m in mods] if isinstance(mods, list) else []
         choices[key] = opt
-        refuse(check({f"unit {key}": opt}, cfg.serve), file, f"units.{key}")
+        refuse(check({f"unit {key}": opt}, targets_for(cfg)), file, f"units.{key}")
     unit_of = {m: key for key, mods in listed.items() for m in mods}
-    vs = check({m: choices[key] for m, key in unit_of.items()}, cfg.serve)   # fused members: one option
+    vs = check({m: choices[key] for m, key in unit_of.items()}, targets_for(cfg))   # fused members: one option
     if vs:
         refuse(vs, file, f"units.{unit_of[vs[0].name]}")
     return choices, listed, raw
@@ -185,14 +186,15 @@ def budget_bytes(cfg: Config, ms: Measurements) -> int | None:
 
 
 def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: float | None = None) -> Plan:
-    from .serve import check
+    from .serve import check, targets_for
     keys, fixed = allocatable(ms, cfg)
     if not keys:
         raise QuantcError(f"{cfg.source_file}: every unit is pinned by keep_fp16/overrides; nothing to allocate")
     # only the options every runtime in `serve` runs (the YAML's candidates are checked when it is read)
-    offered = [o for o in cfg.candidates if not check({"candidate": o}, cfg.serve)]
+    targets = targets_for(cfg)
+    offered = [o for o in cfg.candidates if not check({"candidate": o}, targets)]
     if not offered:
-        raise ConfigError(cfg.source_file, "serve", f"no candidate runs on {', '.join(cfg.serve)}")
+        raise ConfigError(cfg.source_file, "serve", f"no candidate runs on {', '.join(targets)}")
     opt_keys = [option_key(o) for o in offered]
     costs = [[ms.units[k]["options"][o]["bytes"] for o in opt_keys] for k in keys]
     values = [[unit_dkl(ms.units[k], o) for o in opt_keys] for k in keys]

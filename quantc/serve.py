@@ -17,8 +17,8 @@ What each table says, and where it comes from:
   but with the memory of 4-bit, so under a budget meant for ONNX Runtime a 3-bit option would
   cost 4-bit bytes with 3-bit error. It is not offered.
 - gguf: llama.cpp's native group-32 types (Q4_0 = symmetric 4-bit, Q4_1 = asymmetric 4-bit,
-  Q8_0 = symmetric 8-bit), contiguous groups only. quantc does not export GGUF yet, so the
-  target is refused with a clear message.
+  Q8_0 = symmetric 8-bit), contiguous groups only (no g_idx): what quantc/export/gguf.py writes.
+  `export.targets: [gguf]` implies this target.
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ class Runtime:
     fused: bool = False            # q/k/v and gate/up load as one linear: one option for all members
     contiguous_groups: bool = False  # needs g_idx = i // group_size (no act-order reordering)
     why: str = ""                  # the runtime's rule, in words (shown in errors)
-    unsupported: str | None = None  # the target itself is refused with this message
 
     def allowed(self) -> str:
         kinds = ", ".join(f"{b}-bit {'sym' if s else 'asym'}" for b, s in self.kinds)
@@ -61,9 +60,7 @@ RUNTIMES: dict[str, Runtime] = {
     "gguf": Runtime(
         "llama.cpp (GGUF)", kinds=((4, True), (4, False), (8, True)), group_sizes=(32,), contiguous_groups=True,
         why="llama.cpp's native types are Q4_0 (4-bit sym), Q4_1 (4-bit asym) and Q8_0 (8-bit sym), "
-            "blocks of 32 contiguous weights",
-        unsupported="`gguf` is not yet supported: quantc does not export GGUF checkpoints yet; serve the GPTQ "
-                    "checkpoint with vllm or the ONNX model with onnx"),
+            "blocks of 32 contiguous weights"),
 }
 TARGETS = tuple(RUNTIMES)
 
@@ -148,8 +145,6 @@ def parse_targets(value, file: str, key: str = "serve") -> list[str]:
     for t in items:
         if not isinstance(t, str) or t not in RUNTIMES:
             raise ConfigError(file, key, f"{t!r} is not a known serving target; allowed: {', '.join(TARGETS)}")
-        if RUNTIMES[t].unsupported:
-            raise ConfigError(file, key, RUNTIMES[t].unsupported)
         if t not in out:
             out.append(t)
     return out
@@ -161,6 +156,11 @@ def refuse(violations: list[Violation], file: str, key: str) -> None:
         v = violations[0]
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
         raise ConfigError(file, key, f"{v}{more}")
+
+
+def targets_for(cfg) -> list[str]:
+    """The runtimes a compile must fit: `serve`, plus gguf when it is an export target."""
+    return list(cfg.serve) + (["gguf"] if "gguf" in cfg.export_targets and "gguf" not in cfg.serve else [])
 
 
 def check_modules(options: Mapping[str, Option], skipped: Iterable[str], targets: Iterable[str],
@@ -176,12 +176,13 @@ _QUANT_KEY = {"bits": "quant.bits", "sym": "quant.sym", "group_size": "quant.gro
 
 
 def check_config(cfg, file: str, explicit_candidates: bool) -> None:
-    """The budget YAML against cfg.serve, before any work: every candidate, every override (applied
-    to every candidate, as the compile may apply it) and the unit mode."""
-    if not cfg.serve:
+    """The budget YAML against its targets (targets_for), before any work: every candidate, every
+    override (applied to every candidate, as the compile may apply it) and the unit mode."""
+    targets = targets_for(cfg)
+    if not targets:
         return
     for i, o in enumerate(cfg.candidates):
-        vs = check({f"candidate {o.label}": o}, cfg.serve)
+        vs = check({f"candidate {o.label}": o}, targets)
         if vs:
             key = f"candidates[{i}]" if explicit_candidates else _QUANT_KEY.get(vs[0].field, "quant")
             refuse(vs, file, key)
@@ -191,8 +192,8 @@ def check_config(cfg, file: str, explicit_candidates: bool) -> None:
         changes = {k: v for k, v in fields.items() if k != "skip"}
         for base in cfg.candidates:
             o = Option(**{**base.to_dict(), **changes})
-            refuse(check({f"overrides[{i}]": o}, cfg.serve), file, f"overrides[{i}]")
-    fused = [t for t in cfg.serve if RUNTIMES[t].fused]
+            refuse(check({f"overrides[{i}]": o}, targets), file, f"overrides[{i}]")
+    fused = [t for t in targets if RUNTIMES[t].fused]
     if fused and cfg.units != "shared":
         raise ConfigError(file, "quant.units", f"{cfg.units!r} lets q/k/v (and gate/up) get different options, but "
                           f"{RUNTIMES[fused[0]].title} (serve: {fused[0]}) loads them as one fused linear; "

@@ -111,7 +111,7 @@ REFUSED = [
     ("serve: [vllm]\nquant: {units: linear}\n", "`quant.units`", "fused"),
     ("serve: [onnx]\nquant: {bits: [3, 4]}\n", "`quant.bits`", "3-bit"),
     ("serve: [onnx, vllm]\nquant: {bits: [4], sym: false}\n", "`quant.sym`", "4-bit asym"),
-    ("serve: [gguf]\n", "`serve`", "not yet supported"),
+    ("serve: [gguf]\n", "`quant.group_size`", "4-bit sym, group 128"),
     ("serve: [tensorrt]\n", "`serve`", "'tensorrt' is not a known serving target; allowed: vllm, onnx, gguf"),
     ("serve: {vllm: true}\n", "`serve`", "expected list or str"),
 ]
@@ -125,7 +125,7 @@ def test_serve_refuses_what_a_target_cannot_run(tmp_path, tiny_models, text, key
     msg = str(e.value)
     assert msg.startswith(f"{p}: {key}: ") and option in msg, msg
     if key != "`serve`":
-        target = "onnx" if "onnx" in text and "3-bit" in option else "vllm"
+        target = "onnx" if "onnx" in text and "3-bit" in option else "gguf" if "gguf" in text else "vllm"
         assert f"cannot be served by {target}" in msg or "fused" in msg, msg
     r = CliRunner().invoke(main, ["compile", str(p), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "error:" in r.output and not (tmp_path / "out").exists()
@@ -146,7 +146,7 @@ def test_serve_accepts_what_targets_run_and_nothing_changes_without_it(tmp_path,
 def test_runtime_table_is_what_the_docs_say():
     assert RUNTIMES["vllm"].kinds == ((4, True), (8, True)) and RUNTIMES["vllm"].fused
     assert 3 not in {b for b, _ in RUNTIMES["onnx"].kinds}
-    assert RUNTIMES["gguf"].unsupported and "not yet supported" in RUNTIMES["gguf"].unsupported
+    assert RUNTIMES["gguf"].kinds == ((4, True), (4, False), (8, True)) and RUNTIMES["gguf"].group_sizes == (32,)
 
 
 # ----------------------------------------------------------------------------- modules, plan files, allocator
