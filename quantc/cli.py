@@ -244,6 +244,24 @@ def export_onnx_cmd(artifact, out, accuracy_level, max_length, widen_2bit, force
     console.print(table)
 
 
+@export_group.command("gguf")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder (default: ARTIFACT/gguf).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@_fail_clearly
+def export_gguf_cmd(artifact, out, force):
+    """llama.cpp GGUF (Q4_0 / Q4_1 / Q8_0 at group 32, from the checkpoint's own integers) from ARTIFACT."""
+    from .export.gguf import export_gguf
+    out = out or str(Path(artifact) / "gguf")
+    src = _manifest(artifact).get("source", {})
+    source = str(Path(src["model"]) / src["gguf_file"]) if src.get("model") and src.get("gguf_file") else None
+    info = export_gguf(artifact, out, source_gguf=source, force=force)
+    table = Table(title=f"quantc export gguf → {out}", show_header=False)
+    table.add_row("quantized tensors", ", ".join(f"{t}: {n}" for t, n in sorted(info["types"].items())) or "none")
+    table.add_row("file", str(Path(out) / info["file"]))
+    console.print(table)
+
+
 @main.command("generate")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("-p", "--prompt", required=True, help="Text to continue.")

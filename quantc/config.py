@@ -19,7 +19,7 @@ from .packing import SUPPORTED_BITS
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EXPORT_TARGETS = ("gptq", "onnx")   # the GPTQ checkpoint is always written; onnx adds out/onnx/
+EXPORT_TARGETS = ("gptq", "onnx", "gguf")   # the GPTQ checkpoint is always written; onnx/gguf add out/onnx|gguf/
 METHODS = ("gptq", "rtn")
 UNIT_MODES = ("shared", "linear")
 
@@ -34,6 +34,7 @@ SCHEMA: dict[str, tuple] = {
     "export": (dict,),
     "plan": (dict,),
     "resources": (dict,),
+    "serve": (list, str),
 }
 MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str}
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
@@ -105,6 +106,7 @@ class Config:
     device: str = "auto"               # auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     compute_dtype: str = "float32"     # layer forwards; Hessians and GPTQ solves stay float32
     source_file: str = ""
+    serve: list[str] = field(default_factory=list)   # runtimes the plan must load in (serve.py)
 
     @property
     def default_option(self) -> Option:
@@ -127,6 +129,7 @@ class Config:
                                                                "offload_activations": self.offload_activations,
                                                                "device": self.device,
                                                                "compute_dtype": self.compute_dtype},
+            "serve": self.serve,
         }
 
 
@@ -332,6 +335,11 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         raise ConfigError(file, "plan.noise", f"must be in (0, 1), got {cfg.plan.noise}")
     if cfg.export_dtype not in ("float16", "bfloat16"):
         raise ConfigError(file, "export.dtype", f"{cfg.export_dtype!r}; allowed: float16, bfloat16")
+
+    from .serve import check_config, parse_targets   # runtimes the plan must load in: serve.py
+    if "serve" in raw:
+        cfg.serve = parse_targets(raw["serve"], file)
+    check_config(cfg, file, explicit_candidates="candidates" in raw)
     return cfg
 
 

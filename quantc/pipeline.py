@@ -229,8 +229,10 @@ def plan_only(cfg: Config, progress: bool = True):
     Returns (plan, measurements, cached, solve seconds)."""
     from .calibration import calibration_tokens
     from .planning import budget_bytes, get_measurements, solve
+    from .serve import check_modules, targets_for
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
+    check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
     tokens = calibration_tokens(cfg.calibration, tokenizer, model)
     ms, cached = get_measurements(cfg, model, tokens, progress, placement(cfg))
     t = time.perf_counter()
@@ -245,8 +247,12 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     from .export.gptq import layer_tensors, write_gptq
     from .resume import Checkpoint
     from .passes.quantize import quantize_gptq, quantize_rtn
+    from .serve import check_modules, targets_for
 
     out = Path(out)
+    if plan_file is not None:              # the plan's options against the targets, before any work
+        from .planning import read_plan_options
+        read_plan_options(plan_file, cfg)
     check_memory(cfg)
     tmp = prepare_output(out, force)
     timings = {}
@@ -258,6 +264,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     if is_lazy(model):
         log.info("lazy loading: decoder layers are read from %s one at a time", cfg.model)
     place = placement(cfg)
+    check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
 
     plan = None
     chosen = None
@@ -275,6 +282,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     options, skipped = resolve_options(model, cfg, chosen)
     if not options:
         raise QuantcError(f"{cfg.source_file}: no linear layer is left to quantize (keep_fp16/overrides skip all)")
+    check_modules(options, skipped, targets_for(cfg), cfg.source_file)
 
     t = time.perf_counter()
     dtype = getattr(torch, cfg.export_dtype)
@@ -322,6 +330,12 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         t = time.perf_counter()
         export_onnx(tmp, tmp / "onnx")
         timings["export_onnx_s"] = time.perf_counter() - t
+    if "gguf" in cfg.export_targets:        # llama.cpp's Q4_0/Q4_1/Q8_0 from the same integers
+        from .export.gguf import export_gguf
+        t = time.perf_counter()
+        source = str(Path(cfg.model) / cfg.gguf_file) if cfg.gguf_file else None
+        export_gguf(tmp, tmp / "gguf", source_gguf=source)
+        timings["export_gguf_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     modules = module_table(model, options)

@@ -48,8 +48,12 @@ class Plan:
         os.replace(tmp, path)
 
 
-def read_plan(path: str | Path, model, cfg: Config) -> Plan:
-    """Read an (edited) plan file and check it against the model's units."""
+def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option], dict[str, list[str]], dict]:
+    """Read an (edited) plan file without the model: unit key -> option (checked: bits, group size, and
+    every runtime the compile targets: serve.targets_for), unit key -> the modules the file lists, and
+    the raw mapping."""
+    from .config import _bits, _group
+    from .serve import check, refuse, targets_for
     file = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -57,12 +61,8 @@ def read_plan(path: str | Path, model, cfg: Config) -> Plan:
         raise ConfigError(file, "", f"cannot read the plan: {e}") from None
     if not isinstance(raw, dict) or "units" not in raw or not isinstance(raw["units"], dict):
         raise ConfigError(file, "units", "not a quantc plan (written by `quantc plan`)")
-    model_units = {u.key: list(u.names) for u in units(model, cfg.units)}
-    choices, names = {}, {}
+    choices, listed = {}, {}
     for key, entry in raw["units"].items():
-        if key not in model_units:
-            raise ConfigError(file, f"units.{key}", "the plan does not match the model: no such unit "
-                              f"(the model has {len(model_units)} units, e.g. {next(iter(model_units))})")
         if not isinstance(entry, dict):
             raise ConfigError(file, f"units.{key}", "expected a mapping with bits, group_size, ...")
         fields = {k: v for k, v in entry.items() if k in Option.__dataclass_fields__}
@@ -70,10 +70,29 @@ def read_plan(path: str | Path, model, cfg: Config) -> Plan:
             opt = Option(**fields)
         except TypeError as e:
             raise ConfigError(file, f"units.{key}", str(e)) from None
-        from .config import _bits, _group
         _bits(opt.bits, file, f"units.{key}.bits")
         _group(opt.group_size, file, f"units.{key}.group_size")
-        choices[key], names[key] = opt, model_units[key]
+        mods = entry.get("modules")
+        listed[key] = [str(m) for m in mods] if isinstance(mods, list) else []
+        choices[key] = opt
+        refuse(check({f"unit {key}": opt}, targets_for(cfg)), file, f"units.{key}")
+    unit_of = {m: key for key, mods in listed.items() for m in mods}
+    vs = check({m: choices[key] for m, key in unit_of.items()}, targets_for(cfg))   # fused members: one option
+    if vs:
+        refuse(vs, file, f"units.{unit_of[vs[0].name]}")
+    return choices, listed, raw
+
+
+def read_plan(path: str | Path, model, cfg: Config) -> Plan:
+    """Read an (edited) plan file and check it against the model's units."""
+    file = str(path)
+    choices, _, raw = read_plan_options(path, cfg)
+    model_units = {u.key: list(u.names) for u in units(model, cfg.units)}
+    for key in choices:
+        if key not in model_units:
+            raise ConfigError(file, f"units.{key}", "the plan does not match the model: no such unit "
+                              f"(the model has {len(model_units)} units, e.g. {next(iter(model_units))})")
+    names = {key: model_units[key] for key in choices}
     return Plan(choices, names, raw.get("predicted", {}), raw.get("meta", {}))
 
 
@@ -171,17 +190,23 @@ def budget_bytes(cfg: Config, ms: Measurements) -> int | None:
 
 
 def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: float | None = None) -> Plan:
+    from .serve import check, targets_for
     keys, fixed = allocatable(ms, cfg)
     if not keys:
         raise QuantcError(f"{cfg.source_file}: every unit is pinned by keep_fp16/overrides; nothing to allocate")
-    opt_keys = [option_key(o) for o in cfg.candidates]
+    # only the options every runtime in `serve` runs (the YAML's candidates are checked when it is read)
+    targets = targets_for(cfg)
+    offered = [o for o in cfg.candidates if not check({"candidate": o}, targets)]
+    if not offered:
+        raise ConfigError(cfg.source_file, "serve", f"no candidate runs on {', '.join(targets)}")
+    opt_keys = [option_key(o) for o in offered]
     costs = [[ms.units[k]["options"][o]["bytes"] for o in opt_keys] for k in keys]
     values = [[unit_dkl(ms.units[k], o) for o in opt_keys] for k in keys]
     if target is not None:
         sol = least_bytes(costs, values, target)
     else:
         sol = allocate(costs, values, budget - fixed)
-    choices = {k: cfg.candidates[o] for k, o in zip(keys, sol.choice)}
+    choices = {k: offered[o] for k, o in zip(keys, sol.choice)}
     lo, hi = size_range(costs)
     weights = sum(ms.units[k]["weights"] for k in keys)
     predicted = {"bytes": sol.bytes + fixed, "allocated_bytes": sol.bytes, "fixed_bytes": fixed,

@@ -31,7 +31,7 @@ BAD = [
     ("model: {M}\ncalibration: {source: missing.jsonl}\n", "`calibration.source`: file 'missing.jsonl' not found"),
     ("model: {M}\ncalibration: {samples: 0}\n", "`calibration.samples`: must be a positive integer"),
     ("model: {M}\ncalibration: {seq_len: abc}\n", "`calibration.seq_len`: expected int, got str"),
-    ("model: {M}\nexport: {targets: [gguf]}\n", "`export.targets`: 'gguf' is not known; allowed: gptq, onnx"),
+    ("model: {M}\nexport: {targets: [exl2]}\n", "`export.targets`: 'exl2' is not known; allowed: gptq, onnx, gguf"),
     ("model: {M}\nkeep_fp16: ['lm_head(']\n", "`keep_fp16[0]`: invalid regular expression"),
     ("model: {M}\noverrides: [{bits: 8}]\n", "`overrides[0]`: each override is a mapping with `match`"),
     ("model: {M}\noverrides: [{match: x, bits: 6}]\n", "`overrides[0].bits`: bits 6 is not supported"),

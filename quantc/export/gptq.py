@@ -18,8 +18,7 @@ from ..gptq import QuantResult
 from ..lazy import tensor as lazy_tensor
 from ..options import Option
 from ..packing import pack_gptq
-
-FUSED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+from ..serve import FUSED_OF
 
 
 def default_option(options: dict[str, Option]) -> Option:
@@ -38,26 +37,29 @@ def _fields(o: Option) -> dict:
 
 
 def _pattern(names: list[str]) -> str:
-    """One anchored regex for the linears of a unit; matches vLLM's fused name too."""
+    """One anchored regex for linears under one sub-module prefix: their own names and, for members of
+    a linear vLLM fuses (q/k/v → qkv_proj, gate/up → gate_up_proj), the fused name too."""
     prefix = names[0].rsplit(".", 1)[0]
-    short = tuple(n.rsplit(".", 1)[1] for n in names)
-    alts = list(short) + ([FUSED[short]] if short in FUSED else [])
+    own = [n.rsplit(".", 1)[1] for n in names]
+    alts = list(dict.fromkeys(own + [FUSED_OF[s][1] for s in own if s in FUSED_OF]))
     body = alts[0] if len(alts) == 1 else "(" + "|".join(alts) + ")"
     return "^" + re.escape(prefix) + r"\." + body + "$"
 
 
 def dynamic_field(options: dict[str, Option], skipped: list[str], default: Option) -> dict:
     """GPTQModel/vLLM `dynamic`: "+:regex" overrides the default option, "-:regex" leaves a module
-    unquantized. Linears of the same sub-module prefix with the same option share one entry."""
-    dyn: dict[str, dict] = {}
+    unquantized; the first matching entry wins. Linears of the same sub-module prefix (self_attn, mlp)
+    with the same option share one entry, and every entry also names vLLM's fused linear of its
+    members, so vLLM (which asks with qkv_proj / gate_up_proj) finds the same option."""
     groups: dict[tuple, list[str]] = {}
     for name, opt in options.items():
         if opt != default:
             groups.setdefault((name.rsplit(".", 1)[0], opt), []).append(name)
-    for (_, opt), names in groups.items():
-        dyn["+:" + _pattern(names)] = _fields(opt)
+    dyn = {"+:" + _pattern(names): _fields(opt) for (_, opt), names in groups.items()}
+    unquantized: dict[str, list[str]] = {}
     for name in skipped:
-        dyn["-:" + _pattern([name])] = {}
+        unquantized.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    dyn.update({"-:" + _pattern(names): {} for names in unquantized.values()})
     return dyn
 
 

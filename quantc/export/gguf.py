@@ -1,0 +1,235 @@
+"""GGUF export (llama.cpp) for the options llama.cpp runs natively at group size 32, built from a GPTQ
+checkpoint folder with the checkpoint's own integers (nothing is re-quantized):
+
+- symmetric 4-bit → Q4_0: d = the GPTQ scale, the 4-bit codes as they are (value = d·(q − 8));
+- asymmetric 4-bit → Q4_1: d = the scale, m = −scale·zero rounded to fp16 (value = d·q + m: equal to
+  the GPTQ value up to that one fp16 rounding of m);
+- symmetric 8-bit → Q8_0: d = the scale, int8 codes q − 128 (value = d·(q − 128)).
+
+Which type a linear gets is read from its zero points (all 2^(bits−1): symmetric), so the file says
+exactly what the checkpoint holds. Groups must be contiguous (g_idx = i // 32: no act-order
+reordering, which GGUF cannot express). Unquantized linears, embeddings and the output head are F16
+(the checkpoint's 16-bit values), norms F32. Llama's q/k rows are permuted as llama.cpp's converter
+does (llama.cpp's rope layout); readers (llama.cpp, transformers' gguf loader) undo it.
+
+The tokenizer (byte-level BPE, GGUF's "gpt2" model) and the model's hyper-parameters come from the
+checkpoint folder; the pre-tokenizer name is carried from the source GGUF when there is one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import QuantcError
+from ..packing import unpack_cols, unpack_rows
+
+log = logging.getLogger("quantc")
+
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+BLOCK = 32
+
+
+def _codes(qweight, qzeros, scales, g_idx, bits: int, name: str):
+    """GPTQ v1 tensors → codes [N, K] (uint8), zero points and scales [N, K/32]."""
+    q = unpack_rows(qweight, bits).t().contiguous()            # [N, K]
+    zeros = (unpack_cols(qzeros, bits) + 1).t().contiguous()    # [N, G]
+    K = q.shape[1]
+    if K % BLOCK or scales.shape[0] * BLOCK != K:
+        raise QuantcError(f"{name}: GGUF's native types need group size 32 (K={K}, {scales.shape[0]} groups)")
+    if not torch.equal(g_idx.long(), torch.arange(K) // BLOCK):
+        raise QuantcError(f"{name}: act-order groups (g_idx ≠ i // 32) cannot be written to GGUF; "
+                          "compile with quant.static_groups: true or act_order: false")
+    return q.numpy().astype(np.uint8), zeros.numpy(), scales.t().contiguous().numpy().astype(np.float16)
+
+
+def gguf_blocks(qweight, qzeros, scales, g_idx, bits: int, name: str = "linear"):
+    """One GPTQ linear → (GGML type, uint8 rows [N, K/32 · block bytes])."""
+    from gguf import GGMLQuantizationType as T
+    q, z, s = _codes(qweight, qzeros, scales, g_idx, bits, name)
+    N, K = q.shape
+    q = q.reshape(N, K // BLOCK, BLOCK)
+    d = s.reshape(N, K // BLOCK, 1).view(np.uint8)               # fp16 bytes [N, B, 2]
+    mid = 2 ** (bits - 1)
+    if bits == 4:
+        nib = q[..., :16] | (q[..., 16:] << 4)                  # llama.cpp: j | (j + 16) << 4
+        if np.all(z == mid):
+            qtype, parts = T.Q4_0, [d, nib]
+        else:
+            m = (-(s.astype(np.float32) * z.astype(np.float32))).astype(np.float16)
+            qtype, parts = T.Q4_1, [d, m.reshape(N, K // BLOCK, 1).view(np.uint8), nib]
+    elif bits == 8:
+        if not np.all(z == mid):
+            raise QuantcError(f"{name}: asymmetric 8-bit has no GGUF type (Q8_0 is symmetric)")
+        qtype, parts = T.Q8_0, [d, (q.astype(np.int16) - mid).astype(np.int8).view(np.uint8)]
+    else:
+        raise QuantcError(f"{name}: {bits}-bit has no native GGUF type at group 32 (Q4_0, Q4_1, Q8_0)")
+    return qtype, np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(N, -1))
+
+
+def _rope_rows(n: int, heads: int) -> np.ndarray:
+    """Row order llama.cpp's converter gives Llama's q/k weights (per head: the two rotary halves
+    interleaved); readers undo it."""
+    return np.arange(n).reshape(heads, 2, n // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def _rope_theta(cfg: dict, where: str) -> float:
+    rp = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = rp.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise QuantcError(f"{where}: rope type {kind!r} is not written to GGUF by quantc (plain RoPE only)")
+    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _tokenizer(writer, folder: Path, vocab_size: int, pre: str) -> None:
+    import gguf
+    tj_path = folder / "tokenizer.json"
+    if not tj_path.is_file():
+        raise QuantcError(f"{folder}: no tokenizer.json; GGUF export carries the tokenizer and needs it")
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise QuantcError(f"{tj_path}: GGUF export writes byte-level BPE tokenizers (GGUF 'gpt2') only; "
+                          f"this one is {model.get('type')!r}")
+    # one token per embedding row (padded as llama.cpp does); tokens past the embeddings cannot be used
+    n = vocab_size
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    dropped = []
+    for tok, i in model["vocab"].items():
+        if i < n:
+            tokens[i], types[i] = tok, gguf.TokenType.NORMAL
+        else:
+            dropped.append(tok)
+    for a in tj.get("added_tokens", []):
+        if a["id"] < n:
+            tokens[a["id"]] = a["content"]
+            types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+        else:
+            dropped.append(a["content"])
+    if dropped:
+        log.warning("GGUF: %d tokenizer entries past the %d embedding rows left out: %s", len(dropped), n,
+                    ", ".join(dropped[:5]))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n)   # ids past n are left out
+    special.add_to_gguf(writer)           # merges, bos/eos/unk/pad ids, add_bos flag, chat template
+
+
+def _source_pre(source_gguf: str | None) -> str:
+    if not source_gguf or not Path(source_gguf).is_file():
+        return "default"
+    from gguf import GGUFReader
+    field = GGUFReader(source_gguf).fields.get("tokenizer.ggml.pre")
+    if field is None:
+        return "default"
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = None, force: bool = False) -> dict:
+    """Write out/model.gguf from the GPTQ checkpoint folder `src`; returns what was written per tensor."""
+    import gguf
+
+    from ..runtime import module_option, read_tensors
+    folder, out = Path(src), Path(out)
+    cfg = json.loads((folder / "config.json").read_text())
+    mt = cfg.get("model_type")
+    if mt not in ARCH:
+        raise QuantcError(f"{folder}/config.json: model_type {mt!r} is not supported by the GGUF exporter; "
+                          f"supported: {', '.join(ARCH)}")
+    if out.exists():
+        if not force:
+            raise QuantcError(f"{out} already exists; pass --force to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    qc = cfg.get("quantization_config") or {}
+    t = read_tensors(folder)
+    arch = ARCH[mt]
+    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)
+
+    path = out / "model.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(Path(str(cfg.get("_name_or_path") or folder.name)).name)
+    w.add_quantized_by(f"quantc {__version__}")
+    w.add_context_length(cfg.get("max_position_embeddings", 4096))
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(layers)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
+    w.add_rope_freq_base(_rope_theta(cfg, str(folder / "config.json")))
+    w.add_rope_dimension_count(head_dim)
+    if arch == "qwen3" or head_dim * heads != cfg["hidden_size"]:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_vocab_size(cfg["vocab_size"])
+
+    report: dict[str, str] = {}
+    counts: dict = {}
+    modules = {k.rsplit(".", 1)[0] for k in t if k.endswith(".qweight")}
+    for key in sorted(t):
+        base, _, leaf = key.rpartition(".")
+        if base in modules and leaf in ("qzeros", "scales", "g_idx"):
+            continue
+        if base in modules and leaf == "qweight":
+            opt = module_option(base, qc)
+            if opt is None:
+                raise QuantcError(f"{folder}: {base} has packed weights but `dynamic` excludes it")
+            qtype, rows = gguf_blocks(t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"],
+                                      t[f"{base}.g_idx"], int(opt["bits"]), base)
+            gname = _gguf_name(names, f"{base}.weight")
+            w.add_tensor(gname, _permute(rows, base, arch, heads, kv_heads), raw_dtype=qtype)
+            report[gname] = qtype.name
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+            continue
+        value = t[key]
+        if not value.is_floating_point():
+            continue
+        # norms (1-D) in F32, 16-bit matrices as they are stored (F16), anything else in F32
+        arr = value.numpy() if value.dim() == 2 and value.dtype == torch.float16 else value.float().numpy()
+        gname = _gguf_name(names, key)
+        w.add_tensor(gname, np.ascontiguousarray(_permute(arr, base, arch, heads, kv_heads)))
+        report[gname] = "F16" if arr.dtype == np.float16 else "F32"
+    main = max(counts, key=counts.get) if counts else None
+    if main:
+        w.add_file_type({"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[main])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _tokenizer(w, folder, cfg["vocab_size"], _source_pre(source_gguf))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = {"file": path.name, "tensors": report, "types": counts}
+    (out / "gguf_export.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _gguf_name(names, key: str) -> str:
+    g = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if g is None:
+        raise QuantcError(f"tensor {key} has no GGUF name")
+    return g
+
+
+def _permute(arr: np.ndarray, base: str, arch: str, heads: int, kv_heads: int) -> np.ndarray:
+    if arch != "llama":
+        return arr
+    leaf = base.rsplit(".", 1)[-1]
+    if leaf == "q_proj":
+        return arr[_rope_rows(arr.shape[0], heads)]
+    if leaf == "k_proj":
+        return arr[_rope_rows(arr.shape[0], kv_heads)]
+    return arr
