@@ -7,6 +7,7 @@ automatic dampening increase when the Cholesky factorisation fails.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tup
 
 
 def _int(x, scale, zero, maxq):
+    if isinstance(maxq, torch.Tensor):           # one maximum per row (options stacked by gptq_options)
+        return torch.minimum(torch.clamp(torch.round(x / scale) + zero, min=0), maxq)
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
@@ -130,34 +133,95 @@ def cholesky_inverse_upper(H: torch.Tensor, percdamp: float, name: str = "") -> 
         damp = min(1.0, damp * 10)
 
 
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """One intra-op thread on the CPU for the per-column updates: each is far below the size where
+    threads pay, and with another process on the cores every op of a 2-thread pool waits at a barrier
+    for a descheduled thread (measured: 4-5x slower GPTQ with one other busy process on 2 cores).
+    Outer products and element-wise ops give the same bits on any thread count."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
          blocksize: int = 128, name: str = "") -> QuantResult:
     """Quantize W [out, in] minimising ‖(W - Ŵ)X‖² for the Hessian H = 2XXᵀ/n [in, in]."""
+    return gptq_options(W, H, [opt], percdamp, blocksize, name)[0]
+
+
+def _layout(o: Option) -> tuple:
+    return (o.group_size, o.act_order, o.act_order and o.static_groups)
+
+
+def gptq_options(W: torch.Tensor, H: torch.Tensor, opts: list[Option], percdamp: float = 0.01,
+                 blocksize: int = 128, name: str = "") -> list[QuantResult]:
+    """GPTQ of the same W and H at several options (the measurement's candidates). Options with the
+    same group layout (group size, act-order, static groups) are solved together: one Cholesky and
+    one column loop over their stacked rows, each row block on its own grid (bits, sym, clip search).
+    Rows never mix, so each result is the single-option solve's (to float rounding of the stacked
+    products); one option runs exactly the single-option operations."""
+    out: list[QuantResult | None] = [None] * len(opts)
+    layouts: dict[tuple, list[int]] = {}
+    for j, o in enumerate(opts):
+        layouts.setdefault(_layout(o), []).append(j)
+    hinv = {}                                   # (act_order) -> (Hinv, damp, perm): one Cholesky each
+    for idx in layouts.values():
+        for j, r in zip(idx, _gptq_stacked(W, H, [opts[j] for j in idx], percdamp, blocksize, name, hinv)):
+            out[j] = r
+    return out
+
+
+def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dict) -> list[QuantResult]:
     W = W.float().clone()
     H = H.float().clone()
     rows, cols = W.shape
-    gs = cols if opt.group_size <= 0 else opt.group_size
-    maxq = 2**opt.bits - 1
+    o0 = opts[0]
+    gs = cols if o0.group_size <= 0 else o0.group_size
+    k = len(opts)
+    maxq = 2**o0.bits - 1 if k == 1 else \
+        torch.cat([torch.full((rows,), 2**o.bits - 1.0, device=W.device) for o in opts])
+    blocks = [(o, slice(j * rows, (j + 1) * rows)) for j, o in enumerate(opts)]
+
+    def params(x):                             # (scale, zero) per row of x [k·rows, g], each block on its grid
+        if k == 1:
+            return find_params(x, o0.bits, o0.sym, o0.mse)
+        sz = [find_params(x[sl], o.bits, o.sym, o.mse) for o, sl in blocks]
+        return torch.cat([a for a, _ in sz]), torch.cat([b for _, b in sz])
 
     dead = torch.diag(H) == 0                  # inputs that never fire carry no information
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    perm = torch.arange(cols, device=W.device)
-    if opt.act_order:                          # quantize the columns with the largest inputs first
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    if o0.act_order not in hinv:
+        perm = torch.arange(cols, device=W.device)
+        Hp = H
+        if o0.act_order:                       # quantize the columns with the largest inputs first
+            perm = torch.argsort(torch.diag(H), descending=True)
+            Hp = H[perm][:, perm]
+        hinv[o0.act_order] = (*cholesky_inverse_upper(Hp, percdamp, name), perm)
+    Hinv, damp, perm = hinv[o0.act_order]
+    if o0.act_order:
+        W = W[:, perm]
     invperm = torch.argsort(perm)
+    if k > 1:
+        W = W.repeat(k, 1)
+    R = W.shape[0]
 
     static = None
-    if opt.act_order and opt.static_groups:    # grids from the original contiguous groups: g_idx = i // gs
+    if o0.act_order and o0.static_groups:      # grids from the original contiguous groups: g_idx = i // gs
         W_orig = W[:, invperm]
-        static = [find_params(W_orig[:, c:c + gs], opt.bits, opt.sym, opt.mse) for c in range(0, cols, gs)]
+        static = [params(W_orig[:, c:c + gs]) for c in range(0, cols, gs)]
 
-    Hinv, damp = cholesky_inverse_upper(H, percdamp, name)
     Q = torch.zeros_like(W)
     qint = torch.zeros_like(W)
-    scales = torch.zeros(math.ceil(cols / gs), rows, device=W.device)
+    scales = torch.zeros(math.ceil(cols / gs), R, device=W.device)
     zeros = torch.zeros_like(scales)
     g_idx = torch.zeros(cols, dtype=torch.int32, device=W.device)   # in permuted order; un-permuted at the end
 
@@ -168,35 +232,37 @@ def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                g = int(perm[col]) // gs
-                scale, zero = static[g]
-                scales[g], zeros[g] = scale, zero
-            elif col % gs == 0:
-                # grid from the weights as already updated by the errors of earlier columns
-                g = col // gs
-                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
-                scale, zero = find_params(cur, opt.bits, opt.sym, opt.mse)
-                scales[g], zeros[g] = scale, zero
-            g_idx[col] = g
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            qi = _int(w, scale, zero, maxq)
-            q = scale * (qi - zero)
-            qint[:, col] = qi
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
+        with _one_thread(W.device):     # the column loop is many tiny ops: threads only add barriers
+            for i in range(i2 - i1):
+                col = i1 + i
+                if static is not None:
+                    g = int(perm[col]) // gs
+                    scale, zero = static[g]
+                    scales[g], zeros[g] = scale, zero
+                elif col % gs == 0:
+                    # grid from the weights as already updated by the errors of earlier columns
+                    g = col // gs
+                    cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
+                    scale, zero = params(cur)
+                    scales[g], zeros[g] = scale, zero
+                g_idx[col] = g
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                qi = _int(w, scale, zero, maxq)
+                q = scale * (qi - zero)
+                qint[:, col] = qi
+                Q1[:, i] = q
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])   # lazy batch update of the remaining columns
 
     Q, qint, g_idx = Q[:, invperm], qint[:, invperm], g_idx[invperm]
     if not torch.isfinite(Q).all():
         raise QuantcError(f"{name}: GPTQ produced non-finite weights (NaN/Inf in the weights or Hessian)")
-    return QuantResult(qint.to(torch.int32), scales, zeros.to(torch.int32), g_idx, Q, damp)
+    return [QuantResult(qint[sl].to(torch.int32), scales[:, sl], zeros[:, sl].to(torch.int32), g_idx, Q[sl], damp)
+            for _, sl in blocks]
 
 
 def qep_target(W: torch.Tensor, H_hat: torch.Tensor, delta: torch.Tensor, alpha: float,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian
-from ..gptq import gptq, rtn
+from ..gptq import gptq_options, rtn
 from ..model import CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, layer_linears, run_layer, units
 from ..options import Option
 from .quantize import input_groups
@@ -181,15 +181,19 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 entry = {"layer": i, "names": list(unit.names), "options": {}, "alpha": None,
                          "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
                          "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
-                for o in candidates:
+                solved = {n: (gptq_options(mods[n].weight.data.float(), hess[n].H, candidates, percdamp=damp, name=n)
+                              if method == "gptq" else [rtn(mods[n].weight.data, o) for o in candidates])
+                          for n in unit.names}           # every option of a linear in one stacked solve
+                den = sum(float(torch.einsum("oi,ij,oj->", mods[n].weight.data.double(), hess[n].H.double(),
+                                             mods[n].weight.data.double())) for n in unit.names)
+                for c, o in enumerate(candidates):
                     k = option_key(o)
-                    num = den = 0.0
+                    num = 0.0
                     for n in unit.names:
                         W, H = mods[n].weight.data.float(), hess[n].H
-                        res = gptq(W, H, o, percdamp=damp, name=n) if method == "gptq" else rtn(W, o)
+                        res = solved[n][c]
                         D = (W - res.weight).double()
                         num += float(torch.einsum("oi,ij,oj->", D, H.double(), D))
-                        den += float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
                         quantized[k][n] = res.weight.to(mods[n].weight.dtype)
                         if not exact:
                             sq.setdefault(n, {})[k] = ((D @ H.double()) * D).sum(1).cpu()
