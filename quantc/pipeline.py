@@ -21,6 +21,7 @@ from .config import Config
 from .errors import QuantcError
 from .model import (COMPUTE_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
                     layer_linears, resolve_device)
+from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 
 log = logging.getLogger("quantc")
@@ -105,90 +106,6 @@ def module_table(model, options: dict[str, Option]) -> dict[str, dict]:
     mods = dict(model.named_modules())
     return {n: {**o.to_dict(), "in": mods[n].in_features, "out": mods[n].out_features,
                 "bytes": o.bytes_for(mods[n].in_features, mods[n].out_features)} for n, o in options.items()}
-
-
-def _param_count(folder: Path, lazy: bool = False) -> int | None:
-    """Parameters of a local safetensors model, from the file headers only (no tensor is read).
-    With `lazy`: those held at once when decoder layers are loaded one at a time (everything outside
-    the layers plus the largest layer)."""
-    import struct
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    outside, per_layer = 0, {}
-    for f in files:
-        with f.open("rb") as fh:
-            size = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(size))
-        for k, v in header.items():
-            if k != "__metadata__":
-                count = 1
-                for d in v["shape"]:
-                    count *= d
-                m = re.match(r"model\.layers\.(\d+)\.", k)
-                if m:
-                    per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + count
-                else:
-                    outside += count
-    if lazy:
-        return outside + max(per_layer.values(), default=0)
-    return outside + sum(per_layer.values())
-
-
-def memory_estimate(cfg: Config) -> dict | None:
-    """Expected peak memory of the compile: fp32 weights, calibration activations (quantized and,
-    with QEP, original inputs, plus one layer's cached intermediate inputs and outputs), Hessians."""
-    folder = Path(cfg.model)
-    cfgp = folder / "config.json"
-    try:
-        # a plan's measurement and `self` calibration hold every layer
-        lazy = cfg.lazy_load and not cfg.gguf_file and cfg.calibration.source != "self"   # `self` samples: every layer
-        n = _param_count(folder, lazy) if folder.is_dir() else None
-        mc = json.loads(cfgp.read_text()) if cfgp.is_file() else None
-    except (OSError, ValueError, KeyError):   # unreadable files: the model loader reports them clearly
-        return None
-    if n is None or mc is None:
-        return None
-    hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
-    tokens = cfg.calibration.samples * cfg.calibration.seq_len
-    streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
-    if cfg.offload_activations:
-        streams = 2                                           # only the cached attn/mlp inputs stay in RAM
-    acts = tokens * hidden * 4 * streams
-    hess = 4 * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
-    batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
-    runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
-    return {"weights": n * 4, "activations": acts, "hessians": hess, "working": batch, "runtime": runtime,
-            "total": n * 4 + acts + hess + batch + runtime}
-
-
-RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def check_memory(cfg: Config) -> None:
-    est = memory_estimate(cfg)
-    if est is None:
-        return
-    avail = available_memory()
-    log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians and working %.2f, "
-             "runtime %.2f); available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
-             (est["hessians"] + est["working"]) / 2**30, est["runtime"] / 2**30,
-             f"{avail / 2**30:.2f} GiB" if avail else "unknown")
-    if avail is not None and est["total"] > avail:
-        raise QuantcError(f"the compile needs about {est['total'] / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB "
-                          f"is available (calibration activations alone {est['activations'] / 2**30:.2f} GiB); "
-                          "lower calibration.samples or calibration.seq_len, or free memory")
 
 
 def placement(cfg: Config) -> Placement:

@@ -1,0 +1,123 @@
+"""The memory estimate printed (and enforced) before a compile starts: what the compile will hold at
+its peak, from the model's config.json and safetensors headers, without reading a weight."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from .config import Config
+from .errors import QuantcError
+
+log = logging.getLogger("quantc")
+
+
+def _param_count(folder: Path, lazy: bool = False) -> int | None:
+    """Parameters of a local safetensors model, from the file headers only (no tensor is read).
+    With `lazy`: those held at once when decoder layers are loaded one at a time (everything outside
+    the layers plus the largest layer)."""
+    import struct
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    outside, per_layer = 0, {}
+    for f in files:
+        with f.open("rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(size))
+        for k, v in header.items():
+            if k != "__metadata__":
+                count = 1
+                for d in v["shape"]:
+                    count *= d
+                m = re.match(r"model\.layers\.(\d+)\.", k)
+                if m:
+                    per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + count
+                else:
+                    outside += count
+    if lazy:
+        return outside + max(per_layer.values(), default=0)
+    return outside + sum(per_layer.values())
+
+
+def memory_estimate(cfg: Config) -> dict | None:
+    """Expected peak memory of the compile, from config.json and the safetensors headers alone.
+
+    Weights: one decoder layer in fp32 plus everything outside the layers when layers load lazily
+    (both sweeps), else the model. Then the larger of the two sweeps' working sets:
+    - sweep 1 (with a budget): its calibration activations (in/out), the held-out streams (fisher:
+      every layer's held-out input, one stream per option and the probes' gradients; exact: every
+      perturbed stream alive at the last layer), and the head's logits;
+    - sweep 2: calibration activations (x̂ in/out, with QEP x in/out, one layer's cached inputs),
+      one layer's codes (finished layers go to their shard at once);
+    plus the Hessians of one layer, a batch's working buffers and the runtime itself."""
+    folder = Path(cfg.model)
+    cfgp = folder / "config.json"
+    try:
+        lazy = cfg.lazy_load and not cfg.gguf_file and cfg.calibration.source != "self"   # `self` samples: every layer
+        n = _param_count(folder, lazy) if folder.is_dir() else None
+        mc = json.loads(cfgp.read_text()) if cfgp.is_file() else None
+    except (OSError, ValueError, KeyError):   # unreadable files: the model loader reports them clearly
+        return None
+    if n is None or mc is None:
+        return None
+    hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
+    layers, vocab = mc.get("num_hidden_layers", 0), mc.get("vocab_size", 0)
+    act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
+    tokens = cfg.calibration.samples * cfg.calibration.seq_len
+    streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
+    if cfg.offload_activations:
+        streams = 2                                           # only the cached attn/mlp inputs stay in RAM
+    layer_weights = hidden * hidden * 4 + 3 * hidden * inter  # q/k/v/o (upper bound) + MLP, one layer
+    quantize = tokens * hidden * act_bytes * streams + layer_weights   # + one layer's uint8 codes
+    measure = 0
+    if not cfg.uniform:
+        p = cfg.plan
+        held = p.alpha_samples * p.alpha_seq_len * hidden * act_bytes
+        calib = p.measure_samples * cfg.calibration.seq_len * hidden * act_bytes * 2
+        k = len(cfg.candidates)
+        if p.predictor == "fisher":
+            live = held * (layers + k + 2 * p.probes)
+        else:
+            direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
+            live = held * layers * (4 * (direct + 1) + 1)     # ≤ 4 units per layer, + α and LieQ streams
+        logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
+        measure = calib + live + logits + k * layer_weights * 4   # + every option's weights of one layer
+    acts = max(quantize, measure)
+    hess = 4 * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
+    batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
+    runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
+    return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
+            "hessians": hess, "working": batch, "runtime": runtime, "total": n * 4 + acts + hess + batch + runtime}
+
+
+RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(cfg: Config) -> None:
+    est = memory_estimate(cfg)
+    if est is None:
+        return
+    avail = available_memory()
+    log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians and working %.2f, "
+             "runtime %.2f); available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
+             (est["hessians"] + est["working"]) / 2**30, est["runtime"] / 2**30,
+             f"{avail / 2**30:.2f} GiB" if avail else "unknown")
+    if avail is not None and est["total"] > avail:
+        raise QuantcError(f"the compile needs about {est['total'] / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB "
+                          f"is available (calibration activations alone {est['activations'] / 2**30:.2f} GiB); "
+                          "lower calibration.samples or calibration.seq_len, or free memory")
+
+
