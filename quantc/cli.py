@@ -17,14 +17,37 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
+def _notes(e: BaseException) -> str:
+    """What the staging added (where a resume point is kept), on the same line."""
+    return "".join(f"; {n}" for n in getattr(e, "__notes__", None) or [])
+
+
 def _fail_clearly(fn):
+    """QuantcError → one line and exit 2; Ctrl-C → one line (with the resume point) and exit 130;
+    anything else → one line and exit 1 (with -v: the traceback)."""
     @wraps(fn)
     def wrapper(*a, **k):
         try:
             return fn(*a, **k)
         except QuantcError as e:
-            click.echo(f"error: {e}", err=True)      # one unwrapped line: easy to read and to grep
+            click.echo(f"error: {e}{_notes(e)}", err=True)      # one unwrapped line: easy to read and to grep
             sys.exit(2)
+        except KeyboardInterrupt as e:
+            click.echo(f"error: interrupted{_notes(e)}", err=True)
+            sys.exit(130)
+        except Exception as e:
+            if logging.getLogger("quantc").isEnabledFor(logging.DEBUG):
+                raise
+            if isinstance(e, MemoryError):
+                msg = "out of memory; lower calibration.samples or calibration.seq_len, or free memory"
+            elif isinstance(e, OSError) and e.strerror:
+                msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+            else:
+                first = str(e).splitlines()[0] if str(e) else ""
+                msg = (f"unexpected {type(e).__name__}{': ' + first if first else ''} "
+                       "(a bug in quantc: run with -v for the traceback and report it)")
+            click.echo(f"error: {msg}{_notes(e)}", err=True)
+            sys.exit(1)
     return wrapper
 
 

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import QuantcError
 from .model import Activations, capture_layer0_inputs, decoder_layers, keep_in_fp16, layer_linears
 from .options import Option
+from .staging import cleans_up_output, finalize_output, prepare_output, staged_files  # noqa: F401
 
 log = logging.getLogger("quantc")
 
@@ -104,46 +105,6 @@ def _atomic_save(save_file, tensors, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
-
-
-def prepare_output(out: Path, force: bool) -> Path:
-    """Check the output path now (before hours of work) and return the temporary folder beside it
-    (kept when it holds a resume point)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise QuantcError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QuantcError(f"cannot create the output folder's parent {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise QuantcError(f"{parent} is not writable; choose another output folder with -o")
-    tmp = parent / f".{out.name}.partial"
-    try:
-        if tmp.exists():
-            for p in tmp.iterdir():          # drop everything but the resume point
-                if p.name != "resume":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        tmp.mkdir(exist_ok=True)
-        (tmp / ".write-test").write_bytes(b"")
-        (tmp / ".write-test").unlink()
-    except OSError as e:
-        raise QuantcError(f"cannot write the output beside {out} ({e.strerror}); choose a writable folder with -o") from None
-    return tmp
-
-
-def finalize_output(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary folder into place (the old output, if any, only goes now)."""
-    out = Path(out)
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def sha256(path: Path) -> str:
@@ -243,6 +204,7 @@ def check_memory(cfg: Config) -> None:
                           "lower calibration.samples or calibration.seq_len, or free memory")
 
 
+@cleans_up_output
 def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_file: str | None = None,
                   progress: bool = True) -> dict:
     """Run the whole compile; return the manifest written to out/quantc.json."""
@@ -337,8 +299,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "modules": modules,
         "skipped": skipped,
         "timings": timings,
-        "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*"))
-                  if p.is_file() and not {"resume", "offload"} & set(p.relative_to(tmp).parts)},
+        "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(tmp / "resume", ignore_errors=True)

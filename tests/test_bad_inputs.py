@@ -135,3 +135,23 @@ def test_memory_estimate_refuses_what_cannot_fit(tmp_path, tiny_models, calib_fi
     assert small["weights"] > 0 and small["total"] > small["weights"]
     r = compile_(tmp_path, f"model: {tiny_models['llama']}\ncalibration: {{source: {calib_file}, samples: 10000000, seq_len: 4096}}\n")
     check(r, "the compile needs about", "GiB is available", "lower calibration.samples")
+
+
+def test_failed_compile_leaves_nothing_behind(tmp_path, tiny_models):
+    """No empty `.out.partial/` and no parent folders created for the output remain after a failure."""
+    m = copy_model(tiny_models["llama"], tmp_path / "m")
+    t = load_file(str(m / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")       # found after the output is prepared
+    save_file(t, str(m / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "new" / "deeper" / "out"
+    check(compile_(tmp_path, f"model: {m}\nquant: {{method: rtn, group_size: 32}}\n", out), "contains NaN or Inf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "m"]
+
+
+def test_force_replaces_only_an_earlier_output(tmp_path, tiny_models):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("years of work")
+    r = compile_(tmp_path, f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n",
+                 tmp_path / "docs", "--force")
+    check(r, "is not an output of quantc (no quantc.json)", "remove the folder yourself")
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "years of work"
