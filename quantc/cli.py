@@ -114,14 +114,21 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     from .model import load_model, load_tokenizer
     from .planning import budget_bytes, get_measurements, solve
     from .report import write_report
+    from .preflight import preflight
     cfg = load_config(budget)
+    if avg_bits is not None and memory is not None:
+        raise QuantcError("give one of --avg-bits or --memory, not both")
+    if avg_bits is not None and not 0 < avg_bits <= 16:
+        raise QuantcError(f"--avg-bits must be in (0, 16], got {avg_bits:g}")
     if avg_bits is not None or memory is not None:
-        cfg.budget = Budget(avg_bits=avg_bits, memory=parse_size(memory, budget, "--memory") if memory else None)
+        cfg.budget = Budget(avg_bits=avg_bits, memory=parse_size(memory, "", "--memory") if memory else None)
     if cfg.uniform:
         raise QuantcError(f"{budget}: `budget` is missing; give budget.avg_bits, budget.memory or "
                           "budget.max_delta_loss (or --avg-bits/--memory)")
     t = time.perf_counter()
-    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision)
+    preflight(cfg, budget_key="--avg-bits" if avg_bits is not None else "--memory" if memory else None,
+              calibrate=True)
+    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, allow_pickle=cfg.allow_pickle)
     tok = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     tokens = calibration_tokens(cfg.calibration, tok, model)
     ms, cached = get_measurements(cfg, model, tokens, progress=ctx.obj["progress"])

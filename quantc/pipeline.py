@@ -21,6 +21,7 @@ from .config import Config
 from .errors import QuantcError
 from .model import Activations, capture_layer0_inputs, decoder_layers, keep_in_fp16, layer_linears
 from .options import Option
+from .preflight import preflight
 from .staging import cleans_up_output, finalize_output, prepare_output, staged_files  # noqa: F401
 
 log = logging.getLogger("quantc")
@@ -216,10 +217,12 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     out = Path(out)
     check_memory(cfg)
     tmp = prepare_output(out, force)
+    preflight(cfg, out, plan_file)          # seconds: patterns, budget from shapes, weights, calibration
     timings = {}
     t0 = time.perf_counter()
     torch.manual_seed(cfg.calibration.seed)
-    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load)
+    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load,
+                       allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
     from .lazy import is_lazy, materialize_all, release_all, release_outside, trim_heap
