@@ -158,8 +158,8 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False), help="Evaluation text file.")
 @click.option("--join-lines", is_flag=True, help="Join non-empty lines with a blank line (WikiText files).")
-@click.option("--seq-len", default=512, show_default=True)
-@click.option("--windows", default=80, show_default=True, help="Number of windows (0 = all).")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--windows", default=80, show_default=True, type=click.IntRange(min=0), help="Number of windows (0 = all).")
 @click.option("--reference", type=click.Path(), help="Original model for KL (default: the compile's source).")
 @click.option("--no-kl", is_flag=True, help="Skip the KL divergence against the original model.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
@@ -194,10 +194,12 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
     tokens = eval_tokens(read_text(text, join_lines), tok, seq_len, windows or None)
     ref = None
     if not no_kl:
-        src = _manifest(artifact).get("source", {})
+        m = {} if reference else _manifest(artifact)
+        src = m.get("source") or {}
         path = reference or src.get("model")
         if path and (Path(path).is_dir() or reference):
-            ref = load_model(path, src.get("gguf_file") if not reference else None)
+            allow = bool((m.get("config") or {}).get("allow_pickle", False))    # as the compile was told
+            ref = load_model(path, src.get("gguf_file") if not reference else None, allow_pickle=allow)
         else:
             err_console.print("note: original model not found; KL skipped (pass --reference)")
     res = evaluate(model, tokens, ref, progress=ctx.obj["progress"])
@@ -215,8 +217,24 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
 
 
 def _manifest(artifact) -> dict:
-    p = Path(artifact) / "quantc.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    """The artifact's quantc.json ({} when there is none); a damaged one is an error, not a traceback."""
+    from .verify import read_manifest
+    if not (Path(artifact) / "quantc.json").is_file():
+        return {}
+    m, problem = read_manifest(Path(artifact))
+    if m is None:
+        raise QuantcError(f"{Path(artifact) / 'quantc.json'} {problem}; run `quantc verify {artifact}`")
+    return m
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QuantcError(f"{path}: not valid JSON ({e}); the folder is damaged") from None
+    if not isinstance(d, dict):
+        raise QuantcError(f"{path}: not a JSON object; the folder is damaged")
+    return d
 
 
 @main.group("export")
@@ -229,7 +247,7 @@ def export_group():
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder (default: ARTIFACT/onnx).")
 @click.option("--accuracy-level", default=0, show_default=True, type=click.IntRange(0, 4),
               help="MatMulNBits accuracy_level (0: float compute; 4: int8 activations, faster on CPU).")
-@click.option("--max-length", type=int, help="Longest sequence (RoPE table size; default: the model's, ≤ 8192).")
+@click.option("--max-length", type=click.IntRange(min=1), help="Longest sequence (RoPE table size; default: the model's, ≤ 8192).")
 @click.option("--widen-2bit", is_flag=True,
               help="Store 2-bit layers in the 4-bit container (exact; larger file, ONNX Runtime's fast 4-bit CPU path).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
@@ -257,7 +275,7 @@ def export_onnx_cmd(artifact, out, accuracy_level, max_length, widen_2bit, force
 @main.command("generate")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
-@click.option("-n", "--max-new-tokens", default=32, show_default=True)
+@click.option("-n", "--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @_fail_clearly
@@ -265,6 +283,8 @@ def generate_cmd(artifact, prompt, max_new_tokens, backend, chat):
     """Greedy text generation from ARTIFACT with either backend."""
     import time
     from .model import load_tokenizer
+    if not prompt.strip() and not chat:
+        raise QuantcError("the prompt is empty; give some text with -p")
     tok_dir = artifact
     if backend == "onnx":
         from .ort import OrtModel, onnx_folder
@@ -299,14 +319,14 @@ def inspect_cmd(artifact, modules):
     cfgp = Path(artifact) / "config.json"
     if not cfgp.is_file():
         raise QuantcError(f"{artifact}: no config.json; not a checkpoint folder")
-    qc = json.loads(cfgp.read_text()).get("quantization_config")
+    qc = _read_json(cfgp).get("quantization_config")
     if not qc:
         raise QuantcError(f"{cfgp}: no quantization_config; not a quantized checkpoint")
     m = _manifest(artifact)
     prov = qc.get("meta", {}).get("quantizer", ["?"])
     console.print(f"[bold]{artifact}[/]  quantizer: {', '.join(prov)}  default: {qc['bits']}-bit "
                   f"g{qc['group_size']} {'sym' if qc.get('sym') else 'asym'} desc_act={qc.get('desc_act')}")
-    if not m:
+    if not isinstance(m.get("modules"), dict) or not isinstance(m.get("totals"), dict):
         console.print(f"dynamic overrides: {len(qc.get('dynamic') or {})}")
         return
     mods = m["modules"]
@@ -339,8 +359,9 @@ def inspect_cmd(artifact, modules):
 @main.command("verify")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--no-logits", is_flag=True, help="Skip the logits comparison against the source model.")
+@click.option("--strict", is_flag=True, help="A check that could not run (skipped) fails the verification.")
 @_fail_clearly
-def verify_cmd(artifact, no_logits):
+def verify_cmd(artifact, no_logits, strict):
     """Check ARTIFACT: file hashes, tensor shapes against its config, logits against the source."""
     from .verify import verify
     rows = verify(artifact, logits=not no_logits)
@@ -348,11 +369,17 @@ def verify_cmd(artifact, no_logits):
     for c in ("check", "result", "detail"):
         table.add_column(c)
     for name, ok, detail in rows:
-        table.add_row(name, "[green]ok[/]" if ok else "[red]FAIL[/]", detail)
+        table.add_row(name, "[yellow]skipped[/]" if ok is None else "[green]ok[/]" if ok else "[red]FAIL[/]", detail)
     console.print(table)
-    if not all(ok for _, ok, _ in rows):
+    skipped = [name for name, ok, _ in rows if ok is None]
+    if any(ok is False for _, ok, _ in rows):
         click.echo(f"error: {artifact} failed verification", err=True)
         sys.exit(1)
+    if skipped and strict:
+        click.echo(f"error: {artifact}: not verified: {', '.join(skipped)} skipped (--strict)", err=True)
+        sys.exit(1)
+    if skipped:
+        click.echo(f"note: {', '.join(skipped)} skipped; pass --strict to fail on skipped checks", err=True)
 
 
 if __name__ == "__main__":

@@ -323,3 +323,61 @@ def test_output_must_not_hold_an_input(tmp_path, tiny_models, no_heavy_work):
     check(r, "holds the calibration file", "choose another -o")
     assert (prev / "calib.txt").is_file()
 
+
+# ------------------------------------------------------------------------------------- other verbs
+
+@pytest.fixture()
+def artifact(tmp_path, tiny_models):
+    """A compiled tiny model whose source folder has been deleted since."""
+    src = copy_model(tiny_models["llama"], tmp_path / "src")
+    r = compile_(tmp_path, f"model: {src}\nquant: {{method: rtn, group_size: 32}}\n", tmp_path / "art")
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(src)
+    return tmp_path / "art"
+
+
+def test_verify_says_skipped_and_strict_fails_on_it(artifact):
+    from quantc.verify import verify
+    rows = {name: (ok, detail) for name, ok, detail in verify(artifact)}
+    assert rows["logits vs source"][0] is None and rows["logits vs source"][1].startswith("skipped: source model")
+    r = CliRunner().invoke(main, ["verify", str(artifact)])
+    assert r.exit_code == 0 and "skipped" in r.output and "note: logits vs source skipped" in r.output, r.output
+    check(CliRunner().invoke(main, ["verify", str(artifact), "--strict"]),
+          "not verified: logits vs source skipped (--strict)", code=1)
+
+
+def test_truncated_manifest_is_a_failed_check_not_a_traceback(artifact, calib_file):
+    from quantc.verify import verify
+    man = artifact / "quantc.json"
+    man.write_text(man.read_text()[:200])
+    rows = {name: (ok, detail) for name, ok, detail in verify(artifact)}
+    assert rows["manifest"][0] is False and "quantc.json is not valid JSON, truncated or corrupt" in rows["manifest"][1]
+    assert rows["tensor shapes"][0] is True                  # the other checks still run
+    check(CliRunner().invoke(main, ["verify", str(artifact)]), "failed verification", code=1)
+    for cmd in (["inspect", str(artifact)], ["eval", str(artifact), "--text", str(calib_file), "--seq-len", "64"]):
+        check(CliRunner().invoke(main, cmd), "quantc.json is not valid JSON, truncated or corrupt",
+              f"run `quantc verify {artifact}`")
+
+
+def test_other_verbs_refuse_bad_arguments_in_one_line(artifact, tmp_path, calib_file):
+    check(CliRunner().invoke(main, ["generate", str(artifact), "-p", " "]), "the prompt is empty")
+    for cmd in (["generate", str(artifact), "-p", "x", "-n", "0"],
+                ["eval", str(artifact), "--text", str(calib_file), "--seq-len", "0"],
+                ["eval", str(artifact), "--text", str(calib_file), "--windows", "-1"]):
+        r = CliRunner().invoke(main, cmd)
+        assert r.exit_code == 2 and "Traceback" not in r.output and "Invalid value" in r.output, r.output
+    (tmp_path / "latin1.txt").write_bytes("café ".encode("latin-1") * 300)
+    check(CliRunner().invoke(main, ["eval", str(artifact), "--text", str(tmp_path / "latin1.txt"), "--no-kl"]),
+          "latin1.txt: not a UTF-8 text file")
+
+
+def test_failed_onnx_export_leaves_nothing(artifact, monkeypatch):
+    import onnx
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(onnx, "save_model", disk_full)
+    r = CliRunner().invoke(main, ["export", "onnx", str(artifact)])
+    check(r, "error: No space left on device", code=1)
+    assert sorted(p.name for p in artifact.iterdir() if p.name.startswith(".")) == []
+    assert not (artifact / "onnx").exists()
