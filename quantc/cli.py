@@ -63,6 +63,12 @@ def main(ctx, verbose, quiet):
     logging.getLogger("quantc").setLevel(level)
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:                      # transformers' own "Loading weights" bars too
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     ctx.obj = {"progress": not quiet, "quiet": quiet}
 
 
@@ -115,7 +121,9 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     from .planning import budget_bytes, get_measurements, solve
     from .report import write_report
     from .preflight import preflight
+    from .staging import check_writable
     cfg = load_config(budget)
+    check_writable(out, "plan folder")             # written after the measurement: check it now
     if avg_bits is not None and memory is not None:
         raise QuantcError("give one of --avg-bits or --memory, not both")
     if avg_bits is not None and not 0 < avg_bits <= 16:
@@ -172,7 +180,14 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
     from .evaluate import eval_tokens, evaluate, read_text
     from .model import load_model, load_tokenizer
     from .runtime import load
+    from .staging import check_writable
 
+    if reference and no_kl:
+        raise QuantcError("--reference has no effect with --no-kl; give one of them")
+    if reference and backend == "onnx":
+        raise QuantcError("--reference has no effect with --backend onnx (it reports perplexity only)")
+    if json_out:
+        check_writable(json_out, "--json file")        # written after the evaluation: check it now
     if backend == "onnx":
         from .ort import OrtModel, evaluate_onnx, onnx_folder
         om = OrtModel(artifact)
@@ -189,19 +204,27 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
             Path(json_out).write_text(json.dumps(res, indent=2))
         click.echo(json.dumps(res))
         return
-    model = load(artifact)
-    tok = load_tokenizer(artifact)
-    tokens = eval_tokens(read_text(text, join_lines), tok, seq_len, windows or None)
-    ref = None
-    if not no_kl:
+    ref_path, ref_kw = None, {}
+    if not no_kl:                       # the reference is found (or not) before anything loads
         m = {} if reference else _manifest(artifact)
         src = m.get("source") or {}
-        path = reference or src.get("model")
-        if path and (Path(path).is_dir() or reference):
-            allow = bool((m.get("config") or {}).get("allow_pickle", False))    # as the compile was told
-            ref = load_model(path, src.get("gguf_file") if not reference else None, allow_pickle=allow)
-        else:
-            err_console.print("note: original model not found; KL skipped (pass --reference)")
+        ref_path = reference or src.get("model")
+        if reference and not Path(reference).exists() and (reference.startswith((".", "/", "~"))
+                                                           or not _looks_like_hub_id(reference)):
+            raise QuantcError(f"--reference {reference}: no such folder (nor a hub id like org/name)")
+        if ref_path and not (Path(ref_path).is_dir() or reference):
+            ref_path = None
+        ref_kw = {"gguf_file": src.get("gguf_file") if not reference else None,
+                  "allow_pickle": bool((m.get("config") or {}).get("allow_pickle", False))}   # as the compile was told
+    text_ = read_text(text, join_lines)
+    model = load(artifact)
+    tok = load_tokenizer(artifact)
+    tokens = eval_tokens(text_, tok, seq_len, windows or None)
+    ref = None
+    if ref_path:
+        ref = load_model(ref_path, **ref_kw)
+    elif not no_kl:
+        err_console.print("note: original model not found; KL skipped (pass --reference)")
     res = evaluate(model, tokens, ref, progress=ctx.obj["progress"])
     res["artifact"] = str(artifact)
     table = Table(title=f"quantc eval {artifact}")
@@ -214,6 +237,11 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=2))
     click.echo(json.dumps(res))
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    from .config import _HUB_ID
+    return bool(_HUB_ID.match(s))
 
 
 def _manifest(artifact) -> dict:
@@ -291,6 +319,9 @@ def generate_cmd(artifact, prompt, max_new_tokens, backend, chat):
         om = OrtModel(artifact)
         tok_dir = str(onnx_folder(artifact))
     tok = load_tokenizer(tok_dir)
+    if chat and not getattr(tok, "chat_template", None):
+        logging.getLogger("quantc").warning("--chat: the tokenizer of %s has no chat template; the prompt is "
+                                            "used as it is", tok_dir)
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids       # BatchEncoding in transformers 5

@@ -235,8 +235,7 @@ def _advice(unit_entries, cfg: Config, budget: int, b: dict) -> str:
             changes.append(("group", f"add group_size {name} (fewer scales)", replace(low, group_size=g)))
     pins = _pins(cfg)
     if b["fixed"] and pins:
-        changes.append(("pins", f"drop {', '.join(pins)} (units they pin in part keep the largest candidate for "
-                        "their other linears)", None))
+        changes.append(("pins", f"drop {', '.join(pins)} (fixing {b['fixed']:,} bytes)", None))
 
     def smallest(combo) -> int:
         opts = [c for _, _, c in combo if c is not None]

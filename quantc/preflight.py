@@ -59,18 +59,18 @@ def check_patterns(cfg: Config, model) -> None:
     example = f"names look like {linears[0]}" if linears else "the model has no decoder linears"
     for i, p in enumerate(cfg.keep_fp16):
         if not any(re.search(p, n) for n in modules):
-            raise ConfigError(file, f"keep_fp16[{i}]", f"{p!r} matches no module of the model ({example}, "
+            raise ConfigError(file, f"keep_fp16[{i}]", f"'{p}' matches no module of the model ({example}, "
                               "lm_head, model.embed_tokens); check the spelling or remove it")
     taken = {n: "keep_fp16" for n in linears if keep_in_fp16(n, cfg.keep_fp16)}
     for i, (p, _) in enumerate(cfg.overrides):
         hits = [n for n in linears if re.search(p, n)]
         if not hits:
-            raise ConfigError(file, f"overrides[{i}].match", f"{p!r} matches no decoder linear of the model "
+            raise ConfigError(file, f"overrides[{i}].match", f"'{p}' matches no decoder linear of the model "
                               f"({example}); check the spelling or remove the override")
         free = [n for n in hits if n not in taken]
         if not free:
             by = sorted({taken[n] for n in hits})
-            raise ConfigError(file, f"overrides[{i}].match", f"{p!r} has no effect: every linear it matches "
+            raise ConfigError(file, f"overrides[{i}].match", f"'{p}' has no effect: every linear it matches "
                               f"({len(hits)}, e.g. {hits[0]}) is already decided by {', '.join(by)} (the first "
                               "match wins); remove it or move it up")
         for n in free:
@@ -116,6 +116,32 @@ def check_output(cfg: Config, out, plan_file=None) -> None:
                               "choose another -o")
 
 
+def check_disk(cfg: Config, model, out) -> None:
+    """The output's folder must have room for at least the smallest possible output (quantized linears at
+    the smallest size, everything else in 16 bits) and the resume point's activations, or the compile
+    would fail at its very end."""
+    import shutil
+    from .planning import shape_units, size_bounds
+    parent = Path(out).resolve().parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    linear = set(decoder_linears(model))
+    other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in linear) * 2
+    quantized = size_bounds(shape_units(model, cfg), cfg)["min"]
+    acts = 0
+    if cfg.method != "rtn":
+        acts = cfg.calibration.samples * cfg.calibration.seq_len * model.config.hidden_size * 4
+        acts *= 2 if cfg.qep_alpha > 0 else 1
+    need = quantized + other + acts
+    if free < need:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"                            # noqa: E731
+        raise QuantcError(f"{parent} has {gib(free)} free, but the output needs at least {gib(need)} (quantized "
+                          f"linears {gib(quantized)}, other weights {gib(other)}, resume-point activations "
+                          f"{gib(acts)}); free some space or choose another -o")
+
+
 def preflight(cfg: Config, out=None, plan_file=None, *, budget_key: str | None = None,
               calibrate: bool | None = None):
     """Run every early check; return the skeleton. `calibrate` (default: when the run calibrates)
@@ -136,6 +162,8 @@ def preflight(cfg: Config, out=None, plan_file=None, *, budget_key: str | None =
     elif plans and cfg.budget.max_delta_loss is None:
         from .planning import check_budget, shape_units
         check_budget(shape_units(model, cfg), cfg, key=budget_key)
+    if out is not None:
+        check_disk(cfg, model, out)
     if calibrate if calibrate is not None else (cfg.method != "rtn" or plans):
         check_context(cfg, model)
         check_calibration(cfg)

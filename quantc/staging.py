@@ -260,3 +260,18 @@ def add_note(e: BaseException, note: str) -> None:
         e.add_note(note)
     else:                                # Python 3.10
         e.__notes__ = [*getattr(e, "__notes__", []), note]
+
+
+def check_writable(path: str | Path, what: str = "output") -> None:
+    """A file or folder that will be written only after long work: a file can be created in its nearest
+    existing folder now (tried, then removed; nothing else is created)."""
+    import tempfile
+    p = Path(path).resolve()
+    q = p if p.is_dir() else p.parent
+    while not q.exists():
+        q = q.parent
+    try:
+        with tempfile.TemporaryFile(dir=q):
+            pass
+    except OSError as e:
+        raise QuantcError(f"{path}: the {what} cannot be written ({q}: {e.strerror}); choose another path") from None

@@ -381,3 +381,41 @@ def test_failed_onnx_export_leaves_nothing(artifact, monkeypatch):
     check(r, "error: No space left on device", code=1)
     assert sorted(p.name for p in artifact.iterdir() if p.name.startswith(".")) == []
     assert not (artifact / "onnx").exists()
+
+
+def test_not_enough_disk_space_found_before_the_compile(tmp_path, tiny_models, no_heavy_work, monkeypatch):
+    import shutil as sh
+    import quantc.preflight
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    check(compile_(tmp_path, f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n"),
+          "has 0.00 GiB free, but the output needs at least", "choose another -o")
+    assert quantc.preflight.check_disk and not (tmp_path / ".out.partial").exists()
+
+
+def test_late_writes_are_checked_first(tmp_path, tiny_models, artifact, calib_file, no_heavy_work):
+    """Files written after long work (the plan folder, eval --json) are checked before it (/proc: unwritable)."""
+    y = write_yaml(tmp_path / "b.yaml", BUDGET_YAML.format(m=tiny_models["llama"], b="avg_bits: 4", bits="[2, 4]",
+                                                           extra="", c=calib_file))
+    check(CliRunner().invoke(main, ["plan", str(y), "-o", "/proc/quantc-plan"]), "the plan folder cannot be written")
+    check(CliRunner().invoke(main, ["eval", str(artifact), "--text", str(calib_file), "--no-kl", "--json",
+                                    "/proc/quantc-r.json"]), "the --json file cannot be written")
+
+
+def test_eval_options_without_effect(artifact, calib_file, tmp_path):
+    base = ["eval", str(artifact), "--text", str(calib_file)]
+    check(CliRunner().invoke(main, base + ["--no-kl", "--reference", str(artifact)]), "--reference has no effect")
+    check(CliRunner().invoke(main, base + ["--reference", str(tmp_path / "nope")]), "no such folder")
+
+
+def test_unexpected_errors_are_one_line_unless_verbose(tmp_path, tiny_models, monkeypatch):
+    import quantc.preflight
+
+    def bug(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(quantc.preflight, "check_patterns", bug)
+    y = f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n"
+    r = compile_(tmp_path, y)
+    check(r, "error: unexpected RuntimeError: boom (a bug in quantc: run with -v for the traceback", code=1)
+    assert "second line" not in r.output and not (tmp_path / ".out.partial").exists()
+    r = CliRunner().invoke(main, ["-v", "compile", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "out")])
+    assert isinstance(r.exception, RuntimeError)
