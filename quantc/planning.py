@@ -44,7 +44,7 @@ class Plan:
                 "units": {k: {"modules": self.unit_names[k], **o.to_dict()} for k, o in self.choices.items()}}
 
     def save(self, path: Path) -> None:
-        tmp = Path(f"{path}.tmp")
+        tmp = Path(f"{path}.{os.getpid()}.tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
         os.replace(tmp, path)
 
@@ -126,7 +126,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     ms.meta = {"key": key, "model": cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")      # two plans at once: each its own file, then one rename
     tmp.write_text(json.dumps(ms.to_dict()))
     os.replace(tmp, path)
     return ms, False
