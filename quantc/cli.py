@@ -69,7 +69,19 @@ def main(ctx, verbose, quiet):
             hf_logging.disable_progress_bar()
         except ImportError:
             pass
+    _terminate_like_ctrl_c()
     ctx.obj = {"progress": not quiet, "quiet": quiet}
+
+
+def _terminate_like_ctrl_c() -> None:
+    """`kill PID` (SIGTERM) ends a command as Ctrl-C does: cleanup, the resume point named, exit 130."""
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
 
 
 @main.command("compile")

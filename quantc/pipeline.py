@@ -22,7 +22,7 @@ from .errors import QuantcError
 from .model import Activations, capture_layer0_inputs, decoder_layers, keep_in_fp16, layer_linears
 from .options import Option
 from .preflight import preflight
-from .staging import cleans_up_output, finalize_output, prepare_output, staged_files  # noqa: F401
+from .staging import cleans_up_output, finalize_output, prepare_output, staged_files
 
 log = logging.getLogger("quantc")
 
