@@ -18,14 +18,37 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
+def _notes(e: BaseException) -> str:
+    """What the staging added (where a resume point is kept), on the same line."""
+    return "".join(f"; {n}" for n in getattr(e, "__notes__", None) or [])
+
+
 def _fail_clearly(fn):
+    """QuantcError → one line and exit 2; Ctrl-C → one line (with the resume point) and exit 130;
+    anything else → one line and exit 1 (with -v: the traceback)."""
     @wraps(fn)
     def wrapper(*a, **k):
         try:
             return fn(*a, **k)
         except QuantcError as e:
-            click.echo(f"error: {e}", err=True)      # one unwrapped line: easy to read and to grep
+            click.echo(f"error: {e}{_notes(e)}", err=True)      # one unwrapped line: easy to read and to grep
             sys.exit(2)
+        except KeyboardInterrupt as e:
+            click.echo(f"error: interrupted{_notes(e)}", err=True)
+            sys.exit(130)
+        except Exception as e:
+            if logging.getLogger("quantc").isEnabledFor(logging.DEBUG):
+                raise
+            if isinstance(e, MemoryError):
+                msg = "out of memory; lower calibration.samples or calibration.seq_len, or free memory"
+            elif isinstance(e, OSError) and e.strerror:
+                msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+            else:
+                first = str(e).splitlines()[0] if str(e) else ""
+                msg = (f"unexpected {type(e).__name__}{': ' + first if first else ''} "
+                       "(a bug in quantc: run with -v for the traceback and report it)")
+            click.echo(f"error: {msg}{_notes(e)}", err=True)
+            sys.exit(1)
     return wrapper
 
 
@@ -68,7 +91,25 @@ def _setup_logging(level: int, verbose: bool) -> None:
 def main(ctx, verbose, quiet):
     """quantc: mixed-precision post-training quantization compiler for LLMs."""
     _setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, verbose)
+    if quiet:                      # transformers' own "Loading weights" bars too
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    _terminate_like_ctrl_c()
     ctx.obj = {"progress": not quiet, "quiet": quiet}
+
+
+def _terminate_like_ctrl_c() -> None:
+    """`kill PID` (SIGTERM) ends a command as Ctrl-C does: cleanup, the resume point named, exit 130."""
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
 
 
 @main.command("compile")
@@ -117,13 +158,22 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     from .config import Budget, load_config, parse_size
     from .pipeline import plan_only
     from .report import write_report
+    from .preflight import preflight
+    from .staging import check_writable
     cfg = load_config(budget)
+    check_writable(out, "plan folder")             # written after the measurement: check it now
+    if avg_bits is not None and memory is not None:
+        raise QuantcError("give one of --avg-bits or --memory, not both")
+    if avg_bits is not None and not 0 < avg_bits <= 16:
+        raise QuantcError(f"--avg-bits must be in (0, 16], got {avg_bits:g}")
     if avg_bits is not None or memory is not None:
-        cfg.budget = Budget(avg_bits=avg_bits, memory=parse_size(memory, budget, "--memory") if memory else None)
+        cfg.budget = Budget(avg_bits=avg_bits, memory=parse_size(memory, "", "--memory") if memory else None)
     if cfg.uniform:
         raise QuantcError(f"{budget}: `budget` is missing; give budget.avg_bits, budget.memory or "
                           "budget.max_delta_loss (or --avg-bits/--memory)")
     t = time.perf_counter()
+    preflight(cfg, budget_key="--avg-bits" if avg_bits is not None else "--memory" if memory else None,
+              calibrate=True)
     plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"])
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,8 +198,8 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False), help="Evaluation text file.")
 @click.option("--join-lines", is_flag=True, help="Join non-empty lines with a blank line (WikiText files).")
-@click.option("--seq-len", default=512, show_default=True)
-@click.option("--windows", default=80, show_default=True, help="Number of windows (0 = all).")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--windows", default=80, show_default=True, type=click.IntRange(min=0), help="Number of windows (0 = all).")
 @click.option("--reference", type=click.Path(), help="Original model for KL (default: the compile's source).")
 @click.option("--no-kl", is_flag=True, help="Skip the KL divergence against the original model.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
@@ -162,7 +212,14 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
     from .evaluate import eval_tokens, evaluate, read_text
     from .model import load_model, load_tokenizer
     from .runtime import load
+    from .staging import check_writable
 
+    if reference and no_kl:
+        raise QuantcError("--reference has no effect with --no-kl; give one of them")
+    if reference and backend == "onnx":
+        raise QuantcError("--reference has no effect with --backend onnx (it reports perplexity only)")
+    if json_out:
+        check_writable(json_out, "--json file")        # written after the evaluation: check it now
     if backend == "onnx":
         from .ort import OrtModel, evaluate_onnx, onnx_folder
         om = OrtModel(artifact)
@@ -179,17 +236,27 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
             Path(json_out).write_text(json.dumps(res, indent=2))
         click.echo(json.dumps(res))
         return
+    ref_path, ref_kw = None, {}
+    if not no_kl:                       # the reference is found (or not) before anything loads
+        m = {} if reference else _manifest(artifact)
+        src = m.get("source") or {}
+        ref_path = reference or src.get("model")
+        if reference and not Path(reference).exists() and (reference.startswith((".", "/", "~"))
+                                                           or not _looks_like_hub_id(reference)):
+            raise QuantcError(f"--reference {reference}: no such folder (nor a hub id like org/name)")
+        if ref_path and not (Path(ref_path).is_dir() or reference):
+            ref_path = None
+        ref_kw = {"gguf_file": src.get("gguf_file") if not reference else None,
+                  "allow_pickle": bool((m.get("config") or {}).get("allow_pickle", False))}   # as the compile was told
+    text_ = read_text(text, join_lines)
     model = load(artifact)
     tok = load_tokenizer(artifact)
-    tokens = eval_tokens(read_text(text, join_lines), tok, seq_len, windows or None)
+    tokens = eval_tokens(text_, tok, seq_len, windows or None)
     ref = None
-    if not no_kl:
-        src = _manifest(artifact).get("source", {})
-        path = reference or src.get("model")
-        if path and (Path(path).is_dir() or reference):
-            ref = load_model(path, src.get("gguf_file") if not reference else None)
-        else:
-            err_console.print("note: original model not found; KL skipped (pass --reference)")
+    if ref_path:
+        ref = load_model(ref_path, **ref_kw)
+    elif not no_kl:
+        err_console.print("note: original model not found; KL skipped (pass --reference)")
     res = evaluate(model, tokens, ref, progress=ctx.obj["progress"])
     res["artifact"] = str(artifact)
     table = Table(title=f"quantc eval {artifact}")
@@ -204,9 +271,30 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
     click.echo(json.dumps(res))
 
 
+def _looks_like_hub_id(s: str) -> bool:
+    from .config import _HUB_ID
+    return bool(_HUB_ID.match(s))
+
+
 def _manifest(artifact) -> dict:
-    p = Path(artifact) / "quantc.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    """The artifact's quantc.json ({} when there is none); a damaged one is an error, not a traceback."""
+    from .verify import read_manifest
+    if not (Path(artifact) / "quantc.json").is_file():
+        return {}
+    m, problem = read_manifest(Path(artifact))
+    if m is None:
+        raise QuantcError(f"{Path(artifact) / 'quantc.json'} {problem}; run `quantc verify {artifact}`")
+    return m
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QuantcError(f"{path}: not valid JSON ({e}); the folder is damaged") from None
+    if not isinstance(d, dict):
+        raise QuantcError(f"{path}: not a JSON object; the folder is damaged")
+    return d
 
 
 @main.group("export")
@@ -219,7 +307,7 @@ def export_group():
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder (default: ARTIFACT/onnx).")
 @click.option("--accuracy-level", default=0, show_default=True, type=click.IntRange(0, 4),
               help="MatMulNBits accuracy_level (0: float compute; 4: int8 activations, faster on CPU).")
-@click.option("--max-length", type=int, help="Longest sequence (RoPE table size; default: the model's, ≤ 8192).")
+@click.option("--max-length", type=click.IntRange(min=1), help="Longest sequence (RoPE table size; default: the model's, ≤ 8192).")
 @click.option("--widen-2bit", is_flag=True,
               help="Store 2-bit layers in the 4-bit container (exact; larger file, ONNX Runtime's fast 4-bit CPU path).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
@@ -265,7 +353,7 @@ def export_gguf_cmd(artifact, out, force):
 @main.command("generate")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
-@click.option("-n", "--max-new-tokens", default=32, show_default=True)
+@click.option("-n", "--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @_fail_clearly
@@ -273,12 +361,17 @@ def generate_cmd(artifact, prompt, max_new_tokens, backend, chat):
     """Greedy text generation from ARTIFACT with either backend."""
     import time
     from .model import load_tokenizer
+    if not prompt.strip() and not chat:
+        raise QuantcError("the prompt is empty; give some text with -p")
     tok_dir = artifact
     if backend == "onnx":
         from .ort import OrtModel, onnx_folder
         om = OrtModel(artifact)
         tok_dir = str(onnx_folder(artifact))
     tok = load_tokenizer(tok_dir)
+    if chat and not getattr(tok, "chat_template", None):
+        logging.getLogger("quantc").warning("--chat: the tokenizer of %s has no chat template; the prompt is "
+                                            "used as it is", tok_dir)
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids       # BatchEncoding in transformers 5
@@ -307,14 +400,14 @@ def inspect_cmd(artifact, modules):
     cfgp = Path(artifact) / "config.json"
     if not cfgp.is_file():
         raise QuantcError(f"{artifact}: no config.json; not a checkpoint folder")
-    qc = json.loads(cfgp.read_text()).get("quantization_config")
+    qc = _read_json(cfgp).get("quantization_config")
     if not qc:
         raise QuantcError(f"{cfgp}: no quantization_config; not a quantized checkpoint")
     m = _manifest(artifact)
     prov = qc.get("meta", {}).get("quantizer", ["?"])
     console.print(f"[bold]{artifact}[/]  quantizer: {', '.join(prov)}  default: {qc['bits']}-bit "
                   f"g{qc['group_size']} {'sym' if qc.get('sym') else 'asym'} desc_act={qc.get('desc_act')}")
-    if not m:
+    if not isinstance(m.get("modules"), dict) or not isinstance(m.get("totals"), dict):
         console.print(f"dynamic overrides: {len(qc.get('dynamic') or {})}")
         return
     mods = m["modules"]
@@ -347,8 +440,9 @@ def inspect_cmd(artifact, modules):
 @main.command("verify")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("--no-logits", is_flag=True, help="Skip the logits comparison against the source model.")
+@click.option("--strict", is_flag=True, help="A check that could not run (skipped) fails the verification.")
 @_fail_clearly
-def verify_cmd(artifact, no_logits):
+def verify_cmd(artifact, no_logits, strict):
     """Check ARTIFACT: file hashes, tensor shapes against its config, logits against the source."""
     from .verify import verify
     rows = verify(artifact, logits=not no_logits)
@@ -356,11 +450,17 @@ def verify_cmd(artifact, no_logits):
     for c in ("check", "result", "detail"):
         table.add_column(c)
     for name, ok, detail in rows:
-        table.add_row(name, "[green]ok[/]" if ok else "[red]FAIL[/]", detail)
+        table.add_row(name, "[yellow]skipped[/]" if ok is None else "[green]ok[/]" if ok else "[red]FAIL[/]", detail)
     console.print(table)
-    if not all(ok for _, ok, _ in rows):
+    skipped = [name for name, ok, _ in rows if ok is None]
+    if any(ok is False for _, ok, _ in rows):
         click.echo(f"error: {artifact} failed verification", err=True)
         sys.exit(1)
+    if skipped and strict:
+        click.echo(f"error: {artifact}: not verified: {', '.join(skipped)} skipped (--strict)", err=True)
+        sys.exit(1)
+    if skipped:
+        click.echo(f"note: {', '.join(skipped)} skipped; pass --strict to fail on skipped checks", err=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ SCHEMA: dict[str, tuple] = {
     "resources": (dict,),
     "serve": (list, str),
 }
-MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str}
+MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str, "allow_pickle": bool}
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
 QUANT_KEYS = {"bits": (int, list), "group_size": (int, list), "sym": bool, "act_order": bool,
               "static_groups": bool, "mse": bool, "method": str, "damp": (int, float),
@@ -87,6 +87,7 @@ class Config:
     gguf_file: str | None = None
     trust_remote_code: bool = False
     revision: str | None = None
+    allow_pickle: bool = False         # load pickled weights (*.bin, *.pt) through torch's restricted unpickler
     budget: Budget = field(default_factory=Budget)
     candidates: list[Option] = field(default_factory=lambda: [Option()])
     method: str = "gptq"
@@ -119,7 +120,7 @@ class Config:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "gguf_file": self.gguf_file, "method": self.method, "damp": self.damp,
+            "model": self.model, "gguf_file": self.gguf_file, "allow_pickle": self.allow_pickle, "method": self.method, "damp": self.damp,
             "qep_alpha": self.qep_alpha, "units": self.units, "true_sequential": self.true_sequential,
             "candidates": [o.to_dict() for o in self.candidates], "keep_fp16": self.keep_fp16,
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
@@ -161,18 +162,36 @@ def _typed(d: dict, allowed: dict, file: str, prefix: str) -> dict:
         ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
         if not ok:
             names = " or ".join(t.__name__ for t in types)
+            if isinstance(v, str) and {int, float} & set(types) and re.fullmatch(r"\s*-?[0-9.]+\s*", v):
+                raise ConfigError(file, key, f"{v!r} is a string, not a number; write it without quotes: {v.strip()}")
             raise ConfigError(file, key, f"expected {names}, got {type(v).__name__} {v!r}")
     return d
 
 
+def _not_a_number(v: Any, file: str, key: str, what: str) -> None:
+    """A string, float or bool where an integer belongs: say so (not "4 is not supported")."""
+    if isinstance(v, str):
+        hint = f"write it without quotes: {v.strip()}" if re.fullmatch(r"\s*-?\d+\s*", v) else "give an integer"
+        raise ConfigError(file, key, f"{what} {v!r} is a string, not a number; {hint}")
+    if isinstance(v, bool):
+        raise ConfigError(file, key, f"{what} {v!r} is a boolean, not a number; give an integer")
+    if isinstance(v, float):
+        hint = f"write {int(v)}" if v.is_integer() else "give an integer"
+        raise ConfigError(file, key, f"{what} {v!r} is not an integer; {hint}")
+    if not isinstance(v, int):
+        raise ConfigError(file, key, f"{what} must be an integer, got {type(v).__name__} {v!r}")
+
+
 def _bits(v: Any, file: str, key: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v not in SUPPORTED_BITS:
+    _not_a_number(v, file, key, "bits")
+    if v not in SUPPORTED_BITS:
         raise ConfigError(file, key, f"bits {v!r} is not supported; allowed: {', '.join(map(str, SUPPORTED_BITS))}")
     return v
 
 
 def _group(v: Any, file: str, key: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not (v == -1 or (v >= 32 and v % 32 == 0)):
+    _not_a_number(v, file, key, "group size")
+    if not (v == -1 or (v >= 32 and v % 32 == 0)):
         raise ConfigError(file, key, f"group size {v!r} is not allowed; use -1 (per channel) or a "
                                      "multiple of 32 such as 32, 64, 128")
     return v
@@ -187,15 +206,69 @@ def load_config(path: str | Path) -> Config:
     file = str(path)
     if not path.is_file():
         raise ConfigError(file, "", "budget file not found; pass the path of a budget YAML (see README)")
+    return parse_config(read_yaml(path), file, base=path.parent)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int):
+        self.key, self.first, self.second = key, first, second
+        super().__init__(f"{key} given twice")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping key given twice (plain YAML silently keeps the last one,
+    so a second `bits:` or a second `quant:` block would quietly replace the first)."""
+
+    def construct_document(self, node):
+        self._check_unique(node, "", set())
+        return super().construct_document(node)
+
+    def _check_unique(self, node, path: str, seen: set) -> None:
+        if id(node) in seen:                       # aliases: each node once (and no endless recursion)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for k, v in node.value:
+                if k.tag == "tag:yaml.org,2002:merge":   # `<<: *base` may be overridden: that is its purpose
+                    self._check_unique(v, path, seen)
+                    continue
+                child = path
+                if isinstance(k, yaml.ScalarNode):
+                    value = self.construct_object(k)   # `bits` and "bits", `1` and `01`: the same key
+                    child = f"{path}.{value}" if path else str(value)
+                    try:
+                        if value in lines:
+                            raise DuplicateKeyError(child, lines[value], k.start_mark.line + 1)
+                        lines[value] = k.start_mark.line + 1
+                    except TypeError:                  # unhashable: the constructor reports it
+                        pass
+                self._check_unique(v, child, seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._check_unique(v, f"{path}[{i}]", seen)
+
+
+def read_yaml(path: str | Path, what: str = "budget") -> Any:
+    """A YAML file (budget or plan) through UniqueKeyLoader; every problem is a ConfigError naming
+    the file, the line and (for a duplicate) the key path."""
+    file = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "not a UTF-8 text file") from None
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read the {what} file: {e.strerror}") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        lines = f"line {e.first}" if e.first == e.second else f"lines {e.first} and {e.second}"
+        raise ConfigError(file, e.key, f"given twice ({lines}); YAML would keep only the last one: "
+                          "remove one or merge them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(file, "", f"malformed YAML{where}: {getattr(e, 'problem', e)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(file, "", "not a UTF-8 text file") from None
-    return parse_config(raw, file, base=path.parent)
 
 
 def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> Config:
@@ -212,7 +285,7 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         raise ConfigError(file, "model.path", "missing: name a local model folder or a hub id")
     model = _resolve_model(m["path"], file, base)
     cfg = Config(model=model, gguf_file=m.get("gguf_file"), trust_remote_code=m.get("trust_remote_code", False),
-                 revision=m.get("revision"), source_file=file)
+                 revision=m.get("revision"), allow_pickle=m.get("allow_pickle", False), source_file=file)
     if cfg.gguf_file and not (Path(model) / cfg.gguf_file).is_file():
         raise ConfigError(file, "model.gguf_file", f"{cfg.gguf_file!r} not found in {model}")
 
@@ -225,6 +298,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     shared = {"act_order": True, "static_groups": True, "mse": True,
               **{k: q[k] for k in ("sym", "act_order", "static_groups", "mse") if k in q}}
     if "candidates" in raw:
+        if "bits" in q:
+            raise ConfigError(file, "quant.bits", "has no effect when `candidates` lists the options: put the "
+                              "bit-widths in `candidates` and remove quant.bits")
         cands = []
         for i, c in enumerate(raw["candidates"]):
             key = f"candidates[{i}]"
@@ -247,6 +323,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     cfg.qep_alpha = float(q.get("qep_alpha", 0.0))
     if not 0 <= cfg.qep_alpha <= 1:
         raise ConfigError(file, "quant.qep_alpha", f"must be in [0, 1] (0 = plain GPTQ), got {cfg.qep_alpha}")
+    if cfg.method == "rtn" and cfg.qep_alpha > 0:
+        raise ConfigError(file, "quant.qep_alpha", "error propagation needs calibration and has no effect with "
+                          "method: rtn; use method: gptq or remove qep_alpha")
     cfg.units = q.get("units", "shared")
     if cfg.units not in UNIT_MODES:
         raise ConfigError(file, "quant.units", f"{cfg.units!r}; allowed: {', '.join(UNIT_MODES)}")

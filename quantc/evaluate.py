@@ -23,8 +23,11 @@ def eval_tokens(text: str, tokenizer, seq_len: int = 512, windows: int | None = 
 
 
 def read_text(path: str, join_lines: bool = False) -> str:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise QuantcError(f"{path}: not a UTF-8 text file (byte {e.start}); save it as UTF-8") from None
     # WikiText-style files hold one row per line; evaluation joins them with a blank line
     return "\n\n".join(line for line in text.splitlines() if line.strip()) if join_lines else text
 

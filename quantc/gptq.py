@@ -161,17 +161,18 @@ def _layout(o: Option) -> tuple:
 
 
 def gptq_options(W: torch.Tensor, H: torch.Tensor, opts: list[Option], percdamp: float = 0.01,
-                 blocksize: int = 128, name: str = "") -> list[QuantResult]:
+                 blocksize: int = 128, name: str = "", hinv: dict | None = None) -> list[QuantResult]:
     """GPTQ of the same W and H at several options (the measurement's candidates). Options with the
     same group layout (group size, act-order, static groups) are solved together: one Cholesky and
     one column loop over their stacked rows, each row block on its own grid (bits, sym, clip search).
     Rows never mix, so each result is the single-option solve's (to float rounding of the stacked
-    products); one option runs exactly the single-option operations."""
+    products); one option runs exactly the single-option operations. `hinv`: a dict shared by calls
+    with the same H (linears reading one input), so its Cholesky factor is computed once."""
     out: list[QuantResult | None] = [None] * len(opts)
     layouts: dict[tuple, list[int]] = {}
     for j, o in enumerate(opts):
         layouts.setdefault(_layout(o), []).append(j)
-    hinv = {}                                   # (act_order) -> (Hinv, damp, perm): one Cholesky each
+    hinv = {} if hinv is None else hinv         # act_order -> (Hinv, damp, perm): one Cholesky each
     for idx in layouts.values():
         for j, r in zip(idx, _gptq_stacked(W, H, [opts[j] for j in idx], percdamp, blocksize, name, hinv)):
             out[j] = r

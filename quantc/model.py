@@ -53,28 +53,65 @@ def check_supported(model_type: str | None, where: str) -> None:
                           f"{', '.join(SUPPORTED_TYPES)}")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_files(path: str, gguf_file: str | None = None, allow_pickle: bool = False) -> None:
+    """A local model folder must hold safetensors (or the named GGUF file). Pickled weights (*.bin,
+    *.pt) are refused unless the YAML opts in: unpickling a file can run code."""
+    folder = Path(path)
+    if not folder.is_dir() or gguf_file or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    if not pickles:
+        raise QuantcError(f"{path}: no weight files (*.safetensors) in the model folder")
+    if not allow_pickle:
+        raise QuantcError(
+            f"{path}: the weights are pickled ({', '.join(pickles[:3])}) and quantc does not unpickle by default "
+            "(loading a pickle can run code); convert them to safetensors once, e.g. python -c \"from transformers "
+            f"import AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" "
+            "(and copy the tokenizer files), or, if you trust the file, opt in with `model: {path: ..., "
+            "allow_pickle: true}` (torch's restricted weights-only unpickler)")
+
+
+def _load_error(path: str, e: Exception) -> QuantcError:
+    """One line for a failed from_pretrained, never passing on torch's "weights_only=False" advice."""
+    text = str(e)
+    if "Weights only load failed" in text or type(e).__name__ == "UnpicklingError":
+        detail = next((ln.strip().rstrip(".") for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+                      type(e).__name__)
+        return QuantcError(f"{path}: refused the pickled weights: they hold more than tensors ({detail}), and "
+                           "loading them could run code; quantc will not load them. Get safetensors weights from "
+                           "a source you trust")
+    msg = text.splitlines()[0] if text else type(e).__name__
+    damaged = any(w in f"{type(e).__name__} {text}".lower()
+                  for w in ("safetensor", "incomplete", "truncat", "eof", "unexpected end", "invalid load key",
+                            "zip archive", "corrupt", "header"))
+    hint = "; the weight files look truncated or corrupt" if damaged else ""
+    return QuantcError(f"{path}: cannot load the model ({type(e).__name__}: {msg}){hint}")
+
+
 def load_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
-               revision: str | None = None, dtype=torch.float32, lazy: bool = False):
+               revision: str | None = None, dtype=torch.float32, lazy: bool = False, allow_pickle: bool = False):
     """Load a causal LM (local folder or hub id) in float32 on the CPU, in eval mode. With `lazy` (and a
-    local safetensors folder) the decoder layers stay on disk until `lazy.materialize` reads them."""
+    local safetensors folder) the decoder layers stay on disk until `lazy.materialize` reads them.
+    Pickled weights only with `allow_pickle` (and then through torch's weights-only unpickler)."""
     from transformers import AutoModelForCausalLM
 
     check_supported(read_model_type(path) or _remote_type(path, trust_remote_code), path)
+    check_weight_files(path, gguf_file, allow_pickle)
     from .lazy import can_load_lazily, load_lazy
     if lazy and can_load_lazily(path, gguf_file):
         return load_lazy(path, trust_remote_code, dtype)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     if gguf_file:
         kw["gguf_file"] = gguf_file
-    if Path(path).is_dir() and not gguf_file and not any(Path(path).glob("*.safetensors")) \
-            and not any(Path(path).glob("*.bin")):
-        raise QuantcError(f"{path}: no weight files (*.safetensors) in the model folder")
+    elif not allow_pickle:
+        kw["use_safetensors"] = True          # hub ids too: never fetch and unpickle a .bin
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except Exception as e:  # OSError, SafetensorError (truncated file), ValueError...: one clear line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise QuantcError(f"{path}: cannot load the model ({type(e).__name__}: {msg}); "
-                          "check that the weight files are complete") from None
+        raise _load_error(path, e) from None
     model.eval()
     model.config.use_cache = False
     check_finite(model, path)

@@ -47,7 +47,11 @@ class OrtModel:
                               "(or 'quantc[ort-gpu]' for CUDA)") from None
         check_single_runtime()
         self.folder = onnx_folder(path)
-        self.info = json.loads((self.folder / "onnx_export.json").read_text())
+        try:
+            self.info = json.loads((self.folder / "onnx_export.json").read_text())
+        except (OSError, ValueError) as e:
+            raise QuantcError(f"{self.folder}/onnx_export.json: missing or damaged ({e}); export again with "
+                              "`quantc export onnx --force`") from None
         avail = ort.get_available_providers()
         wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
         opts = ort.SessionOptions()

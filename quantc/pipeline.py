@@ -23,6 +23,8 @@ from .model import (COMPUTE_DTYPES, Activations, Placement, capture_layer0_input
                     layer_linears, resolve_device)
 from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
+from .preflight import preflight
+from .staging import cleans_up_output, finalize_output, prepare_output, staged_files
 
 log = logging.getLogger("quantc")
 
@@ -54,44 +56,6 @@ def resolve_options(model, cfg: Config, chosen: dict[str, Option] | None = None)
     return options, skipped
 
 
-def prepare_output(out: Path, force: bool) -> Path:
-    """Check the output path now (before hours of work) and return the temporary folder beside it
-    (kept when it holds a resume point)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise QuantcError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QuantcError(f"cannot create the output folder's parent {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise QuantcError(f"{parent} is not writable; choose another output folder with -o")
-    tmp = parent / f".{out.name}.partial"
-    try:
-        if tmp.exists():
-            for p in tmp.iterdir():          # drop everything but the resume point
-                if p.name != "resume":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        tmp.mkdir(exist_ok=True)
-        (tmp / ".write-test").write_bytes(b"")
-        (tmp / ".write-test").unlink()
-    except OSError as e:
-        raise QuantcError(f"cannot write the output beside {out} ({e.strerror}); choose a writable folder with -o") from None
-    return tmp
-
-
-def finalize_output(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary folder into place (the old output, if any, only goes now)."""
-    out = Path(out)
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def sha256(path: Path) -> str:
@@ -136,7 +100,8 @@ def _hidden_size(cfg: Config) -> int:
 def load_source(cfg: Config):
     """The model (lazily, one decoder layer at a time, where it can) and its tokenizer."""
     from .model import load_model, load_tokenizer
-    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load)
+    model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load,
+                       allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
     return model, tokenizer
 
@@ -157,6 +122,7 @@ def plan_only(cfg: Config, progress: bool = True):
     return plan, ms, cached, time.perf_counter() - t
 
 
+@cleans_up_output
 def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_file: str | None = None,
                   progress: bool = True) -> dict:
     """Run the whole compile; return the manifest written to out/quantc.json."""
@@ -172,6 +138,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         read_plan_options(plan_file, cfg)
     check_memory(cfg)
     tmp = prepare_output(out, force)
+    preflight(cfg, out, plan_file)          # seconds: patterns, budget from shapes, weights, calibration
     timings = {}
     t0 = time.perf_counter()
     torch.manual_seed(cfg.calibration.seed)
@@ -268,8 +235,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "modules": modules,
         "skipped": skipped,
         "timings": timings,
-        "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*"))
-                  if p.is_file() and not {"resume", "offload"} & set(p.relative_to(tmp).parts)},
+        "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(tmp / "resume", ignore_errors=True)

@@ -6,6 +6,7 @@ measurement serves any number of budgets: re-planning for another budget takes s
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -43,35 +44,34 @@ class Plan:
                 "units": {k: {"modules": self.unit_names[k], **o.to_dict()} for k, o in self.choices.items()}}
 
     def save(self, path: Path) -> None:
-        tmp = Path(f"{path}.tmp")
+        tmp = Path(f"{path}.{os.getpid()}.tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
         os.replace(tmp, path)
 
 
 def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option], dict[str, list[str]], dict]:
-    """Read an (edited) plan file without the model: unit key -> option (checked: bits, group size, and
-    every runtime the compile targets: serve.targets_for), unit key -> the modules the file lists, and
-    the raw mapping."""
-    from .config import _bits, _group
+    """Read an (edited) plan file without the model: unit key -> option (checked: bits, group size,
+    duplicate keys, unknown keys, strings for numbers, and every runtime the compile targets:
+    serve.targets_for), unit key -> the modules the file lists, and the raw mapping."""
+    from .config import OPTION_KEYS, _bits, _group, _typed, read_yaml
     from .serve import check, refuse, targets_for
     file = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(file, "", f"cannot read the plan: {e}") from None
+    if not Path(path).is_file():
+        raise ConfigError(file, "", "plan file not found; pass a plan.yaml written by `quantc plan` or `quantc compile`")
+    raw = read_yaml(path, "plan")
     if not isinstance(raw, dict) or "units" not in raw or not isinstance(raw["units"], dict):
         raise ConfigError(file, "units", "not a quantc plan (written by `quantc plan`)")
     choices, listed = {}, {}
     for key, entry in raw["units"].items():
         if not isinstance(entry, dict):
             raise ConfigError(file, f"units.{key}", "expected a mapping with bits, group_size, ...")
-        fields = {k: v for k, v in entry.items() if k in Option.__dataclass_fields__}
-        try:
-            opt = Option(**fields)
-        except TypeError as e:
-            raise ConfigError(file, f"units.{key}", str(e)) from None
-        _bits(opt.bits, file, f"units.{key}.bits")
-        _group(opt.group_size, file, f"units.{key}.group_size")
+        fields = {k: v for k, v in entry.items() if k != "modules"}
+        _typed(fields, OPTION_KEYS, file, f"units.{key}")        # a typo such as `bit: 3` is not ignored
+        if "bits" not in fields:
+            raise ConfigError(file, f"units.{key}.bits", "missing")
+        _bits(fields["bits"], file, f"units.{key}.bits")
+        _group(fields.get("group_size", Option.group_size), file, f"units.{key}.group_size")
+        opt = Option(**fields)
         mods = entry.get("modules")
         listed[key] = [str(m) for m in mods] if isinstance(mods, list) else []
         choices[key] = opt
@@ -84,7 +84,8 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
 
 
 def read_plan(path: str | Path, model, cfg: Config) -> Plan:
-    """Read an (edited) plan file and check it against the model's units."""
+    """Read an (edited) plan file and check it against the model's units (a meta-device skeleton is
+    enough: names only)."""
     file = str(path)
     choices, _, raw = read_plan_options(path, cfg)
     model_units = {u.key: list(u.names) for u in units(model, cfg.units)}
@@ -92,6 +93,10 @@ def read_plan(path: str | Path, model, cfg: Config) -> Plan:
         if key not in model_units:
             raise ConfigError(file, f"units.{key}", "the plan does not match the model: no such unit "
                               f"(the model has {len(model_units)} units, e.g. {next(iter(model_units))})")
+    missing = [k for k in model_units if k not in choices]
+    if missing and choices:
+        log.warning("%s: the plan leaves %d of %d units (e.g. %s) to the default option %s", file, len(missing),
+                    len(model_units), missing[0], cfg.default_option.label)
     names = {key: model_units[key] for key in choices}
     return Plan(choices, names, raw.get("predicted", {}), raw.get("meta", {}))
 
@@ -145,7 +150,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     ms.meta = {**ms.meta, "key": key, "model": cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")      # two plans at once: each its own file, then one rename
     tmp.write_text(json.dumps(ms.to_dict()))
     os.replace(tmp, path)
     return ms, False
@@ -166,8 +171,12 @@ def _pinned_option(name: str, cfg: Config) -> Option | None | bool:
 def allocatable(ms: Measurements, cfg: Config) -> tuple[list[str], int]:
     """Units the allocator decides (no member kept in 16-bit or overridden), and the bytes of the
     modules whose option the YAML fixes (they come off the budget)."""
+    return _allocatable(ms.units, cfg)
+
+
+def _allocatable(unit_entries: dict[str, dict], cfg: Config) -> tuple[list[str], int]:
     free, fixed = [], 0
-    for key, u in ms.units.items():
+    for key, u in unit_entries.items():
         pinned = [_pinned_option(n, cfg) for n in u["names"]]
         if all(p is False for p in pinned):
             free.append(key)
@@ -179,18 +188,142 @@ def allocatable(ms: Measurements, cfg: Config) -> tuple[list[str], int]:
 
 
 def budget_bytes(cfg: Config, ms: Measurements) -> int | None:
+    return _budget_bytes(cfg, sum(u["weights"] for u in ms.units.values()))
+
+
+def _budget_bytes(cfg: Config, weights: int) -> int | None:
     if cfg.budget.memory is not None:
         return cfg.budget.memory
     if cfg.budget.avg_bits is not None:
-        weights = sum(u["weights"] for u in ms.units.values())
         return int(cfg.budget.avg_bits * weights / 8)
     return None
 
 
+# ------------------------------------------------------------------ the budget from tensor shapes alone
+
+def shape_units(model, cfg: Config) -> dict[str, dict]:
+    """Every unit's module names, shapes and weight count, like `Measurements.units` but from the
+    module shapes alone: a meta-device skeleton (no weights, no calibration) is enough."""
+    mods = dict(model.named_modules())
+    out = {}
+    for u in units(model, cfg.units):
+        shapes = [[mods[n].in_features, mods[n].out_features] for n in u.names]
+        out[u.key] = {"names": list(u.names), "shapes": shapes, "weights": sum(i * o for i, o in shapes)}
+    return out
+
+
+def size_bounds(unit_entries: dict[str, dict], cfg: Config) -> dict:
+    """Smallest and largest total bytes any plan can have (Option.bytes_for of every shape), the bytes
+    the YAML fixes (keep_fp16/overrides), the weight count and the smallest/largest candidates."""
+    free, fixed = _allocatable(unit_entries, cfg)
+    per_option = [sum(o.bytes_for(i, n) for k in free for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates]
+    costs = [[sum(o.bytes_for(i, n) for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates] for k in free]
+    lo, hi = size_range(costs)
+    return {"min": lo + fixed, "max": hi + fixed, "fixed": fixed, "free": len(free),
+            "weights": sum(u["weights"] for u in unit_entries.values()),
+            "lowest": cfg.candidates[per_option.index(min(per_option))] if free else None,
+            "largest": cfg.candidates[per_option.index(max(per_option))] if free else None}
+
+
+def _size(b: int, weights: int) -> str:
+    return f"{b:,} bytes ({b / 2**20:.2f} MiB, {8 * b / max(weights, 1):.2f} bits/weight)"
+
+
+def _smallest(unit_entries, cfg: Config, **change) -> int:
+    """The smallest size with `change` applied to the config."""
+    from dataclasses import replace
+    return size_bounds(unit_entries, replace(cfg, **change))["min"]
+
+
+def _pins(cfg: Config) -> list[str]:
+    """The YAML entries that fix some units' options (their bytes come off the budget)."""
+    pins = [f"overrides[{i}]" for i, (_, f) in enumerate(cfg.overrides) if not f.get("skip")]
+    return pins + (["keep_fp16"] if cfg.keep_fp16 != Config(model="").keep_fp16 else [])
+
+
+def _advice(unit_entries, cfg: Config, budget: int, b: dict) -> str:
+    """What would make the budget feasible: raising it, and only those changes of the YAML that reach
+    it (single changes first, then combinations), each with the smallest size it gives."""
+    from dataclasses import replace
+    from .packing import SUPPORTED_BITS
+    w = b["weights"]
+    bpw = lambda n: f"{8 * n / w:.2f} bits/weight"                      # noqa: E731
+    raise_it = f"raise the budget to at least {b['min']:,} bytes ({bpw(b['min'])})"
+    low = b["lowest"]
+    changes = []                                    # (label, change) from the least to the most invasive
+    for bits in sorted((x for x in SUPPORTED_BITS if x < low.bits), reverse=True):
+        changes.append(("bits", f"add {bits}-bit to quant.bits", replace(low, bits=bits)))
+    if low.group_size > 0:
+        for g in [g for g in (64, 128, 256, 512, 1024) if g > low.group_size] + [-1]:
+            name = "-1 (per channel)" if g == -1 else str(g)
+            changes.append(("group", f"add group_size {name} (fewer scales)", replace(low, group_size=g)))
+    pins = _pins(cfg)
+    if b["fixed"] and pins:
+        changes.append(("pins", f"drop {', '.join(pins)} (fixing {b['fixed']:,} bytes)", None))
+
+    def smallest(combo) -> int:
+        opts = [c for _, _, c in combo if c is not None]
+        if len({k for k, _, _ in combo if k != "pins"}) == 2:   # lower bits *with* the larger group
+            bits_opt = next(c for k, _, c in combo if k == "bits")
+            group_opt = next(c for k, _, c in combo if k == "group")
+            opts.append(replace(low, bits=bits_opt.bits, group_size=group_opt.group_size))
+        kw = {"candidates": [*cfg.candidates, *opts]}
+        if any(k == "pins" for k, _, _ in combo):
+            kw.update(overrides=[], keep_fp16=Config(model="").keep_fp16)
+        return _smallest(unit_entries, cfg, **kw)
+
+    singles, seen = [], set()
+    for c in changes:                               # the first (least invasive) that works of each kind
+        if c[0] not in seen and (lo := smallest([c])) <= budget:
+            singles.append(f"{c[1]}: smallest size then {bpw(lo)}")
+            seen.add(c[0])
+    if singles:
+        return "; or ".join([raise_it, *singles])
+    kinds = {}
+    for c in changes:
+        kinds.setdefault(c[0], []).append(c)
+    for n in (2, 3):                                # several changes together
+        for group in itertools.combinations(sorted(kinds), n):
+            for combo in itertools.product(*(kinds[k] for k in group)):
+                if (lo := smallest(list(combo))) <= budget:
+                    return f"{raise_it}; or, together, {' and '.join(c[1] for c in combo)}: smallest size then {bpw(lo)}"
+    floor = _smallest(unit_entries, cfg, candidates=[Option(bits=min(SUPPORTED_BITS), group_size=-1)], overrides=[],
+                      keep_fp16=Config(model="").keep_fp16)
+    return (f"{raise_it} (nothing else reaches it: even {min(SUPPORTED_BITS)}-bit per channel everywhere needs "
+            f"{bpw(floor)})")
+
+
+def check_budget(unit_entries: dict[str, dict], cfg: Config, budget: int | None = None, key: str | None = None,
+                 warn: bool = True) -> None:
+    """An infeasible avg_bits/memory budget is an error now, from shapes alone (not after the
+    measurement): it names the budget and the achievable range in bytes, MiB and bits per weight, and
+    only advice that would work. A budget above the largest size is clamped, with a warning."""
+    b = size_bounds(unit_entries, cfg)
+    budget = _budget_bytes(cfg, b["weights"]) if budget is None else budget
+    if budget is None or b["lowest"] is None:
+        return
+    kind = "memory" if cfg.budget.memory is not None else "avg_bits"
+    file, key = (cfg.source_file, f"budget.{kind}") if key is None else ("", key)
+    w = b["weights"]
+    if budget < b["min"]:
+        low = b["lowest"]
+        lowest = f"every unit at {low.label}" + (", the lowest candidate already" if low.bits == 2 else "")
+        fixed = f"; {b['fixed']:,} bytes of it fixed by {', '.join(_pins(cfg))}" if b["fixed"] else ""
+        raise ConfigError(file, key, f"the budget of {_size(budget, w)} is infeasible: the smallest achievable size "
+                          f"is {_size(b['min'], w)} ({lowest}{fixed}) and the largest {_size(b['max'], w)}. To fit: "
+                          + _advice(unit_entries, cfg, budget, b))
+    if budget > b["max"] and warn:
+        top = b["largest"]
+        more = "" if top.bits >= 8 else "; add 8-bit to quant.bits to use more of it"
+        log.warning("the budget of %s is more than the largest achievable size %s (every unit at %s): "
+                    "the plan uses at most that%s", _size(budget, w), _size(b["max"], w), top.label, more)
 
 
 def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: float | None = None) -> Plan:
     from .serve import check, targets_for
+    if budget is not None and target is None:
+        check_budget(ms.units, cfg, budget, warn=False)
+
     keys, fixed = allocatable(ms, cfg)
     if not keys:
         raise QuantcError(f"{cfg.source_file}: every unit is pinned by keep_fp16/overrides; nothing to allocate")

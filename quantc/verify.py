@@ -20,29 +20,45 @@ def expected_shapes(in_f: int, out_f: int, bits: int, group_size: int) -> dict[s
             "scales": (groups, out_f), "g_idx": (in_f,)}
 
 
-def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool, str]]:
-    """Run every check; return (check, ok, detail) rows."""
+def read_manifest(folder: Path) -> tuple[dict | None, str | None]:
+    """quantc.json, or None and why it cannot be used (missing, truncated, not a manifest)."""
+    p = folder / "quantc.json"
+    if not p.is_file():
+        return None, "is missing"
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"is not valid JSON, truncated or corrupt ({e})"
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
+        return None, "has no `files` table: not a quantc manifest"
+    return m, None
+
+
+def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool | None, str]]:
+    """Run every check; return (check, ok, detail) rows; ok is None for a check that was skipped."""
     from .pipeline import sha256
     folder = Path(folder)
     rows = []
-    man_path = folder / "quantc.json"
     if not (folder / "config.json").is_file():
         raise QuantcError(f"{folder}: no config.json; not a checkpoint folder")
-    manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
+    manifest, problem = read_manifest(folder)
     if manifest is None:
-        rows.append(("manifest", False, "quantc.json missing: file hashes cannot be checked"))
+        rows.append(("manifest", False, f"quantc.json {problem}: file hashes cannot be checked"))
     else:
         for name, digest in manifest["files"].items():
             p = folder / name
             ok = p.is_file() and sha256(p) == digest
             rows.append((f"sha256 {name}", ok, "matches" if ok else ("missing" if not p.is_file() else "differs")))
 
-    config = json.loads((folder / "config.json").read_text())
-    qc = config.get("quantization_config")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QuantcError(f"{folder}/config.json: not valid JSON ({e}); the checkpoint is damaged") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not qc:
         raise QuantcError(f"{folder}/config.json: no quantization_config")
     bad, count = [], 0
-    shapes = (manifest or {}).get("modules", {})
+    shapes = (manifest or {}).get("modules") or {}
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as sf:
@@ -71,24 +87,30 @@ def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool, str
     rows.append(("tensor shapes", not bad and count > 0,
                  f"{count} quantized linears consistent with config.json" if not bad else "; ".join(bad[:5])))
 
-    src = (manifest or {}).get("source", {}).get("model")
+    source = (manifest or {}).get("source") or {}
+    src = source.get("model")
     if logits and src and Path(src).is_dir() and all(ok for _, ok, _ in rows):
-        rows.append(_logits_check(folder, src, (manifest or {}).get("source", {}).get("gguf_file")))
+        allow_pickle = bool(((manifest or {}).get("config") or {}).get("allow_pickle", False))
+        try:
+            rows.append(_logits_check(folder, src, source.get("gguf_file"), allow_pickle))
+        except QuantcError as e:
+            rows.append(("logits vs source", False, f"cannot run: {e}"))
     elif logits:
-        rows.append(("logits", True, "skipped: source model not present locally" if not (src and Path(src).is_dir())
-                     else "skipped: earlier checks failed"))
+        why = ("source model unknown (no usable quantc.json)" if not src else
+               f"source model {src} not present locally" if not Path(src).is_dir() else "earlier checks failed")
+        rows.append(("logits vs source", None, f"skipped: {why}"))
     return rows
 
 
 @torch.no_grad()
-def _logits_check(folder: Path, src: str, gguf_file: str | None) -> tuple[str, bool, str]:
+def _logits_check(folder: Path, src: str, gguf_file: str | None, allow_pickle: bool = False) -> tuple[str, bool, str]:
     from .model import load_model, load_tokenizer
     from .runtime import load
     tok = load_tokenizer(str(folder))
     text = "The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits " * 4
     ids = torch.tensor([tok(text)["input_ids"][:64]])
     q = load(folder)(input_ids=ids).logits
-    ref = load_model(src, gguf_file)(input_ids=ids).logits
+    ref = load_model(src, gguf_file, allow_pickle=allow_pickle)(input_ids=ids).logits
     rel = float((q - ref).norm() / ref.norm())
     agree = float((q.argmax(-1) == ref.argmax(-1)).float().mean())
     ok = rel < 0.5 and torch.isfinite(q).all()

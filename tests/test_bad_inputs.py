@@ -135,3 +135,287 @@ def test_memory_estimate_refuses_what_cannot_fit(tmp_path, tiny_models, calib_fi
     assert small["weights"] > 0 and small["total"] > small["weights"]
     r = compile_(tmp_path, f"model: {tiny_models['llama']}\ncalibration: {{source: {calib_file}, samples: 10000000, seq_len: 4096}}\n")
     check(r, "the compile needs about", "GiB is available", "lower calibration.samples")
+
+
+def test_failed_compile_leaves_nothing_behind(tmp_path, tiny_models):
+    """No empty `.out.partial/` and no parent folders created for the output remain after a failure."""
+    m = copy_model(tiny_models["llama"], tmp_path / "m")
+    t = load_file(str(m / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")       # found after the output is prepared
+    save_file(t, str(m / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "new" / "deeper" / "out"
+    check(compile_(tmp_path, f"model: {m}\nquant: {{method: rtn, group_size: 32}}\n", out), "contains NaN or Inf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "m"]
+
+
+def test_force_replaces_only_an_earlier_output(tmp_path, tiny_models):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("years of work")
+    r = compile_(tmp_path, f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n",
+                 tmp_path / "docs", "--force")
+    check(r, "is not an output of quantc (no quantc.json)", "remove the folder yourself")
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "years of work"
+
+
+# ------------------------------------------------------------------------ found before any heavy work
+
+@pytest.fixture()
+def no_heavy_work(monkeypatch):
+    """Loading the weights or measuring fails the test: the error must come before either."""
+    import quantc.model
+    import quantc.planning
+
+    def heavy(*a, **k):
+        raise AssertionError("heavy work started before the error")
+    monkeypatch.setattr(quantc.model, "load_model", heavy)
+    monkeypatch.setattr(quantc.planning, "get_measurements", heavy)
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    ("overrides: [{match: 'down_porj', bits: 8}]",
+     ["`overrides[0].match`: 'down_porj' matches no decoder linear", "model.layers.0.self_attn.q_proj"]),
+    ("keep_fp16: [lm_head, 'embed_tokns']", ["`keep_fp16[1]`: 'embed_tokns' matches no module of the model"]),
+    ("overrides: [{match: mlp, bits: 8}, {match: 'mlp\\.down_proj', bits: 2}]",
+     ["`overrides[1].match`", "has no effect", "already decided by overrides[0] (the first match wins)"]),
+    ("keep_fp16: [lm_head, up_proj]\noverrides: [{match: 'up_proj', skip: true}]",
+     ["`overrides[0].match`", "already decided by keep_fp16"]),
+])
+def test_pattern_that_matches_nothing_is_an_error(tmp_path, tiny_models, no_heavy_work, extra, fragments):
+    check(compile_(tmp_path, f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n{extra}\n"),
+          *fragments)
+
+
+BUDGET_YAML = "model: {m}\nbudget: {{{b}}}\nquant: {{bits: {bits}, group_size: 32}}\n{extra}" \
+              "calibration: {{source: {c}, samples: 8, seq_len: 64}}\n"
+
+
+@pytest.mark.parametrize("budget,bits,extra,fragments,absent", [
+    # 2-bit is already a candidate: no "add lower-bit candidates"; nothing but a larger budget reaches 1.5
+    ("avg_bits: 1.5", "[2, 4]", "", ["`budget.avg_bits`: the budget of 13,824 bytes (0.01 MiB, 1.50 bits/weight) is "
+                                     "infeasible", "smallest achievable size is 27,712 bytes (0.03 MiB, 3.01 bits/weight)",
+                                     "every unit at 2b-g32-sym, the lowest candidate already",
+                                     "raise the budget to at least 27,712 bytes (3.01 bits/weight)",
+                                     "nothing else reaches it"], ["add 2-bit", "lower-bit", "group_size"]),
+    # a larger group size would fit: said, with the size it gives
+    ("avg_bits: 2.9", "[2, 4]", "", ["add group_size 64 (fewer scales): smallest size then 2.73 bits/weight"],
+     ["add 2-bit", "drop"]),
+    # in bytes; 2-bit would fit (3-bit would not: not offered)
+    ("memory: 30000", "[4, 8]", "", ["`budget.memory`: the budget of 30,000 bytes", "add 2-bit to quant.bits"],
+     ["add 3-bit"]),
+    # an override pins part of a unit: only removing it together with 2-bit reaches the budget
+    ("avg_bits: 3.9", "[4, 8]", "overrides: [{match: q_proj, bits: 8}]\n",
+     ["fixed by overrides[0]", "together, add 2-bit to quant.bits and drop overrides[0]"], []),
+])
+def test_infeasible_budget_from_shapes_before_any_measurement(tmp_path, tiny_models, calib_file, no_heavy_work,
+                                                             budget, bits, extra, fragments, absent):
+    y = BUDGET_YAML.format(m=tiny_models["llama"], b=budget, bits=bits, extra=extra, c=calib_file)
+    r = compile_(tmp_path, y)
+    check(r, *fragments)
+    for a in absent:
+        assert a not in r.output, (a, r.output)
+    assert len(r.output.strip().splitlines()) == 1
+    r2 = CliRunner().invoke(main, ["plan", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "p")])
+    check(r2, *fragments)
+    assert not (tmp_path / "p").exists()
+
+
+def test_command_line_budget_is_named_and_checked(tmp_path, tiny_models, calib_file, no_heavy_work):
+    y = write_yaml(tmp_path / "b.yaml", BUDGET_YAML.format(m=tiny_models["llama"], b="avg_bits: 4", bits="[2, 4]",
+                                                           extra="", c=calib_file))
+    plan = ["plan", str(y), "-o", str(tmp_path / "p")]
+    check(CliRunner().invoke(main, plan + ["--avg-bits", "1"]), "error: `--avg-bits`: the budget of", "infeasible")
+    check(CliRunner().invoke(main, plan + ["--memory", "1KiB"]), "error: `--memory`: the budget of 1,024 bytes")
+    check(CliRunner().invoke(main, plan + ["--avg-bits", "3", "--memory", "1MiB"]), "give one of --avg-bits or --memory")
+    check(CliRunner().invoke(main, plan + ["--avg-bits", "-2"]), "--avg-bits must be in (0, 16]")
+
+
+def test_budget_above_the_largest_size_warns(tiny_models, caplog):
+    from quantc.config import parse_config
+    from quantc.planning import check_budget, shape_units
+    from quantc.preflight import skeleton
+    cfg = parse_config({"model": str(tiny_models["llama"]), "budget": {"avg_bits": 12},
+                        "quant": {"bits": [2, 4], "group_size": 32}})
+    units = shape_units(skeleton(cfg), cfg)
+    with caplog.at_level("WARNING", logger="quantc"):
+        check_budget(units, cfg)
+    assert "is more than the largest achievable size 46,720 bytes (0.04 MiB, 5.07 bits/weight)" in caplog.text
+    assert "every unit at 4b-g32-sym" in caplog.text and "add 8-bit" in caplog.text
+
+
+def pickled(src, dst, extra=None):
+    m = copy_model(src, dst)
+    state = load_file(str(m / "model.safetensors"))
+    state.update(extra or {})
+    torch.save(state, m / "pytorch_model.bin")
+    (m / "model.safetensors").unlink()
+    return m
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+        return os.getpid, ()           # harmless, but not a tensor: a "malicious" pickle
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path, tiny_models, no_heavy_work):
+    m = pickled(tiny_models["llama"], tmp_path / "m")
+    r = compile_(tmp_path, f"model: {m}\nquant: {{method: rtn, group_size: 32}}\n")
+    check(r, "the weights are pickled (pytorch_model.bin) and quantc does not unpickle by default",
+          "save_pretrained", "allow_pickle: true")
+
+
+def test_pickled_weights_with_allow_pickle(tmp_path, tiny_models):
+    m = pickled(tiny_models["llama"], tmp_path / "m")
+    r = compile_(tmp_path, f"model: {{path: {m}, allow_pickle: true}}\nquant: {{method: rtn, group_size: 32}}\n")
+    assert r.exit_code == 0, r.output
+    m2 = pickled(tiny_models["llama"], tmp_path / "evil", {"extra": _RunsCode()})
+    r = compile_(tmp_path, f"model: {{path: {m2}, allow_pickle: true}}\nquant: {{method: rtn, group_size: 32}}\n",
+                 tmp_path / "out2")
+    check(r, "refused the pickled weights", "GLOBAL posix.getpid", "could run code")
+    assert "weights_only" not in r.output and "complete" not in r.output
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("empty.txt", "", "empty.txt: the calibration file is empty"),
+    ("blank.txt", "\n  \n", "blank.txt: the calibration file is empty"),
+    ("latin1.txt", "café ".encode("latin-1") * 50, "latin1.txt: not a UTF-8 text file"),
+    ("short.txt", "too short", "shorter than one sequence of 64"),
+    ("nojson.jsonl", '{"text": "a"}\nnot json\n', "nojson.jsonl:2: not valid JSON"),
+    ("notext.jsonl", '{"text": "a"}\n{"body": "b"}\n', "notext.jsonl:2: no string field 'text' (it has 'body')"),
+    ("array.jsonl", '[{"text": "a"}]\n', "array.jsonl:1: a JSON array; quantc reads JSON Lines"),
+    ("empty.jsonl", "\n", "empty.jsonl: the calibration file has no text"),
+    ("late.jsonl", '{"text": "ok"}\n' * 300 + "{broken\n", "late.jsonl:301: not valid JSON"),
+])
+def test_calibration_problems_before_the_model_loads(tmp_path, tiny_models, no_heavy_work, name, content, fragment):
+    p = tmp_path / name
+    p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+    check(compile_(tmp_path, f"model: {tiny_models['llama']}\ncalibration: {{source: {p}, seq_len: 64}}\n"), fragment)
+
+
+def test_plan_file_checked_before_the_model_loads(tmp_path, tiny_models, no_heavy_work):
+    y = f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n"
+    for text, fragment in [
+        ("units:\n  0.down: {bits: 4}\n  0.down: {bits: 2}\n", "`units.0.down`: given twice (lines 2 and 3)"),
+        ("units:\n  0.down: {bits: 4, bit: 2}\n", "`units.0.down.bit`: unknown key"),
+        ("units:\n  0.down: {bits: '2'}\n", "`units.0.down.bits`: '2' is a string, not a number"),
+        ("units:\n  9.down: {bits: 2}\n", "the plan does not match the model"),
+    ]:
+        (tmp_path / "plan.yaml").write_text(text)
+        check(compile_(tmp_path, y, None, "--plan", str(tmp_path / "plan.yaml")), fragment)
+    check(compile_(tmp_path, y, None, "--plan", str(tmp_path / "nope.yaml")), "nope.yaml: plan file not found")
+
+
+def test_missing_onnx_package_found_before_the_compile(tmp_path, tiny_models, no_heavy_work, monkeypatch):
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnx" else find(n, *a))
+    check(compile_(tmp_path, f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n"
+                             "export: {targets: [gptq, onnx]}\n"), "`export.targets`: onnx needs the `onnx` package")
+
+
+def test_output_must_not_hold_an_input(tmp_path, tiny_models, no_heavy_work):
+    prev = tmp_path / "prev"                      # an earlier output that now also holds the calibration text
+    prev.mkdir()
+    (prev / "quantc.json").write_text("{}")
+    (prev / "calib.txt").write_text("x " * 500)
+    r = compile_(tmp_path, f"model: {tiny_models['llama']}\ncalibration: {{source: {prev / 'calib.txt'}}}\n",
+                 prev, "--force")
+    check(r, "holds the calibration file", "choose another -o")
+    assert (prev / "calib.txt").is_file()
+
+
+# ------------------------------------------------------------------------------------- other verbs
+
+@pytest.fixture()
+def artifact(tmp_path, tiny_models):
+    """A compiled tiny model whose source folder has been deleted since."""
+    src = copy_model(tiny_models["llama"], tmp_path / "src")
+    r = compile_(tmp_path, f"model: {src}\nquant: {{method: rtn, group_size: 32}}\n", tmp_path / "art")
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(src)
+    return tmp_path / "art"
+
+
+def test_verify_says_skipped_and_strict_fails_on_it(artifact):
+    from quantc.verify import verify
+    rows = {name: (ok, detail) for name, ok, detail in verify(artifact)}
+    assert rows["logits vs source"][0] is None and rows["logits vs source"][1].startswith("skipped: source model")
+    r = CliRunner().invoke(main, ["verify", str(artifact)])
+    assert r.exit_code == 0 and "skipped" in r.output and "note: logits vs source skipped" in r.output, r.output
+    check(CliRunner().invoke(main, ["verify", str(artifact), "--strict"]),
+          "not verified: logits vs source skipped (--strict)", code=1)
+
+
+def test_truncated_manifest_is_a_failed_check_not_a_traceback(artifact, calib_file):
+    from quantc.verify import verify
+    man = artifact / "quantc.json"
+    man.write_text(man.read_text()[:200])
+    rows = {name: (ok, detail) for name, ok, detail in verify(artifact)}
+    assert rows["manifest"][0] is False and "quantc.json is not valid JSON, truncated or corrupt" in rows["manifest"][1]
+    assert rows["tensor shapes"][0] is True                  # the other checks still run
+    check(CliRunner().invoke(main, ["verify", str(artifact)]), "failed verification", code=1)
+    for cmd in (["inspect", str(artifact)], ["eval", str(artifact), "--text", str(calib_file), "--seq-len", "64"]):
+        check(CliRunner().invoke(main, cmd), "quantc.json is not valid JSON, truncated or corrupt",
+              f"run `quantc verify {artifact}`")
+
+
+def test_other_verbs_refuse_bad_arguments_in_one_line(artifact, tmp_path, calib_file):
+    check(CliRunner().invoke(main, ["generate", str(artifact), "-p", " "]), "the prompt is empty")
+    for cmd in (["generate", str(artifact), "-p", "x", "-n", "0"],
+                ["eval", str(artifact), "--text", str(calib_file), "--seq-len", "0"],
+                ["eval", str(artifact), "--text", str(calib_file), "--windows", "-1"]):
+        r = CliRunner().invoke(main, cmd)
+        assert r.exit_code == 2 and "Traceback" not in r.output and "Invalid value" in r.output, r.output
+    (tmp_path / "latin1.txt").write_bytes("café ".encode("latin-1") * 300)
+    check(CliRunner().invoke(main, ["eval", str(artifact), "--text", str(tmp_path / "latin1.txt"), "--no-kl"]),
+          "latin1.txt: not a UTF-8 text file")
+
+
+def test_failed_onnx_export_leaves_nothing(artifact, monkeypatch):
+    import onnx
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(onnx, "save_model", disk_full)
+    r = CliRunner().invoke(main, ["export", "onnx", str(artifact)])
+    check(r, "error: No space left on device", code=1)
+    assert sorted(p.name for p in artifact.iterdir() if p.name.startswith(".")) == []
+    assert not (artifact / "onnx").exists()
+
+
+def test_not_enough_disk_space_found_before_the_compile(tmp_path, tiny_models, no_heavy_work, monkeypatch):
+    import shutil as sh
+    import quantc.preflight
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    check(compile_(tmp_path, f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n"),
+          "has 0.00 GiB free, but the output needs at least", "choose another -o")
+    assert quantc.preflight.check_disk and not (tmp_path / ".out.partial").exists()
+
+
+def test_late_writes_are_checked_first(tmp_path, tiny_models, artifact, calib_file, no_heavy_work):
+    """Files written after long work (the plan folder, eval --json) are checked before it (/proc: unwritable)."""
+    y = write_yaml(tmp_path / "b.yaml", BUDGET_YAML.format(m=tiny_models["llama"], b="avg_bits: 4", bits="[2, 4]",
+                                                           extra="", c=calib_file))
+    check(CliRunner().invoke(main, ["plan", str(y), "-o", "/proc/quantc-plan"]), "the plan folder cannot be written")
+    check(CliRunner().invoke(main, ["eval", str(artifact), "--text", str(calib_file), "--no-kl", "--json",
+                                    "/proc/quantc-r.json"]), "the --json file cannot be written")
+
+
+def test_eval_options_without_effect(artifact, calib_file, tmp_path):
+    base = ["eval", str(artifact), "--text", str(calib_file)]
+    check(CliRunner().invoke(main, base + ["--no-kl", "--reference", str(artifact)]), "--reference has no effect")
+    check(CliRunner().invoke(main, base + ["--reference", str(tmp_path / "nope")]), "no such folder")
+
+
+def test_unexpected_errors_are_one_line_unless_verbose(tmp_path, tiny_models, monkeypatch):
+    import quantc.preflight
+
+    def bug(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(quantc.preflight, "check_patterns", bug)
+    y = f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n"
+    r = compile_(tmp_path, y)
+    check(r, "error: unexpected RuntimeError: boom (a bug in quantc: run with -v for the traceback", code=1)
+    assert "second line" not in r.output and not (tmp_path / ".out.partial").exists()
+    r = CliRunner().invoke(main, ["-v", "compile", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "out")])
+    assert isinstance(r.exception, RuntimeError)

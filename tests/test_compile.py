@@ -171,3 +171,25 @@ def test_true_sequential_replay_matches_full_forward(tiny_models, calib_file):
         for i, layer in enumerate(decoder_layers(model)):
             x = x.through(layer)                     # plain forward of the quantized layer
             torch.testing.assert_close(seen[i].hidden, x.hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_qep_without_true_sequential(tiny_models, calib_file):
+    """quant.true_sequential: false with qep_alpha > 0 (an AttributeError before): every group's Hessian
+    and QEP cross term come from one forward of the original layer, batch by batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from quantc.calibration.data import windows_from_text
+    from quantc.model import Activations, capture_layer0_inputs
+    from quantc.options import Option
+    from quantc.passes.quantize import quantize_gptq
+    from quantc.pipeline import linear_names
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    ids = windows_from_text(calib_file.read_text(), tok, 6, 32, 0, "c")
+    fitted = {}
+    for alpha in (0.0, 0.5):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+        hidden, kw = capture_layer0_inputs(model, ids, 4)
+        quantize_gptq(model, Activations(hidden, kw, 4), {n: Option(3, 32) for n in linear_names(model)},
+                      qep_alpha=alpha, true_sequential=False, progress=False)
+        fitted[alpha] = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    assert torch.isfinite(fitted[0.5]).all()
+    assert not torch.equal(fitted[0.0], fitted[0.5])

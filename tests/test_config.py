@@ -36,6 +36,19 @@ BAD = [
     ("model: {M}\noverrides: [{bits: 8}]\n", "`overrides[0]`: each override is a mapping with `match`"),
     ("model: {M}\noverrides: [{match: x, bits: 6}]\n", "`overrides[0].bits`: bits 6 is not supported"),
     ("model: {M}\ncandidates: [{group_size: 64}]\n", "`candidates[0].bits`: missing"),
+    # a string where a number belongs says so (not "bits '4' is not supported")
+    ("model: {M}\nquant: {bits: [4, \"4\"]}\n", "`quant.bits`: bits '4' is a string, not a number; write it without quotes: 4"),
+    ("model: {M}\nquant: {bits: 4, group_size: [32, '64']}\n", "group size '64' is a string, not a number"),
+    ("model: {M}\nquant: {group_size: '64'}\n", "`quant.group_size`: '64' is a string, not a number"),
+    ("model: {M}\ncalibration: {samples: '8'}\n", "`calibration.samples`: '8' is a string, not a number"),
+    # duplicate keys: YAML keeps the last one silently; quantc names the key path and both lines
+    ("model: {M}\nquant: {bits: 4, bits: 3}\n", "`quant.bits`: given twice (line 2); YAML would keep only the last"),
+    ("model: {M}\nquant:\n  bits: 4\nbudget: {avg_bits: 3}\nquant:\n  bits: 2\n", "`quant`: given twice (lines 2 and 5)"),
+    ("model: {M}\noverrides:\n  - match: down\n    bits: 8\n    bits: 2\n", "`overrides[0].bits`: given twice (lines 4 and 5)"),
+    ("model: {M}\nmodel: {M}\n", "`model`: given twice (lines 1 and 2)"),
+    # settings that would have no effect
+    ("model: {M}\nquant: {method: rtn, qep_alpha: 0.5}\n", "`quant.qep_alpha`: error propagation needs calibration"),
+    ("model: {M}\nquant: {bits: 4}\ncandidates: [{bits: 2}]\n", "`quant.bits`: has no effect when `candidates`"),
 ]
 
 
@@ -99,3 +112,119 @@ def test_fuzz_loader_only_raises_config_error(raw):
         parse_config(raw, "fuzz.yaml")
     except ConfigError:
         pass
+
+
+# ---------------------------------------------------------------- duplicate keys and unmatched patterns
+
+KEYS = ["model", "quant", "bits", "budget", "calibration", "samples", "match", "keep_fp16", "a", "b"]
+scalars = st.integers(-5, 300) | st.text(alphabet="abcxyz _-", max_size=6)
+trees = st.recursive(st.dictionaries(st.sampled_from(KEYS), scalars, max_size=3),
+                     lambda c: st.dictionaries(st.sampled_from(KEYS), c | scalars, min_size=1, max_size=3),
+                     max_leaves=10)
+
+
+def render(tree, dup=None, indent=0, path=(), lines=None, marks=None):
+    """Block YAML of `tree`, one key per line (marks: key path → line); `dup` = (mapping path, key) adds
+    that key a second time at the end of that mapping."""
+    import json
+    for k, v in tree.items():
+        marks[path + (k,)] = len(lines) + 1
+        if isinstance(v, dict) and v:
+            lines.append(" " * indent + f"{k}:")
+            render(v, dup, indent + 2, path + (k,), lines, marks)
+        else:
+            lines.append(" " * indent + f"{k}: {json.dumps(v)}")
+    if dup is not None and dup[0] == path:
+        lines.append(" " * indent + f"{dup[1]}: 0")
+        marks["dup"] = len(lines)
+    return lines
+
+
+def mappings(tree, path=()):
+    yield path, tree
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from mappings(v, path + (k,))
+
+
+@settings(max_examples=200, deadline=None)
+@given(tree=trees.filter(bool), data=st.data())
+def test_fuzz_duplicate_keys_are_named_with_their_lines(tmp_path_factory, tree, data):
+    import yaml
+    from quantc.config import read_yaml
+    p = tmp_path_factory.mktemp("dup") / "b.yaml"
+    marks = {}
+    p.write_text("\n".join(render(tree, None, lines=[], marks=marks)) + "\n")
+    assert read_yaml(p) == yaml.safe_load(p.read_text())          # no duplicate: exactly what YAML reads
+    path, mapping = data.draw(st.sampled_from(list(mappings(tree))))
+    key = data.draw(st.sampled_from(sorted(mapping)))
+    marks = {}
+    p.write_text("\n".join(render(tree, (path, key), lines=[], marks=marks)) + "\n")
+    with pytest.raises(ConfigError) as e:
+        read_yaml(p)
+    dotted = ".".join(path + (key,))
+    assert e.value.key == dotted and e.value.file == str(p)
+    assert f"given twice (lines {marks[path + (key,)]} and {marks['dup']})" in e.value.problem
+
+
+MATCHING = [r"down_proj", r"layers\.0\.", r"q_proj$", r"mlp", r"self_attn\.o_proj", "lm_head", "embed_tokens",
+            r"layers\.1\.mlp\.up_proj$"]
+UNMATCHED = ["down_porj", r"layers\.7\.", "gate_prj", r"^mlp", "qproj", r"lm_head\.weight"]
+
+
+@pytest.fixture(scope="module")
+def llama_skeleton(tiny_models):
+    from quantc.preflight import skeleton
+    cfg = parse_config({"model": str(tiny_models["llama"])})
+    return cfg, skeleton(cfg)
+
+
+@settings(max_examples=150, deadline=None)
+@given(keep=st.lists(st.sampled_from(MATCHING + UNMATCHED), max_size=3, unique=True),
+       over=st.lists(st.sampled_from(MATCHING + UNMATCHED), max_size=4),
+       dup=st.sampled_from([None, "keep_fp16", "bits", "quant"]))
+def test_fuzz_unmatched_patterns_and_duplicates(tmp_path_factory, llama_skeleton, keep, over, dup):
+    """Generated YAMLs with keep_fp16/overrides patterns (some typos, some shadowed by earlier ones) and
+    sometimes a duplicated key: the duplicate is reported first (by the loader); otherwise the first
+    pattern that matches no module, or only modules already decided, is reported by its key."""
+    from quantc.preflight import check_patterns, decoder_linears
+    base, model = llama_skeleton
+    lines = [f"model: {base.model}", "quant: {bits: [2, 4, 8], group_size: 32}"]
+    if dup == "quant":
+        lines.append("quant: {bits: 4}")
+    if keep or dup == "keep_fp16":
+        lines.append("keep_fp16: [" + ", ".join(f"'{k}'" for k in keep) + "]")
+    if dup == "keep_fp16":
+        lines.append("keep_fp16: []")
+    if over:
+        lines.append("overrides:")
+        for i, o in enumerate(over):
+            lines += [f"  - match: '{o}'", "    bits: 8"] + (["    bits: 2"] if dup == "bits" and i == 0 else [])
+    p = tmp_path_factory.mktemp("pat") / "b.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    if dup is not None and (dup != "bits" or over):
+        with pytest.raises(ConfigError, match="given twice"):
+            load_config(p)
+        return
+    cfg = load_config(p)
+    # the oracle: plain re over the skeleton's names
+    import re
+    modules = [n for n, _ in model.named_modules() if n]
+    linears = decoder_linears(model)
+    keep_list = keep if keep else ["lm_head", "embed_tokens"]
+    expected = next((f"keep_fp16[{i}]" for i, k in enumerate(keep_list) if not any(re.search(k, n) for n in modules)), None)
+    if expected is None:
+        taken = {n for n in linears if any(re.search(k, n) for k in keep_list)}
+        for i, o in enumerate(over):
+            hits = {n for n in linears if re.search(o, n)}
+            if not hits - taken:
+                expected = f"overrides[{i}].match"
+                break
+            taken |= hits
+    if expected is None:
+        check_patterns(cfg, model)
+    else:
+        with pytest.raises(ConfigError) as e:
+            check_patterns(cfg, model)
+        assert e.value.key == expected and e.value.file == str(p)
+        assert "check the spelling" in e.value.problem or "has no effect" in e.value.problem

@@ -80,3 +80,98 @@ def test_big_models_are_written_as_shards_with_an_index(tmp_path, tiny_models, c
     with torch.no_grad():
         assert torch.equal(quantc.load(tmp_path / "one")(input_ids=ids).logits,
                            quantc.load(tmp_path / "many")(input_ids=ids).logits)
+
+
+def test_second_compile_into_the_same_output_stops_at_once(tmp_path, tiny_models):
+    """One writer per output: while a run holds `.o.partial/`, another into the same -o exits 2 at once,
+    naming the holder, and leaves the holder's files (its resume point) alone."""
+    from quantc.staging import cleans_up_output, prepare_output
+    y = write_yaml(tmp_path / "b.yaml", f"model: {tiny_models['llama']}\nquant: {{method: rtn, group_size: 32}}\n")
+    out = tmp_path / "o"
+
+    @cleans_up_output
+    def while_another_run_writes():         # this test process plays the first compile
+        tmp = prepare_output(out, force=False)
+        (tmp / "resume").mkdir()
+        (tmp / "resume" / "layer-0.safetensors").write_bytes(b"x")
+        r = subprocess.run([sys.executable, "-m", "quantc.cli", "-q", "compile", str(y), "-o", str(out)],
+                           capture_output=True, text=True)
+        assert (tmp / "resume" / "layer-0.safetensors").read_bytes() == b"x"
+        return r
+
+    r = while_another_run_writes()
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert f"is being written by quantc process {os.getpid()}" in lines[0] and "choose another -o" in lines[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()   # and nothing is left
+
+
+def test_two_compiles_at_once_into_one_output(tmp_path, tiny_models, calib_file):
+    """Started together: one writes the output, the other stops with one line (locked, or already there)."""
+    y = write_yaml(tmp_path / "b.yaml", f"model: {tiny_models['llama']}\nquant: {{bits: 4, group_size: 32}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 4, seq_len: 64}}\n")
+    cmd = [sys.executable, "-m", "quantc.cli", "-q", "compile", str(y), "-o", str(tmp_path / "o")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for code, e in results if code == 2)
+    assert "Traceback" not in err and ("is being written by quantc process" in err or "already exists" in err), err
+    from quantc.verify import verify
+    assert all(ok for name, ok, _ in verify(tmp_path / "o", logits=False))
+    assert not (tmp_path / ".o.partial").exists()
+
+
+def test_ctrl_c_says_where_the_resume_point_is(tmp_path, tiny_tokenizer, calib_file, monkeypatch):
+    from click.testing import CliRunner
+    from quantc import resume
+    from quantc.cli import main
+    model = build_tiny("llama", tmp_path / "m3", tiny_tokenizer, layers=3, seed=5)
+    y = write_yaml(tmp_path / "b.yaml", f"model: {model}\nquant: {{bits: 4, group_size: 32}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 4, seq_len: 64}}\n")
+    save = resume.Checkpoint.save_state
+
+    def save_then_ctrl_c(self, i, *a):
+        save(self, i, *a)
+        if i == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(resume.Checkpoint, "save_state", save_then_ctrl_c)
+    r = CliRunner().invoke(main, ["-q", "compile", str(y), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 130, r.output
+    assert "Aborted!" not in r.output and "Traceback" not in r.output
+    partial = tmp_path / ".o.partial"
+    assert (f"error: interrupted; the resume point (decoder layers 0-1 done) is kept in {partial}: "
+            "run the same command to continue") in r.output
+    assert sorted(p.name for p in partial.iterdir()) == ["resume"]      # no lock file, no half-written export
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["-q", "compile", str(y), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert not partial.exists() and (tmp_path / "o" / "model.safetensors").is_file()
+    assert ".lock" not in json.loads((tmp_path / "o" / "quantc.json").read_text())["files"]
+
+
+def test_sigterm_ends_like_ctrl_c(tmp_path, tiny_tokenizer, calib_file):
+    """`kill PID` mid-compile: the resume point is kept and named, the lock goes, exit 130; the same
+    command then finishes the artifact."""
+    import signal
+    import time
+    model = build_tiny("llama", tmp_path / "m6", tiny_tokenizer, layers=6, seed=6)
+    y = write_yaml(tmp_path / "b.yaml", f"model: {model}\nquant: {{bits: 4, group_size: 32}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}\n")
+    cmd = [sys.executable, "-m", "quantc.cli", "-q", "compile", str(y), "-o", str(tmp_path / "o")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / ".o.partial" / "resume" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the compile finished before the signal")
+    assert p.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted; the resume point (decoder layer") and "run the same command" in last
+    assert not (tmp_path / ".o.partial" / ".lock").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming after decoder layer" in r.stderr, r.stderr[-2000:]

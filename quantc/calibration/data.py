@@ -18,8 +18,56 @@ from ..errors import QuantcError
 log = logging.getLogger("quantc")
 
 
+_MEMO: dict = {}     # tokens of a calibration file, by file identity, settings and tokenizer (see preflight)
+
+
+def _memo_key(cal, tokenizer):
+    if cal.source == "self" or cal.source.startswith("hf:"):
+        return None
+    try:
+        st = Path(cal.source).stat()
+    except OSError:
+        return None
+    return (cal.source, st.st_size, st.st_mtime_ns, cal.samples, cal.seq_len, cal.seed, cal.text_field,
+            type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+
+
+def check_source(cal) -> None:
+    """The calibration source's format, read in full now (a second or two), not after the model has
+    loaded: an empty file, a line that is not JSON or lacks the text field, a file that is not UTF-8."""
+    if cal.source == "self":
+        return
+    if cal.source.startswith("hf:"):
+        import importlib.util
+        if importlib.util.find_spec("datasets") is None:
+            raise QuantcError("calibration.source hf:... needs the `datasets` package: pip install datasets")
+        return
+    path = Path(cal.source)
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            if not any(text.strip() for text in _jsonl_docs(path, cal.text_field)):
+                raise QuantcError(f"{path}: the calibration file has no text (empty, or every {cal.text_field!r} "
+                                  "is empty); add documents or use calibration.source: self")
+        elif not path.read_text(encoding="utf-8").strip():
+            raise QuantcError(f"{path}: the calibration file is empty; add text or use calibration.source: self")
+    except UnicodeDecodeError as e:
+        raise QuantcError(f"{path}: not a UTF-8 text file (byte {e.start}); save it as UTF-8") from None
+
+
 def calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
-    """int64 [samples, seq_len] calibration tokens for a `Calibration` config."""
+    """int64 [samples, seq_len] calibration tokens for a `Calibration` config (a file's tokens are
+    remembered for the process: the preflight's early check costs the compile nothing)."""
+    key = _memo_key(cal, tokenizer)
+    if key is not None and key in _MEMO:
+        return _MEMO[key].clone()
+    t = _calibration_tokens(cal, tokenizer, model)
+    if key is not None:
+        _MEMO.clear()
+        _MEMO[key] = t.clone()
+    return t
+
+
+def _calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
     if cal.source == "self":
         if model is None:
             raise QuantcError("calibration.source `self` needs the model")
@@ -36,8 +84,11 @@ def calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
     if path.suffix in (".jsonl", ".json"):
         return windows_from_docs(_jsonl_docs(path, cal.text_field), tokenizer, cal.samples, cal.seq_len,
                                  cal.seed, str(path))
-    return windows_from_text(path.read_text(encoding="utf-8"), tokenizer, cal.samples, cal.seq_len,
-                             cal.seed, str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QuantcError(f"{path}: not a UTF-8 text file (byte {e.start}); save it as UTF-8") from None
+    return windows_from_text(text, tokenizer, cal.samples, cal.seq_len, cal.seed, str(path))
 
 
 def _jsonl_docs(path: Path, field: str):
@@ -49,8 +100,12 @@ def _jsonl_docs(path: Path, field: str):
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise QuantcError(f"{path}:{i}: not valid JSON ({e.msg}); expected one object per line") from None
+            if isinstance(obj, list):
+                raise QuantcError(f"{path}:{i}: a JSON array; quantc reads JSON Lines: one object per line, "
+                                  f'such as {{"{field}": "..."}}')
             if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise QuantcError(f"{path}:{i}: no string field {field!r}; set calibration.text_field")
+                has = f" (it has {', '.join(map(repr, list(obj)[:5]))})" if isinstance(obj, dict) and obj else ""
+                raise QuantcError(f"{path}:{i}: no string field {field!r}{has}; set calibration.text_field")
             yield obj[field]
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import QuantcError
+from ..staging import cleans_up_output, finalize_output, prepare_output
 from ..packing import unpack_cols, unpack_rows
 
 log = logging.getLogger("quantc")
@@ -330,6 +330,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "config.json")
 
 
+@cleans_up_output
 def export_onnx(src: str | Path, out: str | Path, *, accuracy_level: int = 0, max_length: int | None = None,
                 force: bool = False, widen_2bit: bool = False) -> dict:
     """Write `out/` (model.onnx + model.onnx.data, genai_config.json, tokenizer files, onnx_export.json)
@@ -341,13 +342,9 @@ def export_onnx(src: str | Path, out: str | Path, *, accuracy_level: int = 0, ma
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise QuantcError(f"{src}: no config.json; pass a folder written by `quantc compile` (or an HF model folder)")
-    if out.exists() and not force:
-        raise QuantcError(f"{out} already exists; pass --force to overwrite it or choose another -o")
+    tmp = prepare_output(out, force, marker="onnx_export.json")   # checked and locked before the build
     e = _Export(src, accuracy_level, max_length, widen_2bit)
     model = e.build()
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
     for f in TOKENIZER_FILES:
@@ -363,9 +360,7 @@ def export_onnx(src: str | Path, out: str | Path, *, accuracy_level: int = 0, ma
             "notes": ["3-bit layers (and 2-bit ones with widen_2bit) are stored in a 4-bit MatMulNBits container "
                       "(exact values, 4-bit storage)"] if e.report["container_4bit"] else []}
     (tmp / "onnx_export.json").write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    finalize_output(tmp, out)
     n3 = len(e.report["container_4bit"])
     log.info("ONNX: %d MatMulNBits, %d MatMul%s → %s", len(e.report["matmulnbits"]), len(e.report["matmul"]),
              f", {n3} 3-bit linears in a 4-bit container" if n3 else "", out)

@@ -77,7 +77,7 @@ def allocate(costs: list[list[int]], values: list[list[float]], budget: int, max
     if budget < lo:
         raise QuantcError(f"budget of {budget:,} bytes is infeasible: the smallest achievable size is "
                           f"{lo:,} bytes ({lo / 2**20:.2f} MiB) and the largest {hi:,} bytes "
-                          f"({hi / 2**20:.2f} MiB); raise the budget or add lower-bit candidates")
+                          f"({hi / 2**20:.2f} MiB); raise the budget")
     budget = min(budget, hi)
     extra = _extra(costs)
     best, choices, q = _dp(extra, values, budget - lo, max_states)

@@ -116,8 +116,10 @@ class Head:
 
 
 def _effective_rank(h: torch.Tensor) -> tuple[float, float]:
-    """Entropy effective rank of the token × hidden matrix, and its top-k energy share."""
-    s = torch.linalg.svdvals(h.double())
+    """Entropy effective rank of the token × hidden matrix, and its top-k energy share (singular values
+    from the eigenvalues of the hidden × hidden Gram matrix: far cheaper than an SVD of the tokens)."""
+    h = h.double()
+    s = torch.linalg.eigvalsh(h.t() @ h).flip(0).clamp(min=0).sqrt()
     p = s / s.sum()
     erank = float(torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum()))
     energy = s**2
@@ -181,7 +183,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 entry = {"layer": i, "names": list(unit.names), "options": {}, "alpha": None,
                          "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
                          "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
-                solved = {n: (gptq_options(mods[n].weight.data.float(), hess[n].H, candidates, percdamp=damp, name=n)
+                hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
+                solved = {n: (gptq_options(mods[n].weight.data.float(), hess[n].H, candidates, percdamp=damp, name=n,
+                                           hinv=hinv.setdefault(id(hess[n]), {}))
                               if method == "gptq" else [rtn(mods[n].weight.data, o) for o in candidates])
                           for n in unit.names}           # every option of a linear in one stacked solve
                 den = sum(float(torch.einsum("oi,ij,oj->", mods[n].weight.data.double(), hess[n].H.double(),
@@ -190,13 +194,13 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                     k = option_key(o)
                     num = 0.0
                     for n in unit.names:
-                        W, H = mods[n].weight.data.float(), hess[n].H
-                        res = solved[n][c]
-                        D = (W - res.weight).double()
-                        num += float(torch.einsum("oi,ij,oj->", D, H.double(), D))
-                        quantized[k][n] = res.weight.to(mods[n].weight.dtype)
+                        W = mods[n].weight.data.float()
+                        D = (W - solved[n][c].weight).double()
+                        per_channel = ((D @ hess[n].H.double()) * D).sum(1)     # diag(ΔW H ΔWᵀ)
+                        num += float(per_channel.sum())
+                        quantized[k][n] = solved[n][c].weight.to(mods[n].weight.dtype)
                         if not exact:
-                            sq.setdefault(n, {})[k] = ((D @ H.double()) * D).sum(1).cpu()
+                            sq.setdefault(n, {})[k] = per_channel.cpu()
                     entry["options"][k] = {
                         "err": num / max(den, 1e-30),
                         "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
@@ -272,17 +276,22 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
     the probes ℓ w.r.t. its output, summed over held-out positions and probes, / probes, per channel."""
     g_next = []                         # [batch][probe]: ∂ℓ/∂(hidden states leaving the current layer)
     with head.on_device(), torch.enable_grad():
+        head_w = model.lm_head.weight
+        head_f = head_w.float()
         for xb, _ in final.batches():
             h = xb.detach().requires_grad_()
-            logits = head.logits(h)
-            p = logits.detach().softmax(-1)
-            flat = p.reshape(-1, p.shape[-1]).cpu()
+            hn = model.model.norm(h[:, :-1:head.every].to(head_w.dtype))
+            with torch.no_grad():
+                p = model.lm_head(hn).float().softmax(-1)
+                pw = p @ head_f                       # shared by every probe: (onehot(y) − p)·W = W[y] − p·W
+            cdf = p.double().cumsum(-1)          # y ~ p by inverse CDF: one cumsum for every probe
             per = []
-            for _ in range(probes):     # ∂ℓ/∂logits = r·(onehot(y) − p), y ~ p, r = ±1
-                y = torch.multinomial(flat, 1, generator=gen).view(p.shape[:-1]).to(p.device)
+            for k in range(probes):     # ∂ℓ/∂logits = r·(onehot(y) − p), y ~ p, r = ±1
+                u = torch.rand(p.shape[:-1], generator=gen, dtype=torch.float64).to(p.device) * cdf[..., -1]
+                y = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp(max=p.shape[-1] - 1)
                 r = (torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(p)
-                gz = (-p * r.unsqueeze(-1)).scatter_add_(-1, y.unsqueeze(-1), r.unsqueeze(-1))
-                per.append(torch.autograd.grad(logits, h, gz, retain_graph=True)[0].detach())
+                g_hn = r.unsqueeze(-1) * (head_f[y] - pw)
+                per.append(torch.autograd.grad(hn, h, g_hn.to(hn.dtype), retain_graph=k < probes - 1)[0].detach())
             g_next.append(per)
     acc: dict[str, torch.Tensor] = {}
     n_layers = len(held_in)
@@ -292,24 +301,26 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
             lins = layer_linears(layer)
             sums = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lins.items()}
             for j, (xb, kw) in enumerate(final.like(held_in[i]).batches()):
+                outs: dict[str, torch.Tensor] = {}
+                hooks = [m.register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
+                         for n, m in lins.items()]
+                try:
+                    with torch.enable_grad():                   # one forward, every probe backward through it
+                        x = xb.detach().requires_grad_()
+                        y = run_layer(layer, x, kw)
+                finally:
+                    for hk in hooks:
+                        hk.remove()
+                names = list(outs)
                 for k in range(probes):
-                    outs: dict[str, torch.Tensor] = {}
-                    hooks = [m.register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
-                             for n, m in lins.items()]
-                    try:
-                        with torch.enable_grad():
-                            x = xb.detach().requires_grad_()
-                            y = run_layer(layer, x, kw)
-                            names = list(outs)
-                            gs = torch.autograd.grad(y, [x] + [outs[n] for n in names],
-                                                     g_next[j][k].to(y.dtype), allow_unused=True)
-                    finally:
-                        for hk in hooks:
-                            hk.remove()
+                    with torch.enable_grad():
+                        gs = torch.autograd.grad(y, [x] + [outs[n] for n in names], g_next[j][k].to(y.dtype),
+                                                 retain_graph=k < probes - 1, allow_unused=True)
                     g_next[j][k] = gs[0].detach()
                     for n, g in zip(names, gs[1:]):
                         if g is not None:
                             sums[n] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                del y, outs
             acc.update({f"model.layers.{i}.{n}": v / probes for n, v in sums.items()})
     return acc
 

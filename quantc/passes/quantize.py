@@ -10,6 +10,7 @@ block is replayed from its cached input (o_proj's), and down_proj's input comes 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Callable
 
@@ -66,10 +67,12 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
     hessians = [Hessian(next(iter(g.values())).in_features, cross=ref_in is not None, device=place.device)
                 for g in groups]
     if not true_sequential:        # all groups' Hessians from one forward of the original layer
-        with contextlib.ExitStack() as stack:
-            for g, h in zip(groups, hessians):
-                stack.enter_context(CaptureInput(next(iter(g.values())), h.add, stop=False))
-            for xb, kw in x_hat.batches():
+        for j, (xb, kw) in enumerate(x_hat.batches()):
+            with contextlib.ExitStack() as stack:
+                for k, (g, h) in enumerate(zip(groups, hessians)):
+                    ref = ref_in[k][j] if ref_in is not None else None    # QEP: the same batch of X
+                    stack.enter_context(CaptureInput(next(iter(g.values())), functools.partial(h.add, x_ref=ref),
+                                                     stop=False))
                 run_layer(layer, xb, kw)
 
     layer_results = {}
