@@ -20,7 +20,7 @@ import time
 
 from benchmarks.bench_gptq import (write_section, QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes, peak_rss_mb,
                                    subprocess_job, write_calibration_file)
-from benchmarks.common import ROOT, prepared_model
+from benchmarks.common import ROOT, prepared_model, save_plot
 
 MARK = "<!-- bench_mixed -->"
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
@@ -227,15 +227,7 @@ def _plot(rows, u3, u4, sizes, fp):
         pts = sorted((r["bytes"] / 1e6, r["eval"]["ppl"]) for r in rows if (r["predictor"], r["qep"]) == (pred, q))
         ax.plot(*zip(*pts), marker + "--", label=f"mixed, {pred}, QEP {q:g}")
     ax.axhline(fp["ppl"], color="grey", lw=0.8, ls=":", label="fp32")
-    ax.set_xlabel("quantized-linear bytes (MB)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_plot(fig, ax, out, "quantized-linear bytes (MB)", "WikiText-2 perplexity")
 
 
 if __name__ == "__main__":

@@ -162,20 +162,13 @@ def _plot(res, depths, names) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from benchmarks.common import save_plot
     out = ROOT / "benchmarks" / "plots" / "measure_vs_layers.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for v, label in [("compile", "uniform 4-bit compile"), *names.items()]:
         ax.plot(depths, [res[f"{n}-{v}"]["seconds"] for n in depths], "o-", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder layers")
-    ax.set_ylabel("seconds")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, out, "decoder layers", "seconds")
     return "plots/measure_vs_layers.png"
 
 

@@ -78,3 +78,18 @@ def wikitext(tokenizer, seq_len: int = 512, windows: int = 80) -> torch.Tensor:
     from quantc.evaluate import eval_tokens, read_text
     text = read_text(str(SHARED / "data" / "wikitext-2-raw-test.txt"), join_lines=True)
     return eval_tokens(text, tokenizer, seq_len, windows)
+
+
+def save_plot(fig, ax, out: Path, xlabel: str, ylabel: str) -> Path:
+    """The benchmarks' common finish of a log-scale plot: labels, grid, legend, PNG."""
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

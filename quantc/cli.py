@@ -124,6 +124,11 @@ def compile_cmd(ctx, budget, out, plan_file, force):
     from .config import load_config
     from .pipeline import compile_model
     cfg = load_config(budget)
+    if not ctx.obj["quiet"]:        # quantc's own first line, before any library prints its progress
+        from . import __version__
+        what = "plan + quantize" if not cfg.uniform else "quantize"
+        click.echo(f"quantc {__version__}: {what} {cfg.model}{' (' + cfg.gguf_file + ')' if cfg.gguf_file else ''} "
+                   f"→ {out}", err=True)
     m = compile_model(cfg, out, force=force, plan_file=plan_file, progress=ctx.obj["progress"])
     t = m["totals"]
     if not ctx.obj["quiet"]:

@@ -56,3 +56,21 @@ def test_extras_named_in_readme_exist():
 def test_parser_refuses_a_malformed_readme(readme, error):
     with pytest.raises(ValueError, match=error):
         _parser().commands(readme)
+
+
+def test_compile_output_starts_with_quantc_and_hides_library_noise(tmp_path, tiny_models, calib_file):
+    """A newcomer's first screen: quantc's own line first, no third-party import noise (torchao's
+    optional libraries, torch's deprecation notes), quantc's own INFO lines kept."""
+    import subprocess
+    import sys
+    from conftest import write_yaml
+    y = write_yaml(tmp_path / "b.yaml", f"model: {tiny_models['llama']}\nquant: {{bits: 4, group_size: 32}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 4, seq_len: 32}}\n")
+    r = subprocess.run([sys.executable, "-m", "quantc.cli", "compile", str(y), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+    assert lines[0].startswith("quantc ") and str(tmp_path / "o") in lines[0]
+    assert any(ln.startswith("INFO expected peak memory") for ln in lines)
+    for noise in ("Failed to load", "_pytree", "Warning:", "deprecated"):
+        assert not any(noise in ln for ln in lines), noise
