@@ -120,7 +120,9 @@ class Config:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "gguf_file": self.gguf_file, "allow_pickle": self.allow_pickle, "method": self.method, "damp": self.damp,
+            "model": self.model, "gguf_file": self.gguf_file, "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle, "method": self.method,
+            "damp": self.damp,
             "qep_alpha": self.qep_alpha, "units": self.units, "true_sequential": self.true_sequential,
             "candidates": [o.to_dict() for o in self.candidates], "keep_fp16": self.keep_fp16,
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),

@@ -81,7 +81,8 @@ def memory_estimate(cfg: Config) -> dict | None:
             live = held * (layers + k + 2 * p.probes)
         else:
             direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
-            live = held * layers * (4 * (direct + 1) + 1)     # ≤ 4 units per layer, + α and LieQ streams
+            per_layer = 7 if cfg.units == "linear" else 4     # units per layer
+            live = held * layers * (per_layer * (direct + 1) + 1)   # + α and LieQ streams
         logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
         measure = calib + live + logits + k * layer_weights * 4   # + every option's weights of one layer
     acts = max(quantize, measure)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 import logging
 import re
 from dataclasses import dataclass
@@ -221,13 +222,28 @@ def decoder_layer(model: nn.Module, i: int, place: Placement = CPU):
     if not place.is_default:       # the source tensors stay as they are (readers take them, not the copies)
         source = {n: t.data for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
         layer.to(device=place.device, dtype=place.dtype)
+        _SOURCES[layer] = source
     try:
         yield layer
     finally:
         if source is not None:
+            _SOURCES.pop(layer, None)
             for n, t in [*layer.named_parameters(), *layer.named_buffers()]:
                 t.data = source[n]
         release(model, i)
+
+
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def source_weight(layer: nn.Module, name: str) -> torch.Tensor:
+    """The float32 weight of linear `name` (e.g. self_attn.q_proj) of a layer inside `decoder_layer`, on
+    the compute device: the source values, not the compute-dtype copy the forwards use."""
+    w = layer.get_submodule(name).weight
+    src = _SOURCES.get(layer)
+    if src is None:
+        return w.data.float()
+    return src[f"{name}.weight"].to(w.device, torch.float32)
 
 
 def keep_in_fp16(name: str, patterns: list[str]) -> bool:

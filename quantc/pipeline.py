@@ -1,14 +1,14 @@
 """The compile, top to bottom: load → calibrate → (measure → allocate) → quantize → export.
 
-The passes know nothing of files, YAML or the CLI; this module owns those, plus timing and the
-atomic write of the output folder.
+The passes know nothing of files, YAML or the CLI; this module wires them: the stage sequence, the
+placement, timing and the manifest. Output staging lives in staging.py, resume state in resume.py,
+the memory estimate in memory.py, the checks before heavy work in preflight.py.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -72,7 +72,7 @@ def module_table(model, options: dict[str, Option]) -> dict[str, dict]:
                 "bytes": o.bytes_for(mods[n].in_features, mods[n].out_features)} for n, o in options.items()}
 
 
-def placement(cfg: Config) -> Placement:
+def placement(cfg: Config, model) -> Placement:
     """Where the compile computes (`resources.device`, `resources.compute_dtype`), and whether the
     calibration activations fit on that device (else they stay in host memory, moved batch by batch)."""
     device = resolve_device(cfg.device)
@@ -81,20 +81,13 @@ def placement(cfg: Config) -> Placement:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         tokens = cfg.calibration.samples * cfg.calibration.seq_len
-        hidden = _hidden_size(cfg)
+        hidden = int(getattr(model.config, "hidden_size", 0))
         streams = 2 + (2 if cfg.qep_alpha > 0 else 0)
         need = tokens * hidden * torch.finfo(dtype).bits // 8 * streams
         on_device = need < 0.5 * free         # leave room for the layer, Hessians and the working set
         log.info("compute on %s in %s; calibration activations %.2f GiB %s", device, cfg.compute_dtype,
                  need / 2**30, "on the device" if on_device else "in host memory (moved batch by batch)")
     return Placement(device, dtype, on_device)
-
-
-def _hidden_size(cfg: Config) -> int:
-    try:
-        return int(json.loads((Path(cfg.model) / "config.json").read_text()).get("hidden_size", 0))
-    except (OSError, ValueError):
-        return 0
 
 
 def load_source(cfg: Config):
@@ -116,7 +109,7 @@ def plan_only(cfg: Config, progress: bool = True):
     model, tokenizer = load_source(cfg)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
     tokens = calibration_tokens(cfg.calibration, tokenizer, model)
-    ms, cached = get_measurements(cfg, model, tokens, progress, placement(cfg))
+    ms, cached = get_measurements(cfg, model, tokens, progress, placement(cfg, model))
     t = time.perf_counter()
     plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)
     return plan, ms, cached, time.perf_counter() - t
@@ -147,7 +140,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     from .lazy import is_lazy, release_outside, trim_heap
     if is_lazy(model):
         log.info("lazy loading: decoder layers are read from %s one at a time", cfg.model)
-    place = placement(cfg)
+    place = placement(cfg, model)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
 
     plan = None

@@ -26,7 +26,7 @@ from .passes.allocate import allocate, least_bytes, size_range
 from .passes.measure import Measurements, measure, option_key, unit_dkl
 
 log = logging.getLogger("quantc")
-MEASURE_VERSION = 3
+MEASURE_VERSION = 4
 
 
 @dataclass
@@ -119,9 +119,9 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
         h.update(cfg.model.encode())
     h.update(tokens.numpy().tobytes())
     h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
-    p = cfg.plan
-    h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.noise}:{p.direct_bits}:{p.predictor}:{p.probes}:"
-             f"{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
+    p = cfg.plan                     # only the settings the chosen predictor reads
+    own = f"{p.probes}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
+    h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
     return h.hexdigest()[:20]
 
 

@@ -100,6 +100,14 @@ def check_export(cfg: Config) -> None:
     if "onnx" in cfg.export_targets and importlib.util.find_spec("onnx") is None:
         raise ConfigError(cfg.source_file, "export.targets", "onnx needs the `onnx` package, which is not "
                           "installed: pip install 'quantc[onnx]', or remove onnx from the targets")
+    folder = Path(cfg.model)
+    if "gguf" in cfg.export_targets and (folder / "config.json").is_file():   # found now, not after the sweep
+        import json
+        from .export.gguf import check_source
+        try:
+            check_source(folder, json.loads((folder / "config.json").read_text()))
+        except QuantcError as e:
+            raise ConfigError(cfg.source_file, "export.targets", f"gguf: {e}") from None
 
 
 def check_output(cfg: Config, out, plan_file=None) -> None:

@@ -106,7 +106,8 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
              f"{plan.predicted['avg_bits']:.3f} bits/weight, ΔKL {plan.predicted['delta_kl']:.4f} nats/token  ",
              f"Achievable sizes: {plan.predicted['min_bytes']:,} … {plan.predicted['max_bytes']:,} bytes  ",
              f"Measurement: {ms.meta.get('seconds', 0):.0f} s on {ms.meta.get('measure_samples')} sequences, "
-             f"α from {ms.meta.get('alpha_tokens')} held-out tokens", "",
+             f"ΔKL on {ms.meta.get('alpha_tokens')} held-out tokens, predictor "
+             f"{ms.meta.get('predictor', 'exact')}", "",
              "| layer | " + " | ".join(kinds) + " | block influence | outliers % | LieQ ΔKL |",
              "|---|" + "---|" * (len(kinds) + 3)]
     for i, x in zip(layers, ms.layers):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,11 +144,9 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
     if mt not in ARCH:
         raise QuantcError(f"{folder}/config.json: model_type {mt!r} is not supported by the GGUF exporter; "
                           f"supported: {', '.join(ARCH)}")
-    if out.exists():
-        if not force:
-            raise QuantcError(f"{out} already exists; pass --force to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    check_source(folder, cfg)
+    from ..staging import finalize_output, prepare_output
+    final, out = out, prepare_output(out, force, marker="gguf_export.json")   # checked and locked first
     qc = cfg.get("quantization_config") or {}
     t = read_tensors(folder)
     arch = ARCH[mt]
@@ -214,7 +211,24 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
     w.close()
     info = {"file": path.name, "tensors": report, "types": counts}
     (out / "gguf_export.json").write_text(json.dumps(info, indent=2))
+    finalize_output(out, final)
     return info
+
+
+def check_source(folder: Path, cfg: dict) -> None:
+    """What the GGUF writer needs from a model folder, checked before any work (the compile's preflight
+    calls this on the source): the gguf package, plain RoPE, a byte-level BPE tokenizer.json."""
+    import importlib.util
+    if importlib.util.find_spec("gguf") is None:
+        raise QuantcError("GGUF export needs the `gguf` package: pip install 'quantc[gguf]'")
+    _rope_theta(cfg, str(folder / "config.json"))
+    tj_path = folder / "tokenizer.json"
+    if not tj_path.is_file():
+        raise QuantcError(f"{folder}: no tokenizer.json; GGUF export carries the tokenizer and needs it")
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    if (tj.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise QuantcError(f"{tj_path}: GGUF export writes byte-level BPE tokenizers (GGUF 'gpt2') only; "
+                          f"this one is {(tj.get('model') or {}).get('type')!r}")
 
 
 def _gguf_name(names, key: str) -> str:

@@ -153,7 +153,7 @@ def write_gptq(folder: Path, model, layer_shards: list[Path], options: dict[str,
             cur.append(p)
             size += n
         groups.append(cur)
-        total, weight_map = len(groups) + 1, {}
+        total, weight_map, nbytes = len(groups) + 1, {}, 0
         for k, group in enumerate([None] + groups, 1):
             name = f"model-{k:05d}-of-{total:05d}.safetensors"
             tensors = outside if group is None else {}
@@ -161,8 +161,9 @@ def write_gptq(folder: Path, model, layer_shards: list[Path], options: dict[str,
                 tensors.update(load_file(str(p)))
             save_file(dict(sorted(tensors.items())), str(folder / name), metadata={"format": "pt"})
             weight_map.update({key: name for key in tensors})
+            nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors
-        index = {"metadata": {"total_size": sum(sizes) + sum(t.numel() * t.element_size() for t in outside.values())},
+        index = {"metadata": {"total_size": nbytes},        # tensor bytes, as transformers writes it
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian
+from ..config import PREDICTORS
 from ..gptq import gptq_options, rtn
-from ..model import CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, layer_linears, run_layer, units
+from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, layer_linears, run_layer,
+                     source_weight, units)
 from ..options import Option
 from .quantize import input_groups
 
@@ -65,7 +67,6 @@ class Measurements:
         return Option(**self.options[key])
 
 
-PREDICTORS = ("fisher", "exact")
 KL_CALIBRATION_MAX = 2.0   # nats: a uniform plan past this breaks the model; its ratio says nothing
 
 
@@ -76,19 +77,24 @@ class Head:
     def __init__(self, model, tokens: torch.Tensor, place: Placement, every: int = 2):
         self.model, self.tokens, self.every, self.place = model, tokens, every, place
         self.ref_logp = self.ref_nll = None
+        self._placed = False
 
     @contextlib.contextmanager
     def on_device(self):
+        """Norm and lm_head on the compute device for the with-block (nested blocks move nothing)."""
+        if self.place.is_default or self._placed:
+            yield
+            return
         mods = (self.model.model.norm, self.model.lm_head)
-        if not self.place.is_default:
-            for m in mods:
-                m.to(self.place.device)
+        for m in mods:
+            m.to(self.place.device)
+        self._placed = True
         try:
             yield
         finally:
-            if not self.place.is_default:
-                for m in mods:
-                    m.to("cpu")
+            self._placed = False
+            for m in mods:
+                m.to("cpu")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.model.model.norm(h[:, :-1:self.every].to(self.model.lm_head.weight.dtype))
@@ -119,7 +125,8 @@ def _effective_rank(h: torch.Tensor) -> tuple[float, float]:
     """Entropy effective rank of the token × hidden matrix, and its top-k energy share (singular values
     from the eigenvalues of the hidden × hidden Gram matrix: far cheaper than an SVD of the tokens)."""
     h = h.double()
-    s = torch.linalg.eigvalsh(h.t() @ h).flip(0).clamp(min=0).sqrt()
+    gram = h.t() @ h if h.shape[0] >= h.shape[1] else h @ h.t()     # the smaller side: same singular values
+    s = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).sqrt()
     p = s / s.sum()
     erank = float(torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum()))
     energy = s**2
@@ -184,19 +191,19 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                          "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
                          "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
                 hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
-                solved = {n: (gptq_options(mods[n].weight.data.float(), hess[n].H, candidates, percdamp=damp, name=n,
+                W = {n: source_weight(layer, n[len(prefix):]) for n in unit.names}   # float32 source values
+                Hd = {n: hess[n].H.double() for n in unit.names}
+                solved = {n: (gptq_options(W[n], hess[n].H, candidates, percdamp=damp, name=n,
                                            hinv=hinv.setdefault(id(hess[n]), {}))
-                              if method == "gptq" else [rtn(mods[n].weight.data, o) for o in candidates])
+                              if method == "gptq" else [rtn(W[n], o) for o in candidates])
                           for n in unit.names}           # every option of a linear in one stacked solve
-                den = sum(float(torch.einsum("oi,ij,oj->", mods[n].weight.data.double(), hess[n].H.double(),
-                                             mods[n].weight.data.double())) for n in unit.names)
+                den = sum(float(torch.einsum("oi,ij,oj->", W[n].double(), Hd[n], W[n].double())) for n in unit.names)
                 for c, o in enumerate(candidates):
                     k = option_key(o)
                     num = 0.0
                     for n in unit.names:
-                        W = mods[n].weight.data.float()
-                        D = (W - solved[n][c].weight).double()
-                        per_channel = ((D @ hess[n].H.double()) * D).sum(1)     # diag(ΔW H ΔWᵀ)
+                        D = (W[n] - solved[n][c].weight).double()
+                        per_channel = ((D @ Hd[n]) * D).sum(1)          # diag(ΔW H ΔWᵀ)
                         num += float(per_channel.sum())
                         quantized[k][n] = solved[n][c].weight.to(mods[n].weight.dtype)
                         if not exact:
@@ -219,12 +226,13 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                     uniform[k] = xh.like(v).through(layer).hidden
             x, xh = x_next, xh.through(layer)
 
-    head.set_reference(xh)
-    if exact:
-        _exact_results(ms, head, xh, streams, noise)
-    else:
-        acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress)
-        _fisher_results(ms, head, xh, sq, acc, uniform)
+    with head.on_device():                          # moved once for every comparison below
+        head.set_reference(xh)
+        if exact:
+            _exact_results(ms, head, xh, streams, noise)
+        else:
+            acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress)
+            _fisher_results(ms, head, xh, sq, acc, uniform)
     ms.meta.update({"predictor": predictor, "probes": None if exact else probes})
     return ms
 
@@ -351,7 +359,7 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
     low = ms.layers[0]["lowest_option"] if ms.layers else None
     for layer in ms.layers:         # LieQ's layer importance, predicted: its units at the lowest option
         kl = sum(u["options"][low]["dkl"] for u in ms.units.values() if u["layer"] == layer["layer"])
-        layer.update(lieq_kl=kl, lieq_dloss=kl)
+        layer.update(lieq_kl=kl, lieq_dloss=None)     # predicted ΔKL; no Δloss without a measured stream
     ms.meta["calibration"] = cal
 
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from ..calibration.hessian import CaptureInput, Hessian, run_until
 from ..gptq import QuantResult, gptq, qep_target, rtn
 from ..lazy import trim_heap
-from ..model import CPU, SHARED_UNITS, Activations, Placement, decoder_layer, decoder_layers, layer_linears, run_layer
+from ..model import (CPU, SHARED_UNITS, Activations, Placement, decoder_layer, decoder_layers, layer_linears,
+                     run_layer, source_weight)
 from ..options import Option
 
 log = logging.getLogger("quantc")
@@ -49,7 +50,7 @@ def quantize_rtn(model: nn.Module, options: dict[str, Option], on_layer: Callabl
             for short, m in layer.named_modules():
                 name = f"model.layers.{i}.{short}"
                 if name in options:
-                    results[name] = rtn(m.weight.data, options[name])
+                    results[name] = rtn(source_weight(layer, short), options[name])
                     m.weight.data = results[name].weight.to(m.weight.dtype)
                     _shrink(results[name])
         on_layer(i, results)
@@ -84,11 +85,11 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
             keep = [] if first is runner.o_proj or is_mlp_in else None
             for j, x in runner.inputs(first):
                 hess.add(x, ref_in[k][j] if ref_in is not None else None)
-                if keep is not None:
-                    keep.append(x)
+                if keep is not None:        # kept where the activations live (host when they do not fit)
+                    keep.append(x.to(x_hat.hidden.device))
         for n, m in group.items():
             name = prefix + n
-            W = m.weight.data.float()
+            W = source_weight(layer, n)     # float32 source values, whatever the compute dtype
             if ref_in is not None:
                 W = qep_target(W, hess.H, hess.delta, qep_alpha, damp)
             res = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
@@ -131,7 +132,8 @@ class LayerRunner:
             yield
             return
         attn = self.layer.self_attn
-        attn.forward = lambda *a, **k: (self.o_proj(self.attn_in[j]), None)
+        dev = self.o_proj.weight.device
+        attn.forward = lambda *a, **k: (self.o_proj(self.attn_in[j].to(dev)), None)
         try:
             yield
         finally:
@@ -143,7 +145,7 @@ class LayerRunner:
             got = []
             with CaptureInput(first, got.append):
                 if first is self.down and self.mlp_in is not None:
-                    run_until(lambda: self.layer.mlp(self.mlp_in[j]))
+                    run_until(lambda: self.layer.mlp(self.mlp_in[j].to(first.weight.device)))
                 else:
                     with self._attention_replay(j):
                         run_until(lambda: run_layer(self.layer, xb, kw))
@@ -164,8 +166,9 @@ def reference_inputs(layer: nn.Module, acts: Activations, groups) -> tuple[list[
     seen: list[list[torch.Tensor]] = [[] for _ in groups]
     out = acts.empty_like()
     with contextlib.ExitStack() as stack:
-        for k, f in enumerate(firsts):
-            stack.enter_context(CaptureInput(f, seen[k].append, stop=False))
+        for k, f in enumerate(firsts):      # kept where the activations live, moved batch by batch
+            stack.enter_context(CaptureInput(f, lambda x, k=k: seen[k].append(x.to(acts.hidden.device)),
+                                             stop=False))
         for j, (xb, kw) in enumerate(acts.batches()):
             b = j * acts.batch_size
             out[b:b + xb.shape[0]] = run_layer(layer, xb, kw)
@@ -193,5 +196,7 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
                                                           true_sequential, block_size, place)
         for res in layer_results.values():
             res.cpu()
+            res.weight = None           # the float copy (on the device) is not needed past here
         if on_layer is not None:
             on_layer(i, layer_results, x_hat, x_ref)
+        del layer_results               # written to its shard: nothing of this layer stays
