@@ -23,7 +23,7 @@ from .errors import ConfigError, QuantcError
 from .model import CPU, Activations, Placement, capture_layer0_inputs, keep_in_fp16, units
 from .options import Option
 from .passes.allocate import allocate, least_bytes, size_range
-from .passes.measure import Measurements, measure, option_key, unit_dkl
+from .passes.measure import CALIBRATION_UNITS, Measurements, measure, option_key, unit_dkl
 
 log = logging.getLogger("quantc")
 MEASURE_VERSION = 4
@@ -120,7 +120,7 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     h.update(tokens.numpy().tobytes())
     h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
     p = cfg.plan                     # only the settings the chosen predictor reads
-    own = f"{p.probes}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
+    own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
     return h.hexdigest()[:20]
 

@@ -17,7 +17,7 @@ import torch
 
 from .config import Config
 from .errors import ConfigError, QuantcError
-from .model import (check_supported, check_weight_files, decoder_layers, keep_in_fp16, layer_linears,
+from .model import (check_supported, check_weight_files, resolve_device, decoder_layers, keep_in_fp16, layer_linears,
                      read_model_type)
 
 log = logging.getLogger("quantc")
@@ -157,6 +157,7 @@ def preflight(cfg: Config, out=None, plan_file=None, *, budget_key: str | None =
     t = time.perf_counter()
     if out is not None:
         check_output(cfg, out, plan_file)
+    resolve_device(cfg.device)              # `cuda` asked for on a machine without one: now, not after the load
     check_weight_files(cfg.model, cfg.gguf_file, cfg.allow_pickle)
     check_export(cfg)
     model = skeleton(cfg)

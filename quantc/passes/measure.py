@@ -12,8 +12,10 @@ sweep (`model.decoder_layer`), so memory holds one layer whatever the depth. Two
   x as independent (K-FAC), gives ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / (4·T) with b_c = Σ G²_c / probes:
   only the diagonal of ΔW H ΔWᵀ per option is kept (out_features numbers). Those approximations
   drop how errors of one channel or position add up coherently downstream, so the prediction is
-  then scaled per option by measured / predicted ΔKL of the uniform plan at that option: one extra
-  held-out stream per option, carried through the same forward sweep (exact, O(L)).
+  then scaled per option by Σ measured / Σ predicted over a fixed sample of 8 units (spread over the
+  depth and the unit kinds) measured alone with their own weights at every option: a constant number
+  of held-out streams carried through the same forward sweep, so still O(L). The uniform plan at each
+  option is carried too, as a check of the whole-model prediction.
 - `exact` (validation, O(L²) compute): the measured ΔKL of every unit × option of ≤ `direct_bits`
   bits with its real GPTQ weights, and HIGGS' α from injected noise for the rest. Every perturbed
   held-out stream starts at its layer and is carried forward together with the others, so each
@@ -67,7 +69,8 @@ class Measurements:
         return Option(**self.options[key])
 
 
-KL_CALIBRATION_MAX = 2.0   # nats: a uniform plan past this breaks the model; its ratio says nothing
+CALIBRATION_UNITS = 8      # fisher: units measured exactly at every option to fix the scale per option
+KL_NOISE = 1e-7            # nats: below this a measured ΔKL is float rounding, not a signal
 
 
 class Head:
@@ -161,8 +164,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     gen = torch.Generator().manual_seed(seed)
     lowest = min(candidates, key=lambda o: (o.bits, -o.group_size))
     exact = predictor == "exact"
-    streams: dict[tuple, torch.Tensor] = {}        # exact: perturbed held-out streams, from their layer on
+    streams: dict[tuple, torch.Tensor] = {}        # perturbed held-out streams, from their layer on
     uniform = {} if exact else {option_key(o): holdout.hidden for o in candidates}   # fisher: one per option
+    sample = set() if exact else calibration_sample(by_layer, n_layers, CALIBRATION_UNITS)
     held_in: list[torch.Tensor] = []                # fisher: the held-out inputs of every layer
     sq: dict[str, dict[str, torch.Tensor]] = {}      # fisher: linear -> option -> diag(ΔW H ΔWᵀ)
     x, xh = acts, holdout
@@ -180,9 +184,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                     hess.update({prefix + n: h for n in g})
                 x_next = x.through(layer)
             ms.layers.append(_diagnostics(i, x, x_next, lins, lowest))
-            if exact:                                       # older streams: through the original layer i
-                streams = {k: xh.like(v).through(layer).hidden for k, v in streams.items()}
-            else:
+            # older streams: through the original layer i
+            streams = {k: xh.like(v).through(layer).hidden for k, v in streams.items()}
+            if not exact:
                 held_in.append(xh.hidden)
 
             quantized: dict[str, dict[str, torch.Tensor]] = {option_key(o): {} for o in candidates}
@@ -211,7 +215,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                     entry["options"][k] = {
                         "err": num / max(den, 1e-30),
                         "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
-                    if exact and o.bits <= direct_bits:    # large errors leave the linear regime: measure them
+                    if (exact and o.bits <= direct_bits) or unit.key in sample:   # measured with its own weights
                         with _swapped(mods, {n: quantized[k][n] for n in unit.names}):
                             streams[("dkl", unit.key, k)] = xh.through(layer).hidden
                 if exact:
@@ -232,7 +236,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             _exact_results(ms, head, xh, streams, noise)
         else:
             acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress)
-            _fisher_results(ms, head, xh, sq, acc, uniform)
+            _fisher_results(ms, head, xh, sq, acc, uniform, streams)
     ms.meta.update({"predictor": predictor, "probes": None if exact else probes})
     return ms
 
@@ -333,20 +337,42 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
     return acc
 
 
-def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc: dict, uniform: dict) -> None:
-    """Predicted ΔKL of every unit × option: the Fisher form, scaled per option by measured /
-    predicted ΔKL of the uniform plan at that option (options whose uniform plan breaks the model,
-    ΔKL > KL_CALIBRATION_MAX, take the factor of the nearest calibrated bit width)."""
+def calibration_sample(by_layer: dict[int, list[Unit]], n_layers: int, m: int) -> set[str]:
+    """`m` units spread over the depth and over the unit kinds (q/k/v, o, gate/up, down in turn): the
+    fisher predictor measures these exactly at every option to fix its scale. A fixed number of
+    streams, each at most one pass over the layers: the cost stays O(layers)."""
+    out = []
+    for j in range(min(m, sum(len(v) for v in by_layer.values()))):
+        i = round(j * (n_layers - 1) / max(m - 1, 1))
+        units_i = by_layer.get(i, [])
+        if units_i:
+            out.append(units_i[j % len(units_i)].key)
+    return set(out)
+
+
+def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc: dict, uniform: dict,
+                    streams: dict) -> None:
+    """Predicted ΔKL of every unit × option: the Fisher form, scaled per option by Σ measured / Σ
+    Fisher over the calibration sample (units measured alone with their own weights, the regime the
+    allocator adds up). Options without a usable sample (measured ΔKL not above float noise) take the
+    factor of the nearest calibrated bit width. The uniform plans are measured too, as a check of the
+    whole-model prediction (meta.calibration)."""
     targets = head.ref_logp.shape[0] * head.ref_logp.shape[1]
     for u in ms.units.values():
         for k, o in u["options"].items():
             o["fisher"] = sum(float((acc[n] * sq[n][k]).sum()) for n in u["names"]) / (4 * targets)
+    measured: dict[str, float] = {}
+    fisher: dict[str, float] = {}
+    for (_, key, k), hidden in streams.items():        # the calibration sample, measured alone
+        kl, _ = head.compare(xh.like(hidden))
+        ms.units[key]["options"][k]["measured"] = kl
+        measured[k] = measured.get(k, 0.0) + kl
+        fisher[k] = fisher.get(k, 0.0) + ms.units[key]["options"][k]["fisher"]
     cal = {}
-    for k, hidden in uniform.items():
-        measured = head.compare(xh.like(hidden))[0]
-        predicted = sum(u["options"][k]["fisher"] for u in ms.units.values())
-        ok = 0 < measured <= KL_CALIBRATION_MAX and predicted > 0
-        cal[k] = {"measured": measured, "predicted": predicted, "factor": measured / predicted if ok else None}
+    for k in ms.options:
+        ok = measured.get(k, 0.0) > KL_NOISE and fisher.get(k, 0.0) > 0
+        cal[k] = {"sample_measured": measured.get(k), "sample_fisher": fisher.get(k),
+                  "factor": measured[k] / fisher[k] if ok else None}
     good = [k for k, c in cal.items() if c["factor"] is not None]
     for k, c in cal.items():
         if c["factor"] is None:
@@ -356,11 +382,15 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
     for u in ms.units.values():
         for k, o in u["options"].items():
             o["dkl"] = cal[k]["factor"] * o["fisher"]
+    for k, hidden in uniform.items():                  # check: the whole model at one option
+        cal[k]["uniform_measured"] = head.compare(xh.like(hidden))[0]
+        cal[k]["uniform_predicted"] = sum(u["options"][k]["dkl"] for u in ms.units.values())
     low = ms.layers[0]["lowest_option"] if ms.layers else None
     for layer in ms.layers:         # LieQ's layer importance, predicted: its units at the lowest option
         kl = sum(u["options"][low]["dkl"] for u in ms.units.values() if u["layer"] == layer["layer"])
         layer.update(lieq_kl=kl, lieq_dloss=None)     # predicted ΔKL; no Δloss without a measured stream
     ms.meta["calibration"] = cal
+    ms.meta["calibration_units"] = sorted({key for (_, key, _) in streams})
 
 
 def unit_dkl(unit: dict, key: str) -> float:
