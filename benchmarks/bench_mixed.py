@@ -152,8 +152,9 @@ def write(rows, plans, fp, sizes, cmd) -> None:
              f"all g128 with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
              "float32 through `quantc.load`) as above. All rows of this section come from one run.", "",
              "Predictors (`plan.predictor`): *fisher* (the default) = sweep 1 streams forward once (Hessians, every "
-             "unit's GPTQ at every option, one held-out stream per uniform plan) and backward once (8 sampled-label "
-             "probes), ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / 4T scaled per option by the uniform plans' measured ΔKL; "
+             "unit's GPTQ at every option, held-out streams for 8 sample units and the uniform plans) and backward "
+             "once (8 sampled-label "
+             "probes), ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / 4T scaled per option by 8 units measured exactly; "
              "*exact* = every unit's ΔKL measured with its own quantized weights at each ≤4-bit option (+ α·err "
              "for 8-bit), all perturbed streams carried forward together (O(layers²) compute).", "",
              "| predictor | measurement (sweep 1) | re-plan from the cache | peak RSS |", "|---|---|---|---|"]
