@@ -150,6 +150,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of every decoder linear, in execution order (model.layers.3.self_attn.q_proj, ...)."""
+    return [f"model.layers.{i}.{n}" for i, layer in enumerate(decoder_layers(model)) for n in layer_linears(layer)]
+
+
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """Linears of one decoder layer, by their name inside the layer (self_attn.q_proj, ...)."""
     return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -190,7 +195,7 @@ class Placement:
 
 
 CPU = Placement()
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(spec: str, where: str = "resources.device") -> torch.device:

@@ -19,18 +19,14 @@ import torch
 from . import __version__
 from .config import Config
 from .errors import QuantcError
-from .model import (COMPUTE_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
-                    layer_linears, resolve_device)
+from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
+                    linear_names, resolve_device)  # noqa: F401 (linear_names: re-exported)
 from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 from .preflight import preflight
 from .staging import cleans_up_output, finalize_output, prepare_output, staged_files
 
 log = logging.getLogger("quantc")
-
-
-def linear_names(model) -> list[str]:
-    return [f"model.layers.{i}.{n}" for i, layer in enumerate(decoder_layers(model)) for n in layer_linears(layer)]
 
 
 def resolve_options(model, cfg: Config, chosen: dict[str, Option] | None = None) -> tuple[dict[str, Option], list[str]]:
@@ -76,7 +72,7 @@ def placement(cfg: Config, model) -> Placement:
     """Where the compile computes (`resources.device`, `resources.compute_dtype`), and whether the
     calibration activations fit on that device (else they stay in host memory, moved batch by batch)."""
     device = resolve_device(cfg.device)
-    dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    dtype = TORCH_DTYPES[cfg.compute_dtype]
     on_device = True
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

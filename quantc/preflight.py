@@ -17,8 +17,8 @@ import torch
 
 from .config import Config
 from .errors import ConfigError, QuantcError
-from .model import (check_supported, check_weight_files, resolve_device, decoder_layers, keep_in_fp16, layer_linears,
-                     read_model_type)
+from .model import (check_supported, check_weight_files, keep_in_fp16, linear_names, read_model_type,
+                     resolve_device)
 
 log = logging.getLogger("quantc")
 
@@ -45,17 +45,13 @@ def skeleton(cfg: Config):
         raise QuantcError(f"{cfg.model}: cannot build the model from its config.json ({type(e).__name__}: {msg})") from None
 
 
-def decoder_linears(model) -> list[str]:
-    return [f"model.layers.{i}.{n}" for i, layer in enumerate(decoder_layers(model)) for n in layer_linears(layer)]
-
-
 def check_patterns(cfg: Config, model) -> None:
     """Every keep_fp16 regex must match a module of the model, and every override a decoder linear
     that neither keep_fp16 nor an earlier override (the first match wins) has taken: a pattern that
     matches nothing is a typo (`down_porj`) and would otherwise do nothing, silently."""
     file = cfg.source_file
     modules = [n for n, _ in model.named_modules() if n]
-    linears = decoder_linears(model)
+    linears = linear_names(model)
     example = f"names look like {linears[0]}" if linears else "the model has no decoder linears"
     for i, p in enumerate(cfg.keep_fp16):
         if not any(re.search(p, n) for n in modules):
@@ -135,7 +131,7 @@ def check_disk(cfg: Config, model, out) -> None:
         free = shutil.disk_usage(parent).free
     except OSError:
         return
-    linear = set(decoder_linears(model))
+    linear = set(linear_names(model))
     other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in linear) * 2
     quantized = size_bounds(shape_units(model, cfg), cfg)["min"]
     acts = 0

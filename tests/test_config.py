@@ -187,7 +187,8 @@ def test_fuzz_unmatched_patterns_and_duplicates(tmp_path_factory, llama_skeleton
     """Generated YAMLs with keep_fp16/overrides patterns (some typos, some shadowed by earlier ones) and
     sometimes a duplicated key: the duplicate is reported first (by the loader); otherwise the first
     pattern that matches no module, or only modules already decided, is reported by its key."""
-    from quantc.preflight import check_patterns, decoder_linears
+    from quantc.model import linear_names as decoder_linears
+    from quantc.preflight import check_patterns
     base, model = llama_skeleton
     lines = [f"model: {base.model}", "quant: {bits: [2, 4, 8], group_size: 32}"]
     if dup == "quant":
