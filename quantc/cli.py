@@ -23,6 +23,21 @@ def _notes(e: BaseException) -> str:
     return "".join(f"; {n}" for n in getattr(e, "__notes__", None) or [])
 
 
+def _where() -> str:
+    """` (rank 1 of 2)` in a distributed run: which process says it."""
+    import os
+    from .distributed import launched
+    return f" (rank {os.environ.get('RANK', '0')} of {os.environ['WORLD_SIZE']})" if launched() else ""
+
+
+def _peer_lost(e: Exception) -> bool:
+    """A collective failed because another rank is gone (its own error is the one to read)."""
+    from .distributed import launched
+    text = f"{type(e).__name__} {e}"
+    return launched() and any(w in text for w in ("DistBackendError", "DistNetworkError", "Connection closed",
+                                                  "Connection reset", "gloo", "NCCL"))
+
+
 def _fail_clearly(fn):
     """QuantcError → one line and exit 2; Ctrl-C → one line (with the resume point) and exit 130;
     anything else → one line and exit 1 (with -v: the traceback)."""
@@ -31,23 +46,27 @@ def _fail_clearly(fn):
         try:
             return fn(*a, **k)
         except QuantcError as e:
-            click.echo(f"error: {e}{_notes(e)}", err=True)      # one unwrapped line: easy to read and to grep
+            click.echo(f"error{_where()}: {e}{_notes(e)}", err=True)   # one unwrapped line: easy to read and to grep
             sys.exit(2)
         except KeyboardInterrupt as e:
-            click.echo(f"error: interrupted{_notes(e)}", err=True)
+            click.echo(f"error{_where()}: interrupted{_notes(e)}", err=True)
             sys.exit(130)
         except Exception as e:
             if logging.getLogger("quantc").isEnabledFor(logging.DEBUG):
                 raise
             if isinstance(e, MemoryError):
                 msg = "out of memory; lower calibration.samples or calibration.seq_len, or free memory"
+            elif _peer_lost(e):
+                msg = ("another rank of the distributed run stopped (see its error above), so this one stops "
+                       f"too ({type(e).__name__}); run the same command again to resume after the last finished "
+                       "layer")
             elif isinstance(e, OSError) and e.strerror:
                 msg = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
             else:
                 first = str(e).splitlines()[0] if str(e) else ""
                 msg = (f"unexpected {type(e).__name__}{': ' + first if first else ''} "
                        "(a bug in quantc: run with -v for the traceback and report it)")
-            click.echo(f"error: {msg}{_notes(e)}", err=True)
+            click.echo(f"error{_where()}: {msg}{_notes(e)}", err=True)
             sys.exit(1)
     return wrapper
 
@@ -90,6 +109,9 @@ def _setup_logging(level: int, verbose: bool) -> None:
 @click.pass_context
 def main(ctx, verbose, quiet):
     """quantc: mixed-precision post-training quantization compiler for LLMs."""
+    from .distributed import launched_rank
+    if launched_rank() > 0:        # torchrun: rank 0 speaks for the run; the others only warn
+        quiet = True
     _setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO, verbose)
     if quiet:                      # transformers' own "Loading weights" bars too
         try:
@@ -130,6 +152,8 @@ def compile_cmd(ctx, budget, out, plan_file, force):
         click.echo(f"quantc {__version__}: {what} {cfg.model}{' (' + cfg.gguf_file + ')' if cfg.gguf_file else ''} "
                    f"→ {out}", err=True)
     m = compile_model(cfg, out, force=force, plan_file=plan_file, progress=ctx.obj["progress"])
+    if m is None:                   # a distributed run's other ranks: rank 0 wrote the artifact
+        return
     t = m["totals"]
     if not ctx.obj["quiet"]:
         _print_summary(m, out)
@@ -180,6 +204,9 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     preflight(cfg, budget_key="--avg-bits" if avg_bits is not None else "--memory" if memory else None,
               calibrate=True)
     plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"])
+    from .distributed import current
+    if not current().main:          # a distributed run's other ranks: rank 0 writes the plan
+        return
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.yaml")

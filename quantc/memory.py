@@ -86,7 +86,8 @@ def memory_estimate(cfg: Config) -> dict | None:
         logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
         measure = calib + live + logits + k * layer_weights * 4   # + every option's weights of one layer
     acts = max(quantize, measure)
-    hess = 4 * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
+    # one layer's Hessians: float64 sums (8 bytes) and the float32 H read from them (4 bytes)
+    hess = (8 + 4) * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
     batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distributed import SOLO, World
 from .errors import QuantcError
 
 log = logging.getLogger("quantc")
@@ -184,10 +185,12 @@ def units(model: nn.Module, mode: str = "shared") -> list[Unit]:
 class Placement:
     """Where layer forwards, Hessians and GPTQ solves run (`resources.device`), and the dtype of the
     layer forwards (`resources.compute_dtype`; Hessians and solves stay float32). Calibration
-    activations stay on the device when `acts_on_device`, else in host memory, batch by batch."""
+    activations stay on the device when `acts_on_device`, else in host memory, batch by batch.
+    `world`: this process's rank in a distributed run (SOLO in one process)."""
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     acts_on_device: bool = True
+    world: World = SOLO
 
     @property
     def is_default(self) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import distributed
 from .config import Config
 from .errors import QuantcError
 from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
@@ -24,6 +25,7 @@ from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs,
 from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 from .preflight import preflight
+from .resume import fault_point
 from .staging import cleans_up_output, finalize_output, prepare_output, staged_files
 
 log = logging.getLogger("quantc")
@@ -69,21 +71,25 @@ def module_table(model, options: dict[str, Option]) -> dict[str, dict]:
 
 
 def placement(cfg: Config, model) -> Placement:
-    """Where the compile computes (`resources.device`, `resources.compute_dtype`), and whether the
-    calibration activations fit on that device (else they stay in host memory, moved batch by batch)."""
+    """Where the compile computes (`resources.device`, `resources.compute_dtype`; under torchrun, the
+    rank's own GPU and its place in the process group), and whether the calibration activations fit on
+    that device (else they stay in host memory, moved batch by batch)."""
     device = resolve_device(cfg.device)
+    world = distributed.join(device)
+    if world.active and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)
     dtype = TORCH_DTYPES[cfg.compute_dtype]
     on_device = True
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        tokens = cfg.calibration.samples * cfg.calibration.seq_len
+        tokens = -(-cfg.calibration.samples // world.size) * cfg.calibration.seq_len    # this rank's share
         hidden = int(getattr(model.config, "hidden_size", 0))
         streams = 2 + (2 if cfg.qep_alpha > 0 else 0)
         need = tokens * hidden * torch.finfo(dtype).bits // 8 * streams
         on_device = need < 0.5 * free         # leave room for the layer, Hessians and the working set
         log.info("compute on %s in %s; calibration activations %.2f GiB %s", device, cfg.compute_dtype,
                  need / 2**30, "on the device" if on_device else "in host memory (moved batch by batch)")
-    return Placement(device, dtype, on_device)
+    return Placement(device, dtype, on_device, world)
 
 
 def load_source(cfg: Config):
@@ -105,7 +111,8 @@ def plan_only(cfg: Config, progress: bool = True):
     model, tokenizer = load_source(cfg)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
     tokens = calibration_tokens(cfg.calibration, tokenizer, model)
-    ms, cached = get_measurements(cfg, model, tokens, progress, placement(cfg, model))
+    place = placement(cfg, model)
+    ms, cached = get_measurements(cfg, model, tokens, progress and place.world.main, place)
     t = time.perf_counter()
     plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)
     return plan, ms, cached, time.perf_counter() - t
@@ -113,8 +120,9 @@ def plan_only(cfg: Config, progress: bool = True):
 
 @cleans_up_output
 def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_file: str | None = None,
-                  progress: bool = True) -> dict:
-    """Run the whole compile; return the manifest written to out/quantc.json."""
+                  progress: bool = True) -> dict | None:
+    """Run the whole compile; return the manifest written to out/quantc.json (None on the ranks other
+    than 0 of a distributed run: rank 0 alone writes)."""
     from .calibration import calibration_tokens
     from .export.gptq import layer_tensors, write_gptq
     from .resume import Checkpoint
@@ -126,9 +134,13 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         from .planning import read_plan_options
         read_plan_options(plan_file, cfg)
     check_memory(cfg)
-    tmp = prepare_output(out, force)
-    preflight(cfg, out, plan_file)          # seconds: patterns, budget from shapes, weights, calibration
-    timings = {}
+    world = distributed.join(resolve_device(cfg.device))
+    tmp = None
+    if world.main:                          # rank 0 alone stages, checks the output and writes
+        tmp = prepare_output(out, force)
+        preflight(cfg, out, plan_file)      # seconds: patterns, budget from shapes, weights, calibration
+    progress = progress and world.main
+    timings, traffic = {}, {}             # traffic: bytes rank 0 sent/received in collectives, per sweep
     t0 = time.perf_counter()
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
@@ -151,6 +163,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
             plan = make_plan(cfg, model, tokens, progress=progress, place=place)
             timings["plan_s"] = time.perf_counter() - t
+            traffic["plan"] = distributed.TRAFFIC.total()
         chosen = plan.module_options()
     options, skipped = resolve_options(model, cfg, chosen)
     if not options:
@@ -165,30 +178,39 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         tokens = calibration_tokens(cfg.calibration, tokenizer, model)
     key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}], sort_keys=True,
                                     default=str).encode() + (tokens.numpy().tobytes() if tokens is not None else b""))
-    ckpt = Checkpoint(tmp, key.hexdigest()[:24])
+    ckpt = Checkpoint(tmp, key.hexdigest()[:24]) if world.main else None
 
     def layer_done(i, results, x_hat=None, x_ref=None):   # the layer's shard, then the resume point
-        ckpt.save_layer(i, layer_tensors(model, i, results, options, dtype))
-        if x_hat is not None:
-            ckpt.save_state(i, x_hat, x_ref)
+        hat = world.gather_rows(x_hat.hidden) if x_hat is not None else None   # every rank's rows, on rank 0
+        ref = world.gather_rows(x_ref.hidden) if x_ref is not None else None
+        if world.main:
+            ckpt.save_layer(i, layer_tensors(model, i, results, options, dtype))
+            if hat is not None:
+                ckpt.save_state(i, hat, ref)
+        fault_point(i, world.rank)
 
     if cfg.method == "rtn":
         quantize_rtn(model, options, layer_done, progress=progress, place=place)
     else:
         bs = cfg.calibration.batch_size
-        hidden, kwargs = capture_layer0_inputs(model, tokens, bs)
-        offload = tmp / "offload" if cfg.offload_activations else None
+        hidden, kwargs = capture_layer0_inputs(model, world.local_rows(tokens, bs), bs)   # this rank's batches
+        offload = tmp / "offload" if cfg.offload_activations and tmp is not None else None
         release_outside(model)
         start, ref = 0, None
-        resumed = ckpt.load()
-        if resumed is not None:
-            start, hidden, ref_hidden = resumed
+        resumed = ckpt.load() if world.main else None
+        if world.broadcast(resumed is not None, 0):           # rank 0's resume point, each rank its rows
+            start = world.broadcast(resumed[0] if resumed else None, 0)
+            hidden = world.scatter_rows(resumed[1] if resumed else None, bs)
+            ref_hidden = world.scatter_rows(resumed[2] if resumed else None, bs)
             ref = Activations(ref_hidden, kwargs, bs, offload, place) if ref_hidden is not None else None
         quantize_gptq(model, Activations(hidden, kwargs, bs, offload, place), options, damp=cfg.damp,
                       qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
                       block_size=cfg.block_size, start_layer=start, ref_acts=ref,
                       on_layer=layer_done, progress=progress, place=place)
     timings["quantize_s"] = time.perf_counter() - t
+    traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
+    if not world.main:
+        return None
 
     t = time.perf_counter()
     trim_heap()
@@ -224,6 +246,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "modules": modules,
         "skipped": skipped,
         "timings": timings,
+        "distributed": {"processes": world.size, "rank0_bytes": traffic} if world.active else None,
         "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))

@@ -136,12 +136,15 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     hold = tokens[-p.alpha_samples:, : p.alpha_seq_len]
     key = measurement_key(cfg, torch.cat([calib.flatten(), hold.flatten()]), model)
     path = cache_dir() / f"{key}.json"
-    if path.is_file():
+    world = place.world
+    cached = json.loads(path.read_text()) if world.main and path.is_file() else None
+    cached = world.broadcast(cached, 0)           # rank 0's cache (other machines may not see the file)
+    if cached is not None:
         log.info("measurements read from cache %s", path)
-        return Measurements.from_dict(json.loads(path.read_text())), True
+        return Measurements.from_dict(cached), True
     t = time.perf_counter()
     bs = cfg.calibration.batch_size
-    hidden, kw = capture_layer0_inputs(model, calib, bs)
+    hidden, kw = capture_layer0_inputs(model, world.local_rows(calib, bs), bs)   # this rank's batches
     hh, hkw = capture_layer0_inputs(model, hold, bs)
     ms = measure(model, Activations(hidden, kw, bs, place=place), Activations(hh, hkw, bs, place=place), hold,
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
@@ -149,6 +152,8 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
                  progress=progress, place=place)
     ms.meta = {**ms.meta, "key": key, "model": cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
+    if not world.main:
+        return ms, False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")      # two plans at once: each its own file, then one rename
     tmp.write_text(json.dumps(ms.to_dict()))

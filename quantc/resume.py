@@ -44,14 +44,23 @@ class Checkpoint:
         _atomic(lambda p: save_file(tensors, str(p), metadata={"format": "pt"}), self.shard(i))
 
     def save_state(self, i: int, x_hat, x_ref) -> None:
+        """The inputs of layer i + 1 (x̂, and x for QEP: whole tensors, every rank's rows)."""
         from safetensors.torch import save_file
-        acts = {"x_hat": x_hat.hidden.contiguous()}
+        acts = {"x_hat": x_hat.contiguous()}
         if x_ref is not None:
-            acts["x_ref"] = x_ref.hidden.contiguous()
+            acts["x_ref"] = x_ref.contiguous()
         _atomic(lambda p: save_file({k: v.cpu() for k, v in acts.items()}, str(p)), self.dir / "acts.safetensors")
         _atomic(lambda p: p.write_text(json.dumps({"key": self.key, "next_layer": i + 1})), self.dir / "state.json")
-        if os.environ.get("QUANTC_FAULT_AFTER_LAYER") == str(i):   # fault injection for the resume test
-            os.kill(os.getpid(), 9)
+
+
+FAULT_ENV, FAULT_RANK_ENV = "QUANTC_FAULT_AFTER_LAYER", "QUANTC_FAULT_RANK"
+
+
+def fault_point(i: int, rank: int = 0) -> None:
+    """Fault injection for the resume tests: the process of rank QUANTC_FAULT_RANK (default 0) dies
+    as by SIGKILL once layer QUANTC_FAULT_AFTER_LAYER is done (no cleanup, as in a real crash)."""
+    if os.environ.get(FAULT_ENV) == str(i) and os.environ.get(FAULT_RANK_ENV, "0") == str(rank):
+        os.kill(os.getpid(), 9)
 
 
 def _atomic(write, path: Path) -> None:

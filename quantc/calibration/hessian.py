@@ -1,6 +1,11 @@
-"""Hessian capture: H = 2·XXᵀ/n over the inputs X of a linear (running average, as in the
-reference GPTQ), and for error propagation the cross term δ = 2·(X − X̂)X̂ᵀ/n between the original
-model's inputs X and the quantized model's inputs X̂ of the same tokens.
+"""Hessian capture: H = 2·XXᵀ/n over the inputs X of a linear, and for error propagation the cross
+term δ = 2·(X − X̂)X̂ᵀ/n between the original model's inputs X and the quantized model's inputs X̂ of
+the same tokens.
+
+Each batch's product X_bᵀX_b is computed in float32 and summed in float64; H is rounded to float32
+once, when it is read. The sum over batches then does not depend on how the batches are grouped,
+which is what lets ranks of a distributed run each sum their own batches and all-reduce the sums
+(quantc/distributed.py) and still produce the bits of one process.
 
 Linears that read the same tensor (q/k/v, gate/up) share one accumulator: H is computed once."""
 from __future__ import annotations
@@ -8,28 +13,57 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import SOLO, World
 from ..model import StopForward
 
 
 class Hessian:
-    """Running 2·XXᵀ/n (and δ when the reference inputs are given) for one input width."""
+    """2·XXᵀ/n (and δ when the reference inputs are given) for one input width. `add` batch by
+    batch, then read `H` / `delta` (float32 whatever the compute dtype); in a distributed run every
+    rank reads them at the same point, where the sums are all-reduced."""
 
-    def __init__(self, dim: int, cross: bool = False, device: torch.device | str = "cpu"):
-        self.H = torch.zeros(dim, dim, device=device)           # float32 whatever the compute dtype
-        self.delta = torch.zeros(dim, dim, device=device) if cross else None
+    def __init__(self, dim: int, cross: bool = False, device: torch.device | str = "cpu", world: World = SOLO):
+        self.sum = torch.zeros(dim, dim, device=device, dtype=torch.float64)
+        self.cross = torch.zeros(dim, dim, device=device, dtype=torch.float64) if cross else None
         self.n = 0
+        self.world = world
+        self._H = self._delta = None
 
     def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
+        if self._H is not None:
+            raise RuntimeError("Hessian.add after H was read")
         x = x.reshape(-1, x.shape[-1]).float()
-        t = x.shape[0]
-        keep = self.n / (self.n + t)               # rescale the old mean, then add the new tokens
-        self.H *= keep
-        self.H.addmm_(x.t(), x, alpha=2 / (self.n + t))
-        if self.delta is not None:
+        self.sum.add_(x.t() @ x)                  # a float32 product per batch, summed in float64
+        if self.cross is not None:
             xr = x_ref.reshape(-1, x.shape[-1]).to(x.device, torch.float32)
-            self.delta *= keep
-            self.delta.addmm_((xr - x).t(), x, alpha=2 / (self.n + t))
-        self.n += t
+            self.cross.add_((xr - x).t() @ x)
+        self.n += x.shape[0]
+
+    def finish(self) -> None:
+        """Round the sums to H (and δ); in a distributed run, all-reduce them first (a collective:
+        every rank calls it at the same point)."""
+        if self._H is not None:
+            return
+        n = self.n
+        if self.world.active:                     # every rank's batches: sums (and counts) over ranks
+            n = int(self.world.all_reduce(torch.tensor([n], dtype=torch.float64, device=self.sum.device)).item())
+            self.world.all_reduce(self.sum)
+            if self.cross is not None:
+                self.world.all_reduce(self.cross)
+        scale = 2 / max(n, 1)
+        self._H = self.sum.mul_(scale).float()            # in place: no second float64 copy at the peak
+        self._delta = self.cross.mul_(scale).float() if self.cross is not None else None
+        self.sum = self.cross = None
+
+    @property
+    def H(self) -> torch.Tensor:
+        self.finish()
+        return self._H
+
+    @property
+    def delta(self) -> torch.Tensor | None:
+        self.finish()
+        return self._delta
 
 
 class CaptureInput:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian
 from ..config import PREDICTORS
+from ..distributed import SOLO, World
 from ..gptq import gptq_options, rtn
 from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, layer_linears, run_layer,
                      source_weight, units)
@@ -128,7 +129,10 @@ def _effective_rank(h: torch.Tensor) -> tuple[float, float]:
     """Entropy effective rank of the token × hidden matrix, and its top-k energy share (singular values
     from the eigenvalues of the hidden × hidden Gram matrix: far cheaper than an SVD of the tokens)."""
     h = h.double()
-    gram = h.t() @ h if h.shape[0] >= h.shape[1] else h @ h.t()     # the smaller side: same singular values
+    return _spectrum(h.t() @ h if h.shape[0] >= h.shape[1] else h @ h.t())   # the smaller side: same values
+
+
+def _spectrum(gram: torch.Tensor) -> tuple[float, float]:
     s = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).sqrt()
     p = s / s.sum()
     erank = float(torch.exp(-(p * torch.log(p.clamp(min=1e-30))).sum()))
@@ -170,6 +174,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     held_in: list[torch.Tensor] = []                # fisher: the held-out inputs of every layer
     sq: dict[str, dict[str, torch.Tensor]] = {}      # fisher: linear -> option -> diag(ΔW H ΔWᵀ)
     x, xh = acts, holdout
+    world, owned = place.world, 0
     for i in tqdm(range(n_layers), desc="measuring layers", disable=not progress):
         with decoder_layer(model, i, place) as layer:
             lins = layer_linears(layer)
@@ -179,11 +184,13 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             with contextlib.ExitStack() as stack:           # all Hessians from one forward
                 for g in input_groups(lins):
                     first = next(iter(g.values()))
-                    h = Hessian(first.in_features, device=place.device)
+                    h = Hessian(first.in_features, device=place.device, world=world)
                     stack.enter_context(CaptureInput(first, h.add, stop=False))
                     hess.update({prefix + n: h for n in g})
                 x_next = x.through(layer)
-            ms.layers.append(_diagnostics(i, x, x_next, lins, lowest))
+            for h in dict.fromkeys(hess.values()):          # distributed: summed over ranks, in this order
+                h.finish()
+            ms.layers.append(_diagnostics(i, x, x_next, lins, lowest, world))
             # older streams: through the original layer i
             streams = {k: xh.like(v).through(layer).hidden for k, v in streams.items()}
             if not exact:
@@ -191,30 +198,17 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
 
             quantized: dict[str, dict[str, torch.Tensor]] = {option_key(o): {} for o in candidates}
             for unit in by_layer.get(i, []):
-                entry = {"layer": i, "names": list(unit.names), "options": {}, "alpha": None,
-                         "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
-                         "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
-                hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
-                W = {n: source_weight(layer, n[len(prefix):]) for n in unit.names}   # float32 source values
-                Hd = {n: hess[n].H.double() for n in unit.names}
-                solved = {n: (gptq_options(W[n], hess[n].H, candidates, percdamp=damp, name=n,
-                                           hinv=hinv.setdefault(id(hess[n]), {}))
-                              if method == "gptq" else [rtn(W[n], o) for o in candidates])
-                          for n in unit.names}           # every option of a linear in one stacked solve
-                den = sum(float(torch.einsum("oi,ij,oj->", W[n].double(), Hd[n], W[n].double())) for n in unit.names)
-                for c, o in enumerate(candidates):
+                solved = None
+                if world.mine(owned):            # distributed: units go round-robin over the ranks
+                    solved = _solve_unit(unit, i, layer, mods, hess, candidates, method, damp, keep_sq=not exact)
+                entry, weights, unit_sq = world.broadcast(solved, world.owner(owned))
+                owned += 1
+                for k, ws in weights.items():
+                    quantized[k].update({n: w.to(mods[n].weight.device) for n, w in ws.items()})
+                for n, per in unit_sq.items():
+                    sq.setdefault(n, {}).update(per)
+                for o in candidates:
                     k = option_key(o)
-                    num = 0.0
-                    for n in unit.names:
-                        D = (W[n] - solved[n][c].weight).double()
-                        per_channel = ((D @ Hd[n]) * D).sum(1)          # diag(ΔW H ΔWᵀ)
-                        num += float(per_channel.sum())
-                        quantized[k][n] = solved[n][c].weight.to(mods[n].weight.dtype)
-                        if not exact:
-                            sq.setdefault(n, {})[k] = per_channel.cpu()
-                    entry["options"][k] = {
-                        "err": num / max(den, 1e-30),
-                        "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
                     if (exact and o.bits <= direct_bits) or unit.key in sample:   # measured with its own weights
                         with _swapped(mods, {n: quantized[k][n] for n in unit.names}):
                             streams[("dkl", unit.key, k)] = xh.through(layer).hidden
@@ -241,14 +235,61 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     return ms
 
 
-def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option) -> dict:
-    """Importance diagnostics of block i (LieQ's ΔKL is filled in after the sweep)."""
+def _solve_unit(unit: Unit, i: int, layer, mods: dict, hess: dict, candidates: list[Option], method: str,
+                damp: float, keep_sq: bool):
+    """Every candidate option of one unit: (its measurement entry, {option key: {linear: quantized
+    weight}}, {linear: {option key: diag(ΔW H ΔWᵀ)}} for the fisher predictor). A pure function of
+    the unit's weights and Hessians: the same on whichever rank solves it."""
+    prefix = f"model.layers.{i}."
+    entry = {"layer": i, "names": list(unit.names), "options": {}, "alpha": None,
+             "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
+             "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
+    hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
+    W = {n: source_weight(layer, n[len(prefix):]) for n in unit.names}   # float32 source values
+    Hd = {n: hess[n].H.double() for n in unit.names}
+    solved = {n: (gptq_options(W[n], hess[n].H, candidates, percdamp=damp, name=n,
+                               hinv=hinv.setdefault(id(hess[n]), {}))
+                  if method == "gptq" else [rtn(W[n], o) for o in candidates])
+              for n in unit.names}           # every option of a linear in one stacked solve
+    den = sum(float(torch.einsum("oi,ij,oj->", W[n].double(), Hd[n], W[n].double())) for n in unit.names)
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    sq: dict[str, dict[str, torch.Tensor]] = {}
+    for c, o in enumerate(candidates):
+        k = option_key(o)
+        num = 0.0
+        for n in unit.names:
+            D = (W[n] - solved[n][c].weight).double()
+            per_channel = ((D @ Hd[n]) * D).sum(1)          # diag(ΔW H ΔWᵀ)
+            num += float(per_channel.sum())
+            weights.setdefault(k, {})[n] = solved[n][c].weight.to(mods[n].weight.dtype)
+            if keep_sq:
+                sq.setdefault(n, {})[k] = per_channel.cpu()
+        entry["options"][k] = {
+            "err": num / max(den, 1e-30),
+            "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
+    return entry, weights, sq
+
+
+def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option,
+                 world: World = SOLO) -> dict:
+    """Importance diagnostics of block i (LieQ's ΔKL is filled in after the sweep). In a distributed
+    run each rank holds its own calibration rows: the sums behind them are all-reduced (float64;
+    these report-only numbers may then differ from one process's in their last digits)."""
     hid = x.hidden.shape[-1]
     xin = x.hidden[:, :-1].reshape(-1, hid).float()
     xout = x_next.hidden[:, :-1].reshape(-1, hid).float()
-    influence = float(1 - F.cosine_similarity(xin, xout, dim=-1).mean())
-    erank, topk_out = _effective_rank(xout[:: max(1, xout.shape[0] // 2048)])
-    _, topk_in = _effective_rank(xin[:: max(1, xin.shape[0] // 2048)])
+    if world.active:
+        cos = F.cosine_similarity(xin, xout, dim=-1).double()
+        tot = world.all_reduce(torch.stack([cos.sum(), torch.tensor(float(cos.numel()), dtype=torch.float64,
+                                                                     device=cos.device)]))
+        influence = float(1 - tot[0] / tot[1])
+        step = max(1, int(tot[1]) // 2048)
+        grams = [world.all_reduce(h[::step].double().t() @ h[::step].double()) for h in (xout, xin)]
+        (erank, topk_out), (_, topk_in) = _spectrum(grams[0]), _spectrum(grams[1])
+    else:
+        influence = float(1 - F.cosine_similarity(xin, xout, dim=-1).mean())
+        erank, topk_out = _effective_rank(xout[:: max(1, xout.shape[0] // 2048)])
+        _, topk_in = _effective_rank(xin[:: max(1, xin.shape[0] // 2048)])
     ws = [m.weight.data.abs() for m in lins.values()]
     outliers = sum(int((w > OUTLIER_K * w.mean()).sum()) for w in ws) / sum(w.numel() for w in ws)
     return {"layer": i, "block_influence": influence, "outlier_share": outliers, "lieq_kl": None,

@@ -65,8 +65,9 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
         ref_in, x_ref = reference_inputs(layer, x_ref, groups)
 
     runner = LayerRunner(layer, x_hat)
-    hessians = [Hessian(next(iter(g.values())).in_features, cross=ref_in is not None, device=place.device)
-                for g in groups]
+    hessians = [Hessian(next(iter(g.values())).in_features, cross=ref_in is not None, device=place.device,
+                        world=place.world) for g in groups]
+    world, owned = place.world, 0      # distributed: the layer's solves go round-robin over the ranks
     if not true_sequential:        # all groups' Hessians from one forward of the original layer
         for j, (xb, kw) in enumerate(x_hat.batches()):
             with contextlib.ExitStack() as stack:
@@ -87,14 +88,20 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
                 hess.add(x, ref_in[k][j] if ref_in is not None else None)
                 if keep is not None:        # kept where the activations live (host when they do not fit)
                     keep.append(x.to(x_hat.hidden.device))
-        for n, m in group.items():
-            name = prefix + n
-            W = source_weight(layer, n)     # float32 source values, whatever the compute dtype
-            if ref_in is not None:
-                W = qep_target(W, hess.H, hess.delta, qep_alpha, damp)
-            res = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
-            m.weight.data = res.weight.to(m.weight.dtype)
-            layer_results[name] = res
+        hess.finish()               # the sums over ranks: every rank reaches this point, in this order
+        solved = {}
+        for j, n in enumerate(group, start=owned):
+            if world.mine(j):
+                name = prefix + n
+                W = source_weight(layer, n)     # float32 source values, whatever the compute dtype
+                if ref_in is not None:
+                    W = qep_target(W, hess.H, hess.delta, qep_alpha, damp)
+                solved[n] = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
+        for j, (n, m) in enumerate(group.items(), start=owned):
+            res = world.broadcast(solved.get(n), world.owner(j))    # one process: its own result
+            m.weight.data = res.weight.to(m.weight.device, m.weight.dtype)
+            layer_results[prefix + n] = res
+        owned += len(group)
         trim_heap()                 # this group's batch buffers are free: give them back
         if keep is not None:
             # this group's inputs are now final: later groups start from them

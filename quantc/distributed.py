@@ -1,0 +1,192 @@
+"""Scale-out on torch.distributed: `torchrun --nproc-per-node N -m quantc compile budget.yaml` (and
+`--nnodes` across machines). The one home of rank logic: which share of the work each rank does, and
+the few collectives quantc needs. Passes receive the `World` inside their `Placement`.
+
+What is split, and why the artifact is bit-identical to one process (at equal threads per process):
+- Calibration (and measurement) batches: each rank takes a contiguous range of whole batches, with
+  the batch boundaries of one process, so every batch's forward is the same computation on any
+  rank. A Hessian is the sum of per-batch float32 products X_bᵀX_b, accumulated in float64 in one
+  process too, and summed over ranks in float64 (gloo/nccl all-reduce): float32 products add up
+  exactly in float64 unless their magnitudes span more than ~2^29, so the order of the sum does not
+  show after the final rounding to float32.
+- The GPTQ solves of a layer (sweep 2) and the unit × option solves of the measurement (sweep 1):
+  round-robin over the layer's linears / the model's units. The owner solves, then broadcasts the
+  result (torch's `broadcast_object_list`); a solve is a pure function of (W, H, option), the same
+  on any rank.
+- The measurement's held-out slice (a few sequences) runs on every rank: the same computation
+  everywhere, so its streams, the backward sweep and the head need no communication.
+- Rank 0 alone writes: the staging folder, the layer shards and resume state, the measurement cache
+  and the artifact. The activations of the resume point are gathered to rank 0 after each layer and
+  scattered back on resume, so a run resumes with any number of processes.
+Nothing home-made: torch.distributed's own process group (gloo on CPUs, nccl on GPUs), set up from
+torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("quantc")
+TIMEOUT_ENV = "QUANTC_DIST_TIMEOUT_S"      # how long a collective waits for a missing rank (default 30 min)
+
+
+@dataclass
+class Traffic:
+    """Bytes this rank sent or received in collectives, by kind (the benchmark reports them)."""
+    bytes: dict = field(default_factory=dict)
+
+    def add(self, kind: str, n: int) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + int(n)
+
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def share(self, n_batches: int) -> range:
+        """This rank's contiguous range of batch indices (earlier ranks take one more when uneven)."""
+        base, extra = divmod(n_batches, self.size)
+        lo = self.rank * base + min(self.rank, extra)
+        return range(lo, lo + base + (1 if self.rank < extra else 0))
+
+    def local_rows(self, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The rows of `tokens` in this rank's whole batches (batch boundaries as in one process)."""
+        if not self.active:
+            return tokens
+        r = self.share(-(-tokens.shape[0] // batch_size))
+        return tokens[r.start * batch_size: min(r.stop * batch_size, tokens.shape[0])]
+
+    def owner(self, j: int) -> int:
+        return j % self.size
+
+    def mine(self, j: int) -> bool:
+        return self.owner(j) == self.rank
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (every rank calls it, in the same order)."""
+        if self.active:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+            TRAFFIC.add("all_reduce", t.numel() * t.element_size())
+        return t
+
+    def broadcast(self, obj, src: int):
+        """`obj` of rank `src` on every rank (pickled by torch; tensors travel as bytes)."""
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        TRAFFIC.add("broadcast", _nbytes(box[0]))
+        return box[0]
+
+    def gather_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Every rank's rows of a tensor, concatenated in rank order on rank 0 (None elsewhere)."""
+        if not self.active or t is None:
+            return t
+        import torch.distributed as dist
+        parts = [None] * self.size if self.main else None
+        dist.gather_object(t.cpu(), parts, dst=0)
+        TRAFFIC.add("gather", t.numel() * t.element_size())
+        return torch.cat(parts) if self.main else None
+
+    def scatter_rows(self, full: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """Rank 0's whole tensor, each rank receiving the rows of its batches."""
+        if not self.active:
+            return full
+        import torch.distributed as dist
+        parts = None
+        if self.main and full is not None:
+            n = -(-full.shape[0] // batch_size)
+            parts = [full[World(r, self.size).share(n).start * batch_size:
+                          min(World(r, self.size).share(n).stop * batch_size, full.shape[0])]
+                     for r in range(self.size)]
+        have = self.broadcast(parts is not None, 0)
+        if not have:
+            return None
+        box = [None]
+        dist.scatter_object_list(box, parts, src=0)
+        TRAFFIC.add("scatter", box[0].numel() * box[0].element_size())
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+            dist.barrier()
+
+
+SOLO = World()
+TRAFFIC = Traffic()
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return _nbytes(vars(obj))
+    return 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets WORLD_SIZE) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 without one), readable before the group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def join(device: torch.device) -> World:
+    """The process group of this run (created once from torchrun's environment): gloo on CPUs, nccl
+    on GPUs. One process without a launcher: SOLO, and torch.distributed is never touched."""
+    if not launched():
+        return SOLO
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 1800)))
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timeout)
+        log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def current() -> World:
+    """The world joined by `join` (SOLO before, or without a launcher)."""
+    if not launched():
+        return SOLO
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return SOLO
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def leave() -> None:
+    """Tear the process group down at the end of a run (torchrun warns when it is left open)."""
+    if launched():
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()

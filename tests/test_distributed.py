@@ -1,0 +1,111 @@
+"""torchrun with 2 gloo processes: the artifact (plan included) is bit-identical to one process's; a
+rank that dies stops the run with a clear message, and the same command resumes to the same bits."""
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import build_tiny, write_yaml
+from quantc.distributed import SOLO, World
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux",
+                                reason="needs torch.distributed.run")
+
+SAME_THREADS = {"OMP_NUM_THREADS": "1"}     # torchrun gives each rank 1 thread: one process gets the same
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONWARNINGS": "ignore", **SAME_THREADS, **extra}
+
+
+def _torchrun(n, args, port, **env):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                           "--master-port", str(port), "-m", "quantc", "-q", *args],
+                          capture_output=True, text=True, env=_env(**env), timeout=600)
+
+
+def _budget(tmp_path, tiny_tokenizer, calib_file, qep):
+    model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=3, seed=7)
+    return write_yaml(tmp_path / "b.yaml", f"""model: {model}
+quant: {{group_size: 32, qep_alpha: {qep}}}
+candidates: [{{bits: 2, sym: false}}, {{bits: 3}}, {{bits: 4}}, {{bits: 8}}]
+budget: {{avg_bits: 3.5}}
+plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
+calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
+""")
+
+
+def _same_artifact(a, b):
+    for f in ("model.safetensors", "config.json", "quantize_config.json", "plan.yaml"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("qep", [0.0, 0.5])
+def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib_file, qep, monkeypatch):
+    # 7 samples in batches of 2: 4 batches, split 2/2 with an uneven last batch (1 row)
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache1"))
+    y = _budget(tmp_path, tiny_tokenizer, calib_file, qep)
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29511 + int(qep * 10),
+                  QUANTC_CACHE=str(tmp_path / "c2"))          # measured again, not read from a cache
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_artifact(tmp_path / "one", tmp_path / "two")
+    plan = (tmp_path / "two" / "plan.yaml").read_text()
+    assert "bits: 2" in plan or "bits: 3" in plan            # a real mixed plan, not uniform 4-bit
+    assert not list(tmp_path.glob("c2/measurements/*.tmp"))
+    assert len(list((tmp_path / "c2" / "measurements").glob("*.json"))) == 1  # rank 0 alone wrote the measurement cache
+
+
+def test_a_dead_rank_stops_the_run_and_the_same_command_resumes(tmp_path, tiny_tokenizer, calib_file):
+    y = _budget(tmp_path, tiny_tokenizer, calib_file, 0.0)
+    cache = str(tmp_path / "c")
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=cache))
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = ["compile", str(y), "-o", str(tmp_path / "two")]
+    r = _torchrun(2, args, 29531, QUANTC_CACHE=cache, QUANTC_FAULT_AFTER_LAYER="1", QUANTC_FAULT_RANK="1")
+    assert r.returncode != 0
+    assert re.search(r"rank\s*:\s*1\b", r.stderr) and "SIGKILL" in r.stderr   # torchrun names the dead rank
+    state = json.loads((tmp_path / ".two.partial" / "resume" / "state.json").read_text())
+    assert state["next_layer"] >= 1
+    assert not (tmp_path / "two").exists()
+    r = _torchrun(2, args, 29532, QUANTC_CACHE=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming after decoder layer" in r.stderr
+    _same_artifact(tmp_path / "one", tmp_path / "two")
+
+
+def test_shares_cover_every_batch_once():
+    for n_batches in (1, 4, 7):
+        for size in (1, 2, 3):
+            ranges = [World(r, size).share(n_batches) for r in range(size)]
+            assert [b for r in ranges for b in r] == list(range(n_batches))
+    tokens = torch.arange(7 * 3).reshape(7, 3)
+    rows = torch.cat([World(r, 2).local_rows(tokens, 2) for r in range(2)])
+    assert torch.equal(rows, tokens)
+    assert SOLO.local_rows(tokens, 2) is tokens and not SOLO.active
+
+
+def test_hessian_sum_does_not_depend_on_how_batches_are_grouped():
+    """The property the distributed run rests on: per-batch float32 products summed in float64."""
+    from quantc.calibration.hessian import Hessian
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 48, 64, generator=g) * (1 + 10 * i) for i in range(5)]
+    whole = Hessian(64)
+    for x in xs:
+        whole.add(x)
+    a, b = Hessian(64), Hessian(64)
+    for x in xs[:2]:
+        a.add(x)
+    for x in xs[2:]:
+        b.add(x)
+    a.sum += b.sum                  # what the all-reduce of two ranks does
+    a.n += b.n
+    assert torch.equal(whole.H, a.H)
