@@ -86,8 +86,13 @@ def memory_estimate(cfg: Config) -> dict | None:
         logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
         measure = calib + live + logits + k * layer_weights * 4   # + every option's weights of one layer
     acts = max(quantize, measure)
-    # one layer's Hessians: float64 sums (8 bytes) and the float32 H read from them (4 bytes)
-    hess = (8 + 4) * (hidden * hidden * 3 + inter * inter) * (2 if cfg.qep_alpha > 0 else 1)
+    # Hessians: float64 sums (8 bytes per entry) rounded to a float32 H (4 bytes) when read. Sweep 2
+    # holds one input group's at a time (down_proj's is the largest); sweep 1 sums every group of a
+    # layer from one forward, then keeps their H.
+    widths = (hidden, hidden, hidden, inter)                  # q/k/v, o, gate/up, down inputs
+    hess = (8 + 4) * max(w * w for w in widths) * (2 if cfg.qep_alpha > 0 else 1)
+    if not cfg.uniform:
+        hess = max(hess, 8 * sum(w * w for w in widths) + 4 * max(w * w for w in widths))
     batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,

@@ -23,21 +23,27 @@ class Hessian:
     rank reads them at the same point, where the sums are all-reduced."""
 
     def __init__(self, dim: int, cross: bool = False, device: torch.device | str = "cpu", world: World = SOLO):
-        self.sum = torch.zeros(dim, dim, device=device, dtype=torch.float64)
-        self.cross = torch.zeros(dim, dim, device=device, dtype=torch.float64) if cross else None
+        self.dim, self.device, self.world, self.want_cross = dim, device, world, cross
+        self.sum = self.cross = None         # allocated at the first batch: a group's sums exist only while it runs
         self.n = 0
-        self.world = world
         self._H = self._delta = None
 
     def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         if self._H is not None:
             raise RuntimeError("Hessian.add after H was read")
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.add_(x.t() @ x)                  # a float32 product per batch, summed in float64
+        if self.sum is None:
+            self._allocate()
+        _add_gram(self.sum, x.t(), x)             # float32 products per batch, summed in float64
         if self.cross is not None:
             xr = x_ref.reshape(-1, x.shape[-1]).to(x.device, torch.float32)
-            self.cross.add_((xr - x).t() @ x)
+            _add_gram(self.cross, (xr - x).t(), x)
         self.n += x.shape[0]
+
+    def _allocate(self) -> None:
+        self.sum = torch.zeros(self.dim, self.dim, device=self.device, dtype=torch.float64)
+        if self.want_cross:
+            self.cross = torch.zeros(self.dim, self.dim, device=self.device, dtype=torch.float64)
 
     def finish(self) -> None:
         """Round the sums to H (and δ); in a distributed run, all-reduce them first (a collective:
@@ -45,6 +51,8 @@ class Hessian:
         if self._H is not None:
             return
         n = self.n
+        if self.sum is None:                      # no batch on this rank (or none at all): zeros to sum
+            self._allocate()
         if self.world.active:                     # every rank's batches: sums (and counts) over ranks
             n = int(self.world.all_reduce(torch.tensor([n], dtype=torch.float64, device=self.sum.device)).item())
             self.world.all_reduce(self.sum)
@@ -64,6 +72,16 @@ class Hessian:
     def delta(self) -> torch.Tensor | None:
         self.finish()
         return self._delta
+
+
+GRAM_COLUMNS = 2048     # the float32 product is formed this many columns at a time: a small temporary
+
+
+def _add_gram(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (float64) += a @ b, the product in float32, in column blocks so that no second
+    dim × dim matrix exists (for an 8B model's down_proj that would be another 0.8 GB)."""
+    for c in range(0, b.shape[1], GRAM_COLUMNS):
+        acc[:, c:c + GRAM_COLUMNS].add_(a @ b[:, c:c + GRAM_COLUMNS])
 
 
 class CaptureInput:

@@ -78,7 +78,8 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
                 run_layer(layer, xb, kw)
 
     layer_results = {}
-    for k, (group, hess) in enumerate(zip(groups, hessians)):
+    for k, group in enumerate(groups):
+        hess = hessians[k]
         first = next(iter(group.values()))
         keep = None
         if true_sequential:
@@ -102,6 +103,7 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
             m.weight.data = res.weight.to(m.weight.device, m.weight.dtype)
             layer_results[prefix + n] = res
         owned += len(group)
+        hessians[k] = hess = None   # this group's Hessian is spent: one group's at a time (true-sequential)
         trim_heap()                 # this group's batch buffers are free: give them back
         if keep is not None:
             # this group's inputs are now final: later groups start from them
