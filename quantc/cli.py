@@ -144,6 +144,11 @@ def _print_summary(m: dict, out) -> None:
     table.add_row("quantized linears", f"{t['modules']} (kept 16-bit: {t['skipped']})")
     table.add_row("quantized-linear bytes", f"{t['quantized_linear_bytes'] / 2**20:.2f} MiB")
     table.add_row("average bits/weight", f"{t['avg_bits']:.3f}")
+    rot = m.get("rotation")
+    if rot:
+        untied = f"; untied lm_head {rot['untied_lm_head_bytes'] / 2**20:.2f} MiB (16-bit, beside the budget)" \
+            if rot.get("untied_lm_head_bytes") else ""
+        table.add_row("rotation", f"{rot['kind']} (seed {rot['seed']}, R1 {rot['r1']}, R2 {rot['r2']}){untied}")
     for k, v in m["timings"].items():
         table.add_row(k, f"{v:.1f} s")
     console.print(table)
