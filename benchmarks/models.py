@@ -85,6 +85,8 @@ def qwen_coder() -> Path:
 
 
 MODELS = {"smollm2": prepared_model, "qwen": qwen_coder}
+TITLES = {"smollm2": "SmolLM2-135M", "qwen": "Qwen2.5-Coder-0.5B-Instruct"}
+ENV = "QUANTC_BENCH_MODEL"         # the benchmark's --model, inherited by its job subprocesses
 
 
 def resolve(name: str | None) -> Path:
@@ -103,6 +105,50 @@ def slug(name: str | None) -> str:
     if name is None or name == "smollm2":
         return ""
     return name if name in MODELS else Path(name).resolve().name
+
+
+def select(name: str | None) -> Path:
+    """Make `name` (a benchmark's --model) the model of this process and of the job processes it
+    starts; fetch it now, so a problem shows before any job."""
+    if name:
+        os.environ[ENV] = name
+    return bench_model()
+
+
+def bench_model() -> Path:
+    return resolve(os.environ.get(ENV))
+
+
+def tag() -> str:
+    return slug(os.environ.get(ENV))
+
+
+def keyed(name: str) -> str:
+    """A cache file or folder name of the selected model: unchanged for the default model."""
+    return f"{tag()}-{name}" if tag() else name
+
+
+def own_results(pattern: str) -> list[Path]:
+    """The selected model's cached job results matching `pattern` (for --fresh): the default model's
+    names have no prefix, so other models' prefixed files are left out."""
+    others = tuple(f"{m}-" for m in MODELS if m != "smollm2")
+    return [p for p in WORK.glob(f"{keyed(pattern)}.json") if tag() or not p.name.startswith(others)]
+
+
+def title() -> str:
+    name = os.environ.get(ENV) or "smollm2"
+    return TITLES.get(name, Path(name).name)
+
+
+def mark(bench: str) -> str:
+    """The RESULTS.md section marker of a benchmark on the selected model (one section per model)."""
+    return f"<!-- {bench} {tag()} -->" if tag() else f"<!-- {bench} -->"
+
+
+def decoder_linears() -> int:
+    """Linears of the selected model's decoder layers (q, k, v, o, gate, up, down per layer)."""
+    import json
+    return 7 * json.loads((bench_model() / "config.json").read_text())["num_hidden_layers"]
 
 
 if __name__ == "__main__":            # python -m benchmarks.models [qwen]: fetch and convert, print the folder
