@@ -248,3 +248,39 @@ def test_lazy_and_whole_model_rotation_give_the_same_artifact(compiled):
     tmp, runs = compiled
     a, b = runs["rot"][1], runs["rot-eager"][1]
     assert a["files"]["model.safetensors"] == b["files"]["model.safetensors"]
+
+
+def test_budget_compile_with_rotation_and_the_wide_set(compiled, calib_file, tmp_path, monkeypatch):
+    """Sweep 1 measures the rotated model (its own cache entry), the plan uses the wide set, and the
+    artifact's bytes are the plan's."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QUANTC_CACHE", str(cache))
+    base, _ = compiled
+    outs = {}
+    for name, rotate in (("plain", ""), ("rot", "\n  rotate: hadamard")):
+        y = write_yaml(tmp_path / f"{name}.yaml", f"""model: {base / 'model'}
+candidates: wide
+quant:
+  act_order: false{rotate}
+budget: {{avg_bits: 3.5}}
+calibration: {{source: {calib_file}, samples: 8, seq_len: 64, batch_size: 4}}
+plan: {{measure_samples: 4, alpha_samples: 2, alpha_seq_len: 32}}
+""")
+        outs[name] = compile_cli(y, tmp_path / name)
+    assert len(list(cache.rglob("*.json"))) == 2                   # the rotation is part of the measurement key
+    m = outs["rot"]
+    assert m["rotation"]["kind"] == "hadamard" and outs["plain"]["rotation"] is None
+    assert m["totals"]["avg_bits"] <= 3.5
+    import yaml
+    from benchmarks.bench_gptq import linear_bytes
+    plan = yaml.safe_load((tmp_path / "rot" / "plan.yaml").read_text())
+    assert m["totals"]["quantized_linear_bytes"] == plan["predicted"]["bytes"] == linear_bytes(tmp_path / "rot")
+
+
+def test_inspect_reports_the_rotation_and_the_untied_head(compiled):
+    _, runs = compiled
+    r = CliRunner().invoke(main, ["inspect", str(runs["rot"][0])])
+    assert r.exit_code == 0, r.output
+    assert "rotation: hadamard (seed 3, R1 96 = 12×8, R2 32)" in r.output and "untied lm_head" in r.output
+    r = CliRunner().invoke(main, ["inspect", str(runs["plain"][0])])
+    assert r.exit_code == 0 and "rotation" not in r.output
