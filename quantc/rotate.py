@@ -291,8 +291,16 @@ def rotate_model(model: nn.Module, seed: int = 0) -> Rotation:
     """Rotate `model` (loaded by model.load_model, lazily or not) in place; return the rotation.
     Lazy models: the outside tensors now, the decoder layers when they are materialized."""
     from .lazy import _set, is_lazy
+    from .model import decoder_layers, layer_linears
+    if getattr(model, "_quantc_rotation", None) is not None:
+        raise QuantcError("the model is rotated already; rotating it again would change its function")
     rot = rotation_for(model.config, seed)
     f = rot.facts
+    known = set(_reader_norms(f)) | set(f["writers"])
+    found = set(layer_linears(decoder_layers(model)[0]))      # names only: a lazy layer on meta is enough
+    if found != known:         # a linear the table does not place would silently break the model's function
+        raise QuantcError(f"quant.rotate: hadamard: decoder layer 0 has linears {sorted(found ^ known)} that the "
+                          f"rotation table of {model.config.model_type} does not expect; use quant.rotate: none")
     if is_lazy(model):
         model._quantc_source = src = RotatedSource(model._quantc_source, rot)
         new = {k: src.get(k) for k in (f["embed"], f["final_norm"], f["head"])}

@@ -93,6 +93,8 @@ def test_rotated_float_model_has_the_same_logits(tmp_path, kind, tied, lazy):
     assert torch.equal(model.model.layers[1].input_layernorm.weight, torch.ones(48))
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings is False and rot.tied == tied
+    with pytest.raises(QuantcError, match="rotated already"):
+        rotate_model(model, seed=0)
 
 
 def test_rotate_layer_is_a_pure_function_of_the_layer(tmp_path):
