@@ -286,3 +286,10 @@ def test_inspect_reports_the_rotation_and_the_untied_head(compiled):
     assert "rotation: hadamard (seed 3, R1 96 = 12×8, R2 32)" in r.output and "untied lm_head" in r.output
     r = CliRunner().invoke(main, ["inspect", str(runs["plain"][0])])
     assert r.exit_code == 0 and "rotation" not in r.output
+
+
+def test_verify_compares_the_rotated_artifact_with_the_unrotated_source(compiled):
+    _, runs = compiled
+    r = CliRunner().invoke(main, ["verify", "--strict", str(runs["rot"][0])])
+    assert r.exit_code == 0, r.output
+    assert "logits" in r.output
