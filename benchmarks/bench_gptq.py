@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, calibration, wikitext
+from benchmarks.common import ROOT, WORK, calibration, wikitext
 from benchmarks.models import bench_model, decoder_linears, keyed, mark, own_results, select, title
 
-WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 CONFIGS = {  # name: (bits, group size, sym)
     "4b": (4, 128, True),

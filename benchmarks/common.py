@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QUANTC_SHARED", ROOT.parent / "shared"))
 CACHE = Path(os.environ.get("QUANTC_CACHE", Path.home() / ".cache" / "quantc"))
+WORK = ROOT / "benchmarks" / "work"        # the benchmarks' cache of finished jobs and fetched models (git-ignored)
 
 
 def model_dir() -> Path:

