@@ -161,6 +161,12 @@ def compile_cmd(ctx, budget, out, plan_file, force):
         click.echo(f"{out}: {t['modules']} linears, {t['avg_bits']:.3f} bits/weight")
 
 
+def _rotation_line(rot: dict) -> str:
+    untied = f"; untied lm_head {rot['untied_lm_head_bytes'] / 2**20:.2f} MiB (16-bit, beside the budget)" \
+        if rot.get("untied_lm_head_bytes") else ""
+    return f"{rot['kind']} (seed {rot['seed']}, R1 {rot['r1']}, R2 {rot['r2']}){untied}"
+
+
 def _print_summary(m: dict, out) -> None:
     t = m["totals"]
     table = Table(title=f"quantc compile → {out}", show_header=False)
@@ -168,6 +174,8 @@ def _print_summary(m: dict, out) -> None:
     table.add_row("quantized linears", f"{t['modules']} (kept 16-bit: {t['skipped']})")
     table.add_row("quantized-linear bytes", f"{t['quantized_linear_bytes'] / 2**20:.2f} MiB")
     table.add_row("average bits/weight", f"{t['avg_bits']:.3f}")
+    if m.get("rotation"):
+        table.add_row("rotation", _rotation_line(m["rotation"]))
     for k, v in m["timings"].items():
         table.add_row(k, f"{v:.1f} s")
     console.print(table)
@@ -467,6 +475,8 @@ def inspect_cmd(artifact, modules):
                   f"bytes {t['quantized_linear_bytes']:,} ({t['quantized_linear_bytes'] / 2**20:.2f} MiB), "
                   f"{t['avg_bits']:.3f} bits/weight; compiled by quantc {m.get('quantc')} "
                   f"from {m['source']['model']} in {m['timings'].get('total_s', 0):.0f} s")
+    if isinstance(m.get("rotation"), dict):
+        console.print(f"rotation: {_rotation_line(m['rotation'])}")
 
 
 @main.command("verify")

@@ -27,7 +27,7 @@ SCHEMA: dict[str, tuple] = {
     "model": (str, dict),
     "budget": (dict,),
     "quant": (dict,),
-    "candidates": (list,),
+    "candidates": (list, str),
     "keep_fp16": (list,),
     "overrides": (list,),
     "calibration": (dict,),
@@ -40,7 +40,8 @@ MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revisio
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
 QUANT_KEYS = {"bits": (int, list), "group_size": (int, list), "sym": bool, "act_order": bool,
               "static_groups": bool, "mse": bool, "method": str, "damp": (int, float),
-              "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int}
+              "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int,
+              "rotate": str, "rotate_seed": int}
 OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "static_groups": bool,
                "mse": bool}
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
@@ -50,6 +51,19 @@ RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, 
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
              "direct_bits": int, "predictor": str, "probes": int}
 PREDICTORS = ("fisher", "exact")          # see passes/measure.py
+ROTATIONS = ("none", "hadamard")         # see rotate.py
+
+# Named candidate sets (`candidates: NAME`). Options are (bits, group_size, sym); quant.act_order,
+# static_groups and mse apply to each. Symmetric and asymmetric grids cost the same bytes (GPTQ v1
+# stores qzeros either way), so both are offered where the zero point buys accuracy (3, 4 bits);
+# 2-bit only asymmetric (a symmetric 2-bit grid wastes a level), 8-bit only symmetric (what vLLM and
+# llama.cpp run, and the zero point buys nothing measurable there).
+_WIDE_GROUPS = (32, 64, 128)
+CANDIDATE_SETS: dict[str, tuple[tuple[int, int, bool], ...]] = {
+    "wide": tuple([(2, g, False) for g in _WIDE_GROUPS]
+                  + [(b, g, s) for b in (3, 4) for s in (True, False) for g in _WIDE_GROUPS]
+                  + [(8, g, True) for g in _WIDE_GROUPS]),
+}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -96,6 +110,9 @@ class Config:
     units: str = "shared"
     true_sequential: bool = True
     block_size: int = 128
+    rotate: str = "none"               # hadamard: R1/R2 folded into the weights before calibration (rotate.py)
+    rotate_seed: int = 0               # seed of the rotations' random signs
+    candidate_set: str | None = None   # the name of a CANDIDATE_SETS entry, when `candidates:` named one
     keep_fp16: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
     overrides: list[tuple[str, dict]] = field(default_factory=list)
     calibration: Calibration = field(default_factory=Calibration)
@@ -124,6 +141,7 @@ class Config:
             "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle, "method": self.method,
             "damp": self.damp,
             "qep_alpha": self.qep_alpha, "units": self.units, "true_sequential": self.true_sequential,
+            "rotate": self.rotate, "rotate_seed": self.rotate_seed, "candidate_set": self.candidate_set,
             "candidates": [o.to_dict() for o in self.candidates], "keep_fp16": self.keep_fp16,
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
@@ -291,6 +309,10 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if cfg.gguf_file and not (Path(model) / cfg.gguf_file).is_file():
         raise ConfigError(file, "model.gguf_file", f"{cfg.gguf_file!r} not found in {model}")
 
+    if isinstance(raw.get("quant"), dict) and "candidates" in raw["quant"]:
+        raise ConfigError(file, "quant.candidates", "`candidates` is a top-level key: write `candidates: "
+                          f"{next(iter(CANDIDATE_SETS))}` (a named set: {', '.join(CANDIDATE_SETS)}) or a list of "
+                          "options at the top level, not under quant")
     q = _typed(raw.get("quant", {}) or {}, QUANT_KEYS, file, "quant")
     bits = [_bits(b, file, "quant.bits") for b in _as_list(q.get("bits", 4))]
     groups = [_group(g, file, "quant.group_size") for g in _as_list(q.get("group_size", 128))]
@@ -299,7 +321,10 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     # quantc's defaults: act-order with static groups (g_idx stays i // group_size) and the clipped grid
     shared = {"act_order": True, "static_groups": True, "mse": True,
               **{k: q[k] for k in ("sym", "act_order", "static_groups", "mse") if k in q}}
-    if "candidates" in raw:
+    if isinstance(raw.get("candidates"), str):
+        cands = _candidate_set(raw["candidates"], q, shared, file)
+        cfg.candidate_set = raw["candidates"]
+    elif "candidates" in raw:
         if "bits" in q:
             raise ConfigError(file, "quant.bits", "has no effect when `candidates` lists the options: put the "
                               "bit-widths in `candidates` and remove quant.bits")
@@ -335,6 +360,16 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     cfg.block_size = q.get("block_size", 128)
     if cfg.block_size < 1:
         raise ConfigError(file, "quant.block_size", "must be positive")
+    cfg.rotate = q.get("rotate", "none")
+    if cfg.rotate not in ROTATIONS:
+        raise ConfigError(file, "quant.rotate", f"{cfg.rotate!r} is not known; allowed: {', '.join(ROTATIONS)} "
+                          "(hadamard: randomized Hadamard rotations folded into the weights)")
+    if "rotate_seed" in q and cfg.rotate == "none":
+        raise ConfigError(file, "quant.rotate_seed", "has no effect without a rotation: add quant.rotate: hadamard "
+                          "or remove rotate_seed")
+    cfg.rotate_seed = q.get("rotate_seed", 0)
+    if cfg.rotate_seed < 0:
+        raise ConfigError(file, "quant.rotate_seed", f"must be a non-negative integer, got {cfg.rotate_seed}")
 
     b = _typed(raw.get("budget", {}) or {}, BUDGET_KEYS, file, "budget")
     if sum(k in b for k in BUDGET_KEYS) > 1:
@@ -420,8 +455,33 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     from .serve import check_config, parse_targets   # runtimes the plan must load in: serve.py
     if "serve" in raw:
         cfg.serve = parse_targets(raw["serve"], file)
-    check_config(cfg, file, explicit_candidates="candidates" in raw)
+    if cfg.candidate_set is not None:       # a named set offers what the targets run, not all of it
+        cfg.candidates = _served(cfg, file)
+    check_config(cfg, file, explicit_candidates=isinstance(raw.get("candidates"), list))
     return cfg
+
+
+def _candidate_set(name: str, q: dict, shared: dict, file: str) -> list[Option]:
+    """The options of the named set `candidates: NAME` (CANDIDATE_SETS)."""
+    if name not in CANDIDATE_SETS:
+        raise ConfigError(file, "candidates", f"{name!r} is not a known candidate set; known sets: "
+                          f"{', '.join(CANDIDATE_SETS)}, or give a list of options ({{bits, group_size, sym}})")
+    for k in ("bits", "group_size", "sym"):
+        if k in q:
+            raise ConfigError(file, f"quant.{k}", f"has no effect: `candidates: {name}` fixes bits, group sizes and "
+                              f"sym; remove quant.{k}, or list the options in `candidates`")
+    return [Option(bits=b, group_size=g, **{**shared, "sym": s}) for b, g, s in CANDIDATE_SETS[name]]
+
+
+def _served(cfg: Config, file: str) -> list[Option]:
+    """A named set's options that every serving target runs (serve.targets_for)."""
+    from .serve import check, targets_for
+    targets = targets_for(cfg)
+    kept = [o for o in cfg.candidates if not check({"candidate": o}, targets)]
+    if not kept:
+        raise ConfigError(file, "candidates", f"no option of the set {cfg.candidate_set!r} runs on "
+                          f"{', '.join(targets)}; list the options in `candidates`")
+    return kept
 
 
 def _regex(p: Any, file: str, key: str) -> str:

@@ -64,6 +64,8 @@ def memory_estimate(cfg: Config) -> dict | None:
         return None
     hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
     layers, vocab = mc.get("num_hidden_layers", 0), mc.get("vocab_size", 0)
+    if cfg.rotate != "none" and mc.get("tie_word_embeddings"):
+        n += vocab * hidden                                   # the lm_head the rotation unties
     act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     tokens = cfg.calibration.samples * cfg.calibration.seq_len
     streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs

@@ -122,6 +122,8 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     p = cfg.plan                     # only the settings the chosen predictor reads
     own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
+    if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
+        h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())
     return h.hexdigest()[:20]
 
 

@@ -157,6 +157,12 @@ def preflight(cfg: Config, out=None, plan_file=None, *, budget_key: str | None =
     check_weight_files(cfg.model, cfg.gguf_file, cfg.allow_pickle)
     check_export(cfg)
     model = skeleton(cfg)
+    if cfg.rotate != "none":                # a size with no known Hadamard matrix: now, not after the load
+        from .rotate import check_config
+        try:
+            check_config(model.config)
+        except QuantcError as e:
+            raise ConfigError(cfg.source_file, "quant.rotate", str(e)) from None
     check_patterns(cfg, model)
     plans = plan_file is None and not cfg.uniform
     if plan_file is not None:
