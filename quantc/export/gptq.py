@@ -18,7 +18,8 @@ from ..gptq import QuantResult
 from ..lazy import tensor as lazy_tensor
 from ..options import Option
 from ..packing import pack_gptq
-from ..serve import FUSED_OF
+from ..family import FUSED_OF, family_of
+from ..model import decoder_layers
 
 
 def default_option(options: dict[str, Option]) -> Option:
@@ -96,8 +97,8 @@ def layer_tensors(model, i: int, results: dict[str, QuantResult], options: dict[
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor of decoder layer i: the packed quantized linears (+ bias) and the
     layer's other weights in `dtype` (read from the source, so a lazy layer may be released)."""
-    prefix = f"model.layers.{i}."
-    layer = model.model.layers[i]
+    prefix = family_of(model).prefix(i)
+    layer = decoder_layers(model)[i]
     state = {prefix + k: v for k, v in layer.state_dict().items()}   # meta when released: read from disk
     out: dict[str, torch.Tensor] = {}
     for name, res in results.items():
@@ -118,9 +119,10 @@ def outside_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors outside the decoder layers (embeddings, final norm, untied lm_head)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = model.state_dict()
+    layers = family_of(model).layers + "."
     out = {}
     for key in state:
-        if key.startswith("model.layers.") or (tied and key == "lm_head.weight"):
+        if key.startswith(layers) or (tied and key == "lm_head.weight"):
             continue                     # layers come from their shards; a tied lm_head is re-tied by readers
         out[key] = _export(lazy_tensor(model, key, state), dtype)
     return out

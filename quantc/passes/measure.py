@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from ..calibration.hessian import CaptureInput, Hessian
 from ..config import PREDICTORS
 from ..gptq import gptq_options, rtn
-from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, layer_linears, run_layer,
-                     source_weight, units)
+from ..family import family_of
+from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, final_norm, layer_linears,
+                     layer_prefix, run_layer, source_weight, units)
 from ..options import Option
 from .quantize import input_groups
 
@@ -88,7 +89,7 @@ class Head:
         if self.place.is_default or self._placed:
             yield
             return
-        mods = (self.model.model.norm, self.model.lm_head)
+        mods = (final_norm(self.model), self.model.lm_head)
         for m in mods:
             m.to(self.place.device)
         self._placed = True
@@ -100,7 +101,7 @@ class Head:
                 m.to("cpu")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.model.model.norm(h[:, :-1:self.every].to(self.model.lm_head.weight.dtype))
+        h = final_norm(self.model)(h[:, :-1:self.every].to(self.model.lm_head.weight.dtype))
         return self.model.lm_head(h).float()                  # a subset of positions: the lm_head is the costly part
 
     def logp(self, acts: Activations) -> torch.Tensor:
@@ -173,11 +174,11 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     for i in tqdm(range(n_layers), desc="measuring layers", disable=not progress):
         with decoder_layer(model, i, place) as layer:
             lins = layer_linears(layer)
-            prefix = f"model.layers.{i}."
+            prefix = layer_prefix(model, i)
             mods = {prefix + n: m for n, m in lins.items()}
             hess = {}
             with contextlib.ExitStack() as stack:           # all Hessians from one forward
-                for g in input_groups(lins):
+                for g in input_groups(lins, family_of(model)):
                     first = next(iter(g.values()))
                     h = Hessian(first.in_features, device=place.device)
                     stack.enter_context(CaptureInput(first, h.add, stop=False))
@@ -292,7 +293,7 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
         head_f = head_w.float()
         for xb, _ in final.batches():
             h = xb.detach().requires_grad_()
-            hn = model.model.norm(h[:, :-1:head.every].to(head_w.dtype))
+            hn = final_norm(model)(h[:, :-1:head.every].to(head_w.dtype))
             with torch.no_grad():
                 p = model.lm_head(hn).float().softmax(-1)
                 pw = p @ head_f                       # shared by every probe: (onehot(y) − p)·W = W[y] − p·W
@@ -333,7 +334,7 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
                         if g is not None:
                             sums[n] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
                 del y, outs
-            acc.update({f"model.layers.{i}.{n}": v / probes for n, v in sums.items()})
+            acc.update({layer_prefix(model, i) + n: v / probes for n, v in sums.items()})
     return acc
 
 
