@@ -10,6 +10,7 @@ Adding a family is one `Family(...)` entry in FAMILIES plus tests (docs/ADDING_A
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import QuantcError
@@ -43,8 +44,12 @@ class Family:
     embed: str = "model.embed_tokens"
     # vLLM's fused linears (its packed_modules_mapping): fused name -> the checkpoint linears it loads
     vllm_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # linears fused in the checkpoint itself: name -> the parts, in row order (Phi-3's qkv_proj)
+    # linears fused in the source checkpoint itself: name -> the parts' roles, in row order (Phi-3's qkv_proj:
+    # q, k, v). quantc quantizes them as one linear (one unit, one Hessian).
     checkpoint_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # fused linears the GPTQ export writes as equal row blocks under these names (Phi-3's gate_up_proj as
+    # gate_proj + up_proj: what GPTQModel's phi3 model builds, and what vLLM stacks back into gate_up_proj)
+    export_split: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # the quantize sweep's replay (LayerRunner): the attention sub-module and its output linear, the MLP
     # sub-module, its first (input) linear and its output linear
     attention: str = "self_attn"
@@ -67,6 +72,14 @@ class Family:
     def prefix(self, i: int) -> str:
         """Full-name prefix of decoder layer i's modules: model.layers.3."""
         return f"{self.layers}.{i}."
+
+    def exported(self, name: str) -> tuple[str, ...]:
+        """The checkpoint names the GPTQ export writes compiled module `name` (a full name) under."""
+        m = re.match(re.escape(self.layers) + r"\.\d+\.(.+)$", name)
+        if m is None or m.group(1) not in self.export_split:
+            return (name,)
+        base = name[: len(name) - len(m.group(1))]
+        return tuple(base + part for part in self.export_split[m.group(1)])
 
     def embed_multiplier(self, config) -> float | None:
         """What the embeddings are multiplied by (Gemma: sqrt(hidden_size), a float32 scalar), or None."""
@@ -101,6 +114,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("phi3", ("phi3",), (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
                                ("mlp.down_proj",)),
            checkpoint_fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")},
+           export_split={"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")},
            mlp_in="mlp.gate_up_proj"),
 )
 
