@@ -206,15 +206,18 @@ class _Export:
     def has(self, name: str) -> bool:
         return f"{name}.weight" in self.t or f"{name}.qweight" in self.t
 
-    def linears(self, x: str, p: str, fused: str, parts: tuple[str, ...], sizes: list[int]) -> list[str]:
+    def linears(self, x: str, p: str, fused: str, parts: tuple[str, ...], sizes: list[int], then=None) -> list[str]:
         """The outputs of linears `parts` (inside layer prefix p), or, when the checkpoint holds them as
-        the one linear `fused` (Phi-3's qkv_proj, an unsplit gate_up_proj), its output split by `sizes`."""
+        the one linear `fused` (Phi-3's qkv_proj, an unsplit gate_up_proj), its output split by `sizes`;
+        each passed through `then[k]` when given."""
+        then = then or [lambda y: y] * len(parts)
         if fused and self.has(p + fused):
             key = f"split_{'_'.join(map(str, sizes))}"
             if key not in self.splits:
                 self.splits[key] = self.g.ints(key, sizes)
-            return self.g.op("Split", [self.linear(x, p + fused), self.splits[key]], n_out=len(sizes), axis=-1)
-        return [self.linear(x, p + n) for n in parts]
+            ys = self.g.op("Split", [self.linear(x, p + fused), self.splits[key]], n_out=len(sizes), axis=-1)
+            return [f(y) for f, y in zip(then, ys)]
+        return [f(self.linear(x, p + n)) for f, n in zip(then, parts)]
 
     def rope(self, x: str, cos: str, sin: str) -> str:
         """x·cos + rotate_half(x)·sin on [B, heads, S, D]."""
@@ -314,9 +317,9 @@ class _Export:
             cos, sin = ropes[kind]
             bias = biases[kind]
             x = self.rmsnorm(h, p + nm.attn_in + ".weight")
+            heads = [lambda y: g.op("Reshape", [y, shape_q])] + [lambda y: g.op("Reshape", [y, shape_kv])] * 2
             q, k, v = self.linears(x, p, qkv_fused, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                   [nH * D, kvH * D, kvH * D])
-            q, k, v = (g.op("Reshape", [q, shape_q]), g.op("Reshape", [k, shape_kv]), g.op("Reshape", [v, shape_kv]))
+                                   [nH * D, kvH * D, kvH * D], heads)
             if nm.q and f"{p}{nm.q}.weight" in self.t:            # Qwen3, Gemma 3: RMSNorm per head before RoPE
                 q = self.rmsnorm(q, f"{p}{nm.q}.weight")
                 k = self.rmsnorm(k, f"{p}{nm.k}.weight")
