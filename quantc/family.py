@@ -61,10 +61,15 @@ class Family:
     # layers differ in their attention (Gemma 3: sliding-window and global layers): the attribute (inside
     # the layer) naming a layer's kind, whose masks and RoPE tables the model passes it. None: one kind.
     layer_kind: str | None = None
-    # --- facts the ONNX graph is built from (quantc/export/onnx.py)
+    # --- facts the ONNX graph is built from (quantc/export/onnx.py): the attention's q/k/v and the MLP's
+    # gate/up linears as separate modules (a checkpoint may instead hold the checkpoint_fused linear)
+    q_k_v: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    gate_up: tuple[str, str] = ("mlp.gate_proj", "mlp.up_proj")
     activation: str = "silu"              # silu(gate)·up, or gelu_tanh(gate)·up
     embed_scale: bool = False             # embeddings × sqrt(hidden_size) (Gemma)
     onnx: bool = True                     # the ONNX exporter writes this family's graph
+    # llama.cpp's architecture name by model_type (quantc/export/gguf.py); a type left out: no GGUF export
+    gguf: dict[str, str] = field(default_factory=dict)
 
     def linears(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g)
@@ -100,9 +105,10 @@ _LLAMA_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "
                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama", "mistral", "qwen2"), _LLAMA_GROUPS, vllm_fused=_LLAMA_FUSED),
+    Family("llama", ("llama", "mistral", "qwen2"), _LLAMA_GROUPS, vllm_fused=_LLAMA_FUSED,
+           gguf={"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}),
     Family("qwen3", ("qwen3",), _LLAMA_GROUPS, vllm_fused=_LLAMA_FUSED,
-           norms=Norms(q="self_attn.q_norm", k="self_attn.k_norm")),
+           norms=Norms(q="self_attn.q_norm", k="self_attn.k_norm"), gguf={"qwen3": "qwen3"}),
     # Gemma 3 text (Gemma3ForCausalLM): sandwich norms around both blocks, (1 + w) norms, q/k norms,
     # embeddings scaled by sqrt(hidden), GELU-tanh MLP, sliding-window and global attention layers.
     Family("gemma3", ("gemma3_text",), _LLAMA_GROUPS, vllm_fused=_LLAMA_FUSED,

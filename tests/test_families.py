@@ -103,6 +103,13 @@ def test_compile_and_load_match_the_fake_quantized_model(tmp_path, fam_models, t
     with torch.no_grad():
         assert 0 < _rel(lq, orig(input_ids=ids).logits) < 0.3        # quantized: close, not equal
     assert q.generate(ids[:1, :8], max_new_tokens=5, min_new_tokens=5, do_sample=False).shape == (1, 13)
+    from click.testing import CliRunner
+    from quantc.cli import main
+    from quantc.verify import verify
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and ("qkv_proj" if kind == "phi3" else "q_proj") in r.output, r.output
+    rows = verify(out)
+    assert all(ok for _, ok, _ in rows), rows           # hashes, packed shapes, logits against the source
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -244,3 +251,13 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path, calib_file):
         assert all(t in msg for t in SUPPORTED_TYPES) and "gemma3_text" in msg and "phi3" in msg
     with pytest.raises(QuantcError, match="model_type 'gpt2' is not supported by the ONNX exporter; supported: .*phi3"):
         export_onnx(bad, tmp_path / "o")
+
+
+def test_gguf_target_refused_before_the_compile_for_a_family_without_it(tmp_path, fam_models, calib_file,
+                                                                         monkeypatch):
+    import quantc.pipeline as pipeline
+    from quantc.errors import ConfigError
+    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match=r"`export.targets`: gguf: .*model_type 'phi3' is not supported by the "
+                                          r"GGUF exporter; supported: llama, mistral, qwen2, qwen3"):
+        _compile(tmp_path, fam_models["phi3"], calib_file, export={"targets": ["gptq", "gguf"]})

@@ -318,8 +318,7 @@ class _Export:
             bias = biases[kind]
             x = self.rmsnorm(h, p + nm.attn_in + ".weight")
             heads = [lambda y: g.op("Reshape", [y, shape_q])] + [lambda y: g.op("Reshape", [y, shape_kv])] * 2
-            q, k, v = self.linears(x, p, qkv_fused, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                   [nH * D, kvH * D, kvH * D], heads)
+            q, k, v = self.linears(x, p, qkv_fused, fam.q_k_v, [nH * D, kvH * D, kvH * D], heads)
             if nm.q and f"{p}{nm.q}.weight" in self.t:            # Qwen3, Gemma 3: RMSNorm per head before RoPE
                 q = self.rmsnorm(q, f"{p}{nm.q}.weight")
                 k = self.rmsnorm(k, f"{p}{nm.k}.weight")
@@ -346,7 +345,7 @@ class _Export:
                 o = self.rmsnorm(o, p + nm.attn_out + ".weight")
             h = g.op("Add", [h, o])
             x = self.rmsnorm(h, p + nm.mlp_in + ".weight")
-            gate, up = self.linears(x, p, gu_fused, ("mlp.gate_proj", "mlp.up_proj"), [c.intermediate_size] * 2)
+            gate, up = self.linears(x, p, gu_fused, fam.gate_up, [c.intermediate_size] * 2)
             if fam.activation == "gelu_tanh":
                 act = g.op("Gelu", [gate], approximate="tanh")
             else:
