@@ -296,7 +296,8 @@ class _Export:
         biases = {}
         for kind in dict.fromkeys(kinds):
             if kind == "sliding_attention":   # and key j within the window of query i: i - j < sliding_window
-                dist = g.op("Sub", [g.op("Unsqueeze", [q_pos, unsq1]), g.op("Unsqueeze", [k_pos, g.ints("axis_0b", [0])])])
+                dist = g.op("Sub", [g.op("Unsqueeze", [q_pos, unsq1]),
+                                    g.op("Unsqueeze", [k_pos, g.ints("axis_0b", [0])])])           # [S,T]
                 near = g.op("Less", [dist, g.ints("window", c.sliding_window)])
                 biases[kind] = g.op("Where", [g.op("And", [allowed, near]), zero_f, neg])
             else:
