@@ -61,6 +61,8 @@ class Family:
     # layers differ in their attention (Gemma 3: sliding-window and global layers): the attribute (inside
     # the layer) naming a layer's kind, whose masks and RoPE tables the model passes it. None: one kind.
     layer_kind: str | None = None
+    # the kinds whose attention sees only the last config.sliding_window keys (a query at i: keys j > i - window)
+    windowed: tuple[str, ...] = ()
     # --- facts the ONNX graph is built from (quantc/export/onnx.py): the attention's q/k/v and the MLP's
     # gate/up linears as separate modules (a checkpoint may instead hold the checkpoint_fused linear)
     q_k_v: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -115,7 +117,8 @@ FAMILIES: tuple[Family, ...] = (
            norms=Norms(attn_in="input_layernorm", attn_out="post_attention_layernorm",
                        mlp_in="pre_feedforward_layernorm", mlp_out="post_feedforward_layernorm",
                        q="self_attn.q_norm", k="self_attn.k_norm", offset=1.0),
-           layer_kind="self_attn.layer_type", activation="gelu_tanh", embed_scale=True),
+           layer_kind="self_attn.layer_type", windowed=("sliding_attention",), activation="gelu_tanh",
+           embed_scale=True),
     # Phi-3: q/k/v and gate/up are single linears in the checkpoint, and vLLM loads them as they are
     Family("phi3", ("phi3",), (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
                                ("mlp.down_proj",)),

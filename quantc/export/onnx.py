@@ -295,7 +295,7 @@ class _Export:
         zero_f, neg = g.const("zero_f", np.array(0, np.float32)), g.const("neg", np.array(NEG, np.float32))
         biases = {}
         for kind in dict.fromkeys(kinds):
-            if kind == "sliding_attention":   # and key j within the window of query i: i - j < sliding_window
+            if kind in self.fam.windowed:     # and key j within the window of query i: i - j < sliding_window
                 dist = g.op("Sub", [g.op("Unsqueeze", [q_pos, unsq1]),
                                     g.op("Unsqueeze", [k_pos, g.ints("axis_0b", [0])])])           # [S,T]
                 near = g.op("Less", [dist, g.ints("window", c.sliding_window)])
