@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import warnings
 from functools import wraps
@@ -458,15 +459,17 @@ def inspect_cmd(artifact, modules):
         for n, o in mods.items():
             table.add_row(n, str(o["bits"]), str(o["group_size"]), str(o["sym"]), f"{o['bytes']:,}")
     else:
-        short = sorted({n.split(".", 3)[3] for n in mods})
+        # module names are <layers path>.<i>.<name inside the layer> (quantc/family.py)
+        parts = {n: re.match(r"^(.*?)\.(\d+)\.(.+)$", n).groups() for n in mods}
+        short = sorted({s for _, _, s in parts.values()})
         table.add_column("layer")
         for s in short:
             table.add_column(s.rsplit(".", 1)[-1])
-        layers = sorted({int(n.split(".")[2]) for n in mods})
-        for i in layers:
+        by_pos = {(int(i), s): mods[n] for n, (_, i, s) in parts.items()}
+        for i in sorted({i for i, _ in by_pos}):
             row = [str(i)]
             for s in short:
-                o = mods.get(f"model.layers.{i}.{s}")
+                o = by_pos.get((i, s))
                 row.append(f"{o['bits']}" if o else "16")
             table.add_row(*row)
     console.print(table)

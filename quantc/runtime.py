@@ -62,6 +62,43 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+class RowBlocks(nn.Module):
+    """A linear the checkpoint stores as equal row blocks under other names (Phi-3's gate_up_proj written
+    as gate_proj + up_proj, as GPTQModel and vLLM read it): the blocks' outputs, concatenated. The
+    blocks are modules of the parent (their own state-dict names); this one holds no tensors."""
+
+    def __init__(self, owner: nn.Module, parts: list[str]):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)    # not registered: the blocks are the owner's modules
+        self.parts = parts                          # looked up at each call: they may be replaced by QuantLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.owner.get_submodule(p)(x) for p in self.parts], dim=-1)
+
+
+def _split_linears(model: nn.Module, tensors: dict) -> None:
+    """Give the model the row-block modules its checkpoint holds instead of a fused linear (the family's
+    `export_split`); checkpoints that hold the fused linear itself load as they are."""
+    from .family import BY_TYPE
+    fam = BY_TYPE.get(getattr(model.config, "model_type", None))
+    if fam is None or not fam.export_split:
+        return
+    for i in range(len(model.get_submodule(fam.layers))):
+        for fused, parts in fam.export_split.items():
+            names = fam.exported(fam.prefix(i) + fused)
+            if not any(f"{n}.{k}" in tensors for n in names for k in ("weight", "qweight")):
+                continue
+            old = model.get_submodule(fam.prefix(i) + fused)
+            rows = old.out_features // len(parts)
+            for n in names:
+                parent, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, nn.Linear(old.in_features, rows, bias=old.bias is not None,
+                                                                     device=old.weight.device, dtype=old.weight.dtype))
+            layer = model.get_submodule(fam.prefix(i)[:-1])
+            parent, _, leaf = fused.rpartition(".")
+            setattr(layer.get_submodule(parent), leaf, RowBlocks(layer, list(parts)))
+
+
 def module_option(name: str, qc: dict) -> dict | None:
     """bits/group_size/sym/desc_act of module `name` under quantization_config (None = not quantized),
     with GPTQModel's `dynamic` semantics: first matching pattern wins; "-:" skips the module."""
@@ -116,6 +153,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = Tru
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _split_linears(model, tensors)
     quantized = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     for name in quantized:
         parent, _, leaf = name.rpartition(".")

@@ -11,7 +11,9 @@ What each table says, and where it comes from:
   (`gptq_utils.override_config` raises on any other bits/sym). It loads q/k/v as one fused
   `qkv_proj` and gate/up as `gate_up_proj`: one config per fused module, and all shards either
   quantized or not (`is_layer_gptq_quantized`). (The legacy exllama `--quantization gptq` path reads
-  2/3-bit too, but it is not what vLLM chooses, and quantc does not target it.)
+  2/3-bit too, but it is not what vLLM chooses, and quantc does not target it.) Which linears it
+  fuses is a family fact (quantc/family.py: Llama/Mistral/Qwen2/Qwen3/Gemma 3 fuse q/k/v and
+  gate/up; Phi-3's checkpoint already holds qkv_proj and gate_up_proj, loaded as they are).
 - onnx: ONNX Runtime's `MatMulNBits` (quantc/export/onnx.py) runs 2, 4 and 8 bits, symmetric or
   not, at every group size quantc writes. 3-bit layers are exported in a 4-bit container: exact,
   but with the memory of 4-bit, so under a budget meant for ONNX Runtime a 3-bit option would
@@ -26,11 +28,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .errors import ConfigError
+from .family import FUSED_OF   # vLLM's fused linears (each family's packed_modules_mapping), by member
 from .options import Option
-
-# vLLM's fused linears (packed_modules_mapping of Llama/Mistral/Qwen2/Qwen3): members → fused name
-FUSED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
-FUSED_OF = {m: (members, name) for members, name in FUSED.items() for m in members}
 
 
 @dataclass(frozen=True)

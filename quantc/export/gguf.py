@@ -26,11 +26,12 @@ import torch
 
 from .. import __version__
 from ..errors import QuantcError
+from ..family import FAMILIES
 from ..packing import unpack_cols, unpack_rows
 
 log = logging.getLogger("quantc")
 
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCH = {t: a for f in FAMILIES for t, a in f.gguf.items()}     # model_type -> llama.cpp architecture
 BLOCK = 32
 
 
@@ -141,9 +142,6 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
     folder, out = Path(src), Path(out)
     cfg = json.loads((folder / "config.json").read_text())
     mt = cfg.get("model_type")
-    if mt not in ARCH:
-        raise QuantcError(f"{folder}/config.json: model_type {mt!r} is not supported by the GGUF exporter; "
-                          f"supported: {', '.join(ARCH)}")
     check_source(folder, cfg)
     from ..staging import finalize_output, prepare_output
     final, out = out, prepare_output(out, force, marker="gguf_export.json")   # checked and locked first
@@ -219,6 +217,10 @@ def check_source(folder: Path, cfg: dict) -> None:
     """What the GGUF writer needs from a model folder, checked before any work (the compile's preflight
     calls this on the source): the gguf package, plain RoPE, a byte-level BPE tokenizer.json."""
     import importlib.util
+    mt = cfg.get("model_type")
+    if mt not in ARCH:
+        raise QuantcError(f"{folder}/config.json: model_type {mt!r} is not supported by the GGUF exporter; "
+                          f"supported: {', '.join(ARCH)}")
     if importlib.util.find_spec("gguf") is None:
         raise QuantcError("GGUF export needs the `gguf` package: pip install 'quantc[gguf]'")
     _rope_theta(cfg, str(folder / "config.json"))
