@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .ggml import GRID_BITS, GRIDS
 from .options import Option
 from .packing import SUPPORTED_BITS
 
@@ -40,9 +41,10 @@ MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revisio
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
 QUANT_KEYS = {"bits": (int, list), "group_size": (int, list), "sym": bool, "act_order": bool,
               "static_groups": bool, "mse": bool, "method": str, "damp": (int, float),
-              "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int}
+              "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int,
+              "grid": str}
 OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "static_groups": bool,
-               "mse": bool}
+               "mse": bool, "grid": str}
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int}
 EXPORT_KEYS = {"targets": (list, str), "dtype": str}
@@ -184,11 +186,41 @@ def _not_a_number(v: Any, file: str, key: str, what: str) -> None:
         raise ConfigError(file, key, f"{what} must be an integer, got {type(v).__name__} {v!r}")
 
 
-def _bits(v: Any, file: str, key: str) -> int:
+def _bits(v: Any, file: str, key: str, grid: str = "gptq") -> int:
     _not_a_number(v, file, key, "bits")
-    if v not in SUPPORTED_BITS:
-        raise ConfigError(file, key, f"bits {v!r} is not supported; allowed: {', '.join(map(str, SUPPORTED_BITS))}")
+    allowed = (sorted({*SUPPORTED_BITS, *(b for bs in GRID_BITS.values() for b in bs)}) if grid == "any"
+               else GRID_BITS.get(grid, SUPPORTED_BITS))
+    if v not in allowed:
+        on = "" if grid == "gptq" else f" on grid {grid}"
+        more = " (5 and 6 bits: grid k, llama.cpp's K-quants)" if grid == "gptq" and v in (5, 6) else ""
+        raise ConfigError(file, key, f"bits {v!r} is not supported{on}; allowed: {', '.join(map(str, allowed))}{more}")
     return v
+
+
+def _grid(v: Any, file: str, key: str) -> str:
+    if v not in GRIDS:
+        raise ConfigError(file, key, f"grid {v!r} is not known; allowed: gptq (GPTQ's grid, the default), k "
+                          "(llama.cpp's K-quants Q2_K…Q6_K by bits), ggml (llama.cpp's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0)")
+    return v
+
+
+# on a llama.cpp grid the type fixes these (ggml.py); `sym` only chooses between ggml's types
+_FIXED_BY_TYPE = {"k": ("group_size", "sym", "act_order", "static_groups"),
+                  "ggml": ("group_size", "act_order", "static_groups")}
+
+
+def _check_fixed(d: dict, grid: str, file: str, key: str) -> None:
+    for k in _FIXED_BY_TYPE.get(grid, ()):
+        if k in d:
+            raise ConfigError(file, f"{key}.{k}" if key else k, f"grid {grid} takes {k} from llama.cpp's type "
+                              f"(ggml.py); remove {k} here (or use grid: gptq)")
+
+
+def _make_option(fields: dict, file: str, key: str) -> Option:
+    try:
+        return Option(**fields)
+    except ValueError as e:
+        raise ConfigError(file, key, str(e)) from None
 
 
 def _group(v: Any, file: str, key: str) -> int:
@@ -292,7 +324,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         raise ConfigError(file, "model.gguf_file", f"{cfg.gguf_file!r} not found in {model}")
 
     q = _typed(raw.get("quant", {}) or {}, QUANT_KEYS, file, "quant")
-    bits = [_bits(b, file, "quant.bits") for b in _as_list(q.get("bits", 4))]
+    grid = _grid(q.get("grid", "gptq"), file, "quant.grid")
+    _check_fixed(q, grid, file, "quant")
+    bits = [_bits(b, file, "quant.bits", grid) for b in _as_list(q.get("bits", 4))]
     groups = [_group(g, file, "quant.group_size") for g in _as_list(q.get("group_size", 128))]
     if not bits or not groups:
         raise ConfigError(file, "quant.bits", "needs at least one candidate")
@@ -309,11 +343,16 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             c = _typed(c, OPTION_KEYS, file, key)
             if "bits" not in c:
                 raise ConfigError(file, f"{key}.bits", "missing")
-            _bits(c["bits"], file, f"{key}.bits")
+            cgrid = _grid(c.get("grid", grid), file, f"{key}.grid")
+            _check_fixed(c, cgrid, file, key)
+            _bits(c["bits"], file, f"{key}.bits", cgrid)
             _group(c.get("group_size", groups[0]), file, f"{key}.group_size")
-            cands.append(Option(**{**shared, "group_size": groups[0], **c}))
+            extra = {"grid": cgrid} if cgrid != "gptq" else {}
+            cands.append(_make_option({**shared, "group_size": groups[0], **c, **extra}, file, key))
     else:
-        cands = [Option(bits=b, group_size=g, **shared) for b, g in itertools.product(bits, groups)]
+        extra = {"grid": grid} if grid != "gptq" else {}
+        cands = [_make_option(dict(bits=b, group_size=g, **shared, **extra), file, "quant.bits")
+                 for b, g in itertools.product(bits, groups)]
     cfg.candidates = list(dict.fromkeys(cands))
 
     cfg.method = q.get("method", "gptq")
@@ -361,10 +400,16 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             raise ConfigError(file, key, "each override is a mapping with `match` (a regex) and option keys")
         pat = _regex(o["match"], file, f"{key}.match")
         rest = _typed({k: v for k, v in o.items() if k != "match"}, {**OPTION_KEYS, "skip": bool}, file, key)
+        if "grid" in rest:
+            _check_fixed(rest, _grid(rest["grid"], file, f"{key}.grid"), file, key)
         if "bits" in rest:
-            _bits(rest["bits"], file, f"{key}.bits")
+            _bits(rest["bits"], file, f"{key}.bits", rest.get("grid", "gptq") if "grid" in rest else "any")
         if "group_size" in rest:
             _group(rest["group_size"], file, f"{key}.group_size")
+        changes = {k: v for k, v in rest.items() if k != "skip"}
+        for base in cfg.candidates:        # what the override makes of every candidate must exist
+            o = _make_option({**base.to_dict(), **changes}, file, key)
+            _bits(o.bits, file, f"{key}.bits", o.grid)
         cfg.overrides.append((pat, rest))
 
     c = _typed(raw.get("calibration", {}) or {}, CALIB_KEYS, file, "calibration")

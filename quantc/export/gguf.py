@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .. import ggml
 from ..errors import QuantcError
 from ..packing import unpack_cols, unpack_rows
 
@@ -32,6 +33,10 @@ log = logging.getLogger("quantc")
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 BLOCK = 32
+# general.file_type from the type most linears have (informational: llama.cpp reads each tensor's type)
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0",
+              "Q5_1": "MOSTLY_Q5_1", "IQ4_NL": "MOSTLY_IQ4_NL", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M",
+              "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
 
 
 def _codes(qweight, qzeros, scales, g_idx, bits: int, name: str):
@@ -180,6 +185,19 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
         base, _, leaf = key.rpartition(".")
         if base in modules and leaf in ("qzeros", "scales", "g_idx"):
             continue
+        if leaf == "qblocks":       # a llama.cpp grid: the blocks GPTQ chose, written as they are
+            opt = module_option(base, qc)
+            if opt is None or opt.get("grid", "gptq") == "gptq":
+                raise QuantcError(f"{folder}: {base} holds llama.cpp blocks but config.json names no llama.cpp grid")
+            blocks = t[key]
+            gt = ggml.stored_type(opt["grid"], int(opt["bits"]), bool(opt["sym"]), blocks.shape[-1])
+            qtype = gguf.GGMLQuantizationType[gt.name]
+            gname = _gguf_name(names, f"{base}.weight")
+            rows = blocks.reshape(blocks.shape[0], -1).numpy()
+            w.add_tensor(gname, np.ascontiguousarray(_permute(rows, base, arch, heads, kv_heads)), raw_dtype=qtype)
+            report[gname] = qtype.name
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+            continue
         if base in modules and leaf == "qweight":
             opt = module_option(base, qc)
             if opt is None:
@@ -201,8 +219,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
         report[gname] = "F16" if arr.dtype == np.float16 else "F32"
     main = max(counts, key=counts.get) if counts else None
     if main:
-        w.add_file_type({"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[main])
+        w.add_file_type(gguf.LlamaFileType[FILE_TYPES[main]])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer(w, folder, cfg["vocab_size"], _source_pre(source_gguf))
     w.write_header_to_file()
