@@ -47,7 +47,7 @@ OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "
                "mse": bool, "grid": str}
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int}
-EXPORT_KEYS = {"targets": (list, str), "dtype": str}
+EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str}
 RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
              "direct_bits": int, "predictor": str, "probes": int}
@@ -103,6 +103,7 @@ class Config:
     calibration: Calibration = field(default_factory=Calibration)
     export_targets: list[str] = field(default_factory=lambda: ["gptq"])
     export_dtype: str = "float16"
+    gguf_heads: str = "llama"          # GGUF embeddings/output: llama.cpp's quantizer types, or f16 (export/gguf.py)
     plan: PlanSettings = field(default_factory=PlanSettings)
     lazy_load: bool = True             # decoder layers read from disk one at a time (local safetensors)
     offload_activations: bool = False  # calibration hidden states in files beside the output, not in RAM
@@ -129,7 +130,10 @@ class Config:
             "candidates": [o.to_dict() for o in self.candidates], "keep_fp16": self.keep_fp16,
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
-                                                              "dtype": self.export_dtype},
+                                                              "dtype": self.export_dtype,
+                                                              # recorded only when changed: older records stay as they were
+                                                              **({"gguf_heads": self.gguf_heads}
+                                                                 if self.gguf_heads != "llama" else {})},
             "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load,
                                                                "offload_activations": self.offload_activations,
                                                                "device": self.device,
@@ -436,6 +440,11 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             raise ConfigError(file, "export.targets", f"{t!r} is not known; allowed: {', '.join(EXPORT_TARGETS)}")
     cfg.export_targets = targets
     cfg.export_dtype = e.get("dtype", "float16")
+    from .export.gguf import HEADS
+    cfg.gguf_heads = e.get("gguf_heads", "llama")
+    if cfg.gguf_heads not in HEADS:
+        raise ConfigError(file, "export.gguf_heads", f"{cfg.gguf_heads!r}; allowed: llama (embeddings and output "
+                          "typed as llama.cpp's quantizer does, when the linears are on llama.cpp grids), f16")
 
     res = _typed(raw.get("resources", {}) or {}, RESOURCE_KEYS, file, "resources")
     cfg.lazy_load = res.get("lazy_load", True)

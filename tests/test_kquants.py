@@ -139,7 +139,7 @@ def test_transformers_loads_k_quant_gguf_with_quantc_logits(tmp_path, wide_llama
                          {"match": r"layers\.1\.self_attn\.o_proj", "bits": 4, "grid": "gptq", "group_size": 32, "sym": True},
                          {"match": r"layers\.1\.mlp\.(gate|up)_proj", "bits": 2}],
            "calibration": {"source": str(calib_file), "samples": 8, "seq_len": 64},
-           "export": {"targets": ["gptq", "gguf"]}}
+           "export": {"targets": ["gptq", "gguf"], "gguf_heads": "f16"}}
     out = tmp_path / "ck"
     compile_model(parse_config(raw, "b.yaml"), out, progress=False)
     types = json.loads((out / "gguf" / "gguf_export.json").read_text())["tensors"]
@@ -167,3 +167,31 @@ def test_transformers_loads_k_quant_gguf_with_quantc_logits(tmp_path, wide_llama
     with torch.no_grad():
         lg, lq = g(input_ids=ids).logits, q(input_ids=ids).logits
     torch.testing.assert_close(lg, lq, rtol=1e-5, atol=1e-5)
+    assert types["output.weight"] == types["token_embd.weight"] == "F16"
+
+    # by default the embeddings and output get the types llama.cpp's quantizer gives them
+    from quantc.export.gguf import export_gguf
+    info = export_gguf(out, tmp_path / "g2")
+    assert info["tensors"]["output.weight"] == "Q6_K" and info["tensors"]["token_embd.weight"] == "Q4_K"
+    g2 = AutoModelForCausalLM.from_pretrained(tmp_path / "g2", gguf_file="model.gguf", dtype=torch.float32).eval()
+    w16 = q.lm_head.weight.detach()
+    wq = g2.lm_head.weight.detach()
+    q6 = ggml.TYPES["Q6_K"]
+    assert torch.equal(wq, ggml.dequantize(q6, *ggml.rtn(q6, w16, mse=True)))    # Q6_K of the checkpoint's values
+    q4 = ggml.TYPES["Q4_K"]
+    e16 = q.model.embed_tokens.weight.detach()
+    assert torch.equal(g2.model.embed_tokens.weight.detach(), ggml.dequantize(q4, *ggml.rtn(q4, e16, mse=True)))
+    assert not torch.equal(wq, w16)
+
+
+def test_head_types_follow_llama_cpp():
+    from quantc.export.gguf import head_types
+    qc = {"bits": 4, "group_size": 32, "sym": False, "desc_act": False, "grid": "k"}
+    blocks = {"model.layers.0.mlp.up_proj.qblocks": None, "model.embed_tokens.weight": None}
+    tied = head_types(None, {"hidden_size": 576}, qc, blocks)          # no lm_head: the embeddings are the output
+    assert {k: v.name for k, v in tied.items()} == {"model.embed_tokens.weight": "Q8_0"}   # 576 % 256: Q8_0
+    untied = head_types(None, {"hidden_size": 576}, qc, {**blocks, "lm_head.weight": None})
+    assert {k: v.name for k, v in untied.items()} == {"lm_head.weight": "Q8_0", "model.embed_tokens.weight": "Q5_0"}
+    wide = head_types(None, {"hidden_size": 512}, qc, {**blocks, "lm_head.weight": None})
+    assert {k: v.name for k, v in wide.items()} == {"lm_head.weight": "Q6_K", "model.embed_tokens.weight": "Q4_K"}
+    assert head_types(None, {"hidden_size": 512}, {**qc, "grid": "gptq"}, {"model.embed_tokens.weight": None}) == {}

@@ -138,8 +138,47 @@ def _source_pre(source_gguf: str | None) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
-def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = None, force: bool = False) -> dict:
-    """Write out/model.gguf from the GPTQ checkpoint folder `src`; returns what was written per tensor."""
+HEADS = ("llama", "f16")     # export.gguf_heads: embeddings/output as llama.cpp's quantizer types them, or F16
+
+
+def head_types(folder: Path, cfg: dict, qc: dict, t: dict) -> dict[str, "ggml.GGMLType"]:
+    """The types llama.cpp's quantizer (llama-quant.cpp, llama_tensor_get_type) gives the embeddings
+    and the output head of a file whose linears are on llama.cpp grids: the output (or the embeddings
+    where they are tied to it) Q6_K, Q8_0 when its rows are not whole super-blocks; untied embeddings
+    the file's main type (the type most linears' options name), with llama.cpp's fallback.
+    Checkpoints without llama.cpp-grid linears keep their 16-bit heads (as before)."""
+    from collections import Counter
+
+    from ..runtime import module_option
+    named = Counter()
+    for key in t:
+        if key.endswith(".qblocks"):
+            o = module_option(key[: -len(".qblocks")], qc)
+            named[(o["grid"], int(o["bits"]), bool(o["sym"]))] += 1
+    if not named:
+        return {}
+    hidden = cfg["hidden_size"]
+    out = {}
+    head = "lm_head.weight" if "lm_head.weight" in t else "model.embed_tokens.weight"   # tied: one tensor
+    main = ggml.main_type(*max(named, key=named.get))
+    out[head] = ggml.TYPES["Q8_0" if main.name == "Q8_0" or hidden % 256 else "Q6_K"]
+    if head == "lm_head.weight" and "model.embed_tokens.weight" in t:
+        grid, bits, sym = max(named, key=named.get)
+        try:
+            out["model.embed_tokens.weight"] = ggml.type_for(grid, bits, sym, hidden)
+        except QuantcError:             # no type fits its rows: llama.cpp keeps it in 16-bit too
+            pass
+    return out
+
+
+def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = None, force: bool = False,
+                heads: str = "llama") -> dict:
+    """Write out/model.gguf from the GPTQ checkpoint folder `src`; returns what was written per tensor.
+    `heads`: "llama" gives the embeddings and output head the types llama.cpp's quantizer would (when
+    the linears are on llama.cpp grids: `head_types`), "f16" keeps them as the checkpoint has them."""
+    if heads not in HEADS:
+        raise QuantcError(f"GGUF heads {heads!r}; allowed: {', '.join(HEADS)}")
+    head_mode = heads
     import gguf
 
     from ..runtime import module_option, read_tensors
@@ -180,6 +219,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
 
     report: dict[str, str] = {}
     counts: dict = {}
+    quantize_heads = head_types(folder, cfg, qc, t) if head_mode == "llama" else {}
     modules = {k.rsplit(".", 1)[0] for k in t if k.endswith(".qweight")}
     for key in sorted(t):
         base, _, leaf = key.rpartition(".")
@@ -211,6 +251,15 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
             continue
         value = t[key]
         if not value.is_floating_point():
+            continue
+        if key in quantize_heads:      # round-to-nearest on the type's grid, as llama.cpp quantizes them
+            gt = quantize_heads[key]
+            q, fields = ggml.rtn(gt, value.float(), mse=True)
+            blocks = ggml.pack(gt, q, fields)
+            gname = _gguf_name(names, key)
+            w.add_tensor(gname, np.ascontiguousarray(blocks.reshape(blocks.shape[0], -1).numpy()),
+                         raw_dtype=gguf.GGMLQuantizationType[gt.name])
+            report[gname] = gt.name
             continue
         # norms (1-D) in F32, 16-bit matrices as they are stored (F16), anything else in F32
         arr = value.numpy() if value.dim() == 2 and value.dtype == torch.float16 else value.float().numpy()
