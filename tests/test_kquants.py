@@ -195,3 +195,39 @@ def test_head_types_follow_llama_cpp():
     wide = head_types(None, {"hidden_size": 512}, qc, {**blocks, "lm_head.weight": None})
     assert {k: v.name for k, v in wide.items()} == {"lm_head.weight": "Q6_K", "model.embed_tokens.weight": "Q4_K"}
     assert head_types(None, {"hidden_size": 512}, {**qc, "grid": "gptq"}, {"model.embed_tokens.weight": None}) == {}
+
+
+def test_budget_over_k_quant_candidates_holds_in_gguf_bytes(tmp_path, wide_llama, calib_file, monkeypatch):
+    """The measurement solves every K-quant candidate, the allocator meets the budget in the bytes
+    llama.cpp stores, and the plan file (with its grid) reads back."""
+    from click.testing import CliRunner
+    from quantc.cli import main
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache"))
+    y = tmp_path / "b.yaml"
+    y.write_text(f"""model: {wide_llama}
+budget: {{avg_bits: 4.0}}
+quant: {{bits: [2, 4, 6], grid: k}}
+calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
+plan: {{measure_samples: 6, alpha_samples: 2, alpha_seq_len: 32}}
+export: {{targets: [gptq, gguf], gguf_heads: f16}}
+""")
+    r = CliRunner().invoke(main, ["compile", str(y), "-o", str(tmp_path / "ck")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    m = json.loads((tmp_path / "ck" / "quantc.json").read_text())
+    assert m["totals"]["quantized_linear_bytes"] <= 4.0 * m["totals"]["quantized_weights"] / 8
+    labels = {Option(**{k: v for k, v in mod.items() if k not in ("in", "out", "bytes")}).label
+              for mod in m["modules"].values()}
+    assert labels <= {"q2_k", "q4_k", "q6_k"} and len(labels) > 1          # a mixed plan
+    types = json.loads((tmp_path / "ck" / "gguf" / "gguf_export.json").read_text())["types"]
+    assert set(types) <= {"Q2_K", "Q4_K", "Q6_K"}
+    gguf_bytes = sum(t.numel() * t.element_size() for k, t in _blocks(tmp_path / "ck").items())
+    assert gguf_bytes == m["totals"]["quantized_linear_bytes"]
+    from quantc.planning import read_plan_options
+    choices, _, _ = read_plan_options(tmp_path / "ck" / "plan.yaml", parse_config(
+        __import__("yaml").safe_load(y.read_text()), str(y)))
+    assert {o.label for o in choices.values()} == labels
+
+
+def _blocks(folder):
+    from safetensors.torch import load_file
+    return {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.endswith(".qblocks")}
