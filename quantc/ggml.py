@@ -29,6 +29,7 @@ quantizer falls back to (llama-quant.cpp: Q2_K/Q3_K → IQ4_NL, Q4_K → Q5_0, Q
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,13 +54,19 @@ class GGMLType:
 
     @property
     def levels(self) -> torch.Tensor:
-        if self.name == "IQ4_NL":
-            return torch.tensor(IQ4NL_LEVELS, dtype=torch.float32)
-        return torch.arange(2 ** self.bits, dtype=torch.float32) - self.zero
+        return _levels(self.name, "cpu")
 
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _levels(name: str, device: str) -> torch.Tensor:
+    """L[u] of a type, made once per device (the GPTQ column loop asks for it every column)."""
+    t = TYPES[name]
+    L = torch.tensor(IQ4NL_LEVELS) if name == "IQ4_NL" else torch.arange(2 ** t.bits) - t.zero
+    return L.to(dtype=torch.float32, device=device)
 
 
 TYPES = {t.name: t for t in (
@@ -127,14 +134,14 @@ def nearest(t: GGMLType, x: torch.Tensor, s: torch.Tensor, off: torch.Tensor) ->
     """Codes of the levels nearest to x on the grid value = s·L[u] − off (s, off broadcast to x)."""
     y = torch.where(s != 0, (x + off) / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(x))
     if t.name == "IQ4_NL":
-        L = t.levels.to(x.device)
+        L = _levels(t.name, str(x.device))
         return torch.bucketize(y, (L[1:] + L[:-1]) / 2).to(torch.int32)
     return (torch.round(y) + t.zero).clamp(0, 2 ** t.bits - 1).to(torch.int32)
 
 
 def values(t: GGMLType, u: torch.Tensor, s: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
     """s·L[u] − off in float32, the operations gguf-py's dequantization does, in its order."""
-    L = t.levels.to(u.device)
+    L = _levels(t.name, str(u.device))
     return s * L[u.long()] - off
 
 

@@ -1,5 +1,5 @@
-"""GGUF export (llama.cpp) for the options llama.cpp runs natively at group size 32, built from a GPTQ
-checkpoint folder with the checkpoint's own integers (nothing is re-quantized):
+"""GGUF export (llama.cpp) for the options llama.cpp runs natively, built from a quantc
+checkpoint folder with the checkpoint's own integers (no linear is re-quantized):
 
 - symmetric 4-bit → Q4_0: d = the GPTQ scale, the 4-bit codes as they are (value = d·(q − 8));
 - asymmetric 4-bit → Q4_1: d = the scale, m = −scale·zero rounded to fp16 (value = d·q + m: equal to
@@ -8,8 +8,13 @@ checkpoint folder with the checkpoint's own integers (nothing is re-quantized):
 
 Which type a linear gets is read from its zero points (all 2^(bits−1): symmetric), so the file says
 exactly what the checkpoint holds. Groups must be contiguous (g_idx = i // 32: no act-order
-reordering, which GGUF cannot express). Unquantized linears, embeddings and the output head are F16
-(the checkpoint's 16-bit values), norms F32. Llama's q/k rows are permuted as llama.cpp's converter
+reordering, which GGUF cannot express).
+
+Linears compiled on a llama.cpp grid (Option.grid k / ggml: K-quants, Q5_0/Q5_1...) are stored in the
+checkpoint as llama.cpp blocks (`.qblocks`, the codes GPTQ chose on that grid) and written as they
+are. With such linears the embeddings and output head get the types llama.cpp's quantizer would give
+them (`head_types`), unless `heads="f16"`. Otherwise unquantized linears, embeddings and the output
+head are F16 (the checkpoint's 16-bit values), norms F32. Llama's q/k rows are permuted as llama.cpp's converter
 does (llama.cpp's rope layout); readers (llama.cpp, transformers' gguf loader) undo it.
 
 The tokenizer (byte-level BPE, GGUF's "gpt2" model) and the model's hyper-parameters come from the
