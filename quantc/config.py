@@ -414,6 +414,7 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         for base in cfg.candidates:        # what the override makes of every candidate must exist
             o = _make_option({**base.to_dict(), **changes}, file, key)
             _bits(o.bits, file, f"{key}.bits", o.grid)
+            _check_fixed(changes, o.grid, file, key)     # not silently dropped by the llama.cpp type
         cfg.overrides.append((pat, rest))
 
     c = _typed(raw.get("calibration", {}) or {}, CALIB_KEYS, file, "calibration")

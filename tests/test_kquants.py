@@ -107,6 +107,9 @@ def test_only_gguf_serves_llama_cpp_grids(tmp_path, tiny_models):
         parse_config({**raw, "quant": {"bits": 4, "grid": "k", "group_size": 64}}, "b.yaml")
     with pytest.raises(ConfigError, match=r"`quant.bits`: bits 5 is not supported; .*grid k"):
         parse_config({**raw, "quant": {"bits": 5}}, "b.yaml")
+    with pytest.raises(ConfigError, match=r"`overrides\[0\].group_size`: grid k takes group_size"):
+        parse_config({**raw, "quant": {"bits": 4, "grid": "k"}, "overrides": [{"match": "mlp", "group_size": 64}]},
+                     "b.yaml")
     with pytest.raises(ConfigError, match=r"`overrides\[0\].bits`: bits 6 is not supported"):
         parse_config({**raw, "quant": {"bits": 4, "group_size": 32}, "overrides": [{"match": "mlp", "bits": 6}]},
                      "b.yaml")
