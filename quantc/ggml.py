@@ -146,8 +146,8 @@ def values(t: GGMLType, u: torch.Tensor, s: torch.Tensor, off: torch.Tensor) -> 
 
 
 def _float_grid(t: GGMLType, xs: torch.Tensor, imp: torch.Tensor | None, mse: bool):
-    """Unquantized (s, off) per sub-block of xs [R, n, sub]: range-based, or with `mse` the shrunk
-    range of least (importance-weighted) squared error."""
+    """Unquantized (s, off) per sub-block of xs [R, n, sub]: range-based, or with `mse` the best, by
+    importance-weighted squared error, of the shrunk ranges and their least-squares refits."""
     maxq = 2 ** t.bits - 1
     lo, hi = xs.min(-1).values, xs.max(-1).values
     if t.mins:
@@ -168,14 +168,39 @@ def _float_grid(t: GGMLType, xs: torch.Tensor, imp: torch.Tensor | None, mse: bo
         return s, off
     w = torch.ones_like(xs) if imp is None else imp.expand_as(xs)
     best = torch.full_like(s, float("inf"))
-    for p in torch.linspace(1.0, 0.5, 26).tolist():
-        sp, op = grid(p)
+
+    def keep(sp, op):
+        nonlocal s, off, best
         v = values(t, nearest(t, xs, sp[..., None], op[..., None]), sp[..., None], op[..., None])
         err = (w * (v - xs) ** 2).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         s, off = torch.where(better, sp, s), torch.where(better, op, off)
+
+    for p in torch.linspace(1.0, 0.5, 26).tolist():
+        sp, op = grid(p)
+        keep(sp, op)
+        keep(*_refit(t, xs, w, nearest(t, xs, sp[..., None], op[..., None]), sp, op))
     return s, off
+
+
+def _refit(t: GGMLType, xs, w, u, s, off):
+    """The weighted least-squares (s, off) for fixed codes u (as llama.cpp's make_qkx2_quants
+    refines its scales): min Σ w·(s·L[u] − off − x)²; off stays ≥ 0 on the K types, 0 without mins."""
+    L = _levels(t.name, str(xs.device))[u.long()]
+    A, B, C = w.sum(-1), (w * L).sum(-1), (w * L * L).sum(-1)
+    X, Y = (w * xs).sum(-1), (w * L * xs).sum(-1)
+    safe = lambda d: torch.where(d != 0, d, torch.ones_like(d))   # noqa: E731
+    s1 = torch.where(C > 0, Y / safe(C), s)                       # no offset
+    if not t.mins:
+        return s1, torch.zeros_like(s1)
+    det = A * C - B * B
+    s2 = torch.where(det > 0, (A * Y - B * X) / safe(det), s)
+    m2 = torch.where(det > 0, (C * X - B * Y) / safe(det), -off)  # value = s·L + m, m = −off
+    if t.sc_bits:                     # K types: the mins are ≥ 0 multiples of dmin (m ≤ 0), scales ≥ 0
+        s2, m2 = torch.where(m2 > 0, s1, s2), m2.clamp(max=0)
+        s2, m2 = torch.where(s2 > 0, s2, s), torch.where(s2 > 0, m2, -off)
+    return s2, -m2
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
