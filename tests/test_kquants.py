@@ -172,6 +172,16 @@ def test_transformers_loads_k_quant_gguf_with_quantc_logits(tmp_path, wide_llama
     torch.testing.assert_close(lg, lq, rtol=1e-5, atol=1e-5)
     assert types["output.weight"] == types["token_embd.weight"] == "F16"
 
+    from quantc.verify import verify
+    rows = {name: (ok, detail) for name, ok, detail in verify(out, logits=False)}
+    assert rows["tensor shapes"][0], rows["tensor shapes"]
+    assert f"{len(mods)} quantized linears" in rows["tensor shapes"][1]
+
+    from quantc.export.onnx import export_onnx     # ONNX Runtime has no kernels for these blocks: said clearly
+    with pytest.raises(quantc.errors.QuantcError, match=r"llama.cpp blocks .*quantc export gguf"):
+        export_onnx(out, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
     # by default the embeddings and output get the types llama.cpp's quantizer gives them
     from quantc.export.gguf import export_gguf
     info = export_gguf(out, tmp_path / "g2")
