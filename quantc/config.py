@@ -131,7 +131,7 @@ class Config:
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
                                                               "dtype": self.export_dtype,
-                                                              # recorded only when changed: older records stay as they were
+                                                              # only when changed: older records stay as they were
                                                               **({"gguf_heads": self.gguf_heads}
                                                                  if self.gguf_heads != "llama" else {})},
             "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load,

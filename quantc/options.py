@@ -1,7 +1,7 @@
 """One quantization option: what a unit of linears can be given."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from . import ggml
 from .packing import packed_bytes
@@ -53,5 +53,3 @@ class Option:
             del d["grid"]
         return d
 
-
-OPTION_FIELDS = tuple(f.name for f in fields(Option))

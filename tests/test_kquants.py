@@ -139,7 +139,8 @@ def test_transformers_loads_k_quant_gguf_with_quantc_logits(tmp_path, wide_llama
     raw = {"model": str(wide_llama), "quant": {"bits": 4, "grid": "k"},
            "overrides": [{"match": r"layers\.0\.mlp\.down_proj", "bits": 6},
                          {"match": r"layers\.1\.mlp\.down_proj", "bits": 5, "grid": "ggml", "sym": False},
-                         {"match": r"layers\.1\.self_attn\.o_proj", "bits": 4, "grid": "gptq", "group_size": 32, "sym": True},
+                         {"match": r"layers\.1\.self_attn\.o_proj", "bits": 4, "grid": "gptq", "group_size": 32,
+                          "sym": True},
                          {"match": r"layers\.1\.mlp\.(gate|up)_proj", "bits": 2}],
            "calibration": {"source": str(calib_file), "samples": 8, "seq_len": 64},
            "export": {"targets": ["gptq", "gguf"], "gguf_heads": "f16"}}
