@@ -377,14 +377,20 @@ def export_onnx_cmd(artifact, out, accuracy_level, max_length, widen_2bit, force
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder (default: ARTIFACT/gguf).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@click.option("--heads", type=click.Choice(["llama", "f16"]), default=None,
+              help="Embeddings/output: llama.cpp's quantizer types (when the linears are on llama.cpp grids) or "
+                   "F16 [default: the compile's export.gguf_heads, else llama]")
 @_fail_clearly
-def export_gguf_cmd(artifact, out, force):
-    """llama.cpp GGUF (Q4_0 / Q4_1 / Q8_0 at group 32, from the checkpoint's own integers) from ARTIFACT."""
+def export_gguf_cmd(artifact, out, force, heads):
+    """llama.cpp GGUF from ARTIFACT: Q4_0 / Q4_1 / Q8_0 from GPTQ-grid integers, llama.cpp-grid linears
+    (K-quants, Q5_0/Q5_1...) as the blocks the compile chose."""
     from .export.gguf import export_gguf
     out = out or str(Path(artifact) / "gguf")
-    src = _manifest(artifact).get("source", {})
+    manifest = _manifest(artifact)
+    src = manifest.get("source", {})
     source = str(Path(src["model"]) / src["gguf_file"]) if src.get("model") and src.get("gguf_file") else None
-    info = export_gguf(artifact, out, source_gguf=source, force=force)
+    heads = heads or ((manifest.get("config") or {}).get("export") or {}).get("gguf_heads", "llama")
+    info = export_gguf(artifact, out, source_gguf=source, force=force, heads=heads)
     table = Table(title=f"quantc export gguf → {out}", show_header=False)
     table.add_row("quantized tensors", ", ".join(f"{t}: {n}" for t, n in sorted(info["types"].items())) or "none")
     table.add_row("file", str(Path(out) / info["file"]))

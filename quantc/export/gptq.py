@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import __version__
+from .. import __version__, ggml
 from ..gptq import QuantResult
 from ..lazy import tensor as lazy_tensor
 from ..options import Option
@@ -34,7 +34,10 @@ def _desc_act(o: Option) -> bool:
 
 
 def _fields(o: Option) -> dict:
-    return {"bits": o.bits, "group_size": o.group_size, "sym": o.sym, "desc_act": _desc_act(o)}
+    f = {"bits": o.bits, "group_size": o.group_size, "sym": o.sym, "desc_act": _desc_act(o)}
+    if o.grid != "gptq":          # llama.cpp blocks (`.qblocks`), read by quantc.load and the GGUF writer
+        f["grid"] = o.grid
+    return f
 
 
 def _pattern(names: list[str]) -> str:
@@ -83,7 +86,10 @@ def quantization_config(options: dict[str, Option], skipped: list[str], damp: fl
 
 
 def quantized_tensors(name: str, res: QuantResult, opt: Option, bias: torch.Tensor | None, dtype) -> dict:
-    t = pack_gptq(res.q, res.zeros, res.scales, res.g_idx, opt.bits)
+    if res.ggml is not None:      # a llama.cpp grid: its blocks as llama.cpp stores them [out, blocks, bytes]
+        t = {"qblocks": ggml.pack(ggml.TYPES[res.ggml], res.q, res.fields)}
+    else:
+        t = pack_gptq(res.q, res.zeros, res.scales, res.g_idx, opt.bits)
     out = {f"{name}.{k}": v for k, v in t.items()}
     if bias is not None:
         out[f"{name}.bias"] = bias.detach().to(dtype).contiguous()

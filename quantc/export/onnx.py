@@ -152,6 +152,11 @@ class _Export:
         self.accuracy_level, self.widen_2bit = accuracy_level, widen_2bit
         from ..runtime import read_tensors
         self.t = read_tensors(folder)
+        blocks = sorted(k for k in self.t if k.endswith(".qblocks"))
+        if blocks:          # options on a llama.cpp grid (grid: k / ggml): MatMulNBits has no such blocks
+            raise QuantcError(f"{folder}: {blocks[0].removesuffix('.qblocks')} (and {len(blocks) - 1} more) hold "
+                              "llama.cpp blocks (grid: k / ggml), which ONNX Runtime cannot run; export them with "
+                              "`quantc export gguf`, or compile with GPTQ options (grid: gptq) for ONNX")
         self.g = GraphBuilder()
         self.perms: dict[bytes, str] = {}
         self.splits: dict[str, str] = {}
