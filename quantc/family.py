@@ -92,6 +92,19 @@ class Family:
         """What the embeddings are multiplied by (Gemma: sqrt(hidden_size), a float32 scalar), or None."""
         return config.hidden_size ** 0.5 if self.embed_scale else None
 
+    def rotation_facts(self) -> dict | None:
+        """What a Hadamard rotation (quantc/rotate.py) folds, or None when it cannot: a family with
+        sandwich norms or (1 + w) norms (Gemma) or linears fused in the checkpoint (Phi-3) would need
+        more than folding the two pre-norms. Norm → the linears reading its output; the linears writing
+        the residual; the value and output projections that R2 rotates per head."""
+        n = self.norms
+        if n.attn_out or n.mlp_out or n.offset or self.checkpoint_fused:
+            return None
+        return {"layers": self.layers + ".", "embed": self.embed + ".weight", "final_norm": n.final + ".weight",
+                "head": "lm_head.weight",
+                "norms": {n.attn_in: self.q_k_v, n.mlp_in: self.gate_up},
+                "writers": (self.attn_out, self.mlp_out), "value": self.q_k_v[2], "output": self.attn_out}
+
     def fused_of(self) -> dict[str, tuple[tuple[str, ...], str]]:
         """Leaf name of a linear vLLM fuses -> (the fused linear's member leaves, the fused leaf)."""
         out = {}

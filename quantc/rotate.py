@@ -38,26 +38,14 @@ from torch import nn
 
 from .errors import QuantcError
 
+from .family import BY_TYPE
+
 log = logging.getLogger("quantc")
 
 ROTATIONS = ("none", "hadamard")
 
-# ------------------------------------------------------------------ family facts (move to family.py)
-# Names of the tensors the rotation touches, per model_type; paths inside a decoder layer are relative
-# to model.layers.I. Norm → the linears that read its output; the linears that write the residual;
-# the value and output projections that R2 rotates.
-_LLAMA_LIKE = {
-    "layers": "model.layers.",
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "head": "lm_head.weight",
-    "norms": {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")},
-    "writers": ("self_attn.o_proj", "mlp.down_proj"),
-    "value": "self_attn.v_proj",
-    "output": "self_attn.o_proj",
-}
-FAMILY_FACTS = {t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3")}
+# What the rotation folds, per model_type: from the family module (family.py), the one home of such facts
+FAMILY_FACTS = {t: f.rotation_facts() for t, f in BY_TYPE.items() if f.rotation_facts() is not None}
 
 
 # ------------------------------------------------------------------ Hadamard matrices
