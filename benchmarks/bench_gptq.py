@@ -1,6 +1,7 @@
-"""Benchmark: the foundation protocol on SmolLM2-135M, quantc against GPTQModel 7.6.0.
+"""Benchmark: the foundation protocol on SmolLM2-135M (or `--model qwen`: Qwen2.5-Coder-0.5B-Instruct,
+or a model folder), quantc against GPTQModel 7.6.0.
 
-    python -m benchmarks.bench_gptq [--only quantc-gptq-4b,...] [--gptqmodel 4b,3b,2b] [--fresh]
+    python -m benchmarks.bench_gptq [--model qwen] [--only quantc-gptq-4b,...] [--gptqmodel 4b,3b,2b] [--fresh]
 
 Calibration: 128 sequences × 512 tokens of the C4 file in ../shared (docs with ≥ 512 tokens in file
 order, one random window each, random.Random(0)). Evaluation: WikiText-2 test joined with "\\n\\n",
@@ -19,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, calibration, prepared_model, wikitext
+from benchmarks.common import ROOT, WORK, calibration, wikitext
+from benchmarks.models import bench_model, decoder_linears, keyed, mark, own_results, select, title
 
-WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 CONFIGS = {  # name: (bits, group size, sym)
     "4b": (4, 128, True),
@@ -31,7 +32,6 @@ CONFIGS = {  # name: (bits, group size, sym)
 # quantc's GPTQ settings for these rows (its own choices, same bits/group/sym as GPTQModel):
 # act-order with static groups (g_idx stays i // 128, so no reordering for kernels) and the clipped grid.
 QUANTC_GPTQ = {"act_order": True, "static_groups": True, "mse": True}
-MARK = "<!-- bench_gptq -->"
 
 
 def peak_rss_mb() -> float:
@@ -59,7 +59,7 @@ def job_quantc(method: str, cfg: str, out: Path) -> dict:
     from quantc.config import parse_config
     from quantc.pipeline import compile_model
     bits, gs, sym = CONFIGS[cfg]
-    model = prepared_model()
+    model = bench_model()
     data = WORK / "c4-calib.jsonl"
     quant = {"bits": bits, "group_size": gs, "sym": sym, "method": method}
     if method == "gptq":
@@ -78,7 +78,7 @@ def job_gptqmodel(cfg: str, out: Path) -> dict:
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
     bits, gs, sym = CONFIGS[cfg]
-    model = prepared_model()
+    model = bench_model()
     tok = AutoTokenizer.from_pretrained(model)
     cal = calibration(tok, 128, 512, 0)
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in cal]
@@ -97,7 +97,7 @@ def job_eval(folder: str | None) -> dict:
     import quantc
     from quantc.evaluate import evaluate
     from quantc.model import load_model, load_tokenizer
-    model_dir = prepared_model()
+    model_dir = bench_model()
     tok = load_tokenizer(str(model_dir))
     tokens = wikitext(tok, 512, 80)
     t = time.perf_counter()
@@ -132,7 +132,7 @@ def subprocess_job(args: list[str], module: str = "benchmarks.bench_gptq") -> di
 
 
 def cached(name: str, fn) -> dict:
-    path = WORK / f"{name}.json"
+    path = WORK / f"{keyed(name)}.json"          # each model its own results (the default's names unchanged)
     if path.is_file():
         return json.loads(path.read_text())
     print(f"[bench] {name} ...", flush=True)
@@ -150,7 +150,7 @@ def write_calibration_file() -> None:
         return
     from quantc.model import load_tokenizer
     from benchmarks.common import c4_docs
-    tok = load_tokenizer(str(prepared_model()))
+    tok = load_tokenizer(str(bench_model()))
     # quantc's own jsonl reader applies the same rule (docs ≥ 512 tokens, one window each, Random(0)),
     # so the benchmark hands it the C4 documents themselves.
     with path.open("w") as f:
@@ -190,18 +190,20 @@ def table(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], cmd: str) -> None:
-    write_section(MARK, [
-        "## Foundation protocol: quantc vs GPTQModel 7.6.0 on SmolLM2-135M", "",
+    write_section(mark("bench_gptq"), [
+        f"## Foundation protocol: quantc vs GPTQModel 7.6.0 on {title()}", "",
         f"Command: `{cmd}`  \nMachine: 2-core x86_64 CPU (AVX2), 24 GiB, torch 2.13.0+cpu. "
         "Calibration 128×512 C4 tokens (Random(0)); WikiText-2 test, first 80×512 tokens, "
         "every checkpoint evaluated in float32 through `quantc.load`. quantc GPTQ rows use "
         f"{QUANTC_GPTQ} (same bits/group/sym as GPTQModel, which runs `desc_act=False`). "
-        "Bytes: qweight+qzeros+scales+g_idx of the 210 decoder linears.", "", table(rows)])
+        f"Bytes: qweight+qzeros+scales+g_idx of the {decoder_linears()} decoder linears.", "", table(rows)])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", nargs=argparse.REMAINDER)
+    ap.add_argument("--model", help="smollm2 (default), qwen (Qwen2.5-Coder-0.5B-Instruct, fetched once) or a "
+                                    "model folder")
     ap.add_argument("--configs", default="4b,3b,2b")
     ap.add_argument("--gptqmodel", default="4b,3b,2b", help="configs to run through GPTQModel ('' = none)")
     ap.add_argument("--rtn", default="4b,3b,2b", help="configs to run with quantc RTN ('' = none)")
@@ -211,8 +213,9 @@ def main() -> None:
         run_job(args.job)
         return
     WORK.mkdir(parents=True, exist_ok=True)
+    select(args.model)
     if args.fresh:
-        for p in WORK.glob("*.json"):
+        for p in own_results("*"):
             p.unlink()
     write_calibration_file()
     cmd = "python -m benchmarks.bench_gptq " + " ".join(sys.argv[1:])
@@ -229,7 +232,7 @@ def main() -> None:
     rows[0]["eval"] = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     write_results(rows, cmd)
     for r, (tool, method, c) in zip(rows[1:], plan):
-        out = WORK / r["key"]
+        out = WORK / keyed(r["key"])
         args_q = ["quantc", method, c, str(out)] if tool == "quantc" else ["gptqmodel", c, str(out)]
         r["quant"] = cached(f"quant-{r['key']}", lambda: subprocess_job(args_q))
         r["bytes"] = linear_bytes(out)

@@ -1,7 +1,8 @@
-"""Benchmark: mixed-precision allocation on SmolLM2-135M (the protocol of bench_gptq).
+"""Benchmark: mixed-precision allocation on SmolLM2-135M (or `--model qwen`, or a model folder; the
+protocol of bench_gptq).
 
-    python -m benchmarks.bench_mixed [--predictors fisher,exact] [--qep 0.5] [--budgets 3b,3.5b,4b]
-                                     [--qep-budgets 3b] [--fresh]
+    python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
+                                     [--budgets 3b,3.5b,4b] [--qep-budgets 3b] [--fresh]
 
 For each predictor (plan.predictor): measures once (sweep 1, cached), re-plans from the cache for each
 budget, compiles each plan (QEP rows: the first predictor only), and evaluates every checkpoint
@@ -20,14 +21,14 @@ import time
 
 from benchmarks.bench_gptq import (write_section, QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes, peak_rss_mb,
                                    subprocess_job, write_calibration_file)
-from benchmarks.common import ROOT, prepared_model, save_plot
+from benchmarks.common import ROOT, save_plot
+from benchmarks.models import bench_model, keyed, mark, own_results, select, title
 
-MARK = "<!-- bench_mixed -->"
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
 
 
 def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher") -> dict:
-    return {"model": str(prepared_model()),
+    return {"model": str(bench_model()),
             "budget": {"memory": budget_bytes} if budget_bytes else {},
             "quant": {"group_size": 128, "qep_alpha": qep, **QUANTC_GPTQ},
             "candidates": CANDIDATES,
@@ -39,7 +40,7 @@ def uniform_bytes(bits: int) -> int:
     from quantc.model import load_model
     from quantc.options import Option
     from quantc.pipeline import linear_names
-    model = load_model(str(prepared_model()))
+    model = load_model(str(bench_model()))
     mods = dict(model.named_modules())
     return sum(Option(bits, 128).bytes_for(mods[n].in_features, mods[n].out_features) for n in linear_names(model))
 
@@ -67,7 +68,7 @@ def job_plan(budgets: dict[str, int], predictor: str) -> dict:
         ms2, hit = get_measurements(cfg, model, tokens, progress=False)
         plan = solve(ms2, cfg, b)
         replan_s = time.perf_counter() - t
-        write_report(ROOT / "benchmarks" / "plots" / f"plan-{predictor}-{name}", plan, ms2, cfg)
+        write_report(ROOT / "benchmarks" / "plots" / keyed(f"plan-{predictor}-{name}"), plan, ms2, cfg)
         out["plans"][name] = {**plan.predicted, "replan_s": replan_s, "cache_hit": hit,
                               "bits": {str(o): sum(1 for c in plan.choices.values() if c.bits == o) for o in (2, 3, 4, 8)}}
     for bits, sym in ((3, True), (4, True)):       # predictions for the uniform references
@@ -90,6 +91,8 @@ def job_compile(budget: int, qep: float, folder: str, predictor: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", nargs=argparse.REMAINDER)
+    ap.add_argument("--model", help="smollm2 (default), qwen (Qwen2.5-Coder-0.5B-Instruct, fetched once) or a "
+                                    "model folder")
     ap.add_argument("--budgets", default="3b,3.5b,4b")
     ap.add_argument("--predictors", default="fisher,exact")
     ap.add_argument("--qep", type=float, default=0.5)
@@ -103,8 +106,9 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
+    select(args.model)
     if args.fresh:
-        for p in WORK.glob("mixed-*.json"):
+        for p in own_results("mixed-*"):
             p.unlink()
     write_calibration_file()
     sizes = cached("mixed-sizes", lambda: {"3b": uniform_bytes(3), "4b": uniform_bytes(4)})
@@ -115,7 +119,7 @@ def main() -> None:
              for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     for c in ("3b", "4b"):      # the uniform references: bench_gptq's quantc rows (same cache keys)
-        folder = WORK / f"quantc-gptq-{c}"
+        folder = WORK / keyed(f"quantc-gptq-{c}")
         cached(f"quant-quantc-gptq-{c}", lambda: subprocess_job(["quantc", "gptq", c, str(folder)]))
         cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
     rows = []
@@ -125,7 +129,7 @@ def main() -> None:
     cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
     for p, b, qep in runs:
         key = f"mixed-{p}-{b}-qep{qep:g}"
-        folder = WORK / key
+        folder = WORK / keyed(key)
         q = cached(f"{key}-compile", lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p]))
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
         rows.append({"budget": b, "qep": qep, "compile": q, "eval": e, "bytes": linear_bytes(folder),
@@ -140,13 +144,13 @@ def subprocess_job_m(args):
 
 def _uniform(bits: int) -> dict | None:
     key = {3: "3b", 4: "4b"}[bits]
-    p = WORK / f"eval-quantc-gptq-{key}.json"
+    p = WORK / f"{keyed(f'eval-quantc-gptq-{key}')}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
 def write(rows, plans, fp, sizes, cmd) -> None:
     u3, u4 = _uniform(3), _uniform(4)
-    lines = [MARK, "## Mixed precision: allocation under a memory budget (SmolLM2-135M)", "",
+    lines = [f"## Mixed precision: allocation under a memory budget ({title()})", "",
              f"Command: `{cmd}` (it also runs the uniform GPTQ references with bench_gptq's settings). "
              "Candidates per unit (q/k/v, o, gate/up, down): 2-bit asym, 3-, 4-, 8-bit sym, "
              f"all g128 with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
@@ -167,9 +171,10 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     p0 = next(iter(next(iter(plans.values()))["plans"].values()))
     weights = 8 * p0["allocated_bytes"] / p0["avg_bits"]        # quantized weights (from any plan)
     for bits, u in ((3, u3), (4, u4)):
-        q = WORK / f"quant-quantc-gptq-{bits}b.json"
+        q = WORK / f"{keyed(f'quant-quantc-gptq-{bits}b')}.json"
         if u and q.is_file():
-            mix = "0/120/0/0" if bits == 3 else "0/0/120/0"
+            n = sum(p0["bits"].values())          # units of the model (every plan places all of them)
+            mix = f"0/{n}/0/0" if bits == 3 else f"0/0/{n}/0"
             lines.append(f"| uniform {bits}-bit | — | 0 | {sizes[f'{bits}b'] / 1e6:.2f} MB | "
                          f"{8 * sizes[f'{bits}b'] / weights:.3f} | {mix} | "
                          f"{json.loads(q.read_text())['total_s']:.0f} | {u['ppl']:.2f} | — | — |")
@@ -213,9 +218,9 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     png = _plot(rows, u3, u4, sizes, fp)
     if png:
         lines += ["", f"![perplexity against size]({png.relative_to(RESULTS.parent).as_posix()})  ",
-                  "Plans: `benchmarks/plots/plan-PREDICTOR-BUDGET/` (bits per layer, importance and "
+                  f"Plans: `benchmarks/plots/{keyed('plan-PREDICTOR-BUDGET')}/` (bits per layer, importance and "
                   "sensitivity per layer, predicted quality against size, report.md)."]
-    write_section(MARK, lines[1:])
+    write_section(mark("bench_mixed"), lines)
 
 
 def _plot(rows, u3, u4, sizes, fp):
@@ -223,7 +228,7 @@ def _plot(rows, u3, u4, sizes, fp):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out = RESULTS.parent / "plots" / "mixed_ppl_vs_size.png"
+    out = RESULTS.parent / "plots" / f"{keyed('mixed_ppl_vs_size')}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     uni = [(sizes[k] / 1e6, u["ppl"]) for k, u in (("3b", u3), ("4b", u4)) if u]

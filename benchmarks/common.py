@@ -14,19 +14,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QUANTC_SHARED", ROOT.parent / "shared"))
 CACHE = Path(os.environ.get("QUANTC_CACHE", Path.home() / ".cache" / "quantc"))
+WORK = ROOT / "benchmarks" / "work"        # the benchmarks' cache of finished jobs and fetched models (git-ignored)
 
 
 def model_dir() -> Path:
     return Path(os.environ.get("QUANTC_TEST_MODEL", SHARED / "models" / "smollm2-135m-instruct"))
 
 
-def hf_folder_from_gguf(src: Path, gguf_name: str) -> Path:
-    """Dequantize a GGUF model once into an ordinary fp32 HF folder in the cache; reuse it later."""
-    out = CACHE / f"{src.name}-fp32"
+def hf_folder_from_gguf(src: Path, gguf_name: str, out: Path | None = None) -> Path:
+    """Dequantize a GGUF model once into an ordinary fp32 HF folder (default: in the cache); reuse it
+    later. The tokenizer comes from the folder's tokenizer files, else from the GGUF itself."""
+    out = CACHE / f"{src.name}-fp32" if out is None else out
     if (out / "model.safetensors").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tmp = CACHE / f".{src.name}-fp32.partial"
+    tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
     # a GGUF-loaded model refuses save_pretrained: write its (dequantized) weights ourselves
@@ -41,7 +43,8 @@ def hf_folder_from_gguf(src: Path, gguf_name: str) -> Path:
     cfg.pop("quantization_config", None)
     cfg["dtype"] = "float32"
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    own = (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file()
+    AutoTokenizer.from_pretrained(src, **({} if own else {"gguf_file": gguf_name})).save_pretrained(tmp)
     for extra in ("generation_config.json", "chat_template.jinja"):
         if (src / extra).is_file():
             shutil.copy(src / extra, tmp / extra)

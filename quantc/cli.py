@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import warnings
 from functools import wraps
@@ -161,6 +162,12 @@ def compile_cmd(ctx, budget, out, plan_file, force):
         click.echo(f"{out}: {t['modules']} linears, {t['avg_bits']:.3f} bits/weight")
 
 
+def _rotation_line(rot: dict) -> str:
+    untied = f"; untied lm_head {rot['untied_lm_head_bytes'] / 2**20:.2f} MiB (16-bit, beside the budget)" \
+        if rot.get("untied_lm_head_bytes") else ""
+    return f"{rot['kind']} (seed {rot['seed']}, R1 {rot['r1']}, R2 {rot['r2']}){untied}"
+
+
 def _print_summary(m: dict, out) -> None:
     t = m["totals"]
     table = Table(title=f"quantc compile → {out}", show_header=False)
@@ -168,6 +175,8 @@ def _print_summary(m: dict, out) -> None:
     table.add_row("quantized linears", f"{t['modules']} (kept 16-bit: {t['skipped']})")
     table.add_row("quantized-linear bytes", f"{t['quantized_linear_bytes'] / 2**20:.2f} MiB")
     table.add_row("average bits/weight", f"{t['avg_bits']:.3f}")
+    if m.get("rotation"):
+        table.add_row("rotation", _rotation_line(m["rotation"]))
     for k, v in m["timings"].items():
         table.add_row(k, f"{v:.1f} s")
     console.print(table)
@@ -368,14 +377,20 @@ def export_onnx_cmd(artifact, out, accuracy_level, max_length, widen_2bit, force
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output folder (default: ARTIFACT/gguf).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@click.option("--heads", type=click.Choice(["llama", "f16"]), default=None,
+              help="Embeddings/output: llama.cpp's quantizer types (when the linears are on llama.cpp grids) or "
+                   "F16 [default: the compile's export.gguf_heads, else llama]")
 @_fail_clearly
-def export_gguf_cmd(artifact, out, force):
-    """llama.cpp GGUF (Q4_0 / Q4_1 / Q8_0 at group 32, from the checkpoint's own integers) from ARTIFACT."""
+def export_gguf_cmd(artifact, out, force, heads):
+    """llama.cpp GGUF from ARTIFACT: Q4_0 / Q4_1 / Q8_0 from GPTQ-grid integers, llama.cpp-grid linears
+    (K-quants, Q5_0/Q5_1...) as the blocks the compile chose."""
     from .export.gguf import export_gguf
     out = out or str(Path(artifact) / "gguf")
-    src = _manifest(artifact).get("source", {})
+    manifest = _manifest(artifact)
+    src = manifest.get("source", {})
     source = str(Path(src["model"]) / src["gguf_file"]) if src.get("model") and src.get("gguf_file") else None
-    info = export_gguf(artifact, out, source_gguf=source, force=force)
+    heads = heads or ((manifest.get("config") or {}).get("export") or {}).get("gguf_heads", "llama")
+    info = export_gguf(artifact, out, source_gguf=source, force=force, heads=heads)
     table = Table(title=f"quantc export gguf → {out}", show_header=False)
     table.add_row("quantized tensors", ", ".join(f"{t}: {n}" for t, n in sorted(info["types"].items())) or "none")
     table.add_row("file", str(Path(out) / info["file"]))
@@ -450,15 +465,17 @@ def inspect_cmd(artifact, modules):
         for n, o in mods.items():
             table.add_row(n, str(o["bits"]), str(o["group_size"]), str(o["sym"]), f"{o['bytes']:,}")
     else:
-        short = sorted({n.split(".", 3)[3] for n in mods})
+        # module names are <layers path>.<i>.<name inside the layer> (quantc/family.py)
+        parts = {n: re.match(r"^(.*?)\.(\d+)\.(.+)$", n).groups() for n in mods}
+        short = sorted({s for _, _, s in parts.values()})
         table.add_column("layer")
         for s in short:
             table.add_column(s.rsplit(".", 1)[-1])
-        layers = sorted({int(n.split(".")[2]) for n in mods})
-        for i in layers:
+        by_pos = {(int(i), s): mods[n] for n, (_, i, s) in parts.items()}
+        for i in sorted({i for i, _ in by_pos}):
             row = [str(i)]
             for s in short:
-                o = mods.get(f"model.layers.{i}.{s}")
+                o = by_pos.get((i, s))
                 row.append(f"{o['bits']}" if o else "16")
             table.add_row(*row)
     console.print(table)
@@ -467,6 +484,8 @@ def inspect_cmd(artifact, modules):
                   f"bytes {t['quantized_linear_bytes']:,} ({t['quantized_linear_bytes'] / 2**20:.2f} MiB), "
                   f"{t['avg_bits']:.3f} bits/weight; compiled by quantc {m.get('quantc')} "
                   f"from {m['source']['model']} in {m['timings'].get('total_s', 0):.0f} s")
+    if isinstance(m.get("rotation"), dict):
+        console.print(f"rotation: {_rotation_line(m['rotation'])}")
 
 
 @main.command("verify")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .ggml import GRID_BITS, GRIDS
 from .options import Option
 from .packing import SUPPORTED_BITS
 
@@ -27,7 +28,7 @@ SCHEMA: dict[str, tuple] = {
     "model": (str, dict),
     "budget": (dict,),
     "quant": (dict,),
-    "candidates": (list,),
+    "candidates": (list, str),
     "keep_fp16": (list,),
     "overrides": (list,),
     "calibration": (dict,),
@@ -40,16 +41,30 @@ MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revisio
 BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
 QUANT_KEYS = {"bits": (int, list), "group_size": (int, list), "sym": bool, "act_order": bool,
               "static_groups": bool, "mse": bool, "method": str, "damp": (int, float),
-              "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int}
+              "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int,
+              "rotate": str, "rotate_seed": int, "grid": str}
 OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "static_groups": bool,
-               "mse": bool}
+               "mse": bool, "grid": str}
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int}
-EXPORT_KEYS = {"targets": (list, str), "dtype": str}
+EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str}
 RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
              "direct_bits": int, "predictor": str, "probes": int}
 PREDICTORS = ("fisher", "exact")          # see passes/measure.py
+ROTATIONS = ("none", "hadamard")         # see rotate.py
+
+# Named candidate sets (`candidates: NAME`). Options are (bits, group_size, sym); quant.act_order,
+# static_groups and mse apply to each. Symmetric and asymmetric grids cost the same bytes (GPTQ v1
+# stores qzeros either way), so both are offered where the zero point buys accuracy (3, 4 bits);
+# 2-bit only asymmetric (a symmetric 2-bit grid wastes a level), 8-bit only symmetric (what vLLM and
+# llama.cpp run, and the zero point buys nothing measurable there).
+_WIDE_GROUPS = (32, 64, 128)
+CANDIDATE_SETS: dict[str, tuple[tuple[int, int, bool], ...]] = {
+    "wide": tuple([(2, g, False) for g in _WIDE_GROUPS]
+                  + [(b, g, s) for b in (3, 4) for s in (True, False) for g in _WIDE_GROUPS]
+                  + [(8, g, True) for g in _WIDE_GROUPS]),
+}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -96,11 +111,15 @@ class Config:
     units: str = "shared"
     true_sequential: bool = True
     block_size: int = 128
+    rotate: str = "none"               # hadamard: R1/R2 folded into the weights before calibration (rotate.py)
+    rotate_seed: int = 0               # seed of the rotations' random signs
+    candidate_set: str | None = None   # the name of a CANDIDATE_SETS entry, when `candidates:` named one
     keep_fp16: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
     overrides: list[tuple[str, dict]] = field(default_factory=list)
     calibration: Calibration = field(default_factory=Calibration)
     export_targets: list[str] = field(default_factory=lambda: ["gptq"])
     export_dtype: str = "float16"
+    gguf_heads: str = "llama"          # GGUF embeddings/output: llama.cpp's quantizer types, or f16 (export/gguf.py)
     plan: PlanSettings = field(default_factory=PlanSettings)
     lazy_load: bool = True             # decoder layers read from disk one at a time (local safetensors)
     offload_activations: bool = False  # calibration hidden states in files beside the output, not in RAM
@@ -124,10 +143,14 @@ class Config:
             "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle, "method": self.method,
             "damp": self.damp,
             "qep_alpha": self.qep_alpha, "units": self.units, "true_sequential": self.true_sequential,
+            "rotate": self.rotate, "rotate_seed": self.rotate_seed, "candidate_set": self.candidate_set,
             "candidates": [o.to_dict() for o in self.candidates], "keep_fp16": self.keep_fp16,
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),
             "calibration": vars(self.calibration), "export": {"targets": self.export_targets,
-                                                              "dtype": self.export_dtype},
+                                                              "dtype": self.export_dtype,
+                                                              # only when changed: older records stay as they were
+                                                              **({"gguf_heads": self.gguf_heads}
+                                                                 if self.gguf_heads != "llama" else {})},
             "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load,
                                                                "offload_activations": self.offload_activations,
                                                                "device": self.device,
@@ -184,11 +207,41 @@ def _not_a_number(v: Any, file: str, key: str, what: str) -> None:
         raise ConfigError(file, key, f"{what} must be an integer, got {type(v).__name__} {v!r}")
 
 
-def _bits(v: Any, file: str, key: str) -> int:
+def _bits(v: Any, file: str, key: str, grid: str = "gptq") -> int:
     _not_a_number(v, file, key, "bits")
-    if v not in SUPPORTED_BITS:
-        raise ConfigError(file, key, f"bits {v!r} is not supported; allowed: {', '.join(map(str, SUPPORTED_BITS))}")
+    allowed = (sorted({*SUPPORTED_BITS, *(b for bs in GRID_BITS.values() for b in bs)}) if grid == "any"
+               else GRID_BITS.get(grid, SUPPORTED_BITS))
+    if v not in allowed:
+        on = "" if grid == "gptq" else f" on grid {grid}"
+        more = " (5 and 6 bits: grid k, llama.cpp's K-quants)" if grid == "gptq" and v in (5, 6) else ""
+        raise ConfigError(file, key, f"bits {v!r} is not supported{on}; allowed: {', '.join(map(str, allowed))}{more}")
     return v
+
+
+def _grid(v: Any, file: str, key: str) -> str:
+    if v not in GRIDS:
+        raise ConfigError(file, key, f"grid {v!r} is not known; allowed: gptq (GPTQ's grid, the default), k "
+                          "(llama.cpp's K-quants Q2_K…Q6_K by bits), ggml (llama.cpp's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0)")
+    return v
+
+
+# on a llama.cpp grid the type fixes these (ggml.py); `sym` only chooses between ggml's types
+_FIXED_BY_TYPE = {"k": ("group_size", "sym", "act_order", "static_groups"),
+                  "ggml": ("group_size", "act_order", "static_groups")}
+
+
+def _check_fixed(d: dict, grid: str, file: str, key: str) -> None:
+    for k in _FIXED_BY_TYPE.get(grid, ()):
+        if k in d:
+            raise ConfigError(file, f"{key}.{k}" if key else k, f"grid {grid} takes {k} from llama.cpp's type "
+                              f"(ggml.py); remove {k} here (or use grid: gptq)")
+
+
+def _make_option(fields: dict, file: str, key: str) -> Option:
+    try:
+        return Option(**fields)
+    except ValueError as e:
+        raise ConfigError(file, key, str(e)) from None
 
 
 def _group(v: Any, file: str, key: str) -> int:
@@ -291,15 +344,24 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if cfg.gguf_file and not (Path(model) / cfg.gguf_file).is_file():
         raise ConfigError(file, "model.gguf_file", f"{cfg.gguf_file!r} not found in {model}")
 
+    if isinstance(raw.get("quant"), dict) and "candidates" in raw["quant"]:
+        raise ConfigError(file, "quant.candidates", "`candidates` is a top-level key: write `candidates: "
+                          f"{next(iter(CANDIDATE_SETS))}` (a named set: {', '.join(CANDIDATE_SETS)}) or a list of "
+                          "options at the top level, not under quant")
     q = _typed(raw.get("quant", {}) or {}, QUANT_KEYS, file, "quant")
-    bits = [_bits(b, file, "quant.bits") for b in _as_list(q.get("bits", 4))]
+    grid = _grid(q.get("grid", "gptq"), file, "quant.grid")
+    _check_fixed(q, grid, file, "quant")
+    bits = [_bits(b, file, "quant.bits", grid) for b in _as_list(q.get("bits", 4))]
     groups = [_group(g, file, "quant.group_size") for g in _as_list(q.get("group_size", 128))]
     if not bits or not groups:
         raise ConfigError(file, "quant.bits", "needs at least one candidate")
     # quantc's defaults: act-order with static groups (g_idx stays i // group_size) and the clipped grid
     shared = {"act_order": True, "static_groups": True, "mse": True,
               **{k: q[k] for k in ("sym", "act_order", "static_groups", "mse") if k in q}}
-    if "candidates" in raw:
+    if isinstance(raw.get("candidates"), str):
+        cands = _candidate_set(raw["candidates"], q, shared, file)
+        cfg.candidate_set = raw["candidates"]
+    elif "candidates" in raw:
         if "bits" in q:
             raise ConfigError(file, "quant.bits", "has no effect when `candidates` lists the options: put the "
                               "bit-widths in `candidates` and remove quant.bits")
@@ -309,11 +371,16 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             c = _typed(c, OPTION_KEYS, file, key)
             if "bits" not in c:
                 raise ConfigError(file, f"{key}.bits", "missing")
-            _bits(c["bits"], file, f"{key}.bits")
+            cgrid = _grid(c.get("grid", grid), file, f"{key}.grid")
+            _check_fixed(c, cgrid, file, key)
+            _bits(c["bits"], file, f"{key}.bits", cgrid)
             _group(c.get("group_size", groups[0]), file, f"{key}.group_size")
-            cands.append(Option(**{**shared, "group_size": groups[0], **c}))
+            extra = {"grid": cgrid} if cgrid != "gptq" else {}
+            cands.append(_make_option({**shared, "group_size": groups[0], **c, **extra}, file, key))
     else:
-        cands = [Option(bits=b, group_size=g, **shared) for b, g in itertools.product(bits, groups)]
+        extra = {"grid": grid} if grid != "gptq" else {}
+        cands = [_make_option(dict(bits=b, group_size=g, **shared, **extra), file, "quant.bits")
+                 for b, g in itertools.product(bits, groups)]
     cfg.candidates = list(dict.fromkeys(cands))
 
     cfg.method = q.get("method", "gptq")
@@ -335,6 +402,16 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     cfg.block_size = q.get("block_size", 128)
     if cfg.block_size < 1:
         raise ConfigError(file, "quant.block_size", "must be positive")
+    cfg.rotate = q.get("rotate", "none")
+    if cfg.rotate not in ROTATIONS:
+        raise ConfigError(file, "quant.rotate", f"{cfg.rotate!r} is not known; allowed: {', '.join(ROTATIONS)} "
+                          "(hadamard: randomized Hadamard rotations folded into the weights)")
+    if "rotate_seed" in q and cfg.rotate == "none":
+        raise ConfigError(file, "quant.rotate_seed", "has no effect without a rotation: add quant.rotate: hadamard "
+                          "or remove rotate_seed")
+    cfg.rotate_seed = q.get("rotate_seed", 0)
+    if cfg.rotate_seed < 0:
+        raise ConfigError(file, "quant.rotate_seed", f"must be a non-negative integer, got {cfg.rotate_seed}")
 
     b = _typed(raw.get("budget", {}) or {}, BUDGET_KEYS, file, "budget")
     if sum(k in b for k in BUDGET_KEYS) > 1:
@@ -361,10 +438,17 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             raise ConfigError(file, key, "each override is a mapping with `match` (a regex) and option keys")
         pat = _regex(o["match"], file, f"{key}.match")
         rest = _typed({k: v for k, v in o.items() if k != "match"}, {**OPTION_KEYS, "skip": bool}, file, key)
+        if "grid" in rest:
+            _check_fixed(rest, _grid(rest["grid"], file, f"{key}.grid"), file, key)
         if "bits" in rest:
-            _bits(rest["bits"], file, f"{key}.bits")
+            _bits(rest["bits"], file, f"{key}.bits", rest.get("grid", "gptq") if "grid" in rest else "any")
         if "group_size" in rest:
             _group(rest["group_size"], file, f"{key}.group_size")
+        changes = {k: v for k, v in rest.items() if k != "skip"}
+        for base in cfg.candidates:        # what the override makes of every candidate must exist
+            o = _make_option({**base.to_dict(), **changes}, file, key)
+            _bits(o.bits, file, f"{key}.bits", o.grid)
+            _check_fixed(changes, o.grid, file, key)     # not silently dropped by the llama.cpp type
         cfg.overrides.append((pat, rest))
 
     c = _typed(raw.get("calibration", {}) or {}, CALIB_KEYS, file, "calibration")
@@ -391,6 +475,11 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
             raise ConfigError(file, "export.targets", f"{t!r} is not known; allowed: {', '.join(EXPORT_TARGETS)}")
     cfg.export_targets = targets
     cfg.export_dtype = e.get("dtype", "float16")
+    from .export.gguf import HEADS
+    cfg.gguf_heads = e.get("gguf_heads", "llama")
+    if cfg.gguf_heads not in HEADS:
+        raise ConfigError(file, "export.gguf_heads", f"{cfg.gguf_heads!r}; allowed: llama (embeddings and output "
+                          "typed as llama.cpp's quantizer does, when the linears are on llama.cpp grids), f16")
 
     res = _typed(raw.get("resources", {}) or {}, RESOURCE_KEYS, file, "resources")
     cfg.lazy_load = res.get("lazy_load", True)
@@ -420,8 +509,33 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     from .serve import check_config, parse_targets   # runtimes the plan must load in: serve.py
     if "serve" in raw:
         cfg.serve = parse_targets(raw["serve"], file)
-    check_config(cfg, file, explicit_candidates="candidates" in raw)
+    if cfg.candidate_set is not None:       # a named set offers what the targets run, not all of it
+        cfg.candidates = _served(cfg, file)
+    check_config(cfg, file, explicit_candidates=isinstance(raw.get("candidates"), list))
     return cfg
+
+
+def _candidate_set(name: str, q: dict, shared: dict, file: str) -> list[Option]:
+    """The options of the named set `candidates: NAME` (CANDIDATE_SETS)."""
+    if name not in CANDIDATE_SETS:
+        raise ConfigError(file, "candidates", f"{name!r} is not a known candidate set; known sets: "
+                          f"{', '.join(CANDIDATE_SETS)}, or give a list of options ({{bits, group_size, sym}})")
+    for k in ("bits", "group_size", "sym"):
+        if k in q:
+            raise ConfigError(file, f"quant.{k}", f"has no effect: `candidates: {name}` fixes bits, group sizes and "
+                              f"sym; remove quant.{k}, or list the options in `candidates`")
+    return [Option(bits=b, group_size=g, **{**shared, "sym": s}) for b, g, s in CANDIDATE_SETS[name]]
+
+
+def _served(cfg: Config, file: str) -> list[Option]:
+    """A named set's options that every serving target runs (serve.targets_for)."""
+    from .serve import check, targets_for
+    targets = targets_for(cfg)
+    kept = [o for o in cfg.candidates if not check({"candidate": o}, targets)]
+    if not kept:
+        raise ConfigError(file, "candidates", f"no option of the set {cfg.candidate_set!r} runs on "
+                          f"{', '.join(targets)}; list the options in `candidates`")
+    return kept
 
 
 def _regex(p: Any, file: str, key: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ggml
 from .errors import QuantcError
 from .options import Option
 
@@ -22,20 +23,30 @@ log = logging.getLogger("quantc")
 
 @dataclass
 class QuantResult:
-    """Integer weights and their grid: W ≈ (q - zeros[g_idx]) * scales[g_idx] (transposed per row)."""
+    """Integer weights and their grid: W ≈ (q - zeros[g_idx]) * scales[g_idx] (transposed per row).
+    On a llama.cpp grid (`ggml` names the type) q holds the block codes and `fields` the blocks'
+    scales (ggml.py); scales, zeros and g_idx are None."""
     q: torch.Tensor        # int   [out, in]
-    scales: torch.Tensor   # float [groups, out]
-    zeros: torch.Tensor    # int   [groups, out], true zero points in [1, maxq]
-    g_idx: torch.Tensor    # int   [in]
+    scales: torch.Tensor | None   # float [groups, out]
+    zeros: torch.Tensor | None    # int   [groups, out], true zero points in [1, maxq]
+    g_idx: torch.Tensor | None    # int   [in]
     weight: torch.Tensor   # float [out, in], the dequantized weight
     damp: float = 0.0      # dampening actually used (fraction of mean diag)
+    ggml: str | None = None        # llama.cpp type of the blocks (grid k / ggml)
+    fields: dict | None = None     # the blocks' d, dmin/m, sc, mn [out, blocks, ...] as stored
 
     def cpu(self) -> "QuantResult":
         """The integers and grid on the CPU (where the exporter and resume files read them)."""
+        if self.ggml is not None:
+            self.q = self.q.cpu()
+            self.fields = {k: v.cpu() for k, v in self.fields.items()}
+            return self
         self.q, self.scales, self.zeros, self.g_idx = (t.cpu() for t in (self.q, self.scales, self.zeros, self.g_idx))
         return self
 
     def dequantize(self) -> torch.Tensor:
+        if self.ggml is not None:
+            return ggml.dequantize(ggml.TYPES[self.ggml], self.q, self.fields)
         g = self.g_idx.long()
         return (self.q.float() - self.zeros[g].t().float()) * self.scales[g].t()
 
@@ -92,6 +103,12 @@ def quantize(x, scale, zero, maxq):
 def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
     """Round-to-nearest baseline with the same grid as GPTQ."""
     W = W.float()
+    if opt.grid != "gptq":
+        t = ggml.type_for(opt.grid, opt.bits, opt.sym, W.shape[1])
+        q, fields = ggml.rtn(t, W, opt.mse)
+        res = QuantResult(q, None, None, None, W, ggml=t.name, fields=fields)
+        res.weight = res.dequantize()
+        return res
     rows, cols = W.shape
     gs = cols if opt.group_size <= 0 else opt.group_size
     maxq = 2**opt.bits - 1
@@ -157,6 +174,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
 
 
 def _layout(o: Option) -> tuple:
+    if o.grid != "gptq":
+        return ("grid", o)                     # each llama.cpp grid is solved on its own
     return (o.group_size, o.act_order, o.act_order and o.static_groups)
 
 
@@ -180,6 +199,8 @@ def gptq_options(W: torch.Tensor, H: torch.Tensor, opts: list[Option], percdamp:
 
 
 def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dict) -> list[QuantResult]:
+    if opts[0].grid != "gptq":
+        return [_gptq_ggml(W, H, opts[0], percdamp, blocksize, name, hinv)]
     W = W.float().clone()
     H = H.float().clone()
     rows, cols = W.shape
@@ -264,6 +285,62 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
         raise QuantcError(f"{name}: GPTQ produced non-finite weights (NaN/Inf in the weights or Hessian)")
     return [QuantResult(qint[sl].to(torch.int32), scales[:, sl], zeros[:, sl].to(torch.int32), g_idx, Q[sl], damp)
             for _, sl in blocks]
+
+
+def _gptq_ggml(W, H, opt: Option, percdamp, blocksize, name, hinv: dict) -> QuantResult:
+    """GPTQ on a llama.cpp grid: when the column loop enters a block (a K-quant's super-block of
+    256, or a block of 32), the block's quantized grid (fp16 d/dmin, integer sub-block scales/mins)
+    is chosen from the current, error-updated weights (the clip search weighted by the Hessian
+    diagonal, as llama.cpp's imatrix does); each column is then rounded to the nearest level of that
+    grid and its error spread over the later columns as usual. The codes chosen are the codes stored."""
+    W = W.float().clone()
+    H = H.float().clone()
+    rows, cols = W.shape
+    t = ggml.type_for(opt.grid, opt.bits, opt.sym, cols, name)
+    B, sub = t.block, t.sub
+    # lazy batches must start on block boundaries, so a block's grid sees every earlier update
+    if blocksize % B and B % blocksize:
+        blocksize = B
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if False not in hinv:                      # shared with the GPTQ-grid options without act-order
+        hinv[False] = (*cholesky_inverse_upper(H, percdamp, name), torch.arange(cols, device=W.device))
+    Hinv, damp, _ = hinv[False]
+    imp = torch.diag(H)
+
+    Q = torch.zeros_like(W)
+    qint = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+    blocks: list[dict] = []
+    s = off = None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        with _one_thread(W.device):
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % B == 0:
+                    cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :B]
+                    fields, s, off = ggml.block_grid(t, cur, imp[col:col + B], opt.mse)
+                    blocks.append(fields)
+                j = (col % B) // sub
+                w = W1[:, i]
+                u = ggml.nearest(t, w, s[:, j], off[:, j])
+                q = ggml.values(t, u, s[:, j], off[:, j])
+                qint[:, col] = u
+                Q1[:, i] = q
+                err = (w - q) / Hinv1[i, i]
+                W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if not torch.isfinite(Q).all():
+        raise QuantcError(f"{name}: GPTQ produced non-finite weights (NaN/Inf in the weights or Hessian)")
+    fields = {k: torch.stack([b[k] for b in blocks], 1) for k in blocks[0]}   # [rows, blocks, ...]
+    return QuantResult(qint, None, None, None, Q, damp, ggml=t.name, fields=fields)
 
 
 def qep_target(W: torch.Tensor, H_hat: torch.Tensor, delta: torch.Tensor, alpha: float,

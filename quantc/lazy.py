@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import QuantcError
+from .family import family_of
 
 log = logging.getLogger("quantc")
 
@@ -71,7 +72,7 @@ def load_lazy(path: str, trust_remote_code: bool = False, dtype=torch.float32):
     model._quantc_source = src
     for key in src.index:          # NaN/Inf anywhere fails now, not hours later (one tensor at a time)
         src.get(key, check=True)
-    layers = model.model.layers
+    layers = decoder_layers(model)
     in_layers = {id(p) for p in layers.parameters()}
     for name, p in list(model.named_parameters()):
         if id(p) in in_layers:
@@ -81,8 +82,12 @@ def load_lazy(path: str, trust_remote_code: bool = False, dtype=torch.float32):
         _set(model, name, src.get(name, dtype))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    fam = family_of(model)
+    scale = fam.embed_multiplier(config)
+    if scale is not None:          # a buffer computed in __init__ (Gemma's embedding scale), not in the files
+        model.get_submodule(fam.embed).register_buffer("embed_scale", torch.tensor(scale), persistent=False)
     for name, mod in list(model.named_modules()):   # buffers computed in __init__ (rotary tables)
-        if any(b.is_meta for b in mod.buffers(recurse=False)) and not name.startswith("model.layers."):
+        if any(b.is_meta for b in mod.buffers(recurse=False)) and not name.startswith(fam.layers + "."):
             with torch.device("cpu"):
                 fresh = type(mod)(config=config)
             parent, _, leaf = name.rpartition(".")
@@ -92,6 +97,11 @@ def load_lazy(path: str, trust_remote_code: bool = False, dtype=torch.float32):
         raise QuantcError(f"{path}: the safetensors files lack {missing[0]} (and {len(missing) - 1} more); "
                           "the weights do not match config.json")
     return model
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    from .model import decoder_layers as layers    # model.py imports this module inside functions
+    return layers(model)
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -104,7 +114,7 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _layer_keys(model, i: int) -> list[str]:
-    return [f"model.layers.{i}.{n}" for n, _ in model.model.layers[i].named_parameters()]
+    return [family_of(model).prefix(i) + n for n, _ in decoder_layers(model)[i].named_parameters()]
 
 
 def is_lazy(model) -> bool:
@@ -115,7 +125,7 @@ def materialize(model, i: int) -> None:
     """Read decoder layer i's weights from disk (no-op for an ordinary model or a loaded layer)."""
     if not is_lazy(model):
         return
-    layer = model.model.layers[i]
+    layer = decoder_layers(model)[i]
     if not any(p.is_meta for p in layer.parameters()):
         return
     for key in _layer_keys(model, i):
@@ -125,13 +135,13 @@ def materialize(model, i: int) -> None:
 def release(model, i: int) -> None:
     """Give decoder layer i's memory back (the weights stay readable from disk)."""
     if is_lazy(model):
-        model.model.layers[i].to("meta")
+        decoder_layers(model)[i].to("meta")
     trim_heap()
 
 
 def release_all(model) -> None:
     if is_lazy(model):
-        model.model.layers.to("meta")
+        decoder_layers(model).to("meta")
         trim_heap()
 
 
@@ -157,14 +167,16 @@ def release_outside(model) -> None:
     """After the layer-0 inputs are captured the quantize sweep needs nothing outside the decoder
     layers: embeddings, final norm and lm_head go back to disk too (the exporter reads them again)."""
     if is_lazy(model):
-        outside = [m for n, m in model.named_children() if n != "model"] + \
-                  [m for n, m in model.model.named_children() if n != "layers"]
+        outside, path = [], family_of(model).layers.split(".")   # everything off the path to the layers
+        for depth in range(len(path)):
+            parent = model.get_submodule(".".join(path[:depth]))
+            outside += [m for n, m in parent.named_children() if n != path[depth]]
         for mod in outside:
             mod.to("meta")
 
 
 def materialize_all(model) -> None:
-    for i in range(len(model.model.layers)):
+    for i in range(len(decoder_layers(model))):
         materialize(model, i)
 
 

@@ -21,6 +21,9 @@ def _param_count(folder: Path, lazy: bool = False) -> int | None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
+    from .family import BY_TYPE, FAMILIES
+    from .model import read_model_type
+    layer_key = re.compile(re.escape((BY_TYPE.get(read_model_type(str(folder))) or FAMILIES[0]).layers) + r"\.(\d+)\.")
     outside, per_layer = 0, {}
     for f in files:
         with f.open("rb") as fh:
@@ -31,7 +34,7 @@ def _param_count(folder: Path, lazy: bool = False) -> int | None:
                 count = 1
                 for d in v["shape"]:
                     count *= d
-                m = re.match(r"model\.layers\.(\d+)\.", k)
+                m = layer_key.match(k)
                 if m:
                     per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + count
                 else:
@@ -64,6 +67,8 @@ def memory_estimate(cfg: Config) -> dict | None:
         return None
     hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
     layers, vocab = mc.get("num_hidden_layers", 0), mc.get("vocab_size", 0)
+    if cfg.rotate != "none" and mc.get("tie_word_embeddings"):
+        n += vocab * hidden                                   # the lm_head the rotation unties
     act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     tokens = cfg.calibration.samples * cfg.calibration.seq_len
     streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs

@@ -15,12 +15,9 @@ from torch import nn
 
 from .distributed import SOLO, World
 from .errors import QuantcError
+from .family import SUPPORTED_TYPES, check_supported, family_of  # noqa: F401  (re-exported)
 
 log = logging.getLogger("quantc")
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# Linears that must share one precision for vLLM (fused at load time), in execution order.
-SHARED_UNITS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 class StopForward(Exception):
@@ -47,12 +44,6 @@ def read_model_type(path: str) -> str | None:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise QuantcError(f"{cfg}: not valid JSON ({e})") from None
     return None
-
-
-def check_supported(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED_TYPES:
-        raise QuantcError(f"{where}: model_type {model_type!r} is not supported; quantc supports "
-                          f"{', '.join(SUPPORTED_TYPES)}")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -144,16 +135,30 @@ def check_finite(model: nn.Module, where: str) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+    path = family_of(model).layers
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        layers = None
     if not isinstance(layers, nn.ModuleList):
-        raise QuantcError(f"{type(model).__name__}: no decoder layers found at model.layers")
+        raise QuantcError(f"{type(model).__name__}: no decoder layers found at {path}")
     return layers
+
+
+def layer_prefix(model: nn.Module, i: int) -> str:
+    """Full-name prefix of decoder layer i's modules (model.layers.3.)."""
+    return family_of(model).prefix(i)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the lm_head."""
+    return model.get_submodule(family_of(model).norms.final)
 
 
 def linear_names(model: nn.Module) -> list[str]:
     """Full names of every decoder linear, in execution order (model.layers.3.self_attn.q_proj, ...)."""
-    return [f"model.layers.{i}.{n}" for i, layer in enumerate(decoder_layers(model)) for n in layer_linears(layer)]
+    fam = family_of(model)
+    return [fam.prefix(i) + n for i, layer in enumerate(decoder_layers(model)) for n in layer_linears(layer)]
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -164,13 +169,14 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 def units(model: nn.Module, mode: str = "shared") -> list[Unit]:
     """All units of the decoder, in execution order."""
     out = []
+    fam = family_of(model)
     for i, layer in enumerate(decoder_layers(model)):
         names = list(layer_linears(layer))
-        prefix = f"model.layers.{i}."
+        prefix = fam.prefix(i)
         if mode == "shared":
             done = set()
-            for group in SHARED_UNITS:
-                members = tuple(n for g in group for n in names if n.rsplit(".", 1)[-1] == g)
+            for group in fam.groups:
+                members = tuple(n for n in group if n in names)
                 if members:
                     out.append(Unit(i, tuple(prefix + n for n in members)))
                     done.update(members)
@@ -258,10 +264,20 @@ def keep_in_fp16(name: str, patterns: list[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
+# Key of a layer's keyword arguments when the family's layers differ in kind (Gemma 3's sliding-window
+# and global layers get different masks and RoPE tables): (kind attribute, {kind: kwargs}).
+KINDS = "_quantc_kinds"
+
+
 def capture_layer0_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int):
     """Run the embedding and everything before the first decoder layer; return the layer-0
     hidden states [n, seq, hidden] and the keyword arguments (position embeddings, masks) of
-    each batch. Stops every forward at the first decoder layer (no other layer runs)."""
+    each batch. Stops every forward at the first decoder layer (no other layer runs). For a family
+    whose layers differ in kind, each batch's kwargs hold every kind's (`KINDS`), and `run_layer` gives
+    a layer its own."""
+    fam = family_of(model)
+    if fam.layer_kind is not None:
+        return _capture_by_kind(model, tokens, batch_size, fam.layer_kind)
     layers = decoder_layers(model)
     captured: list = []
 
@@ -285,8 +301,58 @@ def capture_layer0_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: in
     return hidden, [c[1] for c in captured]
 
 
+def _capture_by_kind(model: nn.Module, tokens: torch.Tensor, batch_size: int, kind_attr: str):
+    """As capture_layer0_inputs, for layers of several kinds: the layers up to the first of the last
+    kind pass their input through unchanged (nothing is computed), each recording its kwargs."""
+    from operator import attrgetter
+    layers = decoder_layers(model)
+    firsts: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        firsts.setdefault(attrgetter(kind_attr)(layer), i)
+    last = max(firsts.values())
+    hidden, out = [], []
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == 0:
+                hidden.append(hs.detach())
+                out.append({})
+            kind = attrgetter(kind_attr)(layers[i])
+            out[-1].setdefault(kind, kwargs)
+            if i == last:
+                raise StopForward
+            return hs
+        return forward
+
+    for i in range(last + 1):
+        layers[i].forward = recorder(i)
+    try:
+        with torch.no_grad():
+            for b in range(0, tokens.shape[0], batch_size):
+                try:
+                    model(input_ids=tokens[b:b + batch_size], use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        for i in range(last + 1):
+            del layers[i].forward
+    return torch.cat(hidden), [{KINDS: (kind_attr, by_kind)} for by_kind in out]
+
+
+def layer_kwargs(layer: nn.Module, kwargs: dict) -> dict:
+    """The keyword arguments of `layer` out of a batch's kwargs (its kind's, when kinds differ)."""
+    kinds = kwargs.get(KINDS)
+    if kinds is None:
+        return kwargs
+    from operator import attrgetter
+    attr, by_kind = kinds
+    return by_kind[attrgetter(attr)(layer)]
+
+
 def run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(x, **kwargs)
+    out = layer(x, **layer_kwargs(layer, kwargs))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -309,6 +375,8 @@ def _to(kwargs: dict, place: Placement) -> dict:
             return v.to(place.device, place.dtype if v.is_floating_point() else v.dtype)
         if isinstance(v, tuple):
             return tuple(move(t) for t in v)
+        if isinstance(v, dict):         # KINDS: every kind's kwargs
+            return {k: move(t) for k, t in v.items()}
         return v
     return {k: move(v) for k, v in kwargs.items()}
 

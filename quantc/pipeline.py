@@ -25,6 +25,7 @@ from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs,
 from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 from .preflight import preflight
+from . import rotate
 from .resume import fault_point
 from .staging import cleans_up_output, finalize_output, prepare_output, staged_files
 
@@ -98,6 +99,7 @@ def load_source(cfg: Config):
     model = load_model(cfg.model, cfg.gguf_file, cfg.trust_remote_code, cfg.revision, lazy=cfg.lazy_load,
                        allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code)
+    rotate.apply(model, cfg)            # quant.rotate: folded into the weights before any calibration
     return model, tokenizer
 
 
@@ -229,7 +231,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         from .export.gguf import export_gguf
         t = time.perf_counter()
         source = str(Path(cfg.model) / cfg.gguf_file) if cfg.gguf_file else None
-        export_gguf(tmp, tmp / "gguf", source_gguf=source)
+        export_gguf(tmp, tmp / "gguf", source_gguf=source, heads=cfg.gguf_heads)
         timings["export_gguf_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
@@ -245,6 +247,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                    "avg_bits": 8 * qbytes / max(weights, 1), "modules": len(modules), "skipped": len(skipped)},
         "modules": modules,
         "skipped": skipped,
+        "rotation": rotate.rotation_record(model, dtype),
         "timings": timings,
         "distributed": {"processes": world.size, "rank0_bytes": traffic} if world.active else None,
         "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},

@@ -53,7 +53,7 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
     """Read an (edited) plan file without the model: unit key -> option (checked: bits, group size,
     duplicate keys, unknown keys, strings for numbers, and every runtime the compile targets:
     serve.targets_for), unit key -> the modules the file lists, and the raw mapping."""
-    from .config import OPTION_KEYS, _bits, _group, _typed, read_yaml
+    from .config import OPTION_KEYS, _bits, _grid, _group, _make_option, _typed, read_yaml
     from .serve import check, refuse, targets_for
     file = str(path)
     if not Path(path).is_file():
@@ -69,9 +69,11 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
         _typed(fields, OPTION_KEYS, file, f"units.{key}")        # a typo such as `bit: 3` is not ignored
         if "bits" not in fields:
             raise ConfigError(file, f"units.{key}.bits", "missing")
-        _bits(fields["bits"], file, f"units.{key}.bits")
-        _group(fields.get("group_size", Option.group_size), file, f"units.{key}.group_size")
-        opt = Option(**fields)
+        grid = _grid(fields.get("grid", "gptq"), file, f"units.{key}.grid")
+        _bits(fields["bits"], file, f"units.{key}.bits", grid)
+        if grid == "gptq":              # a llama.cpp type fixes its own groups (16 or 32)
+            _group(fields.get("group_size", Option.group_size), file, f"units.{key}.group_size")
+        opt = _make_option(fields, file, f"units.{key}")
         mods = entry.get("modules")
         listed[key] = [str(m) for m in mods] if isinstance(mods, list) else []
         choices[key] = opt
@@ -122,6 +124,8 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     p = cfg.plan                     # only the settings the chosen predictor reads
     own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
+    if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
+        h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())
     return h.hexdigest()[:20]
 
 

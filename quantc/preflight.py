@@ -97,6 +97,12 @@ def check_export(cfg: Config) -> None:
         raise ConfigError(cfg.source_file, "export.targets", "onnx needs the `onnx` package, which is not "
                           "installed: pip install 'quantc[onnx]', or remove onnx from the targets")
     folder = Path(cfg.model)
+    if "onnx" in cfg.export_targets and (folder / "config.json").is_file():   # a family without an ONNX graph
+        from .export.onnx import SUPPORTED
+        mt = read_model_type(str(folder))
+        if mt not in SUPPORTED:
+            raise ConfigError(cfg.source_file, "export.targets", f"onnx: model_type {mt!r} is not supported by the "
+                              f"ONNX exporter (supported: {', '.join(SUPPORTED)}); remove onnx from the targets")
     if "gguf" in cfg.export_targets and (folder / "config.json").is_file():   # found now, not after the sweep
         import json
         from .export.gguf import check_source
@@ -157,6 +163,12 @@ def preflight(cfg: Config, out=None, plan_file=None, *, budget_key: str | None =
     check_weight_files(cfg.model, cfg.gguf_file, cfg.allow_pickle)
     check_export(cfg)
     model = skeleton(cfg)
+    if cfg.rotate != "none":                # a size with no known Hadamard matrix: now, not after the load
+        from .rotate import check_config
+        try:
+            check_config(model.config)
+        except QuantcError as e:
+            raise ConfigError(cfg.source_file, "quant.rotate", str(e)) from None
     check_patterns(cfg, model)
     plans = plan_file is None and not cfg.uniform
     if plan_file is not None:

@@ -114,7 +114,7 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
         cells = []
         for kind in kinds:
             o = plan.choices.get(f"{i}.{kind}")
-            cells.append(f"{o.bits}b g{o.group_size}" if o else "fixed")
+            cells.append(("fixed" if o is None else o.label if o.grid != "gptq" else f"{o.bits}b g{o.group_size}"))
         lines.append(f"| {i} | " + " | ".join(cells) +
                      f" | {x['block_influence']:.4f} | {100 * x['outlier_share']:.3f} | {x['lieq_kl']:.4f} |")
     lines += ["", "| budget bytes | bits/weight | predicted ΔKL |", "|---|---|---|"]

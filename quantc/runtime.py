@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from . import ggml
 from .errors import QuantcError
 from .kernels import HAVE_TRITON, gptq_matmul
 from .packing import dequantize_gptq
@@ -62,17 +63,85 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+class RowBlocks(nn.Module):
+    """A linear the checkpoint stores as equal row blocks under other names (Phi-3's gate_up_proj written
+    as gate_proj + up_proj, as GPTQModel and vLLM read it): the blocks' outputs, concatenated. The
+    blocks are modules of the parent (their own state-dict names); this one holds no tensors."""
+
+    def __init__(self, owner: nn.Module, parts: list[str]):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)    # not registered: the blocks are the owner's modules
+        self.parts = parts                          # looked up at each call: they may be replaced by QuantLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.owner.get_submodule(p)(x) for p in self.parts], dim=-1)
+
+
+def _split_linears(model: nn.Module, tensors: dict) -> None:
+    """Give the model the row-block modules its checkpoint holds instead of a fused linear (the family's
+    `export_split`); checkpoints that hold the fused linear itself load as they are."""
+    from .family import BY_TYPE
+    fam = BY_TYPE.get(getattr(model.config, "model_type", None))
+    if fam is None or not fam.export_split:
+        return
+    for i in range(len(model.get_submodule(fam.layers))):
+        for fused, parts in fam.export_split.items():
+            names = fam.exported(fam.prefix(i) + fused)
+            if not any(f"{n}.{k}" in tensors for n in names for k in ("weight", "qweight")):
+                continue
+            old = model.get_submodule(fam.prefix(i) + fused)
+            rows = old.out_features // len(parts)
+            for n in names:
+                parent, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, nn.Linear(old.in_features, rows, bias=old.bias is not None,
+                                                                     device=old.weight.device, dtype=old.weight.dtype))
+            layer = model.get_submodule(fam.prefix(i)[:-1])
+            parent, _, leaf = fused.rpartition(".")
+            setattr(layer.get_submodule(parent), leaf, RowBlocks(layer, list(parts)))
+
+
 def module_option(name: str, qc: dict) -> dict | None:
-    """bits/group_size/sym/desc_act of module `name` under quantization_config (None = not quantized),
-    with GPTQModel's `dynamic` semantics: first matching pattern wins; "-:" skips the module."""
+    """bits/group_size/sym/desc_act (and quantc's `grid`) of module `name` under quantization_config
+    (None = not quantized), with GPTQModel's `dynamic` semantics: first matching pattern wins; "-:"
+    skips the module. `grid` is never inherited: an entry without it is a GPTQ-grid module."""
     base = {k: qc.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
     for pattern, override in (qc.get("dynamic") or {}).items():
         if pattern.startswith("-:"):
             if re.match(pattern[2:], name):
                 return None
         elif re.match(pattern.removeprefix("+:"), name):
-            return {**base, **override}
-    return base
+            return {**base, "grid": "gptq", **override}
+    return {**base, "grid": qc.get("grid", "gptq")}
+
+
+class GGMLLinear(nn.Module):
+    """A linear stored as llama.cpp blocks (an option on a llama.cpp grid: ggml.py), dequantized in
+    torch to the values llama.cpp's (and gguf-py's) dequantization gives; cached when `cache` is set."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: str, bias: bool, dtype=torch.float32,
+                 cache: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        t = ggml.TYPES[qtype]
+        self.register_buffer("qblocks", torch.zeros(out_features, in_features // t.block, t.size, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.dtype, self.cache = dtype, cache
+        self._weight: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        return ggml.dequantize_blocks(ggml.TYPES[self.qtype], self.qblocks).to(self.qblocks.device, self.dtype)
+
+    weight = QuantLinear.weight
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight = None          # new blocks: drop the cached dense weight
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.dtype), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={self.qtype}"
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +185,17 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = Tru
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _split_linears(model, tensors)
     quantized = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    for name in sorted(k[: -len(".qblocks")] for k in tensors if k.endswith(".qblocks")):
+        parent, _, leaf = name.rpartition(".")
+        old = model.get_submodule(name)
+        opt = module_option(name, qc)
+        if opt is None or opt["grid"] == "gptq":
+            raise QuantcError(f"{folder}: {name} holds llama.cpp blocks but its config entry names no llama.cpp grid")
+        t = ggml.type_for(opt["grid"], int(opt["bits"]), bool(opt["sym"]), old.in_features, name)
+        setattr(model.get_submodule(parent), leaf,
+                GGMLLinear(old.in_features, old.out_features, t.name, old.bias is not None, dtype=dtype, cache=cache))
     for name in quantized:
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)

@@ -11,14 +11,18 @@ What each table says, and where it comes from:
   (`gptq_utils.override_config` raises on any other bits/sym). It loads q/k/v as one fused
   `qkv_proj` and gate/up as `gate_up_proj`: one config per fused module, and all shards either
   quantized or not (`is_layer_gptq_quantized`). (The legacy exllama `--quantization gptq` path reads
-  2/3-bit too, but it is not what vLLM chooses, and quantc does not target it.)
+  2/3-bit too, but it is not what vLLM chooses, and quantc does not target it.) Which linears it
+  fuses is a family fact (quantc/family.py: Llama/Mistral/Qwen2/Qwen3/Gemma 3 fuse q/k/v and
+  gate/up; Phi-3's checkpoint already holds qkv_proj and gate_up_proj, loaded as they are).
 - onnx: ONNX Runtime's `MatMulNBits` (quantc/export/onnx.py) runs 2, 4 and 8 bits, symmetric or
   not, at every group size quantc writes. 3-bit layers are exported in a 4-bit container: exact,
   but with the memory of 4-bit, so under a budget meant for ONNX Runtime a 3-bit option would
   cost 4-bit bytes with 3-bit error. It is not offered.
 - gguf: llama.cpp's native group-32 types (Q4_0 = symmetric 4-bit, Q4_1 = asymmetric 4-bit,
   Q8_0 = symmetric 8-bit), contiguous groups only (no g_idx): what quantc/export/gguf.py writes.
-  `export.targets: [gguf]` implies this target.
+  `export.targets: [gguf]` implies this target. Options on a llama.cpp grid (`grid: k`, the
+  K-quants Q2_K…Q6_K, and `grid: ggml`, Q4_0…Q8_0 incl. Q5_0/Q5_1: ggml.py) are llama.cpp's own
+  blocks: only this target runs them (vLLM and ONNX Runtime have no kernels for them).
 """
 from __future__ import annotations
 
@@ -26,11 +30,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .errors import ConfigError
+from .family import FUSED_OF   # vLLM's fused linears (each family's packed_modules_mapping), by member
 from .options import Option
-
-# vLLM's fused linears (packed_modules_mapping of Llama/Mistral/Qwen2/Qwen3): members → fused name
-FUSED = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
-FUSED_OF = {m: (members, name) for members, name in FUSED.items() for m in members}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Runtime:
     fused: bool = False            # q/k/v and gate/up load as one linear: one option for all members
     contiguous_groups: bool = False  # needs g_idx = i // group_size (no act-order reordering)
     why: str = ""                  # the runtime's rule, in words (shown in errors)
+    grids: tuple[str, ...] = ("gptq",)   # Option.grid values it runs; a llama.cpp grid fixes the rest
 
     def allowed(self) -> str:
         kinds = ", ".join(f"{b}-bit {'sym' if s else 'asym'}" for b, s in self.kinds)
@@ -60,7 +62,8 @@ RUNTIMES: dict[str, Runtime] = {
     "gguf": Runtime(
         "llama.cpp (GGUF)", kinds=((4, True), (4, False), (8, True)), group_sizes=(32,), contiguous_groups=True,
         why="llama.cpp's native types are Q4_0 (4-bit sym), Q4_1 (4-bit asym) and Q8_0 (8-bit sym), "
-            "blocks of 32 contiguous weights"),
+            "blocks of 32 contiguous weights, or an option on a llama.cpp grid (grid: k or ggml)",
+        grids=("gptq", "k", "ggml")),
 }
 TARGETS = tuple(RUNTIMES)
 
@@ -81,6 +84,8 @@ class Violation:
 def describe(o: Option | None) -> str:
     if o is None:
         return "16-bit, unquantized"
+    if o.grid != "gptq":
+        return f"llama.cpp {o.ggml_type.name}, grid {o.grid}"
     gs = "per channel" if o.group_size <= 0 else f"group {o.group_size}"
     return f"{o.bits}-bit {'sym' if o.sym else 'asym'}, {gs}"
 
@@ -89,6 +94,11 @@ def option_problem(o: Option, target: str) -> Violation | None:
     """Why `target` cannot run option `o` (None when it can)."""
     rt = RUNTIMES[target]
     allowed = f"allowed for {target}: {rt.allowed()}"
+    if o.grid not in rt.grids:
+        return Violation("", o, target, "grid", f"{rt.title} has no kernels for llama.cpp's blocks (grid: {o.grid}); "
+                                                f"only gguf serves them: use grid: gptq ({allowed})")
+    if o.grid != "gptq":
+        return None                   # the llama.cpp type fixes bits, sym and groups
     if (o.bits, o.sym) not in rt.kinds:
         field = "bits" if o.bits not in {b for b, _ in rt.kinds} else "sym"
         return Violation("", o, target, field, f"{rt.why} ({allowed})")
@@ -172,13 +182,20 @@ def check_modules(options: Mapping[str, Option], skipped: Iterable[str], targets
 
 
 _QUANT_KEY = {"bits": "quant.bits", "sym": "quant.sym", "group_size": "quant.group_size",
-              "act_order": "quant.act_order"}
+              "act_order": "quant.act_order", "grid": "quant.grid"}
 
 
 def check_config(cfg, file: str, explicit_candidates: bool) -> None:
     """The budget YAML against its targets (targets_for), before any work: every candidate, every
     override (applied to every candidate, as the compile may apply it) and the unit mode."""
     targets = targets_for(cfg)
+    if "onnx" in cfg.export_targets:     # the ONNX exporter writes MatMulNBits: no llama.cpp blocks
+        onnx = [*(f"candidates[{i}]" for i, o in enumerate(cfg.candidates) if o.grid != "gptq"),
+                *(f"overrides[{i}]" for i, (_, f) in enumerate(cfg.overrides) if f.get("grid", "gptq") != "gptq")]
+        if onnx:
+            raise ConfigError(file, "quant.grid" if onnx[0].startswith("cand") and not explicit_candidates else onnx[0],
+                              "export.targets has onnx, but ONNX Runtime cannot run llama.cpp's blocks (grid: k / "
+                              "ggml); use grid: gptq, or export gguf only")
     if not targets:
         return
     for i, o in enumerate(cfg.candidates):
@@ -191,7 +208,10 @@ def check_config(cfg, file: str, explicit_candidates: bool) -> None:
             continue
         changes = {k: v for k, v in fields.items() if k != "skip"}
         for base in cfg.candidates:
-            o = Option(**{**base.to_dict(), **changes})
+            try:
+                o = Option(**{**base.to_dict(), **changes})
+            except ValueError as e:
+                raise ConfigError(file, f"overrides[{i}]", f"applied to candidate {base.label}: {e}") from None
             refuse(check({f"overrides[{i}]": o}, targets), file, f"overrides[{i}]")
     fused = [t for t in targets if RUNTIMES[t].fused]
     if fused and cfg.units != "shared":

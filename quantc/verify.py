@@ -80,6 +80,19 @@ def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool | No
                         if got != shape:
                             bad.append(f"{key}: shape {got}, expected {shape}")
                     count += 1
+                for qname in sorted(k[: -len(".qblocks")] for k in keys if k.endswith(".qblocks")):
+                    opt, mod = module_option(qname, qc), shapes.get(qname)
+                    got = tuple(sf.get_slice(f"{qname}.qblocks").get_shape())
+                    if opt is None or opt.get("grid", "gptq") == "gptq":
+                        bad.append(f"{qname}: llama.cpp blocks but no llama.cpp grid in config.json")
+                        continue
+                    if mod is not None:   # [out, in / block, block bytes] of the type the linear gets
+                        from .ggml import type_for
+                        t = type_for(opt["grid"], int(opt["bits"]), bool(opt["sym"]), mod["in"], qname)
+                        if got != (mod["out"], mod["in"] // t.block, t.size):
+                            bad.append(f"{qname}.qblocks: shape {got}, expected {t.name} blocks "
+                                       f"{(mod['out'], mod['in'] // t.block, t.size)}")
+                    count += 1
         except QuantcError:
             raise
         except Exception as e:

@@ -41,13 +41,27 @@ def tiny_tokenizer(tmp_path_factory):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def build_tiny(kind: str, folder: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
-    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
+def tiny_config(kind: str, tokenizer, layers: int = 2):
+    """The config of a tiny random model of family `kind` (2 layers, hidden 64, 4 heads, 2 KV heads)."""
+    from transformers import (Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
                               Qwen3Config)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if kind == "gemma3_text":
+        # sliding-window layers with a window shorter than the test sequences, then a global layer
+        kinds = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
+        return Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=12,
+                                layer_types=kinds, tie_word_embeddings=True)
+    if kind == "phi3":     # head_dim = hidden / heads; q/k/v and gate/up fused in the checkpoint
+        return Phi3Config(**common, tie_word_embeddings=False)
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[kind]
-    cfg = cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-              tie_word_embeddings=(kind == "llama"), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return cls(**common, head_dim=16, tie_word_embeddings=(kind == "llama"))
+
+
+def build_tiny(kind: str, folder: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(kind, tokenizer, layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():   # larger-than-init weights so that quantization error is visible
@@ -56,6 +70,8 @@ def build_tiny(kind: str, folder: Path, tokenizer, layers: int = 2, seed: int = 
                 p.normal_(0, 0.08)
             elif name.endswith(".bias"):
                 p.normal_(0, 0.05)
+            elif kind in ("gemma3_text", "phi3"):     # norms away from 1: their offset and place matter
+                p.normal_(0, 0.2 if kind == "gemma3_text" else 0.05).add_(0 if kind == "gemma3_text" else 1)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

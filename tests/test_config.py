@@ -49,6 +49,14 @@ BAD = [
     # settings that would have no effect
     ("model: {M}\nquant: {method: rtn, qep_alpha: 0.5}\n", "`quant.qep_alpha`: error propagation needs calibration"),
     ("model: {M}\nquant: {bits: 4}\ncandidates: [{bits: 2}]\n", "`quant.bits`: has no effect when `candidates`"),
+    # named candidate sets and rotation
+    ("model: {M}\ncandidates: widest\n", "`candidates`: 'widest' is not a known candidate set; known sets: wide"),
+    ("model: {M}\nquant: {group_size: 64}\ncandidates: wide\n", "`quant.group_size`: has no effect: `candidates: wide`"),
+    ("model: {M}\nquant: {sym: false}\ncandidates: wide\n", "`quant.sym`: has no effect"),
+    ("model: {M}\nquant: {candidates: wide}\n", "`quant.candidates`: `candidates` is a top-level key"),
+    ("model: {M}\nquant: {rotate: quarot}\n", "`quant.rotate`: 'quarot' is not known; allowed: none, hadamard"),
+    ("model: {M}\nquant: {rotate_seed: 3}\n", "`quant.rotate_seed`: has no effect without a rotation"),
+    ("model: {M}\nquant: {rotate: hadamard, rotate_seed: -1}\n", "`quant.rotate_seed`: must be a non-negative"),
 ]
 
 
@@ -229,3 +237,31 @@ def test_fuzz_unmatched_patterns_and_duplicates(tmp_path_factory, llama_skeleton
             check_patterns(cfg, model)
         assert e.value.key == expected and e.value.file == str(p)
         assert "check the spelling" in e.value.problem or "has no effect" in e.value.problem
+
+
+def test_wide_candidate_set(tmp_path, tiny_models):
+    from quantc.config import CANDIDATE_SETS
+    from quantc.options import Option
+    from quantc.planning import shape_units, size_bounds
+    from quantc.preflight import skeleton
+    base = {"model": str(tiny_models["llama"])}
+    assert parse_config(base).candidates == [Option(4, 128, True, True, True, True)]   # the default: unchanged
+    cfg = parse_config({**base, "candidates": "wide", "quant": {"act_order": False}})
+    kinds = {(o.bits, o.group_size, o.sym) for o in cfg.candidates}
+    assert kinds == set(CANDIDATE_SETS["wide"]) and len(cfg.candidates) == 18
+    assert {(b, s) for b, _, s in kinds} == {(2, False), (3, True), (3, False), (4, True), (4, False), (8, True)}
+    assert {g for _, g, _ in kinds} == {32, 64, 128}
+    assert not any(o.act_order for o in cfg.candidates)                 # quant.* settings apply to each
+    assert cfg.candidate_set == "wide" and cfg.to_dict()["candidate_set"] == "wide"
+    # bytes exactly as for any option: the extremes of the set from the shapes
+    units = shape_units(skeleton(cfg), cfg)
+    b = size_bounds(units, cfg)
+    shapes = [s for u in units.values() for s in u["shapes"]]
+    assert b["min"] == sum(Option(2, 128, sym=False).bytes_for(i, o) for i, o in shapes)
+    assert b["max"] == sum(Option(8, 32).bytes_for(i, o) for i, o in shapes)
+    # with serving targets: the set offers what they run (not an error)
+    vllm = parse_config({**base, "candidates": "wide", "serve": "vllm"})
+    assert {(o.bits, o.group_size, o.sym) for o in vllm.candidates} == \
+        {(b, g, True) for b in (4, 8) for g in (32, 64, 128)}
+    gguf = parse_config({**base, "candidates": "wide", "export": {"targets": ["gptq", "gguf"]}})
+    assert {(o.bits, o.group_size, o.sym) for o in gguf.candidates} == {(4, 32, True), (4, 32, False), (8, 32, True)}

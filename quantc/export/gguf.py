@@ -1,5 +1,5 @@
-"""GGUF export (llama.cpp) for the options llama.cpp runs natively at group size 32, built from a GPTQ
-checkpoint folder with the checkpoint's own integers (nothing is re-quantized):
+"""GGUF export (llama.cpp) for the options llama.cpp runs natively, built from a quantc
+checkpoint folder with the checkpoint's own integers (no linear is re-quantized):
 
 - symmetric 4-bit → Q4_0: d = the GPTQ scale, the 4-bit codes as they are (value = d·(q − 8));
 - asymmetric 4-bit → Q4_1: d = the scale, m = −scale·zero rounded to fp16 (value = d·q + m: equal to
@@ -8,8 +8,13 @@ checkpoint folder with the checkpoint's own integers (nothing is re-quantized):
 
 Which type a linear gets is read from its zero points (all 2^(bits−1): symmetric), so the file says
 exactly what the checkpoint holds. Groups must be contiguous (g_idx = i // 32: no act-order
-reordering, which GGUF cannot express). Unquantized linears, embeddings and the output head are F16
-(the checkpoint's 16-bit values), norms F32. Llama's q/k rows are permuted as llama.cpp's converter
+reordering, which GGUF cannot express).
+
+Linears compiled on a llama.cpp grid (Option.grid k / ggml: K-quants, Q5_0/Q5_1...) are stored in the
+checkpoint as llama.cpp blocks (`.qblocks`, the codes GPTQ chose on that grid) and written as they
+are. With such linears the embeddings and output head get the types llama.cpp's quantizer would give
+them (`head_types`), unless `heads="f16"`. Otherwise unquantized linears, embeddings and the output
+head are F16 (the checkpoint's 16-bit values), norms F32. Llama's q/k rows are permuted as llama.cpp's converter
 does (llama.cpp's rope layout); readers (llama.cpp, transformers' gguf loader) undo it.
 
 The tokenizer (byte-level BPE, GGUF's "gpt2" model) and the model's hyper-parameters come from the
@@ -25,13 +30,19 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .. import ggml
 from ..errors import QuantcError
+from ..family import FAMILIES
 from ..packing import unpack_cols, unpack_rows
 
 log = logging.getLogger("quantc")
 
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCH = {t: a for f in FAMILIES for t, a in f.gguf.items()}     # model_type -> llama.cpp architecture
 BLOCK = 32
+# general.file_type from the type most linears have (informational: llama.cpp reads each tensor's type)
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0",
+              "Q5_1": "MOSTLY_Q5_1", "IQ4_NL": "MOSTLY_IQ4_NL", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M",
+              "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}
 
 
 def _codes(qweight, qzeros, scales, g_idx, bits: int, name: str):
@@ -133,17 +144,53 @@ def _source_pre(source_gguf: str | None) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
-def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = None, force: bool = False) -> dict:
-    """Write out/model.gguf from the GPTQ checkpoint folder `src`; returns what was written per tensor."""
+HEADS = ("llama", "f16")     # export.gguf_heads: embeddings/output as llama.cpp's quantizer types them, or F16
+
+
+def head_types(folder: Path, cfg: dict, qc: dict, t: dict) -> dict[str, "ggml.GGMLType"]:
+    """The types llama.cpp's quantizer (llama-quant.cpp, llama_tensor_get_type) gives the embeddings
+    and the output head of a file whose linears are on llama.cpp grids: the output (or the embeddings
+    where they are tied to it) Q6_K, Q8_0 when its rows are not whole super-blocks; untied embeddings
+    the file's main type (the type most linears' options name), with llama.cpp's fallback.
+    Checkpoints without llama.cpp-grid linears keep their 16-bit heads (as before)."""
+    from collections import Counter
+
+    from ..runtime import module_option
+    named = Counter()
+    for key in t:
+        if key.endswith(".qblocks"):
+            o = module_option(key[: -len(".qblocks")], qc)
+            named[(o["grid"], int(o["bits"]), bool(o["sym"]))] += 1
+    if not named:
+        return {}
+    hidden = cfg["hidden_size"]
+    out = {}
+    head = "lm_head.weight" if "lm_head.weight" in t else "model.embed_tokens.weight"   # tied: one tensor
+    main = ggml.main_type(*max(named, key=named.get))
+    out[head] = ggml.TYPES["Q8_0" if main.name == "Q8_0" or hidden % 256 else "Q6_K"]
+    if head == "lm_head.weight" and "model.embed_tokens.weight" in t:
+        grid, bits, sym = max(named, key=named.get)
+        try:
+            out["model.embed_tokens.weight"] = ggml.type_for(grid, bits, sym, hidden)
+        except QuantcError:             # no type fits its rows: llama.cpp keeps it in 16-bit too
+            pass
+    return out
+
+
+def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = None, force: bool = False,
+                heads: str = "llama") -> dict:
+    """Write out/model.gguf from the GPTQ checkpoint folder `src`; returns what was written per tensor.
+    `heads`: "llama" gives the embeddings and output head the types llama.cpp's quantizer would (when
+    the linears are on llama.cpp grids: `head_types`), "f16" keeps them as the checkpoint has them."""
+    if heads not in HEADS:
+        raise QuantcError(f"GGUF heads {heads!r}; allowed: {', '.join(HEADS)}")
+    head_mode = heads
     import gguf
 
     from ..runtime import module_option, read_tensors
     folder, out = Path(src), Path(out)
     cfg = json.loads((folder / "config.json").read_text())
     mt = cfg.get("model_type")
-    if mt not in ARCH:
-        raise QuantcError(f"{folder}/config.json: model_type {mt!r} is not supported by the GGUF exporter; "
-                          f"supported: {', '.join(ARCH)}")
     check_source(folder, cfg)
     from ..staging import finalize_output, prepare_output
     final, out = out, prepare_output(out, force, marker="gguf_export.json")   # checked and locked first
@@ -175,10 +222,24 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
 
     report: dict[str, str] = {}
     counts: dict = {}
+    quantize_heads = head_types(folder, cfg, qc, t) if head_mode == "llama" else {}
     modules = {k.rsplit(".", 1)[0] for k in t if k.endswith(".qweight")}
     for key in sorted(t):
         base, _, leaf = key.rpartition(".")
         if base in modules and leaf in ("qzeros", "scales", "g_idx"):
+            continue
+        if leaf == "qblocks":       # a llama.cpp grid: the blocks GPTQ chose, written as they are
+            opt = module_option(base, qc)
+            if opt is None or opt.get("grid", "gptq") == "gptq":
+                raise QuantcError(f"{folder}: {base} holds llama.cpp blocks but config.json names no llama.cpp grid")
+            blocks = t[key]
+            gt = ggml.stored_type(opt["grid"], int(opt["bits"]), bool(opt["sym"]), blocks.shape[-1])
+            qtype = gguf.GGMLQuantizationType[gt.name]
+            gname = _gguf_name(names, f"{base}.weight")
+            rows = blocks.reshape(blocks.shape[0], -1).numpy()
+            w.add_tensor(gname, np.ascontiguousarray(_permute(rows, base, arch, heads, kv_heads)), raw_dtype=qtype)
+            report[gname] = qtype.name
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
             continue
         if base in modules and leaf == "qweight":
             opt = module_option(base, qc)
@@ -194,6 +255,15 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
         value = t[key]
         if not value.is_floating_point():
             continue
+        if key in quantize_heads:      # round-to-nearest on the type's grid, as llama.cpp quantizes them
+            gt = quantize_heads[key]
+            q, fields = ggml.rtn(gt, value.float(), mse=True)
+            blocks = ggml.pack(gt, q, fields)
+            gname = _gguf_name(names, key)
+            w.add_tensor(gname, np.ascontiguousarray(blocks.reshape(blocks.shape[0], -1).numpy()),
+                         raw_dtype=gguf.GGMLQuantizationType[gt.name])
+            report[gname] = gt.name
+            continue
         # norms (1-D) in F32, 16-bit matrices as they are stored (F16), anything else in F32
         arr = value.numpy() if value.dim() == 2 and value.dtype == torch.float16 else value.float().numpy()
         gname = _gguf_name(names, key)
@@ -201,8 +271,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
         report[gname] = "F16" if arr.dtype == np.float16 else "F32"
     main = max(counts, key=counts.get) if counts else None
     if main:
-        w.add_file_type({"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[main])
+        w.add_file_type(gguf.LlamaFileType[FILE_TYPES[main]])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer(w, folder, cfg["vocab_size"], _source_pre(source_gguf))
     w.write_header_to_file()
@@ -219,6 +288,10 @@ def check_source(folder: Path, cfg: dict) -> None:
     """What the GGUF writer needs from a model folder, checked before any work (the compile's preflight
     calls this on the source): the gguf package, plain RoPE, a byte-level BPE tokenizer.json."""
     import importlib.util
+    mt = cfg.get("model_type")
+    if mt not in ARCH:
+        raise QuantcError(f"{folder}/config.json: model_type {mt!r} is not supported by the GGUF exporter; "
+                          f"supported: {', '.join(ARCH)}")
     if importlib.util.find_spec("gguf") is None:
         raise QuantcError("GGUF export needs the `gguf` package: pip install 'quantc[gguf]'")
     _rope_theta(cfg, str(folder / "config.json"))

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import __version__
+from .. import __version__, ggml
 from ..gptq import QuantResult
 from ..lazy import tensor as lazy_tensor
 from ..options import Option
 from ..packing import pack_gptq
-from ..serve import FUSED_OF
+from ..family import FUSED_OF, family_of
+from ..model import decoder_layers
 
 
 def default_option(options: dict[str, Option]) -> Option:
@@ -33,7 +34,10 @@ def _desc_act(o: Option) -> bool:
 
 
 def _fields(o: Option) -> dict:
-    return {"bits": o.bits, "group_size": o.group_size, "sym": o.sym, "desc_act": _desc_act(o)}
+    f = {"bits": o.bits, "group_size": o.group_size, "sym": o.sym, "desc_act": _desc_act(o)}
+    if o.grid != "gptq":          # llama.cpp blocks (`.qblocks`), read by quantc.load and the GGUF writer
+        f["grid"] = o.grid
+    return f
 
 
 def _pattern(names: list[str]) -> str:
@@ -82,7 +86,10 @@ def quantization_config(options: dict[str, Option], skipped: list[str], damp: fl
 
 
 def quantized_tensors(name: str, res: QuantResult, opt: Option, bias: torch.Tensor | None, dtype) -> dict:
-    t = pack_gptq(res.q, res.zeros, res.scales, res.g_idx, opt.bits)
+    if res.ggml is not None:      # a llama.cpp grid: its blocks as llama.cpp stores them [out, blocks, bytes]
+        t = {"qblocks": ggml.pack(ggml.TYPES[res.ggml], res.q, res.fields)}
+    else:
+        t = pack_gptq(res.q, res.zeros, res.scales, res.g_idx, opt.bits)
     out = {f"{name}.{k}": v for k, v in t.items()}
     if bias is not None:
         out[f"{name}.bias"] = bias.detach().to(dtype).contiguous()
@@ -96,18 +103,35 @@ def layer_tensors(model, i: int, results: dict[str, QuantResult], options: dict[
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor of decoder layer i: the packed quantized linears (+ bias) and the
     layer's other weights in `dtype` (read from the source, so a lazy layer may be released)."""
-    prefix = f"model.layers.{i}."
-    layer = model.model.layers[i]
+    fam = family_of(model)
+    prefix = fam.prefix(i)
+    layer = decoder_layers(model)[i]
     state = {prefix + k: v for k, v in layer.state_dict().items()}   # meta when released: read from disk
     out: dict[str, torch.Tensor] = {}
     for name, res in results.items():
         bias = f"{name}.bias"
-        out.update(quantized_tensors(name, res, options[name],
-                                     lazy_tensor(model, bias, state) if bias in state else None, dtype))
+        bias = lazy_tensor(model, bias, state) if bias in state else None
+        parts = fam.exported(name)
+        for k, part in enumerate(parts):        # one linear, or its equal row blocks (Phi-3's gate/up)
+            out.update(quantized_tensors(part, _rows(res, k, len(parts)), options[name],
+                                         None if bias is None else bias.chunk(len(parts))[k], dtype))
     for key in state:
-        if key.rpartition(".")[0] not in results:
-            out[key] = _export(lazy_tensor(model, key, state), dtype)
+        module, _, leaf = key.rpartition(".")
+        if module not in results:
+            parts = fam.exported(module)
+            value = _export(lazy_tensor(model, key, state), dtype)
+            out.update({f"{part}.{leaf}": v.contiguous() for part, v in zip(parts, value.chunk(len(parts)))}
+                       if len(parts) > 1 else {key: value})
     return out
+
+
+def _rows(res: QuantResult, k: int, n: int) -> QuantResult:
+    """Row block k of n of a quantized linear (rows are quantized independently: each block is one)."""
+    if n == 1:
+        return res
+    rows = res.q.shape[0] // n
+    sl = slice(k * rows, (k + 1) * rows)
+    return QuantResult(res.q[sl], res.scales[:, sl], res.zeros[:, sl], res.g_idx.clone(), None, res.damp)
 
 
 def _export(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -118,9 +142,10 @@ def outside_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors outside the decoder layers (embeddings, final norm, untied lm_head)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = model.state_dict()
+    layers = family_of(model).layers + "."
     out = {}
     for key in state:
-        if key.startswith("model.layers.") or (tied and key == "lm_head.weight"):
+        if key.startswith(layers) or (tied and key == "lm_head.weight"):
             continue                     # layers come from their shards; a tied lm_head is re-tied by readers
         out[key] = _export(lazy_tensor(model, key, state), dtype)
     return out
@@ -167,7 +192,9 @@ def write_gptq(folder: Path, model, layer_shards: list[Path], options: dict[str,
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    qc = quantization_config(options, skipped, damp, true_sequential)
+    fam = family_of(model)            # `dynamic` names the modules as written (Phi-3: gate_proj, up_proj)
+    qc = quantization_config({p: o for n, o in options.items() for p in fam.exported(n)},
+                             [p for n in skipped for p in fam.exported(n)], damp, true_sequential)
     config = model.config.to_dict()
     config["quantization_config"] = qc
     config["dtype"] = str(dtype).replace("torch.", "")

@@ -1,5 +1,6 @@
-"""ONNX export: a Llama-family decoder graph for ONNX Runtime, built node by node from a checkpoint
-folder (quantc's GPTQ artifact, any GPTQ v1 checkpoint, or an unquantized HF folder).
+"""ONNX export: a decoder graph for ONNX Runtime, built node by node from a checkpoint folder (quantc's
+GPTQ artifact, any GPTQ v1 checkpoint, or an unquantized HF folder), from the facts its family declares
+(quantc/family.py: norms and their places, fused linears, activation, embedding scale, layer kinds).
 
 Every GPTQ-packed linear becomes one `com.microsoft::MatMulNBits` node carrying the checkpoint's own
 integers, scales and zero points (nothing is re-quantized):
@@ -28,12 +29,13 @@ import numpy as np
 import torch
 
 from ..errors import QuantcError
+from ..family import BY_TYPE, FAMILIES
 from ..staging import cleans_up_output, finalize_output, prepare_output
 from ..packing import unpack_cols, unpack_rows
 
 log = logging.getLogger("quantc")
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = tuple(t for f in FAMILIES if f.onnx for t in f.model_types)
 OPSET = 21
 NEG = float(np.finfo(np.float32).min)
 
@@ -135,6 +137,7 @@ class _Export:
         if self.model_type not in SUPPORTED:
             raise QuantcError(f"{folder}/config.json: model_type {self.model_type!r} is not supported by the ONNX "
                               f"exporter; supported: {', '.join(SUPPORTED)}")
+        self.fam = BY_TYPE[self.model_type]
         self.qc = cfg.get("quantization_config") or {}
         cfg.pop("quantization_config", None)
         self.config = AutoConfig.for_model(**cfg)
@@ -143,11 +146,20 @@ class _Export:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.layers = c.num_hidden_layers
         self.max_length = int(max_length or min(getattr(c, "max_position_embeddings", 4096), 8192))
+        if getattr(c, "attn_logit_softcapping", None):
+            raise QuantcError(f"{folder}/config.json: attn_logit_softcapping is set; the ONNX exporter does not "
+                              "write attention soft-capping")
         self.accuracy_level, self.widen_2bit = accuracy_level, widen_2bit
         from ..runtime import read_tensors
         self.t = read_tensors(folder)
+        blocks = sorted(k for k in self.t if k.endswith(".qblocks"))
+        if blocks:          # options on a llama.cpp grid (grid: k / ggml): MatMulNBits has no such blocks
+            raise QuantcError(f"{folder}: {blocks[0].removesuffix('.qblocks')} (and {len(blocks) - 1} more) hold "
+                              "llama.cpp blocks (grid: k / ggml), which ONNX Runtime cannot run; export them with "
+                              "`quantc export gguf`, or compile with GPTQ options (grid: gptq) for ONNX")
         self.g = GraphBuilder()
         self.perms: dict[bytes, str] = {}
+        self.splits: dict[str, str] = {}
         self.report = {"matmulnbits": {}, "matmul": [], "container_4bit": []}
 
     def tensor(self, name: str) -> np.ndarray:
@@ -187,10 +199,30 @@ class _Export:
         return y
 
     def rmsnorm(self, x: str, weight: str) -> str:
+        """RMSNorm scaled by weight (+ the family's offset: Gemma's 1 + w, added in float32 as Gemma does)."""
         g = self.g
         var = g.op("ReduceMean", [g.op("Mul", [x, x]), self.axis_last], keepdims=1)
         inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, self.eps])])])
-        return g.op("Mul", [g.op("Mul", [x, inv]), g.const(weight, self.tensor(weight))])
+        w = self.tensor(weight)
+        if self.fam.norms.offset:
+            w = np.float32(self.fam.norms.offset) + w.astype(np.float32)
+        return g.op("Mul", [g.op("Mul", [x, inv]), g.const(weight, w)])
+
+    def has(self, name: str) -> bool:
+        return f"{name}.weight" in self.t or f"{name}.qweight" in self.t
+
+    def linears(self, x: str, p: str, fused: str, parts: tuple[str, ...], sizes: list[int], then=None) -> list[str]:
+        """The outputs of linears `parts` (inside layer prefix p), or, when the checkpoint holds them as
+        the one linear `fused` (Phi-3's qkv_proj, an unsplit gate_up_proj), its output split by `sizes`;
+        each passed through `then[k]` when given."""
+        then = then or [lambda y: y] * len(parts)
+        if fused and self.has(p + fused):
+            key = f"split_{'_'.join(map(str, sizes))}"
+            if key not in self.splits:
+                self.splits[key] = self.g.ints(key, sizes)
+            ys = self.g.op("Split", [self.linear(x, p + fused), self.splits[key]], n_out=len(sizes), axis=-1)
+            return [f(y) for f, y in zip(then, ys)]
+        return [f(self.linear(x, p + n)) for f, n in zip(then, parts)]
 
     def rope(self, x: str, cos: str, sin: str) -> str:
         """x·cos + rotate_half(x)·sin on [B, heads, S, D]."""
@@ -199,16 +231,28 @@ class _Export:
         rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
         return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
 
-    def rope_tables(self) -> tuple[np.ndarray, np.ndarray]:
+    def rope_tables(self, kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin for positions 0..max_length-1 from transformers' own rotary module (rope scaling
-        included), so the graph matches the PyTorch model exactly."""
+        included; of layer kind `kind` where kinds differ), so the graph matches the PyTorch model exactly."""
         import importlib
-        mod = importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+        module = self.config.__class__.__module__.rsplit(".", 1)[0] + ".modeling_" + \
+            self.config.__class__.__module__.rsplit(".configuration_", 1)[1]
+        mod = importlib.import_module(module)
         cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("RotaryEmbedding"))
         rot = cls(config=self.config)
         pos = torch.arange(self.max_length)[None]
-        cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+        args = () if kind is None else (kind,)
+        cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos, *args)
+        if cos.shape[-1] != self.head_dim:
+            raise QuantcError(f"{self.folder}/config.json: partial rotary embeddings ({cos.shape[-1]} of "
+                              f"{self.head_dim} dims); the ONNX exporter rotates whole heads only")
         return cos[0].float().numpy(), sin[0].float().numpy()
+
+    def layer_kinds(self) -> list[str | None]:
+        """Each layer's kind (Gemma 3: sliding_attention / full_attention), None where the family has one."""
+        if self.fam.layer_kind is None:
+            return [None] * self.layers
+        return list(self.config.layer_types[: self.layers])
 
     def build(self, with_past: bool = True):
         from onnx import TensorProto, helper
@@ -224,13 +268,22 @@ class _Export:
                   helper.make_tensor_value_info(pos, TensorProto.INT64, ["batch", "seq"])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", c.vocab_size])]
 
-        cos_t, sin_t = self.rope_tables()
+        kinds = self.layer_kinds()
         unsq1 = g.ints("axis_1", [1])
-        cos = g.op("Unsqueeze", [g.op("Gather", [g.const("rope_cos", cos_t), pos]), unsq1])   # [B,1,S,D]
-        sin = g.op("Unsqueeze", [g.op("Gather", [g.const("rope_sin", sin_t), pos]), unsq1])
+        ropes = {}
+        for kind in dict.fromkeys(kinds):
+            cos_t, sin_t = self.rope_tables(kind)
+            sfx = "" if kind is None else f"_{kind}"
+            ropes[kind] = tuple(g.op("Unsqueeze", [g.op("Gather", [g.const(f"rope_{n}{sfx}", t), pos]), unsq1])
+                                for n, t in (("cos", cos_t), ("sin", sin_t)))                  # [B,1,S,D]
 
-        embed = g.const("model.embed_tokens.weight", self.tensor("model.embed_tokens.weight"))
+        fam = self.fam
+        embed_name = f"{fam.embed}.weight"
+        embed = g.const(embed_name, self.tensor(embed_name))
         h = g.op("Gather", [embed, ids])                                                     # [B,S,H]
+        scale_embed = fam.embed_multiplier(c)
+        if scale_embed is not None:      # Gemma: × sqrt(hidden), a float32 scalar as the model holds it
+            h = g.op("Mul", [h, g.const("embed_scale", np.array(scale_embed, np.float32))])
 
         # additive mask [B,1,1,S,T]: key j visible to query i (at position past+i) if j ≤ past+i and unpadded
         shape_ids = g.op("Shape", [ids])
@@ -244,7 +297,16 @@ class _Export:
                                       g.op("Unsqueeze", [q_pos, unsq1])])                    # [S,T]
         pad = g.op("Cast", [g.op("Unsqueeze", [mask, g.ints("axes_123", [1, 2, 3])])], to=TensorProto.BOOL)
         allowed = g.op("And", [causal, pad])                                                 # [B,1,1,S,T]
-        bias = g.op("Where", [allowed, g.const("zero_f", np.array(0, np.float32)), g.const("neg", np.array(NEG, np.float32))])
+        zero_f, neg = g.const("zero_f", np.array(0, np.float32)), g.const("neg", np.array(NEG, np.float32))
+        biases = {}
+        for kind in dict.fromkeys(kinds):
+            if kind in self.fam.windowed:     # and key j within the window of query i: i - j < sliding_window
+                dist = g.op("Sub", [g.op("Unsqueeze", [q_pos, unsq1]),
+                                    g.op("Unsqueeze", [k_pos, g.ints("axis_0b", [0])])])           # [S,T]
+                near = g.op("Less", [dist, g.ints("window", c.sliding_window)])
+                biases[kind] = g.op("Where", [g.op("And", [allowed, near]), zero_f, neg])
+            else:
+                biases[kind] = g.op("Where", [allowed, zero_f, neg])
 
         scale = g.const("attn_scale", np.array(getattr(c, "query_pre_attn_scalar", None) or D, np.float32) ** -0.5)
         shape_q = g.ints("shape_q", [0, 0, nH, D])
@@ -253,15 +315,19 @@ class _Export:
         shape_h = g.ints("shape_hidden", [0, 0, H])
         shape_o = g.ints("shape_heads", [0, nH, -1, D])
         unsq2 = g.ints("axis_2", [2])
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            x = self.rmsnorm(h, p + "input_layernorm.weight")
-            q = g.op("Reshape", [self.linear(x, p + "self_attn.q_proj"), shape_q])
-            k = g.op("Reshape", [self.linear(x, p + "self_attn.k_proj"), shape_kv])
-            v = g.op("Reshape", [self.linear(x, p + "self_attn.v_proj"), shape_kv])
-            if f"{p}self_attn.q_norm.weight" in self.t:            # Qwen3: RMSNorm per head before RoPE
-                q = self.rmsnorm(q, p + "self_attn.q_norm.weight")
-                k = self.rmsnorm(k, p + "self_attn.k_norm.weight")
+        nm = fam.norms
+        qkv_fused = next((n for n, roles in fam.checkpoint_fused.items() if roles == ("q", "k", "v")), "")
+        gu_fused = next((n for n, roles in fam.checkpoint_fused.items() if roles == ("gate", "up")), "")
+        for i, kind in enumerate(kinds):
+            p = fam.prefix(i)
+            cos, sin = ropes[kind]
+            bias = biases[kind]
+            x = self.rmsnorm(h, p + nm.attn_in + ".weight")
+            heads = [lambda y: g.op("Reshape", [y, shape_q])] + [lambda y: g.op("Reshape", [y, shape_kv])] * 2
+            q, k, v = self.linears(x, p, qkv_fused, fam.q_k_v, [nH * D, kvH * D, kvH * D], heads)
+            if nm.q and f"{p}{nm.q}.weight" in self.t:            # Qwen3, Gemma 3: RMSNorm per head before RoPE
+                q = self.rmsnorm(q, f"{p}{nm.q}.weight")
+                k = self.rmsnorm(k, f"{p}{nm.k}.weight")
             q = self.rope(g.op("Transpose", [q], perm=[0, 2, 1, 3]), cos, sin)           # [B,nH,S,D]
             k = self.rope(g.op("Transpose", [k], perm=[0, 2, 1, 3]), cos, sin)           # [B,kvH,S,D]
             v = g.op("Transpose", [v], perm=[0, 2, 1, 3])
@@ -280,19 +346,31 @@ class _Export:
             probs = g.op("Softmax", [g.op("Add", [scores, bias])], axis=-1)
             o = g.op("Reshape", [g.op("MatMul", [probs, vg]), shape_o])                      # [B,nH,S,D]
             o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), shape_h])
-            h = g.op("Add", [h, self.linear(o, p + "self_attn.o_proj")])
-            x = self.rmsnorm(h, p + "post_attention_layernorm.weight")
-            gate = self.linear(x, p + "mlp.gate_proj")
-            up = self.linear(x, p + "mlp.up_proj")
-            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])            # SiLU(gate)·up
-            h = g.op("Add", [h, self.linear(act, p + "mlp.down_proj")])
-        h = self.rmsnorm(h, "model.norm.weight")
+            o = self.linear(o, p + fam.attn_out)
+            if nm.attn_out:                                        # Gemma's sandwich norm
+                o = self.rmsnorm(o, p + nm.attn_out + ".weight")
+            h = g.op("Add", [h, o])
+            x = self.rmsnorm(h, p + nm.mlp_in + ".weight")
+            gate, up = self.linears(x, p, gu_fused, fam.gate_up, [c.intermediate_size] * 2)
+            if fam.activation == "gelu_tanh":
+                act = g.op("Gelu", [gate], approximate="tanh")
+            else:
+                act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])                             # SiLU
+            y = self.linear(g.op("Mul", [act, up]), p + fam.mlp_out)
+            if nm.mlp_out:
+                y = self.rmsnorm(y, p + nm.mlp_out + ".weight")
+            h = g.op("Add", [h, y])
+        h = self.rmsnorm(h, nm.final + ".weight")
         if "lm_head.weight" in self.t or "lm_head.qweight" in self.t:
             logits = self.linear(h, "lm_head")
         else:  # tied: Gemm with transB reuses the embedding matrix instead of storing its transpose
             flat = g.op("Reshape", [h, g.ints("shape_2d", [-1, H])])
             logits2d = g.op("Gemm", [flat, embed], transB=1)
             logits = g.op("Reshape", [logits2d, g.op("Concat", [g.op("Shape", [ids]), g.ints("vocab", [c.vocab_size])], axis=0)])
+        cap = getattr(c, "final_logit_softcapping", None)
+        if cap:                                  # logits = cap · tanh(logits / cap)
+            capc = g.const("logit_cap", np.array(cap, np.float32))
+            logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, capc])]), capc])
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="n_logits"))
         graph = helper.make_graph(g.nodes, "quantc", inputs, outputs, g.inits)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),

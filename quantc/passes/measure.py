@@ -38,8 +38,9 @@ from ..calibration.hessian import CaptureInput, Hessian
 from ..config import PREDICTORS
 from ..distributed import SOLO, World
 from ..gptq import gptq_options, rtn
-from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, layer_linears, run_layer,
-                     source_weight, units)
+from ..family import family_of
+from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, final_norm, layer_linears,
+                     layer_prefix, run_layer, source_weight, units)
 from ..options import Option
 from .quantize import input_groups
 
@@ -89,7 +90,7 @@ class Head:
         if self.place.is_default or self._placed:
             yield
             return
-        mods = (self.model.model.norm, self.model.lm_head)
+        mods = (final_norm(self.model), self.model.lm_head)
         for m in mods:
             m.to(self.place.device)
         self._placed = True
@@ -101,7 +102,7 @@ class Head:
                 m.to("cpu")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.model.model.norm(h[:, :-1:self.every].to(self.model.lm_head.weight.dtype))
+        h = final_norm(self.model)(h[:, :-1:self.every].to(self.model.lm_head.weight.dtype))
         return self.model.lm_head(h).float()                  # a subset of positions: the lm_head is the costly part
 
     def logp(self, acts: Activations) -> torch.Tensor:
@@ -178,11 +179,11 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     for i in tqdm(range(n_layers), desc="measuring layers", disable=not progress):
         with decoder_layer(model, i, place) as layer:
             lins = layer_linears(layer)
-            prefix = f"model.layers.{i}."
+            prefix = layer_prefix(model, i)
             mods = {prefix + n: m for n, m in lins.items()}
             hess = {}
             with contextlib.ExitStack() as stack:           # all Hessians from one forward
-                for g in input_groups(lins):
+                for g in input_groups(lins, family_of(model)):
                     first = next(iter(g.values()))
                     h = Hessian(first.in_features, device=place.device, world=world)
                     stack.enter_context(CaptureInput(first, h.add, stop=False))
@@ -200,7 +201,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             for unit in by_layer.get(i, []):
                 solved = None
                 if world.mine(owned):            # distributed: units go round-robin over the ranks
-                    solved = _solve_unit(unit, i, layer, mods, hess, candidates, method, damp, keep_sq=not exact)
+                    solved = _solve_unit(unit, prefix, layer, mods, hess, candidates, method, damp, keep_sq=not exact)
                 entry, weights, unit_sq = world.broadcast(solved, world.owner(owned))
                 owned += 1
                 for k, ws in weights.items():
@@ -235,13 +236,12 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     return ms
 
 
-def _solve_unit(unit: Unit, i: int, layer, mods: dict, hess: dict, candidates: list[Option], method: str,
+def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidates: list[Option], method: str,
                 damp: float, keep_sq: bool):
     """Every candidate option of one unit: (its measurement entry, {option key: {linear: quantized
     weight}}, {linear: {option key: diag(ΔW H ΔWᵀ)}} for the fisher predictor). A pure function of
     the unit's weights and Hessians: the same on whichever rank solves it."""
-    prefix = f"model.layers.{i}."
-    entry = {"layer": i, "names": list(unit.names), "options": {}, "alpha": None,
+    entry = {"layer": unit.layer, "names": list(unit.names), "options": {}, "alpha": None,
              "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
              "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
     hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
@@ -333,7 +333,7 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
         head_f = head_w.float()
         for xb, _ in final.batches():
             h = xb.detach().requires_grad_()
-            hn = model.model.norm(h[:, :-1:head.every].to(head_w.dtype))
+            hn = final_norm(model)(h[:, :-1:head.every].to(head_w.dtype))
             with torch.no_grad():
                 p = model.lm_head(hn).float().softmax(-1)
                 pw = p @ head_f                       # shared by every probe: (onehot(y) − p)·W = W[y] − p·W
@@ -374,7 +374,7 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
                         if g is not None:
                             sums[n] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
                 del y, outs
-            acc.update({f"model.layers.{i}.{n}": v / probes for n, v in sums.items()})
+            acc.update({layer_prefix(model, i) + n: v / probes for n, v in sums.items()})
     return acc
 
 

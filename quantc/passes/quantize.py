@@ -21,18 +21,19 @@ from tqdm.auto import tqdm
 from ..calibration.hessian import CaptureInput, Hessian, run_until
 from ..gptq import QuantResult, gptq, qep_target, rtn
 from ..lazy import trim_heap
-from ..model import (CPU, SHARED_UNITS, Activations, Placement, decoder_layer, decoder_layers, layer_linears,
-                     run_layer, source_weight)
+from ..family import Family, family_of
+from ..model import (CPU, Activations, Placement, decoder_layer, decoder_layers, layer_linears, run_layer,
+                     source_weight)
 from ..options import Option
 
 log = logging.getLogger("quantc")
 
 
-def input_groups(linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
-    """Linears that read the same input, in execution order."""
+def input_groups(linears: dict[str, nn.Linear], fam: Family) -> list[dict[str, nn.Linear]]:
+    """Linears that read the same input, in execution order (the family's groups)."""
     out, done = [], set()
-    for group in SHARED_UNITS:
-        g = {n: m for n, m in linears.items() if n.rsplit(".", 1)[-1] in group}
+    for group in fam.groups:
+        g = {n: linears[n] for n in group if n in linears}
         if g:
             out.append(g)
             done.update(g)
@@ -44,11 +45,12 @@ def quantize_rtn(model: nn.Module, options: dict[str, Option], on_layer: Callabl
                  place: Placement = CPU) -> None:
     """Round-to-nearest: no calibration, every linear on its own. `on_layer(i, results)` takes each
     layer's {name: QuantResult} (on the CPU) as soon as the layer is done; nothing is kept here."""
+    fam = family_of(model)
     for i in tqdm(range(len(decoder_layers(model))), desc="RTN layers", leave=False, disable=not progress):
         results = {}
         with decoder_layer(model, i, place) as layer:
             for short, m in layer.named_modules():
-                name = f"model.layers.{i}.{short}"
+                name = fam.prefix(i) + short
                 if name in options:
                     results[name] = rtn(source_weight(layer, short), options[name])
                     m.weight.data = results[name].weight.to(m.weight.dtype)
@@ -56,15 +58,15 @@ def quantize_rtn(model: nn.Module, options: dict[str, Option], on_layer: Callabl
         on_layer(i, results)
 
 
-def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_sequential, block_size, place):
+def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_sequential, block_size, place, fam):
     """One decoder layer: its linears fitted group by group; returns (results, next x̂, next x)."""
-    prefix = f"model.layers.{i}."
-    groups = input_groups({n: m for n, m in layer_linears(layer).items() if prefix + n in options})
+    prefix = fam.prefix(i)
+    groups = input_groups({n: m for n, m in layer_linears(layer).items() if prefix + n in options}, fam)
     ref_in = None
     if x_ref is not None:          # before any weight of this layer changes
         ref_in, x_ref = reference_inputs(layer, x_ref, groups)
 
-    runner = LayerRunner(layer, x_hat)
+    runner = LayerRunner(layer, x_hat, fam)
     hessians = [Hessian(next(iter(g.values())).in_features, cross=ref_in is not None, device=place.device,
                         world=place.world) for g in groups]
     world, owned = place.world, 0      # distributed: the layer's solves go round-robin over the ranks
@@ -83,7 +85,7 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
         first = next(iter(group.values()))
         keep = None
         if true_sequential:
-            is_mlp_in = runner.down is not None and any(n.endswith("gate_proj") for n in group)
+            is_mlp_in = runner.down is not None and fam.mlp_in in group
             keep = [] if first is runner.o_proj or is_mlp_in else None
             for j, x in runner.inputs(first):
                 hess.add(x, ref_in[k][j] if ref_in is not None else None)
@@ -126,11 +128,11 @@ class LayerRunner:
     """Computes, batch by batch, the inputs of one group of linears of `layer` in its current
     (partly quantized) state, from the layer inputs `acts`, reusing earlier groups' work."""
 
-    def __init__(self, layer: nn.Module, acts: Activations):
+    def __init__(self, layer: nn.Module, acts: Activations, fam: Family):
         self.layer, self.acts = layer, acts
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        self.o_proj = getattr(attn, "o_proj", None)
-        self.down = getattr(mlp, "down_proj", None)
+        self.attn, self.mlp = _get(layer, fam.attention), _get(layer, fam.mlp)
+        self.o_proj = _get(layer, fam.attn_out)
+        self.down = _get(layer, fam.mlp_out)
         self.attn_in: list[torch.Tensor] | None = None     # o_proj's inputs, once o is final
         self.mlp_in: list[torch.Tensor] | None = None      # gate/up inputs, once they are final
 
@@ -140,7 +142,7 @@ class LayerRunner:
         if self.attn_in is None:
             yield
             return
-        attn = self.layer.self_attn
+        attn = self.attn
         dev = self.o_proj.weight.device
         attn.forward = lambda *a, **k: (self.o_proj(self.attn_in[j].to(dev)), None)
         try:
@@ -154,7 +156,7 @@ class LayerRunner:
             got = []
             with CaptureInput(first, got.append):
                 if first is self.down and self.mlp_in is not None:
-                    run_until(lambda: self.layer.mlp(self.mlp_in[j].to(first.weight.device)))
+                    run_until(lambda: self.mlp(self.mlp_in[j].to(first.weight.device)))
                 else:
                     with self._attention_replay(j):
                         run_until(lambda: run_layer(self.layer, xb, kw))
@@ -167,6 +169,14 @@ class LayerRunner:
             with self._attention_replay(j):
                 out[b:b + xb.shape[0]] = run_layer(self.layer, xb, kw)
         return self.acts.like(out)
+
+
+def _get(layer: nn.Module, path: str):
+    """The sub-module at `path` inside the layer, or None when the layer has none."""
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def reference_inputs(layer: nn.Module, acts: Activations, groups) -> tuple[list[list[torch.Tensor]], Activations]:
@@ -196,13 +206,14 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
     and the next layer's inputs, once the layer is released (the shard and resume point are written
     there); nothing is kept here, so memory holds one layer's codes, not the model's."""
     layers = decoder_layers(model)
+    fam = family_of(model)
     x_hat = acts
     x_ref = (ref_acts if ref_acts is not None else acts) if qep_alpha > 0 else None
     bar = tqdm(range(start_layer, len(layers)), desc="GPTQ layers", disable=not progress)
     for i in bar:
         with decoder_layer(model, i, place) as layer:       # lazy models: this layer's weights come from disk now
             layer_results, x_hat, x_ref = _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha,
-                                                          true_sequential, block_size, place)
+                                                          true_sequential, block_size, place, fam)
         for res in layer_results.values():
             res.cpu()
             res.weight = None           # the float copy (on the device) is not needed past here
