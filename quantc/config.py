@@ -445,8 +445,8 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         if "group_size" in rest:
             _group(rest["group_size"], file, f"{key}.group_size")
         changes = {k: v for k, v in rest.items() if k != "skip"}
-        for base in cfg.candidates:        # what the override makes of every candidate must exist
-            o = _make_option({**base.to_dict(), **changes}, file, key)
+        for cand in cfg.candidates:        # what the override makes of every candidate must exist
+            o = _make_option({**cand.to_dict(), **changes}, file, key)
             _bits(o.bits, file, f"{key}.bits", o.grid)
             _check_fixed(changes, o.grid, file, key)     # not silently dropped by the llama.cpp type
         cfg.overrides.append((pat, rest))

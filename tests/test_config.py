@@ -1,4 +1,6 @@
 """Bad budget YAML: each case gives a message naming the file, the key and what is allowed."""
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -92,14 +94,31 @@ budget: {memory: 1.5MiB}
 quant: {bits: [2, 3, 4], group_size: [32, 64], sym: false}
 calibration: {source: c.txt, samples: 4}
 export: {targets: gptq}
+overrides:                 # an override must not disturb the relative paths after it
+  - {match: 'layers\\.0\\.mlp\\.down_proj', bits: 8}
 """)
     cfg = load_config(tmp_path / "b.yaml")
+    assert len(cfg.overrides) == 1
     assert cfg.model == str((tmp_path / "m").resolve())
     assert cfg.calibration.source == str(tmp_path / "c.txt")
     assert cfg.budget.memory == int(1.5 * 2**20)
     assert len(cfg.candidates) == 6 and all(not o.sym for o in cfg.candidates)
     assert cfg.export_targets == ["gptq"]
     assert cfg.default_option.bits == 4
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_configs_load(example):
+    """The README's main job reads examples/: each example must parse where its inputs exist."""
+    text = example.read_text()
+    if "../shared" in text and not (example.parent / "../../shared").is_dir():
+        pytest.skip("the example reads ../shared, which is not beside this checkout")
+    cfg = load_config(example)
+    assert Path(cfg.calibration.source).is_file() or cfg.calibration.source in ("self",) \
+        or cfg.calibration.source.startswith("hf:")
 
 
 def test_sizes():
