@@ -27,8 +27,8 @@ def _notes(e: BaseException) -> str:
 def _where() -> str:
     """` (rank 1 of 2)` in a distributed run: which process says it."""
     import os
-    from .distributed import launched
-    return f" (rank {os.environ.get('RANK', '0')} of {os.environ['WORLD_SIZE']})" if launched() else ""
+    from .distributed import launched, launched_rank
+    return f" (rank {launched_rank()} of {os.environ['WORLD_SIZE']})" if launched() else ""
 
 
 def _peer_lost(e: Exception) -> bool:
@@ -153,6 +153,8 @@ def compile_cmd(ctx, budget, out, plan_file, force):
         click.echo(f"quantc {__version__}: {what} {cfg.model}{' (' + cfg.gguf_file + ')' if cfg.gguf_file else ''} "
                    f"→ {out}", err=True)
     m = compile_model(cfg, out, force=force, plan_file=plan_file, progress=ctx.obj["progress"])
+    from .distributed import leave
+    leave()                         # every rank, once rank 0 has written the artifact
     if m is None:                   # a distributed run's other ranks: rank 0 wrote the artifact
         return
     t = m["totals"]
@@ -213,13 +215,15 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     preflight(cfg, budget_key="--avg-bits" if avg_bits is not None else "--memory" if memory else None,
               calibrate=True)
     plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"])
-    from .distributed import current
+    from .distributed import current, leave
     if not current().main:          # a distributed run's other ranks: rank 0 writes the plan
+        leave()
         return
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.yaml")
     files = write_report(folder, plan, ms, cfg)
+    leave()
     p = plan.predicted
     table = Table(title=f"quantc plan → {folder / 'plan.yaml'}", show_header=False)
     table.add_row("measurement", f"{'cached' if cached else 'measured'} ({ms.meta.get('seconds', 0):.0f} s when measured)")

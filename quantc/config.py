@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .ggml import GRID_BITS, GRIDS
 from .options import Option
 from .packing import SUPPORTED_BITS
+from .rotate import ROTATIONS
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -52,7 +53,6 @@ RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, 
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
              "direct_bits": int, "predictor": str, "probes": int}
 PREDICTORS = ("fisher", "exact")          # see passes/measure.py
-ROTATIONS = ("none", "hadamard")         # see rotate.py
 
 # Named candidate sets (`candidates: NAME`). Options are (bits, group_size, sym); quant.act_order,
 # static_groups and mse apply to each. Symmetric and asymmetric grids cost the same bytes (GPTQ v1
@@ -520,10 +520,10 @@ def _candidate_set(name: str, q: dict, shared: dict, file: str) -> list[Option]:
     if name not in CANDIDATE_SETS:
         raise ConfigError(file, "candidates", f"{name!r} is not a known candidate set; known sets: "
                           f"{', '.join(CANDIDATE_SETS)}, or give a list of options ({{bits, group_size, sym}})")
-    for k in ("bits", "group_size", "sym"):
+    for k in ("bits", "group_size", "sym", "grid"):     # the set's options are on GPTQ's grid
         if k in q:
-            raise ConfigError(file, f"quant.{k}", f"has no effect: `candidates: {name}` fixes bits, group sizes and "
-                              f"sym; remove quant.{k}, or list the options in `candidates`")
+            raise ConfigError(file, f"quant.{k}", f"has no effect: `candidates: {name}` fixes bits, group sizes, "
+                              f"sym and the grid (gptq); remove quant.{k}, or list the options in `candidates`")
     return [Option(bits=b, group_size=g, **{**shared, "sym": s}) for b, g, s in CANDIDATE_SETS[name]]
 
 

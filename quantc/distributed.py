@@ -83,7 +83,12 @@ class World:
         """Sum over ranks, in place (every rank calls it, in the same order)."""
         if self.active:
             import torch.distributed as dist
-            dist.all_reduce(t)
+            if dist.get_backend() == "nccl" and not t.is_cuda:    # nccl reduces CUDA tensors only
+                on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.all_reduce(on_gpu)
+                t.copy_(on_gpu)
+            else:
+                dist.all_reduce(t)
             TRAFFIC.add("all_reduce", t.numel() * t.element_size())
         return t
 
@@ -92,7 +97,9 @@ class World:
         if not self.active:
             return obj
         import torch.distributed as dist
-        box = [obj if self.rank == src else None]
+        # a pickled CUDA tensor would come back on the sender's GPU index: send host tensors, and
+        # each receiver moves what it uses to its own device
+        box = [_on_host(obj) if self.rank == src else None]
         dist.broadcast_object_list(box, src=src)
         TRAFFIC.add("broadcast", _nbytes(box[0]))
         return box[0]
@@ -114,10 +121,7 @@ class World:
         import torch.distributed as dist
         parts = None
         if self.main and full is not None:
-            n = -(-full.shape[0] // batch_size)
-            parts = [full[World(r, self.size).share(n).start * batch_size:
-                          min(World(r, self.size).share(n).stop * batch_size, full.shape[0])]
-                     for r in range(self.size)]
+            parts = [World(r, self.size).local_rows(full, batch_size) for r in range(self.size)]
         have = self.broadcast(parts is not None, 0)
         if not have:
             return None
@@ -126,14 +130,23 @@ class World:
         TRAFFIC.add("scatter", box[0].numel() * box[0].element_size())
         return box[0]
 
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-            dist.barrier()
-
 
 SOLO = World()
 TRAFFIC = Traffic()
+
+
+def _on_host(obj):
+    """`obj` with every tensor in it on the CPU (containers rebuilt; objects with a `cpu()` method,
+    such as QuantResult, moved in place)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_host(v) for v in obj)
+    if hasattr(obj, "cpu") and callable(obj.cpu):
+        return obj.cpu()
+    return obj
 
 
 def _nbytes(obj) -> int:
@@ -185,8 +198,10 @@ def current() -> World:
 
 
 def leave() -> None:
-    """Tear the process group down at the end of a run (torchrun warns when it is left open)."""
+    """Tear the process group down at the end of a successful run (torchrun warns when it is left
+    open). The barrier first: the other ranks wait until rank 0 has written its files."""
     if launched():
         import torch.distributed as dist
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()

@@ -264,8 +264,19 @@ def grid_of(t: GGMLType, fields: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return s, off
 
 
-def rtn(t: GGMLType, W: torch.Tensor, mse: bool = False):
-    """Round-to-nearest on the type's grid: (codes [R, K] int32, fields [R, nb, ...])."""
+RTN_ROWS = 8192     # rows per `rtn` call: the clip search's float32 temporaries are a few times a chunk
+
+
+def rtn(t: GGMLType, W: torch.Tensor, mse: bool = False, rows: int | None = None):
+    """Round-to-nearest on the type's grid: (codes [R, K] int32, fields [R, nb, ...]). Rows are
+    quantized independently, so a big matrix (a 128k-vocab head) goes `rows` (RTN_ROWS) at a time,
+    each chunk in float32, with the same bits as one call and a fraction of its temporaries."""
+    rows = RTN_ROWS if rows is None else rows
+    if W.shape[0] > rows:
+        parts = [rtn(t, W[r:r + rows], mse, rows) for r in range(0, W.shape[0], rows)]
+        return (torch.cat([q for q, _ in parts]),
+                {k: torch.cat([f[k] for _, f in parts]) for k in parts[0][1]})
+    W = W.float()
     R, K = W.shape
     nb = K // t.block
     blocks = W.reshape(R * nb, t.block)

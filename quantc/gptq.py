@@ -36,7 +36,10 @@ class QuantResult:
     fields: dict | None = None     # the blocks' d, dmin/m, sc, mn [out, blocks, ...] as stored
 
     def cpu(self) -> "QuantResult":
-        """The integers and grid on the CPU (where the exporter and resume files read them)."""
+        """The integers and grid (and the dequantized weight, if kept) on the CPU (where the exporter
+        and resume files read them, and what a distributed broadcast sends)."""
+        if self.weight is not None:
+            self.weight = self.weight.cpu()
         if self.ggml is not None:
             self.q = self.q.cpu()
             self.fields = {k: v.cpu() for k, v in self.fields.items()}

@@ -54,7 +54,8 @@ def memory_estimate(cfg: Config) -> dict | None:
       perturbed stream alive at the last layer), and the head's logits;
     - sweep 2: calibration activations (x̂ in/out, with QEP x in/out, one layer's cached inputs),
       one layer's codes (finished layers go to their shard at once);
-    plus the Hessians of one layer, a batch's working buffers and the runtime itself."""
+    plus the Hessians (sweep 2: one input group's, every group's of a layer with true_sequential:
+    false; sweep 1: a layer's), a batch's working buffers and the runtime itself."""
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
     try:
@@ -67,6 +68,9 @@ def memory_estimate(cfg: Config) -> dict | None:
         return None
     hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
     layers, vocab = mc.get("num_hidden_layers", 0), mc.get("vocab_size", 0)
+    heads = mc.get("num_attention_heads") or 1
+    # attention width (q_proj's outputs, o_proj's inputs): heads · head_dim, not hidden on Qwen3 and Gemma 3
+    attn = heads * (mc.get("head_dim") or hidden // heads)
     if cfg.rotate != "none" and mc.get("tie_word_embeddings"):
         n += vocab * hidden                                   # the lm_head the rotation unties
     act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
@@ -74,7 +78,7 @@ def memory_estimate(cfg: Config) -> dict | None:
     streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
     if cfg.offload_activations:
         streams = 2                                           # only the cached attn/mlp inputs stay in RAM
-    layer_weights = hidden * hidden * 4 + 3 * hidden * inter  # q/k/v/o (upper bound) + MLP, one layer
+    layer_weights = hidden * attn * 4 + 3 * hidden * inter    # q/k/v/o (upper bound) + MLP, one layer
     quantize = tokens * hidden * act_bytes * streams + layer_weights   # + one layer's uint8 codes
     measure = 0
     if not cfg.uniform:
@@ -91,14 +95,17 @@ def memory_estimate(cfg: Config) -> dict | None:
         logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
         measure = calib + live + logits + k * layer_weights * 4   # + every option's weights of one layer
     acts = max(quantize, measure)
-    # Hessians: float64 sums (8 bytes per entry) rounded to a float32 H (4 bytes) when read. Sweep 2
-    # holds one input group's at a time (down_proj's is the largest); sweep 1 sums every group of a
-    # layer from one forward, then keeps their H.
-    widths = (hidden, hidden, hidden, inter)                  # q/k/v, o, gate/up, down inputs
-    hess = (8 + 4) * max(w * w for w in widths) * (2 if cfg.qep_alpha > 0 else 1)
+    # Hessians: float64 sums (8 bytes per entry) rounded to a float32 H (4 bytes) when read (with QEP
+    # a second, cross sum and δ beside each). Sweep 2 holds one input group's at a time (down_proj's is
+    # the largest), except with true_sequential: false, where one forward of the layer sums every
+    # group's before the first is read; sweep 1 sums every group of a layer, then keeps their H.
+    widths = (hidden, attn, hidden, inter)                    # q/k/v, o, gate/up, down inputs
+    largest = max(w * w for w in widths)
+    hess = (8 * (largest if cfg.true_sequential else sum(w * w for w in widths)) + 4 * largest) \
+        * (2 if cfg.qep_alpha > 0 else 1)
     if not cfg.uniform:
-        hess = max(hess, 8 * sum(w * w for w in widths) + 4 * max(w * w for w in widths))
-    batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden) * 4 * 6
+        hess = max(hess, 8 * sum(w * w for w in widths) + 4 * largest)
+    batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden, attn) * 4 * 6
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
             "hessians": hess, "working": batch, "runtime": runtime, "total": n * 4 + acts + hess + batch + runtime}

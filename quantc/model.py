@@ -275,6 +275,9 @@ def capture_layer0_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: in
     each batch. Stops every forward at the first decoder layer (no other layer runs). For a family
     whose layers differ in kind, each batch's kwargs hold every kind's (`KINDS`), and `run_layer` gives
     a layer its own."""
+    if tokens.shape[0] == 0:        # a distributed rank with no batch: it still joins every collective
+        dtype = model.get_input_embeddings().weight.dtype
+        return torch.empty(0, tokens.shape[1], model.config.hidden_size, dtype=dtype), []
     fam = family_of(model)
     if fam.layer_kind is not None:
         return _capture_by_kind(model, tokens, batch_size, fam.layer_kind)

@@ -77,7 +77,10 @@ def placement(cfg: Config, model) -> Placement:
     that device (else they stay in host memory, moved batch by batch)."""
     device = resolve_device(cfg.device)
     world = distributed.join(device)
-    if world.active and device.type == "cuda" and device.index is None:
+    if world.active and device.type == "cuda":         # each rank its own GPU (torchrun's LOCAL_RANK)
+        if device.index is not None and device.index != world.local_rank:
+            log.warning("resources.device %s: under torchrun each rank uses its LOCAL_RANK GPU; rank %d uses "
+                        "cuda:%d", device, world.rank, world.local_rank)
         device = torch.device("cuda", world.local_rank)
     dtype = TORCH_DTYPES[cfg.compute_dtype]
     on_device = True
@@ -191,12 +194,14 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                 ckpt.save_state(i, hat, ref)
         fault_point(i, world.rank)
 
+    offload = None
     if cfg.method == "rtn":
         quantize_rtn(model, options, layer_done, progress=progress, place=place)
     else:
         bs = cfg.calibration.batch_size
         hidden, kwargs = capture_layer0_inputs(model, world.local_rows(tokens, bs), bs)   # this rank's batches
-        offload = tmp / "offload" if cfg.offload_activations and tmp is not None else None
+        if cfg.offload_activations:    # every rank its own rows: rank 0 in its staging folder, others beside -o
+            offload = tmp / "offload" if world.main else out.resolve().parent / f".{out.name}.offload-rank{world.rank}"
         release_outside(model)
         start, ref = 0, None
         resumed = ckpt.load() if world.main else None
@@ -212,6 +217,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     timings["quantize_s"] = time.perf_counter() - t
     traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
     if not world.main:
+        if offload is not None:       # its files were unlinked at creation: only the folder is left
+            shutil.rmtree(offload, ignore_errors=True)
         return None
 
     t = time.perf_counter()

@@ -87,7 +87,7 @@ def _split_linears(model: nn.Module, tensors: dict) -> None:
     for i in range(len(model.get_submodule(fam.layers))):
         for fused, parts in fam.export_split.items():
             names = fam.exported(fam.prefix(i) + fused)
-            if not any(f"{n}.{k}" in tensors for n in names for k in ("weight", "qweight")):
+            if not any(f"{n}.{k}" in tensors for n in names for k in ("weight", "qweight", "qblocks")):
                 continue
             old = model.get_submodule(fam.prefix(i) + fused)
             rows = old.out_features // len(parts)

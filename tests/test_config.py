@@ -1,4 +1,5 @@
 """Bad budget YAML: each case gives a message naming the file, the key and what is allowed."""
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,7 @@ BAD = [
     ("model: {M}\ncandidates: widest\n", "`candidates`: 'widest' is not a known candidate set; known sets: wide"),
     ("model: {M}\nquant: {group_size: 64}\ncandidates: wide\n", "`quant.group_size`: has no effect: `candidates: wide`"),
     ("model: {M}\nquant: {sym: false}\ncandidates: wide\n", "`quant.sym`: has no effect"),
+    ("model: {M}\nquant: {grid: k}\ncandidates: wide\n", "`quant.grid`: has no effect: `candidates: wide` fixes"),
     ("model: {M}\nquant: {candidates: wide}\n", "`quant.candidates`: `candidates` is a top-level key"),
     ("model: {M}\nquant: {rotate: quarot}\n", "`quant.rotate`: 'quarot' is not known; allowed: none, hadamard"),
     ("model: {M}\nquant: {rotate_seed: 3}\n", "`quant.rotate_seed`: has no effect without a rotation"),
@@ -284,3 +286,22 @@ def test_wide_candidate_set(tmp_path, tiny_models):
         {(b, g, True) for b in (4, 8) for g in (32, 64, 128)}
     gguf = parse_config({**base, "candidates": "wide", "export": {"targets": ["gptq", "gguf"]}})
     assert {(o.bits, o.group_size, o.sym) for o in gguf.candidates} == {(4, 32, True), (4, 32, False), (8, 32, True)}
+
+
+def test_memory_estimate_hessians_follow_head_dim_and_true_sequential(tmp_path, tiny_models):
+    """o_proj reads heads · head_dim inputs (not hidden on Qwen3 and Gemma 3), and with true_sequential:
+    false one forward of a layer sums every input group's float64 Hessian before the first is read."""
+    from quantc.memory import memory_estimate
+    src, m = tiny_models["llama"], tmp_path / "m"
+    m.mkdir()
+    (m / "model.safetensors").symlink_to(src / "model.safetensors")      # the estimate reads its header only
+    mc = json.loads((src / "config.json").read_text())
+    mc.update(hidden_size=64, num_attention_heads=4, head_dim=40, intermediate_size=96)   # o_proj: 160 inputs
+    (m / "config.json").write_text(json.dumps(mc))
+    hess = {ts: memory_estimate(parse_config({"model": str(m), "quant": {"true_sequential": ts}}))["hessians"]
+            for ts in (True, False)}
+    assert hess[True] == (8 + 4) * 160**2                                  # one group's at a time: o_proj's
+    assert hess[False] == 8 * (64**2 + 160**2 + 64**2 + 96**2) + 4 * 160**2
+    del mc["head_dim"]                                                     # default: hidden / heads
+    (m / "config.json").write_text(json.dumps(mc))
+    assert memory_estimate(parse_config({"model": str(m)}))["hessians"] == (8 + 4) * 96**2   # down_proj's

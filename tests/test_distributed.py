@@ -63,6 +63,25 @@ def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib
     assert len(list((tmp_path / "c2" / "measurements").glob("*.json"))) == 1  # rank 0 alone wrote the measurement cache
 
 
+def test_ranks_without_a_batch_still_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib_file):
+    """More processes than batches: 5 samples in batches of 2 are 3 batches (measurement and
+    calibration alike), so the 4th rank has none in either sweep and only joins the collectives."""
+    model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=2, seed=3)
+    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
+quant: {{group_size: 32}}
+candidates: [{{bits: 2, sym: false}}, {{bits: 4}}]
+budget: {{avg_bits: 3.5}}
+plan: {{measure_samples: 5, alpha_samples: 1, alpha_seq_len: 32, probes: 1}}
+calibration: {{source: {calib_file}, samples: 5, seq_len: 32, batch_size: 2}}
+""")
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(4, ["compile", str(y), "-o", str(tmp_path / "four")], 29541, QUANTC_CACHE=str(tmp_path / "c4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_artifact(tmp_path / "one", tmp_path / "four")
+
+
 def test_a_dead_rank_stops_the_run_and_the_same_command_resumes(tmp_path, tiny_tokenizer, calib_file):
     y = _budget(tmp_path, tiny_tokenizer, calib_file, 0.0)
     cache = str(tmp_path / "c")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import quantc
+from quantc import ggml
 from quantc.config import parse_config
 from quantc.errors import QuantcError
 from quantc.family import BY_TYPE, SUPPORTED_TYPES
@@ -64,6 +65,11 @@ def fake_quantized(src, out):
             bits = int(module_option(n, qc)["bits"])
             values[f"{n}.weight"] = dequantize_gptq(t[k], t[f"{n}.qzeros"], t[f"{n}.scales"], t[f"{n}.g_idx"], bits,
                                                     torch.float32)
+        elif k.endswith(".qblocks"):         # a llama.cpp grid: the blocks as gguf-py dequantizes them
+            n = k[: -len(".qblocks")]
+            o = module_option(n, qc)
+            gt = ggml.stored_type(o["grid"], int(o["bits"]), bool(o["sym"]), t[k].shape[-1])
+            values[f"{n}.weight"] = ggml.dequantize_blocks(gt, t[k])
         elif not k.endswith((".qzeros", ".scales", ".g_idx")):
             values[k] = t[k].float()
     fam = BY_TYPE[model.config.model_type]
@@ -110,6 +116,27 @@ def test_compile_and_load_match_the_fake_quantized_model(tmp_path, fam_models, t
     assert r.exit_code == 0 and ("qkv_proj" if kind == "phi3" else "q_proj") in r.output, r.output
     rows = verify(out)
     assert all(ok for _, ok, _ in rows), rows           # hashes, packed shapes, logits against the source
+
+
+@pytest.mark.parametrize("grid", ["k", "ggml"])
+def test_phi3_on_a_llama_cpp_grid_writes_and_loads_row_blocks(tmp_path, fam_models, tiny_tokenizer, calib_file, grid):
+    """Phi-3's gate_up_proj on a llama.cpp grid is written as gate/up row blocks of llama.cpp blocks (codes
+    and every per-row field split by rows) and quantc.load reads them back. The tiny model's 64/128 inputs
+    are not whole super-blocks: grid k falls back to Q5_0; grid ggml with sym: false is Q4_1 (with mins)."""
+    quant = {"bits": 4, "grid": grid, **({"sym": False} if grid == "ggml" else {})}
+    out = _compile(tmp_path, fam_models["phi3"], calib_file, quant=quant)
+    tensors = read_tensors(out)
+    size = ggml.TYPES["Q5_0" if grid == "k" else "Q4_1"].size
+    for p in ("gate_proj", "up_proj"):
+        assert tensors[f"model.layers.0.mlp.{p}.qblocks"].shape == (128, 64 // 32, size)
+    assert "model.layers.0.self_attn.qkv_proj.qblocks" in tensors
+    assert not any("gate_up_proj" in k or k.endswith(".qweight") for k in tensors)
+    q = quantc.load(out)
+    assert type(q.model.layers[0].mlp.gate_proj).__name__ == "GGMLLinear"
+    ref = fake_quantized(fam_models["phi3"], out)
+    ids = _ids(tiny_tokenizer)
+    with torch.no_grad():
+        assert _rel(q(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -50,6 +50,26 @@ def test_blocks_round_trip_through_gguf_py(name):
         assert torch.equal(f2[k].to(fields[k].dtype), fields[k]), k
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q4_1"])
+def test_rtn_in_row_chunks_gives_the_bits_of_one_call(name, monkeypatch):
+    """The GGUF writer quantizes a vocab-sized head RTN_ROWS rows at a time: rows are independent, so
+    chunks (here 7 rows, the last one short) give the codes and fields of one call, as do the writer's
+    packed blocks."""
+    t = ggml.TYPES[name]
+    g = torch.Generator().manual_seed(2)
+    W = (torch.randn(45, 512, generator=g) * 0.05).to(torch.float16)   # 16-bit, as the checkpoint stores heads
+    W[3, 100] = 1.0
+    monkeypatch.setattr(ggml, "RTN_ROWS", 10**9)
+    q1, f1 = ggml.rtn(t, W, mse=True)
+    monkeypatch.setattr(ggml, "RTN_ROWS", 7)
+    q2, f2 = ggml.rtn(t, W, mse=True)
+    assert torch.equal(q1, q2) and f1.keys() == f2.keys()
+    for k in f1:
+        assert torch.equal(f1[k], f2[k]), k
+    assert torch.equal(ggml.pack(t, q1, f1), ggml.pack(t, q2, f2))
+    assert torch.equal(ggml.rtn(t, W, mse=True, rows=45)[0], ggml.rtn(t, W, mse=True, rows=44)[0])
+
+
 @pytest.mark.parametrize("bits,grid,sym", [(2, "k", True), (3, "k", True), (4, "k", True), (5, "k", True),
                                            (6, "k", True), (5, "ggml", False), (5, "ggml", True)])
 def test_gptq_on_the_grid_beats_rtn_and_writes_its_codes(bits, grid, sym):
@@ -134,7 +154,7 @@ def wide_llama(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
-def test_transformers_loads_k_quant_gguf_with_quantc_logits(tmp_path, wide_llama, calib_file):
+def test_transformers_loads_k_quant_gguf_with_quantc_logits(tmp_path, wide_llama, calib_file, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     raw = {"model": str(wide_llama), "quant": {"bits": 4, "grid": "k"},
            "overrides": [{"match": r"layers\.0\.mlp\.down_proj", "bits": 6},
@@ -183,18 +203,20 @@ def test_transformers_loads_k_quant_gguf_with_quantc_logits(tmp_path, wide_llama
         export_onnx(out, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
 
-    # by default the embeddings and output get the types llama.cpp's quantizer gives them
+    # by default the embeddings and output get the types llama.cpp's quantizer gives them, written in row
+    # chunks (here 4 of the 320-token vocab, the last one short) with the bits of one call
     from quantc.export.gguf import export_gguf
+    monkeypatch.setattr(ggml, "RTN_ROWS", 100)
     info = export_gguf(out, tmp_path / "g2")
     assert info["tensors"]["output.weight"] == "Q6_K" and info["tensors"]["token_embd.weight"] == "Q4_K"
     g2 = AutoModelForCausalLM.from_pretrained(tmp_path / "g2", gguf_file="model.gguf", dtype=torch.float32).eval()
     w16 = q.lm_head.weight.detach()
     wq = g2.lm_head.weight.detach()
     q6 = ggml.TYPES["Q6_K"]
-    assert torch.equal(wq, ggml.dequantize(q6, *ggml.rtn(q6, w16, mse=True)))    # Q6_K of the checkpoint's values
+    assert torch.equal(wq, ggml.dequantize(q6, *ggml.rtn(q6, w16, mse=True, rows=10**9)))    # Q6_K of the checkpoint's values
     q4 = ggml.TYPES["Q4_K"]
     e16 = q.model.embed_tokens.weight.detach()
-    assert torch.equal(g2.model.embed_tokens.weight.detach(), ggml.dequantize(q4, *ggml.rtn(q4, e16, mse=True)))
+    assert torch.equal(g2.model.embed_tokens.weight.detach(), ggml.dequantize(q4, *ggml.rtn(q4, e16, mse=True, rows=10**9)))
     assert not torch.equal(wq, w16)
 
 

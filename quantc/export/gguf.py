@@ -257,8 +257,10 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
             continue
         if key in quantize_heads:      # round-to-nearest on the type's grid, as llama.cpp quantizes them
             gt = quantize_heads[key]
-            q, fields = ggml.rtn(gt, value.float(), mse=True)
-            blocks = ggml.pack(gt, q, fields)
+            # row chunks (ggml.RTN_ROWS), each packed at once: a 128k-vocab head's float32 copy, codes and
+            # clip-search temporaries would be many GB in one call; the bits are the same
+            blocks = torch.cat([ggml.pack(gt, *ggml.rtn(gt, value[r:r + ggml.RTN_ROWS], mse=True))
+                                for r in range(0, value.shape[0], ggml.RTN_ROWS)])
             gname = _gguf_name(names, key)
             w.add_tensor(gname, np.ascontiguousarray(blocks.reshape(blocks.shape[0], -1).numpy()),
                          raw_dtype=gguf.GGMLQuantizationType[gt.name])

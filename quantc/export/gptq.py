@@ -131,6 +131,9 @@ def _rows(res: QuantResult, k: int, n: int) -> QuantResult:
         return res
     rows = res.q.shape[0] // n
     sl = slice(k * rows, (k + 1) * rows)
+    if res.ggml is not None:      # llama.cpp blocks: codes and every field are [out, ...], no g_idx
+        return QuantResult(res.q[sl], None, None, None, None, res.damp, ggml=res.ggml,
+                           fields={f: v[sl] for f, v in res.fields.items()})
     return QuantResult(res.q[sl], res.scales[:, sl], res.zeros[:, sl], res.g_idx.clone(), None, res.damp)
 
 

@@ -198,12 +198,19 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 held_in.append(xh.hidden)
 
             quantized: dict[str, dict[str, torch.Tensor]] = {option_key(o): {} for o in candidates}
-            for unit in by_layer.get(i, []):
-                solved = None
-                if world.mine(owned):            # distributed: units go round-robin over the ranks
-                    solved = _solve_unit(unit, prefix, layer, mods, hess, candidates, method, damp, keep_sq=not exact)
-                entry, weights, unit_sq = world.broadcast(solved, world.owner(owned))
-                owned += 1
+            here, first = by_layer.get(i, []), owned     # this layer's units are numbered first, first + 1, ...
+            owned += len(here)
+            solved: dict = {}
+            for j, unit in enumerate(here, start=first):
+                if (j - first) % world.size == 0:
+                    # distributed: units go round-robin over the ranks, in rounds of one unit per rank;
+                    # each rank solves its unit of the round before any result is sent, so the solves
+                    # run in parallel and each rank holds one unit's options (one process: j alone)
+                    for jj in range(j, min(j + world.size, owned)):
+                        if world.mine(jj):
+                            solved[jj] = _solve_unit(here[jj - first], prefix, layer, mods, hess, candidates,
+                                                     method, damp, keep_sq=not exact)
+                entry, weights, unit_sq = world.broadcast(solved.pop(j, None), world.owner(j))
                 for k, ws in weights.items():
                     quantized[k].update({n: w.to(mods[n].weight.device) for n, w in ws.items()})
                 for n, per in unit_sq.items():
@@ -273,18 +280,21 @@ def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidat
 def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option,
                  world: World = SOLO) -> dict:
     """Importance diagnostics of block i (LieQ's ΔKL is filled in after the sweep). In a distributed
-    run each rank holds its own calibration rows: the sums behind them are all-reduced (float64;
-    these report-only numbers may then differ from one process's in their last digits)."""
+    run each rank holds its own calibration rows: the sums behind them are all-reduced (float64), and
+    the spectra sample the same rows as one process (every step-th row of the whole set), so these
+    report-only numbers differ from one process's only in their last digits."""
     hid = x.hidden.shape[-1]
     xin = x.hidden[:, :-1].reshape(-1, hid).float()
     xout = x_next.hidden[:, :-1].reshape(-1, hid).float()
     if world.active:
         cos = F.cosine_similarity(xin, xout, dim=-1).double()
-        tot = world.all_reduce(torch.stack([cos.sum(), torch.tensor(float(cos.numel()), dtype=torch.float64,
-                                                                     device=cos.device)]))
-        influence = float(1 - tot[0] / tot[1])
-        step = max(1, int(tot[1]) // 2048)
-        grams = [world.all_reduce(h[::step].double().t() @ h[::step].double()) for h in (xout, xin)]
+        rows = torch.zeros(world.size, dtype=torch.float64, device=cos.device)
+        rows[world.rank] = cos.numel()
+        rows = world.all_reduce(rows)                    # every rank's row count (ranks hold rows in order)
+        influence = float(1 - world.all_reduce(cos.sum().reshape(1))[0] / rows.sum())
+        step = max(1, int(rows.sum()) // 2048)
+        first = (-int(rows[:world.rank].sum())) % step   # this rank's first row on the global step grid
+        grams = [world.all_reduce(h[first::step].double().t() @ h[first::step].double()) for h in (xout, xin)]
         (erank, topk_out), (_, topk_in) = _spectrum(grams[0]), _spectrum(grams[1])
     else:
         influence = float(1 - F.cosine_similarity(xin, xout, dim=-1).mean())
