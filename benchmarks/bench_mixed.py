@@ -2,11 +2,14 @@
 protocol of bench_gptq).
 
     python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
-                                     [--budgets 3b,3.5b,4b] [--qep-budgets 3b] [--fresh]
+                                     [--budgets 3b,3.5b,4b] [--qep-budgets 3b]
+                                     [--variants bits,wide,wide-rot] [--fresh]
 
-For each predictor (plan.predictor): measures once (sweep 1, cached), re-plans from the cache for each
-budget, compiles each plan (QEP rows: the first predictor only), and evaluates every checkpoint
-through `quantc.load` in float32 on WikiText-2.
+For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
+`wide-rot`: the wide set with `quant.rotate: hadamard`) and each predictor (plan.predictor): measures
+once (sweep 1, cached), re-plans from the cache for each budget, compiles each plan (QEP rows: the
+first variant and predictor only), and evaluates every checkpoint through `quantc.load` in float32 on
+WikiText-2.
 Budgets equal the exact byte size of uniform 3-bit g128 and 4-bit g128 (as bench_gptq's quantc
 rows) and the midpoint (~3.5 bits/weight). Uniform rows are read from bench_gptq's cached results.
 Predicted ΔKL (Σ α·err) is compared with the measured Δloss = ln(ppl) − ln(ppl_fp32).
@@ -25,15 +28,26 @@ from benchmarks.common import ROOT, save_plot
 from benchmarks.models import bench_model, keyed, mark, own_results, select, title
 
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
+VARIANTS = {   # name: (candidates, extra quant settings, what the table says)
+    "bits": (CANDIDATES, {"group_size": 128}, "2-asym/3/4/8, g128"),
+    "wide": ("wide", {}, "wide (18: 2-asym, 3/4 sym+asym, 8; g32/64/128)"),
+    "wide-rot": ("wide", {"rotate": "hadamard"}, "wide + Hadamard rotation"),
+}
 
 
-def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher") -> dict:
+def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher", variant: str = "bits") -> dict:
+    candidates, quant, _ = VARIANTS[variant]
     return {"model": str(bench_model()),
             "budget": {"memory": budget_bytes} if budget_bytes else {},
-            "quant": {"group_size": 128, "qep_alpha": qep, **QUANTC_GPTQ},
-            "candidates": CANDIDATES,
+            "quant": {"qep_alpha": qep, **QUANTC_GPTQ, **quant},
+            "candidates": candidates,
             "plan": {"predictor": predictor},
             "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": 0}}
+
+
+def prefix(variant: str) -> str:
+    """Cache-key prefix of a variant: none for today's candidates (the keys of earlier runs)."""
+    return "" if variant == "bits" else f"{variant}-"
 
 
 def uniform_bytes(bits: int) -> int:
@@ -45,17 +59,15 @@ def uniform_bytes(bits: int) -> int:
     return sum(Option(bits, 128).bytes_for(mods[n].in_features, mods[n].out_features) for n in linear_names(model))
 
 
-def job_plan(budgets: dict[str, int], predictor: str) -> dict:
+def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits") -> dict:
     """Measure (timed), then re-plan from the cache for every budget (timed)."""
     from quantc.calibration import calibration_tokens
     from quantc.config import parse_config
-    from quantc.model import load_model, load_tokenizer
-    from quantc.options import Option
     from quantc.passes.measure import option_key, unit_dkl
     from quantc.planning import get_measurements, solve
-    cfg = parse_config(raw_config(None, 0.0, predictor), "bench")
-    model = load_model(cfg.model)
-    tok = load_tokenizer(cfg.model)
+    from quantc.pipeline import load_source
+    cfg = parse_config(raw_config(None, 0.0, predictor, variant), "bench")
+    model, tok = load_source(cfg)        # as the compile loads it (lazily; rotated when the variant says so)
     tokens = calibration_tokens(cfg.calibration, tok)
     t = time.perf_counter()
     ms, was_cached = get_measurements(cfg, model, tokens, progress=False)
@@ -68,22 +80,24 @@ def job_plan(budgets: dict[str, int], predictor: str) -> dict:
         ms2, hit = get_measurements(cfg, model, tokens, progress=False)
         plan = solve(ms2, cfg, b)
         replan_s = time.perf_counter() - t
-        write_report(ROOT / "benchmarks" / "plots" / keyed(f"plan-{predictor}-{name}"), plan, ms2, cfg)
+        write_report(ROOT / "benchmarks" / "plots" / keyed(f"plan-{prefix(variant)}{predictor}-{name}"), plan, ms2, cfg)
         out["plans"][name] = {**plan.predicted, "replan_s": replan_s, "cache_hit": hit,
                               "bits": {str(o): sum(1 for c in plan.choices.values() if c.bits == o) for o in (2, 3, 4, 8)}}
-    for bits, sym in ((3, True), (4, True)):       # predictions for the uniform references
-        k = option_key(next(o for o in cfg.candidates if o.bits == bits))
-        out[f"uniform{bits}_pred"] = sum(unit_dkl(u, k) for u in ms.units.values())
+    for bits, sym in ((3, True), (4, True)):       # predictions for the uniform references (g128 sym)
+        o = next((o for o in cfg.candidates if (o.bits, o.group_size, o.sym) == (bits, 128, sym)), None)
+        if o is not None:
+            out[f"uniform{bits}_pred"] = sum(unit_dkl(u, option_key(o)) for u in ms.units.values())
     out["calibration"] = ms.meta.get("calibration")
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
-def job_compile(budget: int, qep: float, folder: str, predictor: str) -> dict:
+def job_compile(budget: int, qep: float, folder: str, predictor: str, variant: str = "bits") -> dict:
     from quantc.config import parse_config
     from quantc.pipeline import compile_model
     t = time.perf_counter()
-    m = compile_model(parse_config(raw_config(budget, qep, predictor), "bench"), folder, force=True, progress=False)
+    m = compile_model(parse_config(raw_config(budget, qep, predictor, variant), "bench"), folder, force=True,
+                      progress=False)
     return {"quantize_s": m["timings"]["quantize_s"], "plan_s": m["timings"].get("plan_s", 0),
             "total_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
 
@@ -97,12 +111,13 @@ def main() -> None:
     ap.add_argument("--predictors", default="fisher,exact")
     ap.add_argument("--qep", type=float, default=0.5)
     ap.add_argument("--qep-budgets", default="3b")
+    ap.add_argument("--variants", default="bits", help=f"candidate variants: {', '.join(VARIANTS)}")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     if args.job:
         kind = args.job[0]
-        res = job_plan(json.loads(args.job[1]), args.job[2]) if kind == "plan" else \
-            job_compile(int(args.job[1]), float(args.job[2]), args.job[3], args.job[4])
+        res = job_plan(json.loads(args.job[1]), args.job[2], args.job[3]) if kind == "plan" else \
+            job_compile(int(args.job[1]), float(args.job[2]), args.job[3], args.job[4], args.job[5])
         print("RESULT " + json.dumps(res), flush=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
@@ -115,8 +130,12 @@ def main() -> None:
     sizes["3.5b"] = (sizes["3b"] + sizes["4b"]) // 2
     budgets = {b: sizes[b] for b in args.budgets.split(",")}
     predictors = args.predictors.split(",")
-    plans = {p: cached(f"mixed-{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p]))
-             for p in predictors}
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    plans = {(v, p): cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v]))
+             for v in variants for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     for c in ("3b", "4b"):      # the uniform references: bench_gptq's quantc rows (same cache keys)
         folder = WORK / keyed(f"quantc-gptq-{c}")
@@ -124,16 +143,18 @@ def main() -> None:
         cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
-    runs = [(p, b, 0.0) for p in predictors for b in budgets] + \
-           [(predictors[0], b, args.qep) for b in budgets if b in qep_budgets]
+    runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in budgets] + \
+           [(variants[0], predictors[0], b, args.qep) for b in budgets if b in qep_budgets]
     cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
-    for p, b, qep in runs:
-        key = f"mixed-{p}-{b}-qep{qep:g}"
+    for v, p, b, qep in runs:
+        key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
         folder = WORK / keyed(key)
-        q = cached(f"{key}-compile", lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p]))
+        q = cached(f"{key}-compile",
+                   lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p, v]))
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
+        plan = plans[(v, p)]["plans"][b]
         rows.append({"budget": b, "qep": qep, "compile": q, "eval": e, "bytes": linear_bytes(folder),
-                     "pred": plans[p]["plans"][b]["delta_kl"], "plan": plans[p]["plans"][b], "predictor": p})
+                     "pred": plan["delta_kl"], "plan": plan, "predictor": p, "variant": v})
         write(rows, plans, fp, sizes, cmd)
     write(rows, plans, fp, sizes, cmd)
 
@@ -152,8 +173,9 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     u3, u4 = _uniform(3), _uniform(4)
     lines = [f"## Mixed precision: allocation under a memory budget ({title()})", "",
              f"Command: `{cmd}` (it also runs the uniform GPTQ references with bench_gptq's settings). "
-             "Candidates per unit (q/k/v, o, gate/up, down): 2-bit asym, 3-, 4-, 8-bit sym, "
-             f"all g128 with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
+             "Candidates per unit (q/k/v, o, gate/up, down), by variant: "
+             + "; ".join(f"*{v}* = {VARIANTS[v][2]}" for v in dict.fromkeys(v for v, _ in plans))
+             + f"; all with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
              "float32 through `quantc.load`) as above. All rows of this section come from one run.", "",
              "Predictors (`plan.predictor`): *fisher* (the default) = sweep 1 streams forward once (Hessians, every "
              "unit's GPTQ at every option, held-out streams for 8 sample units and the uniform plans) and backward "
@@ -161,13 +183,14 @@ def write(rows, plans, fp, sizes, cmd) -> None:
              "probes), ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / 4T scaled per option by 8 units measured exactly; "
              "*exact* = every unit's ΔKL measured with its own quantized weights at each ≤4-bit option (+ α·err "
              "for 8-bit), all perturbed streams carried forward together (O(layers²) compute).", "",
-             "| predictor | measurement (sweep 1) | re-plan from the cache | peak RSS |", "|---|---|---|---|"]
-    for p, plan in plans.items():
-        lines.append(f"| {p} | {plan['measure_s']:.0f} s | "
+             "| candidates | predictor | measurement (sweep 1) | re-plan from the cache | peak RSS |",
+             "|---|---|---|---|---|"]
+    for (v, p), plan in plans.items():
+        lines.append(f"| {v} | {p} | {plan['measure_s']:.0f} s | "
                      + ", ".join(f"{x['replan_s']:.2f} s" for x in plan["plans"].values())
                      + f" | {plan['peak_rss_mb']:.0f} MB |")
-    lines += ["", "| budget | predictor | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| budget | candidates | predictor | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     p0 = next(iter(next(iter(plans.values()))["plans"].values()))
     weights = 8 * p0["allocated_bytes"] / p0["avg_bits"]        # quantized weights (from any plan)
     for bits, u in ((3, u3), (4, u4)):
@@ -175,7 +198,7 @@ def write(rows, plans, fp, sizes, cmd) -> None:
         if u and q.is_file():
             n = sum(p0["bits"].values())          # units of the model (every plan places all of them)
             mix = f"0/{n}/0/0" if bits == 3 else f"0/0/{n}/0"
-            lines.append(f"| uniform {bits}-bit | — | 0 | {sizes[f'{bits}b'] / 1e6:.2f} MB | "
+            lines.append(f"| uniform {bits}-bit | {bits}-bit g128 | — | 0 | {sizes[f'{bits}b'] / 1e6:.2f} MB | "
                          f"{8 * sizes[f'{bits}b'] / weights:.3f} | {mix} | "
                          f"{json.loads(q.read_text())['total_s']:.0f} | {u['ppl']:.2f} | — | — |")
     for r in rows:
@@ -186,25 +209,28 @@ def write(rows, plans, fp, sizes, cmd) -> None:
             gap = f"{100 * (u3['ppl'] - ppl) / (u3['ppl'] - u4['ppl']):.0f}%"
         mix = "/".join(str(r["plan"]["bits"][k]) for k in ("2", "3", "4", "8"))
         ref_ppl = f"{ref['ppl']:.2f}" if ref else "—"
-        lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {r['predictor']} | {r['qep']:g} | {r['bytes'] / 1e6:.2f} MB | "
+        lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {r['variant']} | {r['predictor']} | {r['qep']:g} | "
+                     f"{r['bytes'] / 1e6:.2f} MB | "
                      f"{r['plan']['avg_bits']:.3f} | {mix} | {r['compile']['total_s']:.0f} | {ppl:.2f} | "
                      f"{ref_ppl} | {gap} |")
     lines += ["", "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
               "Bits/weight counts qweight, qzeros, scales and g_idx per quantized weight. The compile s of a mixed "
               "row includes its plan step (a cache read after the first).", "",
               "Predicted ΔKL (sum over units) against measured Δloss on WikiText-2 (ln ppl − ln ppl_fp32):", "",
-              "| plan | predictor | predicted ΔKL | measured Δloss | measured / predicted |", "|---|---|---|---|---|"]
+              "| plan | candidates | predictor | predicted ΔKL | measured Δloss | measured / predicted |",
+              "|---|---|---|---|---|---|"]
     pts = []
-    for p, plan in plans.items():
-        pts += [("uniform 3-bit", p, plan["uniform3_pred"], u3), ("uniform 4-bit", p, plan["uniform4_pred"], u4)]
-    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["predictor"], r["pred"], r["eval"]) for r in rows]
-    for name, pred_kind, pred, ev in pts:
+    for (v, p), plan in plans.items():
+        pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u) for b, u in ((3, u3), (4, u4))
+                if f"uniform{b}_pred" in plan]
+    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"]) for r in rows]
+    for name, v, pred_kind, pred, ev in pts:
         if ev:
             d = math.log(ev["ppl"]) - math.log(fp["ppl"])
-            lines.append(f"| {name} | {pred_kind} | {pred:.4f} | {d:.4f} | {d / pred:.2f} |")
-    cal = plans.get("fisher", {}).get("calibration")
+            lines.append(f"| {name} | {v} | {pred_kind} | {pred:.4f} | {d:.4f} | {d / pred:.2f} |")
+    cal = plans.get((next(iter(plans))[0], "fisher"), {}).get("calibration")
     if cal:
-        lines += ["", "The fisher predictor's per-option scale: Σ measured ΔKL / Σ Fisher form over its calibration "
+        lines += ["", f"The fisher predictor's per-option scale (candidates: {next(iter(plans))[0]}): Σ measured ΔKL / Σ Fisher form over its calibration "
                   "sample (8 units measured alone at every option); options whose sample ΔKL is float noise take the "
                   "nearest calibrated factor. Last columns: the uniform plan at that option, predicted (scaled) and "
                   "measured ΔKL on the held-out slice:", "",
@@ -234,9 +260,11 @@ def _plot(rows, u3, u4, sizes, fp):
     uni = [(sizes[k] / 1e6, u["ppl"]) for k, u in (("3b", u3), ("4b", u4)) if u]
     if uni:
         ax.plot(*zip(*uni), "o-", color="k", label="uniform GPTQ (3, 4 bit)")
-    for (pred, q), marker in zip(sorted({(r["predictor"], r["qep"]) for r in rows}), "s^Dv"):
-        pts = sorted((r["bytes"] / 1e6, r["eval"]["ppl"]) for r in rows if (r["predictor"], r["qep"]) == (pred, q))
-        ax.plot(*zip(*pts), marker + "--", label=f"mixed, {pred}, QEP {q:g}")
+    lines = sorted({(r["variant"], r["predictor"], r["qep"]) for r in rows})
+    for (v, pred, q), marker in zip(lines, "s^Dv<>ph"):
+        pts = sorted((r["bytes"] / 1e6, r["eval"]["ppl"]) for r in rows
+                     if (r["variant"], r["predictor"], r["qep"]) == (v, pred, q))
+        ax.plot(*zip(*pts), marker + "--", label=f"mixed, {v}, {pred}, QEP {q:g}")
     ax.axhline(fp["ppl"], color="grey", lw=0.8, ls=":", label="fp32")
     return save_plot(fig, ax, out, "quantized-linear bytes (MB)", "WikiText-2 perplexity")
 

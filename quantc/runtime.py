@@ -2,7 +2,6 @@
 included) as a transformers model whose quantized linears are QuantLinear modules."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
