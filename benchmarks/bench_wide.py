@@ -50,21 +50,26 @@ def build(layers: int) -> Path:
 
 
 class Timers:
-    """Cumulative seconds of wrapped functions (nested calls are attributed to the outer category too;
-    the column loop is what _gptq_stacked spends outside Cholesky and the grid search)."""
+    """Cumulative seconds of wrapped functions. A call nested in another of the same label (run_layer
+    inside run_until) is not counted again; a call nested in another label's (Cholesky inside the GPTQ
+    solve) is, and the column loop is what _gptq_stacked spends outside Cholesky and the grid search."""
 
     def __init__(self):
         self.s: dict[str, float] = {}
+        self.depth: dict[str, int] = {}
 
     def wrap(self, owner, name: str, label: str):
         fn = getattr(owner, name)
 
         def timed(*a, **k):
+            self.depth[label] = self.depth.get(label, 0) + 1
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                self.s[label] = self.s.get(label, 0.0) + time.perf_counter() - t
+                self.depth[label] -= 1
+                if self.depth[label] == 0:
+                    self.s[label] = self.s.get(label, 0.0) + time.perf_counter() - t
         setattr(owner, name, timed)
 
 
