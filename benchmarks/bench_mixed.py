@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--qep-budgets", default="3b")
     ap.add_argument("--variants", default="bits", help=f"candidate variants: {', '.join(VARIANTS)}")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="write the section from the finished jobs only (an interrupted run's rows), run nothing")
     args = ap.parse_args()
     if args.job:
         kind = args.job[0]
@@ -149,6 +151,8 @@ def main() -> None:
     for v, p, b, qep in runs:
         key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
         folder = WORK / keyed(key)
+        if args.cached_only and not all((WORK / f"{keyed(f'{key}-{j}')}.json").is_file() for j in ("compile", "eval")):
+            continue
         q = cached(f"{key}-compile",
                    lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p, v]))
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
