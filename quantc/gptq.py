@@ -8,6 +8,7 @@ automatic dampening increase when the Cholesky factorisation fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -47,7 +48,22 @@ class QuantResult:
         self.q, self.scales, self.zeros, self.g_idx = (t.cpu() for t in (self.q, self.scales, self.zeros, self.g_idx))
         return self
 
+    def codes_only(self) -> "QuantResult":
+        """The same result without the dequantized weight, its codes in the narrowest integer type
+        that holds them (one byte for every grid quantc solves on): what the measurement keeps of
+        each option while a layer's units are solved, a quarter of the float weight."""
+        q = self.q
+        lo, hi = int(q.min()), int(q.max())
+        for dt in (torch.uint8, torch.int8, torch.int16):
+            info = torch.iinfo(dt)
+            if info.min <= lo and hi <= info.max:
+                q = q.to(dt)
+                break
+        return dataclasses.replace(self, q=q, weight=None)
+
     def dequantize(self) -> torch.Tensor:
+        if self.q.dtype != torch.int32:        # codes_only narrowed them: the grids compute in int32
+            return dataclasses.replace(self, q=self.q.to(torch.int32)).dequantize()
         if self.ggml is not None:
             return ggml.dequantize(ggml.TYPES[self.ggml], self.q, self.fields)
         g = self.g_idx.long()
@@ -135,12 +151,17 @@ def cholesky_inverse_upper(H: torch.Tensor, percdamp: float, name: str = "") -> 
     mean = torch.mean(torch.diag(H)).item()
     damp = percdamp
     while True:
+        # each step drops its input as soon as the next exists: at most two n × n matrices beside H
+        # (an 8B model's down_proj: 0.8 GB each)
         Hd = H.clone()
         Hd[diag, diag] += damp * mean
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 if damp != percdamp:
                     log.warning("%s: Hessian not positive definite; dampening raised to %.3g", name, damp)
@@ -191,21 +212,48 @@ def gptq_options(W: torch.Tensor, H: torch.Tensor, opts: list[Option], percdamp:
     products); one option runs exactly the single-option operations. `hinv`: a dict shared by calls
     with the same H (linears reading one input), so its Cholesky factor is computed once."""
     out: list[QuantResult | None] = [None] * len(opts)
+    for j, r in iter_gptq_options(W, H, opts, percdamp, blocksize, name, hinv):
+        out[j] = r
+    return out
+
+
+def iter_gptq_options(W: torch.Tensor, H: torch.Tensor, opts: list[Option], percdamp: float = 0.01,
+                      blocksize: int = 128, name: str = "", hinv: dict | None = None):
+    """`gptq_options` one stack at a time: yields (index in opts, result) as each stack finishes, so
+    a caller that keeps less than the float weights (the measurement keeps codes) never holds every
+    option's."""
     layouts: dict[tuple, list[int]] = {}
     for j, o in enumerate(opts):
         layouts.setdefault(_layout(o), []).append(j)
     hinv = {} if hinv is None else hinv         # act_order -> (Hinv, damp, perm): one Cholesky each
+    per = max(1, STACK_BYTES // max(1, W.numel() * 4))   # options per stack: its W, Q and codes stay bounded
     for idx in layouts.values():
-        for j, r in zip(idx, _gptq_stacked(W, H, [opts[j] for j in idx], percdamp, blocksize, name, hinv)):
-            out[j] = r
-    return out
+        for s in range(0, len(idx), per):
+            part = idx[s:s + per]
+            yield from zip(part, _gptq_stacked(W, H, [opts[j] for j in part], percdamp, blocksize, name, hinv))
+
+
+# A stack holds k copies of W (and of Q and the codes): options are stacked while k·|W| stays under
+# this, so small linears solve every option at once (a 0.5B model's MLP: 4 options in 70 MB) and an
+# 8B model's MLP one option at a time (235 MB each) instead of several GB.
+STACK_BYTES = 256 * 2**20
+
+
+def _undead(H: torch.Tensor) -> torch.Tensor:
+    """H with a unit diagonal where an input never fired (zero row and column), so that the Cholesky
+    exists; copied only when there is such an input (an 8B down_proj's H is 0.8 GB)."""
+    dead = torch.diag(H) == 0
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1
+    return H
 
 
 def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dict) -> list[QuantResult]:
     if opts[0].grid != "gptq":
         return [_gptq_ggml(W, H, opts[0], percdamp, blocksize, name, hinv)]
     W = W.float().clone()
-    H = H.float().clone()
+    H = _undead(H.float())
     rows, cols = W.shape
     o0 = opts[0]
     gs = cols if o0.group_size <= 0 else o0.group_size
@@ -220,9 +268,7 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
         sz = [find_params(x[sl], o.bits, o.sym, o.mse) for o, sl in blocks]
         return torch.cat([a for a, _ in sz]), torch.cat([b for _, b in sz])
 
-    dead = torch.diag(H) == 0                  # inputs that never fire carry no information
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W[:, torch.diag(H) == 0] = 0               # inputs that never fire carry no information
 
     if o0.act_order not in hinv:
         perm = torch.arange(cols, device=W.device)
@@ -297,16 +343,14 @@ def _gptq_ggml(W, H, opt: Option, percdamp, blocksize, name, hinv: dict) -> Quan
     diagonal, as llama.cpp's imatrix does); each column is then rounded to the nearest level of that
     grid and its error spread over the later columns as usual. The codes chosen are the codes stored."""
     W = W.float().clone()
-    H = H.float().clone()
+    H = _undead(H.float())
     rows, cols = W.shape
     t = ggml.type_for(opt.grid, opt.bits, opt.sym, cols, name)
     B, sub = t.block, t.sub
     # lazy batches must start on block boundaries, so a block's grid sees every earlier update
     if blocksize % B and B % blocksize:
         blocksize = B
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W[:, torch.diag(H) == 0] = 0
     if False not in hinv:                      # shared with the GPTQ-grid options without act-order
         hinv[False] = (*cholesky_inverse_upper(H, percdamp, name), torch.arange(cols, device=W.device))
     Hinv, damp, _ = hinv[False]

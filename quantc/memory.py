@@ -54,8 +54,9 @@ def memory_estimate(cfg: Config) -> dict | None:
       perturbed stream alive at the last layer), and the head's logits;
     - sweep 2: calibration activations (x̂ in/out, with QEP x in/out, one layer's cached inputs),
       one layer's codes (finished layers go to their shard at once);
-    plus the Hessians (sweep 2: one input group's, every group's of a layer with true_sequential:
-    false; sweep 1: a layer's), a batch's working buffers and the runtime itself."""
+    plus the larger of the capture (the Hessians' sums — sweep 2: one input group's, every group's of a
+    layer with true_sequential: false; sweep 1: a layer's — and a batch's forward buffers) and the
+    solves (float32 Hessians, the Cholesky, one stack of options, sweep 1's codes), and the runtime."""
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
     try:
@@ -93,7 +94,7 @@ def memory_estimate(cfg: Config) -> dict | None:
             per_layer = 7 if cfg.units == "linear" else 4     # units per layer
             live = held * layers * (per_layer * (direct + 1) + 1)   # + α and LieQ streams
         logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
-        measure = calib + live + logits + k * layer_weights * 4   # + every option's weights of one layer
+        measure = calib + live + logits
     acts = max(quantize, measure)
     # Hessians: float64 sums (8 bytes per entry) rounded to a float32 H (4 bytes) when read (with QEP
     # a second, cross sum and δ beside each). Sweep 2 holds one input group's at a time (down_proj's is
@@ -106,9 +107,21 @@ def memory_estimate(cfg: Config) -> dict | None:
     if not cfg.uniform:
         hess = max(hess, 8 * sum(w * w for w in widths) + 4 * largest)
     batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden, attn) * 4 * 6
+    # The solves come after the capture, so the larger of the two moments counts: the float32 H (sweep 1:
+    # every group's of the layer), the Cholesky's two n × n matrices beside the largest H, one stack of
+    # options of the largest linear (its W, Q and codes: gptq.STACK_BYTES or one option) with the
+    # stack's results, and in sweep 1 the codes of every candidate of the layer (one byte a weight).
+    from .gptq import STACK_BYTES
+    linear = max(hidden * inter, hidden * attn)
+    k = 1 if cfg.uniform else len(cfg.candidates)
+    stack = max(1, min(k, STACK_BYTES // max(1, linear * 4)))
+    solve = (4 * (sum(w * w for w in widths) if not cfg.uniform else largest) + 2 * 4 * largest
+             + stack * linear * 4 * 5 + (0 if cfg.uniform else k * layer_weights))
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
+    working = max(hess + batch, solve)
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
-            "hessians": hess, "working": batch, "runtime": runtime, "total": n * 4 + acts + hess + batch + runtime}
+            "hessians": hess, "working": batch, "solve": solve, "runtime": runtime,
+            "total": n * 4 + acts + working + runtime}
 
 
 RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
@@ -132,7 +145,7 @@ def check_memory(cfg: Config) -> None:
     avail = available_memory()
     log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians and working %.2f, "
              "runtime %.2f); available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
-             (est["hessians"] + est["working"]) / 2**30, est["runtime"] / 2**30,
+             max(est["hessians"] + est["working"], est["solve"]) / 2**30, est["runtime"] / 2**30,
              f"{avail / 2**30:.2f} GiB" if avail else "unknown")
     if avail is not None and est["total"] > avail:
         raise QuantcError(f"the compile needs about {est['total'] / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB "

@@ -93,3 +93,44 @@ def test_qep_target_reduces_propagated_error():
     qep = gptq(qep_target(W, Hh, delta, 1.0), Hh, opt).weight
     assert err(qep) < 0.8 * err(plain)
     assert torch.equal(qep_target(W, Hh, delta, 0.0), W)
+
+
+@pytest.mark.parametrize("opt", [Option(4, 32, True), Option(3, 64, False), Option(2, 32, False, mse=True),
+                                 Option(4, 32, True, act_order=True, static_groups=True), Option(8, 32, True),
+                                 Option(3, 256, False, grid="k"), Option(8, 32, True, grid="k"),
+                                 Option(4, 32, False, grid="ggml")])
+def test_codes_only_dequantize_to_the_solved_weight(opt):
+    """What the measurement keeps of an option (its codes, one byte each) gives back exactly the
+    weight GPTQ propagated, bit for bit."""
+    X = correlated_inputs(d=256)
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    res = gptq(W, hessian(X), opt)
+    small = res.codes_only()
+    assert small.weight is None and small.q.dtype in (torch.uint8, torch.int8)
+    assert torch.equal(small.dequantize(), res.weight)
+
+
+def test_option_stacks_split_by_size_give_the_stacked_results(monkeypatch):
+    import quantc.gptq as G
+    X = correlated_inputs()
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    opts = [Option(2, 32, False), Option(3, 32, True), Option(4, 32, True), Option(8, 32, True),
+            Option(4, 32, True, act_order=True)]
+    together = G.gptq_options(W, hessian(X), opts)
+    monkeypatch.setattr(G, "STACK_BYTES", 2 * W.numel() * 4)     # two options per stack
+    pairs = G.gptq_options(W, hessian(X), opts)
+    monkeypatch.setattr(G, "STACK_BYTES", 1)                     # one at a time
+    alone = G.gptq_options(W, hessian(X), opts)
+    for a, b, c in zip(together, pairs, alone):
+        torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c.weight, a.weight, rtol=0, atol=1e-6)
+        assert (b.q != a.q).float().mean() < 1e-3 and (c.q != a.q).float().mean() < 1e-3
+
+
+def test_dead_input_leaves_the_callers_hessian_untouched():
+    X = correlated_inputs()
+    X[:, 5] = 0
+    H = hessian(X)
+    before = H.clone()
+    gptq(torch.randn(32, 128, generator=torch.Generator().manual_seed(2)), H, Option(4, 32))
+    assert torch.equal(H, before)

@@ -120,3 +120,46 @@ def test_fisher_predictor_ranks_units_like_the_exact_one(deep_llama):
     for u in fisher.units.values():                       # fewer bits, more damage, unit by unit
         d = [u["options"][option_key(o)]["dkl"] for o in CANDIDATES]
         assert d[0] > d[1] > d[2] > 0
+
+
+def test_bounded_working_set_gives_the_same_measurement(deep_llama, monkeypatch):
+    """The memory bounds of sweep 1 (options solved one stack at a time, float64 error terms in
+    blocks, codes kept instead of float weights and dequantized as each linear runs) change no
+    number: the measurement with the smallest blocks equals the default one."""
+    import quantc.gptq as G
+    import quantc.passes.measure as M
+    model = load_model(str(deep_llama))
+    vocab = model.config.vocab_size
+    calib, hold = _tokens(vocab, 6, 32, 0), _tokens(vocab, 2, 32, 1)
+    base = _measure(model, calib, hold, "fisher")
+    monkeypatch.setattr(G, "STACK_BYTES", 1)             # every option alone
+    monkeypatch.setattr(M, "ERR_BLOCK", 8)               # error terms in 8 × 8 blocks
+    small = _measure(model, calib, hold, "fisher")
+    for key, u in base.units.items():
+        for k, o in u["options"].items():
+            got = small.units[key]["options"][k]
+            assert got["bytes"] == o["bytes"]
+            assert got["err"] == pytest.approx(o["err"], rel=1e-12)
+            assert got["dkl"] == pytest.approx(o["dkl"], rel=1e-9, abs=1e-15)
+
+
+def test_swapped_codes_run_like_their_weights(deep_llama):
+    """A QuantResult swapped in runs exactly as its dequantized weight set directly, exists as a
+    float weight only during its linear's forward, and the original weight is back afterwards."""
+    from quantc.passes.measure import _swapped
+    model = load_model(str(deep_llama))
+    layer = decoder_layers(model)[0]
+    lin = layer.mlp.down_proj
+    W = lin.weight.data.clone()
+    x = torch.randn(2, 5, lin.in_features)
+    res = gptq(W, torch.eye(lin.in_features) * 2, Option(4, 32)).codes_only()
+    assert res.weight is None and res.q.dtype == torch.uint8
+    mods = {"down": lin}
+    with _swapped(mods, {"down": res}):
+        assert torch.equal(lin.weight.data, W)           # not yet dequantized
+        got = lin(x)
+        assert torch.equal(lin.weight.data, W)           # dropped after the forward
+    with _swapped(mods, {"down": res.dequantize()}):
+        want = lin(x)
+    assert torch.equal(got, want)
+    assert torch.equal(lin.weight.data, W)

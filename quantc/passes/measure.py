@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..calibration.hessian import CaptureInput, Hessian
 from ..config import PREDICTORS
 from ..distributed import SOLO, World
-from ..gptq import gptq_options, rtn
+from ..gptq import QuantResult, iter_gptq_options, rtn
 from ..family import family_of
 from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, final_norm, layer_linears,
                      layer_prefix, run_layer, source_weight, units)
@@ -143,12 +143,28 @@ def _spectrum(gram: torch.Tensor) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def _swapped(mods: dict, weights: dict):
+    """The linears named in `weights` run with those weights instead of their own: a tensor is set
+    for the whole block; a QuantResult (an option's codes) is dequantized just before its linear
+    runs and dropped after, so at most one dequantized linear exists at a time (at 8B width, every
+    option's float weights of a layer would be several GB)."""
     old = {n: mods[n].weight.data for n in weights}
+    handles = []
     for n, w in weights.items():
-        mods[n].weight.data = w
+        if isinstance(w, torch.Tensor):
+            mods[n].weight.data = w
+            continue
+
+        def pre(mod, args, res=w, like=old[n]):
+            mod.weight.data = res.dequantize().to(like.device, like.dtype)
+
+        def post(mod, args, out, like=old[n]):
+            mod.weight.data = like
+        handles += [mods[n].register_forward_pre_hook(pre), mods[n].register_forward_hook(post)]
     try:
         yield
     finally:
+        for h in handles:
+            h.remove()
         for n, w in old.items():
             mods[n].weight.data = w
 
@@ -197,7 +213,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             if not exact:
                 held_in.append(xh.hidden)
 
-            quantized: dict[str, dict[str, torch.Tensor]] = {option_key(o): {} for o in candidates}
+            quantized: dict[str, dict[str, QuantResult]] = {option_key(o): {} for o in candidates}   # codes
             here, first = by_layer.get(i, []), owned     # this layer's units are numbered first, first + 1, ...
             owned += len(here)
             solved: dict = {}
@@ -212,7 +228,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                                                      method, damp, keep_sq=not exact)
                 entry, weights, unit_sq = world.broadcast(solved.pop(j, None), world.owner(j))
                 for k, ws in weights.items():
-                    quantized[k].update({n: w.to(mods[n].weight.device) for n, w in ws.items()})
+                    quantized[k].update(ws)
                 for n, per in unit_sq.items():
                     sq.setdefault(n, {}).update(per)
                 for o in candidates:
@@ -253,28 +269,60 @@ def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidat
              "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
     hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
     W = {n: source_weight(layer, n[len(prefix):]) for n in unit.names}   # float32 source values
-    Hd = {n: hess[n].H.double() for n in unit.names}
-    solved = {n: (gptq_options(W[n], hess[n].H, candidates, percdamp=damp, name=n,
-                               hinv=hinv.setdefault(id(hess[n]), {}))
-                  if method == "gptq" else [rtn(W[n], o) for o in candidates])
-              for n in unit.names}           # every option of a linear in one stacked solve
-    den = sum(float(torch.einsum("oi,ij,oj->", W[n].double(), Hd[n], W[n].double())) for n in unit.names)
-    weights: dict[str, dict[str, torch.Tensor]] = {}
+    den = sum(_energy(W[n], hess[n].H) for n in unit.names)
+    weights: dict[str, dict[str, QuantResult]] = {}
     sq: dict[str, dict[str, torch.Tensor]] = {}
-    for c, o in enumerate(candidates):
-        k = option_key(o)
-        num = 0.0
-        for n in unit.names:
-            D = (W[n] - solved[n][c].weight).double()
-            per_channel = ((D @ Hd[n]) * D).sum(1)          # diag(ΔW H ΔWᵀ)
-            num += float(per_channel.sum())
-            weights.setdefault(k, {})[n] = solved[n][c].weight.to(mods[n].weight.dtype)
+    num = {option_key(o): 0.0 for o in candidates}
+    for n in unit.names:
+        # options in stacks (iter_gptq_options): each result is reduced to its error terms and codes
+        # as it comes, so only one stack's float weights exist at a time
+        solved = (iter_gptq_options(W[n], hess[n].H, candidates, percdamp=damp, name=n,
+                                    hinv=hinv.setdefault(id(hess[n]), {}))
+                  if method == "gptq" else ((c, rtn(W[n], o)) for c, o in enumerate(candidates)))
+        per_option = {}
+        for c, res in solved:
+            k = option_key(candidates[c])
+            per_option[k] = _row_errors(W[n] - res.weight, hess[n].H)     # diag(ΔW H ΔWᵀ)
+            weights.setdefault(k, {})[n] = res.codes_only()
+            del res
+        for o in candidates:                    # summed in candidate order, whatever the stack order
+            k = option_key(o)
+            num[k] += float(per_option[k].sum())
             if keep_sq:
-                sq.setdefault(n, {})[k] = per_channel.cpu()
+                sq.setdefault(n, {})[k] = per_option[k].cpu()
+    for o in candidates:
+        k = option_key(o)
         entry["options"][k] = {
-            "err": num / max(den, 1e-30),
+            "err": num[k] / max(den, 1e-30),
             "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
     return entry, weights, sq
+
+
+ERR_BLOCK = 2048    # the float64 error terms are formed this many rows × columns at a time
+
+
+def _row_errors(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """diag(D H Dᵀ) in float64. Blocks of ERR_BLOCK rows of D and columns of H, so neither a float64
+    copy of H (an 8B down_proj's: 1.6 GB) nor of D exists; a matrix within one block (any 0.5B
+    model's) takes the one-block path, the same operations as without blocks."""
+    rows, cols = D.shape
+    if rows <= ERR_BLOCK and cols <= ERR_BLOCK:
+        Dd = D.double()
+        return ((Dd @ H.double()) * Dd).sum(1)
+    out = torch.zeros(rows, dtype=torch.float64, device=D.device)
+    for r in range(0, rows, ERR_BLOCK):
+        Dr = D[r:r + ERR_BLOCK].double()
+        for c in range(0, cols, ERR_BLOCK):
+            out[r:r + ERR_BLOCK] += ((Dr @ H[:, c:c + ERR_BLOCK].double()) * Dr[:, c:c + ERR_BLOCK]).sum(1)
+    return out
+
+
+def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(W H Wᵀ) in float64 (blocked like `_row_errors` when large)."""
+    if max(W.shape) <= ERR_BLOCK:
+        Wd = W.double()
+        return float(torch.einsum("oi,ij,oj->", Wd, H.double(), Wd))
+    return float(_row_errors(W, H).sum())
 
 
 def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option,
