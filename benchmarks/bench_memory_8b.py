@@ -156,13 +156,20 @@ def write(res: dict, depths: list[int], cmd: str) -> None:
              "| layers | fp32 weights on disk GiB | peak RSS GiB | printed estimate GiB | bound GiB (see below) | floor GiB | compile s |",
              "|---|---|---|---|---|---|---|"]
     peaks = {}
-    for n in depths:
-        c, f = res[f"{n}-compile"], res[f"{n}-floor"]
-        disk = sum(p.stat().st_size for p in folder_for(n).glob("*.safetensors")) / 2**30
-        b = bound_mib(f["peak_rss_mb"])
-        peaks[n] = c["peak_rss_mb"]
-        lines.append(f"| {n} | {disk:.2f} | {c['peak_rss_mb'] / 1024:.2f} | {c['estimate']['total'] / 2**30:.2f} | "
-                     f"{b['total'] / 1024:.2f} | {f['peak_rss_mb'] / 1024:.2f} | {c['seconds']:.0f} |")
+    before = WORK / "memory-8b-before.json"      # the same benchmark with older code, kept for comparison
+    old = json.loads(before.read_text()) if before.is_file() else {}
+    for label, r in (("this code", res), (f"older code: {old.get('code', '?')}", old)):
+        for n in depths:
+            if f"{n}-compile" not in r:
+                continue
+            c, f = r[f"{n}-compile"], r[f"{n}-floor"]
+            disk = sum(p.stat().st_size for p in folder_for(n).glob("*.safetensors")) / 2**30
+            b = bound_mib(f["peak_rss_mb"])
+            if r is res:
+                peaks[n] = c["peak_rss_mb"]
+            lines.append(f"| {n} ({label}) | {disk:.2f} | {c['peak_rss_mb'] / 1024:.2f} | "
+                         f"{c['estimate']['total'] / 2**30:.2f} | {b['total'] / 1024:.2f} | "
+                         f"{f['peak_rss_mb'] / 1024:.2f} | {c['seconds']:.0f} |")
     b = bound_mib(res[f"{depths[0]}-floor"]["peak_rss_mb"])
     lo, hi = min(depths), max(depths)
     lines += ["", f"Peak at {hi} layers / peak at {lo} layers: **{peaks[hi] / peaks[lo]:.3f}** (goal: within 10%). "

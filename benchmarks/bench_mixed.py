@@ -3,10 +3,11 @@ protocol of bench_gptq).
 
     python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
                                      [--budgets 3b,3.5b,4b] [--qep-budgets 3b]
-                                     [--variants bits,wide,wide-rot] [--fresh]
+                                     [--variants bits,wide,wide-rot,vllm] [--fresh]
 
 For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
-`wide-rot`: the wide set with `quant.rotate: hadamard`) and each predictor (plan.predictor): measures
+`wide-rot`: the wide set with `quant.rotate: hadamard`; `vllm`: `serve: [vllm]`, what vLLM's GPTQ-Marlin
+runs, at the 4-bit size only) and each predictor (plan.predictor): measures
 once (sweep 1, cached), re-plans from the cache for each budget, compiles each plan (QEP rows: the
 first variant and predictor only), and evaluates every checkpoint through `quantc.load` in float32 on
 WikiText-2.
@@ -32,12 +33,21 @@ VARIANTS = {   # name: (candidates, extra quant settings, what the table says)
     "bits": (CANDIDATES, {"group_size": 128}, "2-asym/3/4/8, g128"),
     "wide": ("wide", {}, "wide (18: 2-asym, 3/4 sym+asym, 8; g32/64/128)"),
     "wide-rot": ("wide", {"rotate": "hadamard"}, "wide + Hadamard rotation"),
+    # what vLLM's GPTQ-Marlin runs (serve: [vllm]): symmetric 4/8-bit, q/k/v and gate/up sharing one option;
+    # per-channel 4-bit is the only option below 4-bit g128, so it is what buys finer groups elsewhere
+    "vllm": ([{"bits": 4, "group_size": -1}, {"bits": 4, "group_size": 128}, {"bits": 4, "group_size": 64},
+              {"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 128}], {},
+             "serve: [vllm] (4-bit sym per-channel/g128/g64/g32, 8-bit sym g128)"),
 }
+SERVE = {"vllm": ["vllm"]}                 # variant -> serve targets of its YAML
+# budgets a variant can reach (none of vLLM's options is as small as 3-bit g128)
+REACHABLE = {"vllm": ("4b",)}
 
 
 def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher", variant: str = "bits") -> dict:
     candidates, quant, _ = VARIANTS[variant]
     return {"model": str(bench_model()),
+            **({"serve": SERVE[variant]} if variant in SERVE else {}),
             "budget": {"memory": budget_bytes} if budget_bytes else {},
             "quant": {"qep_alpha": qep, **QUANTC_GPTQ, **quant},
             "candidates": candidates,
@@ -136,7 +146,10 @@ def main() -> None:
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
-    plans = {(v, p): cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v]))
+    def reach(v: str) -> dict:
+        return {b: n for b, n in budgets.items() if b in REACHABLE.get(v, budgets)}
+
+    plans = {(v, p): cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(reach(v)), p, v]))
              for v in variants for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     for c in ("3b", "4b"):      # the uniform references: bench_gptq's quantc rows (same cache keys)
@@ -145,7 +158,7 @@ def main() -> None:
         cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
-    runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in budgets] + \
+    runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in reach(v)] + \
            [(variants[0], predictors[0], b, args.qep) for b in budgets if b in qep_budgets]
     cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
     for v, p, b, qep in runs:
