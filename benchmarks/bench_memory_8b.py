@@ -94,6 +94,12 @@ def job_compile(layers: str) -> dict:
             "avg_bits": m["totals"]["avg_bits"], "peak_rss_mb": peak_rss_mb()}
 
 
+def estimate(layers: int) -> dict:
+    from quantc.config import parse_config
+    from quantc.memory import memory_estimate
+    return memory_estimate(parse_config(raw(layers), "bench"))
+
+
 def job_floor(layers: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -108,6 +114,8 @@ def main() -> None:
     ap.add_argument("--job", nargs=2)
     ap.add_argument("--layers", default="2,6")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--note", help="a line on the run's conditions (e.g. another job shared the cores), kept "
+                                   "with the results")
     args = ap.parse_args()
     if args.job:
         kind, layers = args.job
@@ -119,6 +127,9 @@ def main() -> None:
     res_path = WORK / "memory-8b.json"
     res = {} if args.fresh or not res_path.is_file() else json.loads(res_path.read_text())
     depths = [int(x) for x in args.layers.split(",")]
+    if args.note:
+        res["note"] = args.note
+        res_path.write_text(json.dumps(res, indent=2))
     job = lambda *a: subprocess_job(list(a), "benchmarks.bench_memory_8b")   # noqa: E731
     for n in depths:
         if not (folder_for(n) / "config.json").is_file():
@@ -165,16 +176,20 @@ def write(res: dict, depths: list[int], cmd: str) -> None:
             c, f = r[f"{n}-compile"], r[f"{n}-floor"]
             disk = sum(p.stat().st_size for p in folder_for(n).glob("*.safetensors")) / 2**30
             b = bound_mib(f["peak_rss_mb"])
+            est = c["estimate"]["total"]
             if r is res:
                 peaks[n] = c["peak_rss_mb"]
+                est = estimate(n)["total"]           # this code's estimate (a function of the shapes)
             lines.append(f"| {n} ({label}) | {disk:.2f} | {c['peak_rss_mb'] / 1024:.2f} | "
-                         f"{c['estimate']['total'] / 2**30:.2f} | {b['total'] / 1024:.2f} | "
+                         f"{est / 2**30:.2f} | {b['total'] / 1024:.2f} | "
                          f"{f['peak_rss_mb'] / 1024:.2f} | {c['seconds']:.0f} |")
     b = bound_mib(res[f"{depths[0]}-floor"]["peak_rss_mb"])
     lo, hi = min(depths), max(depths)
     lines += ["", f"Peak at {hi} layers / peak at {lo} layers: **{peaks[hi] / peaks[lo]:.3f}** (goal: within 10%). "
               "Bound = " + " + ".join(f"{k} {v / 1024:.2f}" for k, v in b.items() if k != "total")
               + f" = {b['total'] / 1024:.2f} GiB."]
+    if res.get("note"):
+        lines += ["", f"Conditions of this run: {res['note']}"]
     lines += per_layer_estimate(res, lo, hi)
     write_section(MARK, lines)
 

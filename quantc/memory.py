@@ -115,10 +115,18 @@ def memory_estimate(cfg: Config) -> dict | None:
     linear = max(hidden * inter, hidden * attn)
     k = 1 if cfg.uniform else len(cfg.candidates)
     stack = max(1, min(k, STACK_BYTES // max(1, linear * 4)))
-    solve = (4 * (sum(w * w for w in widths) if not cfg.uniform else largest) + 2 * 4 * largest
-             + stack * linear * 4 * 5 + (0 if cfg.uniform else k * layer_weights))
+    # the Cholesky's temporaries are gone before the stack exists: its factor stays beside the stack
+    solve = (4 * (sum(w * w for w in widths) if not cfg.uniform else largest)
+             + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5) + (0 if cfg.uniform else k * layer_weights))
+    # the capture: the sums, and either a batch's forward buffers (during the forward) or the largest
+    # float32 H being rounded beside its sum (after it)
+    qep = 2 if cfg.qep_alpha > 0 else 1                       # a cross sum and δ beside each
+    sums = 8 * (largest if cfg.true_sequential else sum(w * w for w in widths)) * qep
+    if not cfg.uniform:
+        sums = max(sums, 8 * sum(w * w for w in widths))
+    capture = sums + max(batch, 4 * largest * qep)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
-    working = max(hess + batch, solve)
+    working = max(capture, solve)
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
             "hessians": hess, "working": batch, "solve": solve, "runtime": runtime,
             "total": n * 4 + acts + working + runtime}

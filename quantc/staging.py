@@ -94,10 +94,16 @@ _active: list[Staging] = []
 
 
 def _holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except (OSError, ValueError):
-        info = {}
+    # the holder writes its pid right after taking the lock: a run refused in that instant waits for it
+    # (up to a second) so that the message still names the process
+    for _ in range(20):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if info.get("pid"):
+            break
+        time.sleep(0.05)
     if not info.get("pid"):
         return "another quantc process"
     started = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
