@@ -360,11 +360,11 @@ def _noisy(unit: Unit, mods, hess, gen, noise: float) -> dict[str, torch.Tensor]
     whole unit (small, to stay in the linear regime): α = ΔKL / noise (HIGGS)."""
     noisy, num, den = {}, 0.0, 0.0
     for n in unit.names:
-        W, H = mods[n].weight.data, hess[n].H.double()
+        W, H = mods[n].weight.data, hess[n].H
         N = (torch.randn(W.shape, generator=gen) * W.float().std().cpu()).to(W.device)
         noisy[n] = N
-        num += float(torch.einsum("oi,ij,oj->", N.double(), H, N.double()))
-        den += float(torch.einsum("oi,ij,oj->", W.double(), H, W.double()))
+        num += _energy(N, H)
+        den += _energy(W, H)
     scale = math.sqrt(noise * den / max(num, 1e-30))
     return {n: (mods[n].weight.data + scale * N).to(mods[n].weight.dtype) for n, N in noisy.items()}
 
