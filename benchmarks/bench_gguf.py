@@ -197,7 +197,18 @@ def job_eval_llama_cpp(path: str) -> dict:
     """The same windows' perplexity from llama.cpp's own logits, and its greedy tokens."""
     import numpy as np
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(llama_cpp_dir() / "build" / "bin"))
+    import llama_cpp.llama_cpp as capi
     from llama_cpp import Llama
+    # llama.cpp's weight repacking for this CPU (AVX-512/AMX extra buffer types) segfaults in decode on this
+    # machine for every quantized file, llama.cpp's own included (llama-perplexity crashes the same way and
+    # runs with --no-repack): load without it, as --no-repack does
+    default = capi.llama_model_default_params
+
+    def no_repack():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    capi.llama_model_default_params = no_repack
     from quantc.model import load_tokenizer
     tok = load_tokenizer(str(bench_model()))
     tokens = wikitext(tok, 512, 80)
