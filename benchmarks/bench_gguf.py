@@ -193,9 +193,7 @@ def job_eval_transformers(path: str) -> dict:
     return {**res, "greedy": gen, "prompt": ids[0].tolist(), "eval_s": time.perf_counter() - t}
 
 
-def job_eval_llama_cpp(path: str) -> dict:
-    """The same windows' perplexity from llama.cpp's own logits, and its greedy tokens."""
-    import numpy as np
+def _llama(path: str):
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(llama_cpp_dir() / "build" / "bin"))
     import llama_cpp.llama_cpp as capi
     from llama_cpp import Llama
@@ -209,12 +207,38 @@ def job_eval_llama_cpp(path: str) -> dict:
         p.use_extra_bufts = False
         return p
     capi.llama_model_default_params = no_repack
+    return Llama(model_path=path, n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, verbose=False,
+                 n_threads=os.cpu_count() or 2)
+
+
+def _greedy(llm, prompt: list[int]) -> list[int]:
+    """32 greedy tokens: the argmax of llama.cpp's last logits, fed back."""
+    import numpy as np
+    llm.reset()
+    gen = []
+    llm.eval(list(prompt))
+    for _ in range(32):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        gen.append(nxt)
+        llm.eval([nxt])
+    return gen
+
+
+def job_greedy_llama_cpp(path: str) -> dict:
+    """llama.cpp's greedy tokens alone (for the files whose perplexity transformers gives)."""
+    from quantc.model import load_tokenizer
+    prompt = load_tokenizer(str(bench_model()))(PROMPT)["input_ids"]
+    return {"greedy": _greedy(_llama(path), prompt), "prompt": prompt}
+
+
+def job_eval_llama_cpp(path: str) -> dict:
+    """The same windows' perplexity from llama.cpp's own logits, and its greedy tokens."""
+    import numpy as np
     from quantc.model import load_tokenizer
     tok = load_tokenizer(str(bench_model()))
     tokens = wikitext(tok, 512, 80)
     t = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, verbose=False,
-                n_threads=os.cpu_count() or 2)
+    llm = _llama(path)
     nll, count = 0.0, 0
     for w in tokens.tolist():
         llm.reset()
@@ -225,19 +249,13 @@ def job_eval_llama_cpp(path: str) -> dict:
         nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
         count += len(w) - 1
     prompt = tok(PROMPT)["input_ids"]
-    llm.reset()
-    gen, ctx = [], list(prompt)
-    llm.eval(ctx)
-    for _ in range(32):                       # greedy: the argmax of llama.cpp's last logits
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        gen.append(nxt)
-        llm.eval([nxt])
+    gen = _greedy(llm, prompt)
     return {"ppl": math.exp(nll / count), "tokens": count, "greedy": gen, "prompt": prompt,
             "eval_s": time.perf_counter() - t}
 
 
 JOBS = {"f32": job_f32, "imatrix": job_imatrix, "quantc": job_quantc, "eval-hf": job_eval_transformers,
-        "eval-llama": job_eval_llama_cpp}
+        "eval-llama": job_eval_llama_cpp, "greedy-llama": job_greedy_llama_cpp}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -282,6 +300,8 @@ def main() -> None:
         for kind in ("preset", "quantc", "same-imat", "same-plain"):
             step(f"eval-{kind}-{p}", "eval-hf", res[f"{kind}-{p}"]["path"])
         step(f"llama-{p}", "eval-llama", q["path"])
+        for kind in ("preset", "same-imat"):     # llama.cpp's own files: the same greedy check
+            step(f"greedy-{kind}-{p}", "greedy-llama", res[f"{kind}-{p}"]["path"])
     step("eval-f32", "eval-hf", res["f32"]["path"])
     write(res, presets, "python -m benchmarks.bench_gguf " + " ".join(sys.argv[1:]))
 
@@ -327,6 +347,17 @@ def write(res: dict, presets: list[str], cmd: str) -> None:
         first = next((i for i, (x, y) in enumerate(zip(a["greedy"], b["greedy"])) if x != y), None)
         lines.append(f"| quantc at {p}'s size | {a['ppl']:.2f} | {b['ppl']:.2f} | "
                      f"{'all 32' if first is None else f'{same}/32'} | {'-' if first is None else f'token {first}'} |")
+    first = {}
+    for p in presets:
+        for kind, run in (("preset", f"greedy-preset-{p}"), ("same-imat", f"greedy-same-imat-{p}"),
+                          ("quantc", f"llama-{p}")):
+            a, b = res[f"eval-{kind}-{p}"]["greedy"], res[run]["greedy"]
+            first[f"{kind} {p}"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    lines += ["", "The same greedy check on llama.cpp's own files (the token where llama.cpp first departs from "
+              "transformers on the same file; none = all 32 equal): " + ", ".join(
+                  f"{k}: {'none' if v is None else v}" for k, v in first.items())
+              + ". llama.cpp multiplies with quantized activations (its CPU dot products), so near-ties can go "
+              "the other way whoever wrote the file."]
     write_section(mark(MARK), lines)
 
 
