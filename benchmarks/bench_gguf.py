@@ -72,20 +72,19 @@ def run(cmd: list[str], **kw) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
 
 
-def tensor_types(path: Path) -> dict[str, tuple[str, int]]:
-    """name -> (ggml type name, bytes) of every tensor of a GGUF file."""
+def tensor_types(path: Path) -> dict[str, tuple[str, int, int]]:
+    """name -> (ggml type name, bytes, weights) of every tensor of a GGUF file."""
     from gguf import GGUFReader
     r = GGUFReader(str(path))
-    return {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in r.tensors}
+    return {t.name: (t.tensor_type.name, int(t.n_bytes), int(t.n_elements)) for t in r.tensors}
+
+
+def is_linear(name: str) -> bool:
+    return name.startswith("blk.") and name.split(".")[2] in LINEAR_PARTS
 
 
 def linear_bytes(types: dict) -> int:
-    return sum(b for n, (_, b) in types.items() if n.startswith("blk.") and n.split(".")[2] in LINEAR_PARTS)
-
-
-def weights_count(path: Path) -> int:
-    from gguf import GGUFReader
-    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    return sum(b for n, (_, b, _) in types.items() if is_linear(n))
 
 
 # ----------------------------------------------------------------------------- jobs (subprocess)
@@ -122,13 +121,9 @@ def quantize(name: str, preset: str, imatrix: bool, types_from: str | None = Non
     cmd = [str(ll / "build" / "bin" / "llama-quantize")]
     if imatrix:
         cmd += ["--imatrix", str(gdir() / "imatrix.gguf")]
+    types = tensor_types(Path(types_from)) if types_from else {}
     if types_from:
-        types = tensor_types(Path(types_from))
-        lines = []
-        for n, (t, _) in types.items():
-            part = n.split(".")
-            if n.startswith("blk.") and part[2] in LINEAR_PARTS:
-                lines.append(f"^{n.replace('.', '[.]')}$={t.lower()}")
+        lines = [f"^{n.replace('.', '[.]')}$={t.lower()}" for n, (t, _, _) in types.items() if is_linear(n)]
         tf = gdir() / f"{name}-types.txt"
         tf.write_text("\n".join(lines) + "\n")
         cmd += ["--tensor-type-file", str(tf)]
@@ -143,8 +138,7 @@ def quantize(name: str, preset: str, imatrix: bool, types_from: str | None = Non
     res = {"path": str(out), "seconds": time.perf_counter() - t, "bytes": out.stat().st_size,
            "linear_bytes": linear_bytes(got)}
     if types_from:                   # the same per-tensor types, every one (else the comparison is void)
-        want = tensor_types(Path(types_from))
-        res["types_differ"] = sorted(n for n in want if n in got and got[n][0] != want[n][0])
+        res["types_differ"] = sorted(n for n in types if n in got and got[n][0] != types[n][0])
     return res
 
 
@@ -169,8 +163,8 @@ def job_quantc(preset: str, budget: int) -> dict:
 
 def _type_counts(types: dict) -> dict[str, int]:
     out: dict[str, int] = {}
-    for n, (t, _) in types.items():
-        if n.startswith("blk.") and n.split(".")[2] in LINEAR_PARTS:
+    for n, (t, _, _) in types.items():
+        if is_linear(n):
             out[t] = out.get(t, 0) + 1
     return dict(sorted(out.items()))
 
@@ -293,7 +287,12 @@ def main() -> None:
     step("imatrix", "imatrix")
     presets = args.presets.split(",")
     for p in presets:
-        pre = step(f"preset-{p}", "quantize", f"llama-{p}", p, "1")
+        try:
+            pre = step(f"preset-{p}", "quantize", f"llama-{p}", p, "1")
+        except RuntimeError as e:
+            why = next((ln for ln in str(e).splitlines() if "invalid" in ln), str(e).splitlines()[-1])
+            raise SystemExit(f"--presets: llama-quantize refused {p!r} ({why.strip()}); give its type names, "
+                             "e.g. Q3_K_M,Q4_K_M") from None
         q = step(f"quantc-{p}", "quantc", p, str(pre["linear_bytes"]))
         step(f"same-imat-{p}", "quantize", f"llama-same-imat-{p}", p, "1", q["path"])
         step(f"same-plain-{p}", "quantize", f"llama-same-plain-{p}", p, "0", q["path"])
@@ -307,7 +306,9 @@ def main() -> None:
 
 
 def write(res: dict, presets: list[str], cmd: str) -> None:
-    params = weights_count(Path(res["f32"]["path"]))
+    f32 = tensor_types(Path(res["f32"]["path"]))
+    params = sum(w for _, _, w in f32.values())
+    lin_weights = sum(w for n, (_, _, w) in f32.items() if is_linear(n))
     fp = res["eval-f32"]["ppl"]
     lines = [f"## GGUF at equal size, three ways ({title()})", "",
              f"Command: `LLAMA_CPP_DIR=… {cmd}` (llama.cpp vendored by llama-cpp-python 0.3.36, built from its "
@@ -318,10 +319,7 @@ def write(res: dict, presets: list[str], cmd: str) -> None:
              f"({params:,}); linear bpw = bits of the quantized linears / their weights. F32 GGUF: ppl {fp:.2f}.",
              "", "| size of | file | file MiB | bpw | linear bpw | linear types | ppl | Δ vs preset |",
              "|---|---|---|---|---|---|---|---|"]
-    lin_weights = None
     for p in presets:
-        q = res[f"quantc-{p}"]
-        lin_weights = lin_weights or _linear_weights(q["path"])
         base = res[f"eval-preset-{p}"]["ppl"]
         for kind, label in (("preset", f"llama.cpp preset {p} (imatrix)"),
                             ("same-imat", "llama.cpp quantizer, quantc's types (imatrix)"),
@@ -359,12 +357,6 @@ def write(res: dict, presets: list[str], cmd: str) -> None:
               + ". llama.cpp multiplies with quantized activations (its CPU dot products), so near-ties can go "
               "the other way whoever wrote the file."]
     write_section(mark(MARK), lines)
-
-
-def _linear_weights(path: str) -> int:
-    from gguf import GGUFReader
-    return sum(int(t.n_elements) for t in GGUFReader(path).tensors
-               if t.name.startswith("blk.") and t.name.split(".")[2] in LINEAR_PARTS)
 
 
 if __name__ == "__main__":

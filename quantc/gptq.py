@@ -408,7 +408,34 @@ def qep_target(W: torch.Tensor, H_hat: torch.Tensor, delta: torch.Tensor, alpha:
 
 def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """‖(W − Ŵ)X‖² / ‖WX‖² computed from H ∝ XXᵀ."""
-    D = (W - Wq).double()
-    num = torch.einsum("oi,ij,oj->", D, H.double(), D)
-    den = torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double())
-    return float(num / den.clamp(min=1e-30))
+    return energy(W - Wq, H) / max(energy(W, H), 1e-30)
+
+
+# ---- ‖ΔW X‖² from H, without a float64 copy of a large H -------------------------------------------
+
+ERR_BLOCK = 2048    # the float64 error terms are formed this many rows × columns at a time
+
+
+def row_errors(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """diag(D H Dᵀ) in float64. Blocks of ERR_BLOCK rows of D and columns of H, so neither a float64
+    copy of H (an 8B down_proj's: 1.6 GB) nor of D exists. A matrix within one block (every SmolLM2
+    linear) takes the one-block path, the same operations as without blocks; larger ones differ from
+    it only in the order of float64 sums."""
+    rows, cols = D.shape
+    if rows <= ERR_BLOCK and cols <= ERR_BLOCK:
+        Dd = D.double()
+        return ((Dd @ H.double()) * Dd).sum(1)
+    out = torch.zeros(rows, dtype=torch.float64, device=D.device)
+    for r in range(0, rows, ERR_BLOCK):
+        Dr = D[r:r + ERR_BLOCK].double()
+        for c in range(0, cols, ERR_BLOCK):
+            out[r:r + ERR_BLOCK] += ((Dr @ H[:, c:c + ERR_BLOCK].double()) * Dr[:, c:c + ERR_BLOCK]).sum(1)
+    return out
+
+
+def energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(W H Wᵀ) in float64 (blocked like `row_errors` when large)."""
+    if max(W.shape) <= ERR_BLOCK:
+        Wd = W.double()
+        return float(torch.einsum("oi,ij,oj->", Wd, H.double(), Wd))
+    return float(row_errors(W, H).sum())

@@ -102,34 +102,30 @@ def memory_estimate(cfg: Config) -> dict | None:
     # group's before the first is read; sweep 1 sums every group of a layer, then keeps their H.
     widths = (hidden, attn, hidden, inter)                    # q/k/v, o, gate/up, down inputs
     largest = max(w * w for w in widths)
-    hess = (8 * (largest if cfg.true_sequential else sum(w * w for w in widths)) + 4 * largest) \
-        * (2 if cfg.qep_alpha > 0 else 1)
+    every = sum(w * w for w in widths)
+    qep = 2 if cfg.qep_alpha > 0 else 1
+    sums = 8 * (largest if cfg.true_sequential else every) * qep
     if not cfg.uniform:
-        hess = max(hess, 8 * sum(w * w for w in widths) + 4 * largest)
+        sums = max(sums, 8 * every)
+    hess = sums + 4 * largest * qep                           # the largest group's float32 H beside the sums
     batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden, attn) * 4 * 6
-    # The solves come after the capture, so the larger of the two moments counts: the float32 H (sweep 1:
-    # every group's of the layer), the Cholesky's two n × n matrices beside the largest H, one stack of
-    # options of the largest linear (its W, Q and codes: gptq.STACK_BYTES or one option) with the
-    # stack's results, and in sweep 1 the codes of every candidate of the layer (one byte a weight).
+    # A layer's two moments; the larger counts. The capture: the sums, and either a batch's forward
+    # buffers (during the forward) or the largest float32 H being rounded beside its sum (after it).
+    # The solves: the float32 H (sweep 1: every group's of the layer), then the Cholesky's two n × n
+    # matrices, or its factor beside one stack of options of the largest linear (its W, Q and codes:
+    # gptq.STACK_BYTES or one option, with the stack's results), and in sweep 1 the codes of every
+    # candidate of the layer (one byte a weight).
     from .gptq import STACK_BYTES
     linear = max(hidden * inter, hidden * attn)
     k = 1 if cfg.uniform else len(cfg.candidates)
     stack = max(1, min(k, STACK_BYTES // max(1, linear * 4)))
-    # the Cholesky's temporaries are gone before the stack exists: its factor stays beside the stack
-    solve = (4 * (sum(w * w for w in widths) if not cfg.uniform else largest)
-             + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5) + (0 if cfg.uniform else k * layer_weights))
-    # the capture: the sums, and either a batch's forward buffers (during the forward) or the largest
-    # float32 H being rounded beside its sum (after it)
-    qep = 2 if cfg.qep_alpha > 0 else 1                       # a cross sum and δ beside each
-    sums = 8 * (largest if cfg.true_sequential else sum(w * w for w in widths)) * qep
-    if not cfg.uniform:
-        sums = max(sums, 8 * sum(w * w for w in widths))
-    capture = sums + max(batch, 4 * largest * qep)
+    solve = (4 * (largest if cfg.uniform else every) + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5)
+             + (0 if cfg.uniform else k * layer_weights))
+    layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
-    working = max(capture, solve)
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
-            "hessians": hess, "working": batch, "solve": solve, "runtime": runtime,
-            "total": n * 4 + acts + working + runtime}
+            "hessians": hess, "working": batch, "solve": solve, "layer": layer, "runtime": runtime,
+            "total": n * 4 + acts + layer + runtime}
 
 
 RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
@@ -151,9 +147,9 @@ def check_memory(cfg: Config) -> None:
     if est is None:
         return
     avail = available_memory()
-    log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians and working %.2f, "
+    log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians, solves and buffers %.2f, "
              "runtime %.2f); available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
-             max(est["hessians"] + est["working"], est["solve"]) / 2**30, est["runtime"] / 2**30,
+             est["layer"] / 2**30, est["runtime"] / 2**30,
              f"{avail / 2**30:.2f} GiB" if avail else "unknown")
     if avail is not None and est["total"] > avail:
         raise QuantcError(f"the compile needs about {est['total'] / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB "

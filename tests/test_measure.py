@@ -127,13 +127,12 @@ def test_bounded_working_set_gives_the_same_measurement(deep_llama, monkeypatch)
     blocks, codes kept instead of float weights and dequantized as each linear runs) change no
     number: the measurement with the smallest blocks equals the default one."""
     import quantc.gptq as G
-    import quantc.passes.measure as M
     model = load_model(str(deep_llama))
     vocab = model.config.vocab_size
     calib, hold = _tokens(vocab, 6, 32, 0), _tokens(vocab, 2, 32, 1)
     base = _measure(model, calib, hold, "fisher")
     monkeypatch.setattr(G, "STACK_BYTES", 1)             # every option alone
-    monkeypatch.setattr(M, "ERR_BLOCK", 8)               # error terms in 8 × 8 blocks
+    monkeypatch.setattr(G, "ERR_BLOCK", 8)               # error terms in 8 × 8 blocks
     small = _measure(model, calib, hold, "fisher")
     for key, u in base.units.items():
         for k, o in u["options"].items():

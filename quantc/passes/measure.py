@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..calibration.hessian import CaptureInput, Hessian
 from ..config import PREDICTORS
 from ..distributed import SOLO, World
-from ..gptq import QuantResult, iter_gptq_options, rtn
+from ..gptq import QuantResult, energy, iter_gptq_options, row_errors, rtn
 from ..family import family_of
 from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, final_norm, layer_linears,
                      layer_prefix, run_layer, source_weight, units)
@@ -269,7 +269,7 @@ def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidat
              "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
     hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
     W = {n: source_weight(layer, n[len(prefix):]) for n in unit.names}   # float32 source values
-    den = sum(_energy(W[n], hess[n].H) for n in unit.names)
+    den = sum(energy(W[n], hess[n].H) for n in unit.names)
     weights: dict[str, dict[str, QuantResult]] = {}
     sq: dict[str, dict[str, torch.Tensor]] = {}
     num = {option_key(o): 0.0 for o in candidates}
@@ -282,9 +282,8 @@ def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidat
         per_option = {}
         for c, res in solved:
             k = option_key(candidates[c])
-            per_option[k] = _row_errors(W[n] - res.weight, hess[n].H)     # diag(ΔW H ΔWᵀ)
+            per_option[k] = row_errors(W[n] - res.weight, hess[n].H)     # diag(ΔW H ΔWᵀ)
             weights.setdefault(k, {})[n] = res.codes_only()
-            del res
         for o in candidates:                    # summed in candidate order, whatever the stack order
             k = option_key(o)
             num[k] += float(per_option[k].sum())
@@ -296,33 +295,6 @@ def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidat
             "err": num[k] / max(den, 1e-30),
             "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
     return entry, weights, sq
-
-
-ERR_BLOCK = 2048    # the float64 error terms are formed this many rows × columns at a time
-
-
-def _row_errors(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """diag(D H Dᵀ) in float64. Blocks of ERR_BLOCK rows of D and columns of H, so neither a float64
-    copy of H (an 8B down_proj's: 1.6 GB) nor of D exists; a matrix within one block (any 0.5B
-    model's) takes the one-block path, the same operations as without blocks."""
-    rows, cols = D.shape
-    if rows <= ERR_BLOCK and cols <= ERR_BLOCK:
-        Dd = D.double()
-        return ((Dd @ H.double()) * Dd).sum(1)
-    out = torch.zeros(rows, dtype=torch.float64, device=D.device)
-    for r in range(0, rows, ERR_BLOCK):
-        Dr = D[r:r + ERR_BLOCK].double()
-        for c in range(0, cols, ERR_BLOCK):
-            out[r:r + ERR_BLOCK] += ((Dr @ H[:, c:c + ERR_BLOCK].double()) * Dr[:, c:c + ERR_BLOCK]).sum(1)
-    return out
-
-
-def _energy(W: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(W H Wᵀ) in float64 (blocked like `_row_errors` when large)."""
-    if max(W.shape) <= ERR_BLOCK:
-        Wd = W.double()
-        return float(torch.einsum("oi,ij,oj->", Wd, H.double(), Wd))
-    return float(_row_errors(W, H).sum())
 
 
 def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option,
@@ -363,8 +335,8 @@ def _noisy(unit: Unit, mods, hess, gen, noise: float) -> dict[str, torch.Tensor]
         W, H = mods[n].weight.data, hess[n].H
         N = (torch.randn(W.shape, generator=gen) * W.float().std().cpu()).to(W.device)
         noisy[n] = N
-        num += _energy(N, H)
-        den += _energy(W, H)
+        num += energy(N, H)
+        den += energy(W, H)
     scale = math.sqrt(noise * den / max(num, 1e-30))
     return {n: (mods[n].weight.data + scale * N).to(mods[n].weight.dtype) for n, N in noisy.items()}
 
