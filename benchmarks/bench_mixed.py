@@ -2,14 +2,14 @@
 protocol of bench_gptq).
 
     python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
-                                     [--budgets 3b,3.5b,4b] [--qep-budgets 3b]
+                                     [--budgets 3b,3.5b,4b] [--qep-budgets 3b] [--qep-variants bits,wide-rot]
                                      [--variants bits,wide,wide-rot,vllm] [--fresh]
 
 For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
 `wide-rot`: the wide set with `quant.rotate: hadamard`; `vllm`: `serve: [vllm]`, what vLLM's GPTQ-Marlin
 runs, at the 4-bit size only) and each predictor (plan.predictor): measures
 once (sweep 1, cached), re-plans from the cache for each budget, compiles each plan (QEP rows: the
-first variant and predictor only), and evaluates every checkpoint through `quantc.load` in float32 on
+first predictor, for --qep-variants, by default the first variant), and evaluates every checkpoint through `quantc.load` in float32 on
 WikiText-2.
 Budgets equal the exact byte size of uniform 3-bit g128 and 4-bit g128 (as bench_gptq's quantc
 rows) and the midpoint (~3.5 bits/weight). Uniform rows are read from bench_gptq's cached results.
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--predictors", default="fisher,exact")
     ap.add_argument("--qep", type=float, default=0.5)
     ap.add_argument("--qep-budgets", default="3b")
+    ap.add_argument("--qep-variants", help="variants compiled with QEP too (default: the first of --variants)")
     ap.add_argument("--variants", default="bits", help=f"candidate variants: {', '.join(VARIANTS)}")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--cached-only", action="store_true",
@@ -158,8 +159,12 @@ def main() -> None:
         cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
+    qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
+    for v in qep_variants:
+        if v not in variants:
+            ap.error(f"--qep-variants: {v!r} is not one of --variants ({args.variants})")
     runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in reach(v)] + \
-           [(variants[0], predictors[0], b, args.qep) for b in budgets if b in qep_budgets]
+           [(v, predictors[0], b, args.qep) for v in qep_variants for b in reach(v) if b in qep_budgets]
     cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
     for v, p, b, qep in runs:
         key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
@@ -195,15 +200,19 @@ def write(rows, plans, fp, sizes, cmd) -> None:
              + f"; all with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
              "float32 through `quantc.load`) as above. All rows of this section come from one run.", "",
              "Predictors (`plan.predictor`): *fisher* (the default) = sweep 1 streams forward once (Hessians, every "
-             "unit's GPTQ at every option, held-out streams for 8 sample units and the uniform plans) and backward "
+             "unit's GPTQ at one option per bit width — `plan.solve: anchors`, the default; each other option's "
+             "error is its RTN error × the anchor's GPTQ/RTN ratio per row, and the 8 sample units solve every "
+             "option — held-out streams for the sample units and the uniform plans at the anchors) and backward "
              "once (8 sampled-label "
              "probes), ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / 4T scaled per option by 8 units measured exactly; "
              "*exact* = every unit's ΔKL measured with its own quantized weights at each ≤4-bit option (+ α·err "
              "for 8-bit), all perturbed streams carried forward together (O(layers²) compute).", "",
-             "| candidates | predictor | measurement (sweep 1) | re-plan from the cache | peak RSS |",
-             "|---|---|---|---|---|"]
+             "| candidates | predictor | measurement (sweep 1) | × bits' | re-plan from the cache | peak RSS |",
+             "|---|---|---|---|---|---|"]
     for (v, p), plan in plans.items():
-        lines.append(f"| {v} | {p} | {plan['measure_s']:.0f} s | "
+        base = plans.get(("bits", p))
+        rel = f"{plan['measure_s'] / base['measure_s']:.2f}×" if base else "—"
+        lines.append(f"| {v} | {p} | {plan['measure_s']:.0f} s | {rel} | "
                      + ", ".join(f"{x['replan_s']:.2f} s" for x in plan["plans"].values())
                      + f" | {plan['peak_rss_mb']:.0f} MB |")
     lines += ["", "| budget | candidates | predictor | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
@@ -248,8 +257,9 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     cal = plans.get((next(iter(plans))[0], "fisher"), {}).get("calibration")
     if cal:
         lines += ["", f"The fisher predictor's per-option scale (candidates: {next(iter(plans))[0]}): Σ measured ΔKL / Σ Fisher form over its calibration "
-                  "sample (8 units measured alone at every option); options whose sample ΔKL is float noise take the "
-                  "nearest calibrated factor. Last columns: the uniform plan at that option, predicted (scaled) and "
+                  "sample (8 units measured alone at every anchor option); options whose sample ΔKL is float noise "
+                  "take the nearest calibrated factor; a predicted option takes its anchor's factor × Σ solved / Σ "
+                  "predicted Fisher form over the sample (the sample units solve every option). Last columns: the uniform plan at that option, predicted (scaled) and "
                   "measured ΔKL on the held-out slice:", "",
                   "| option | sample measured | sample Fisher | factor | uniform predicted | uniform measured |",
                   "|---|---|---|---|---|---|"]
@@ -257,6 +267,8 @@ def write(rows, plans, fp, sizes, cmd) -> None:
             f = lambda v: f"{v:.4g}" if v is not None else "—"   # noqa: E731
             lines.append(f"| {k} | {f(c.get('sample_measured'))} | {f(c.get('sample_fisher'))} | {c['factor']:.3f}"
                          + (f" (from {c['from']})" if c.get("from") else "")
+                         + (f" ({c['anchor']}'s × {c['sample_fisher_solved'] / c['sample_fisher']:.3f})"
+                            if c.get("anchor") else "")
                          + f" | {f(c.get('uniform_predicted'))} | {f(c.get('uniform_measured'))} |")
     png = _plot(rows, u3, u4, sizes, fp)
     if png:

@@ -51,8 +51,9 @@ CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_
 EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str}
 RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
-             "direct_bits": int, "predictor": str, "probes": int}
+             "direct_bits": int, "predictor": str, "probes": int, "solve": str}
 PREDICTORS = ("fisher", "exact")          # see passes/measure.py
+SOLVES = ("anchors", "all")               # fisher: which options GPTQ solves for every unit (passes/measure.py)
 
 # Named candidate sets (`candidates: NAME`). Options are (bits, group_size, sym); quant.act_order,
 # static_groups and mse apply to each. Symmetric and asymmetric grids cost the same bytes (GPTQ v1
@@ -77,6 +78,7 @@ class PlanSettings:
     direct_bits: int = 4           # exact predictor: options with ≤ this many bits get their ΔKL measured (0: α·err only)
     predictor: str = "fisher"      # fisher: O(L) backward-sweep estimate, calibrated; exact: measured tails, O(L²)
     probes: int = 8                # fisher: sampled-label probes of the backward sweep
+    solve: str = "anchors"         # fisher: GPTQ solves one option per bit width, the others are predicted; all: every option
 
 
 @dataclass
@@ -501,6 +503,12 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
                           "(fisher: fast O(layers) estimate, the default; exact: measured, O(layers²))")
     if cfg.plan.probes < 1:
         raise ConfigError(file, "plan.probes", f"must be a positive integer, got {cfg.plan.probes}")
+    if cfg.plan.solve not in SOLVES:
+        raise ConfigError(file, "plan.solve", f"{cfg.plan.solve!r}; allowed: {', '.join(SOLVES)} (anchors: GPTQ "
+                          "solves one option per bit width and predicts the others, the default; all: every option)")
+    if cfg.plan.predictor == "exact" and pl.get("solve") == "anchors":
+        raise ConfigError(file, "plan.solve", "anchors is the fisher predictor's; the exact predictor measures every "
+                          "option with its own weights: remove plan.solve or set plan.predictor: fisher")
     if not 0 < cfg.plan.noise < 1:
         raise ConfigError(file, "plan.noise", f"must be in (0, 1), got {cfg.plan.noise}")
     if cfg.export_dtype not in ("float16", "bfloat16"):

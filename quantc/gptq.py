@@ -70,8 +70,13 @@ class QuantResult:
         return (self.q.float() - self.zeros[g].t().float()) * self.scales[g].t()
 
 
-def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) for a slice x [rows, cols]. Zeros lie in [1, maxq] (GPTQ v1 stores zero-1)."""
+CLIP_STEPS = 26      # shrink factors of the clipped-grid search (GPTQ's --mse grid)
+
+
+def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False,
+                steps: int = CLIP_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) for a slice x [rows, cols]. Zeros lie in [1, maxq] (GPTQ v1 stores zero-1).
+    `mse`: the clipped-grid search over `steps` shrink factors from 1 to 0.5."""
     maxq = 2**bits - 1
     xmin = x.min(1).values.clamp(max=0)
     xmax = x.max(1).values.clamp(min=0)
@@ -98,10 +103,11 @@ def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tup
     if mse:
         # Shrink the range and keep the grid with the least |x - q|^2.4 error (as in GPTQ's --mse).
         best = torch.full_like(scale, float("inf"))
-        for p in torch.linspace(1.0, 0.5, 26).tolist():
+        for p in torch.linspace(1.0, 0.5, steps).tolist():
             s, z = grid(p * xmin, p * xmax)
-            q = quantize(x, s.unsqueeze(1), z.unsqueeze(1), maxq)
-            err = (q - x).abs().pow(2.4).sum(1)
+            s1, z1 = s.unsqueeze(1), z.unsqueeze(1)
+            # quantize(x, s1, z1, maxq) - x, in place: the same operations, without 5 temporaries of x's size
+            err = torch.div(x, s1).round_().add_(z1).clamp_(0, maxq).sub_(z1).mul_(s1).sub_(x).abs_().pow_(2.4).sum(1)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)
@@ -119,8 +125,8 @@ def quantize(x, scale, zero, maxq):
     return scale * (_int(x, scale, zero, maxq) - zero)
 
 
-def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
-    """Round-to-nearest baseline with the same grid as GPTQ."""
+def rtn(W: torch.Tensor, opt: Option, steps: int = CLIP_STEPS) -> QuantResult:
+    """Round-to-nearest baseline with the same grid as GPTQ (`steps`: of its clipped-grid search)."""
     W = W.float()
     if opt.grid != "gptq":
         t = ggml.type_for(opt.grid, opt.bits, opt.sym, W.shape[1])
@@ -135,7 +141,7 @@ def rtn(W: torch.Tensor, opt: Option) -> QuantResult:
     Wp = torch.nn.functional.pad(W, (0, G * gs - cols)) if G * gs != cols else W
     # every (row, group) is one row of the grid search: one vectorised call for the whole matrix
     # (a ragged last group is zero-padded; zeros never widen a grid that always contains 0)
-    s, z = find_params(Wp.reshape(rows * G, gs), opt.bits, opt.sym, opt.mse)
+    s, z = find_params(Wp.reshape(rows * G, gs), opt.bits, opt.sym, opt.mse, steps)
     s, z = s.reshape(rows, G), z.reshape(rows, G)
     g_idx = torch.arange(cols, dtype=torch.int32, device=W.device) // gs
     q = _int(W, s[:, g_idx.long()], z[:, g_idx.long()], maxq).to(torch.int32)
@@ -287,8 +293,7 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
 
     static = None
     if o0.act_order and o0.static_groups:      # grids from the original contiguous groups: g_idx = i // gs
-        W_orig = W[:, invperm]
-        static = [params(W_orig[:, c:c + gs]) for c in range(0, cols, gs)]
+        static = _static_params(W[:, invperm], gs, blocks)
 
     Q = torch.zeros_like(W)
     qint = torch.zeros_like(W)
@@ -334,6 +339,26 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
         raise QuantcError(f"{name}: GPTQ produced non-finite weights (NaN/Inf in the weights or Hessian)")
     return [QuantResult(qint[sl].to(torch.int32), scales[:, sl], zeros[:, sl].to(torch.int32), g_idx, Q[sl], damp)
             for _, sl in blocks]
+
+
+def _static_params(W: torch.Tensor, gs: int, blocks: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, zero) of every contiguous group of W's columns, each option's rows on its own grid.
+    All whole groups of an option are searched in one call (the search is per row, so batching
+    (row, group) pairs changes no value but saves a Python loop per group); a ragged last group is
+    searched on its own, as before."""
+    rows, cols = blocks[0][1].stop - blocks[0][1].start, W.shape[1]
+    full = cols // gs
+    per_group: list[list] = [[] for _ in range(-(-cols // gs))]
+    for o, sl in blocks:
+        x = W[sl]
+        if full:
+            xs = x[:, :full * gs].reshape(rows, full, gs).transpose(0, 1).reshape(full * rows, gs)
+            s, z = find_params(xs, o.bits, o.sym, o.mse)
+            for g, (sg, zg) in enumerate(zip(s.reshape(full, rows), z.reshape(full, rows))):
+                per_group[g].append((sg, zg))
+        if full * gs < cols:
+            per_group[full].append(find_params(x[:, full * gs:], o.bits, o.sym, o.mse))
+    return [(torch.cat([s for s, _ in p]), torch.cat([z for _, z in p])) if len(p) > 1 else p[0] for p in per_group]
 
 
 def _gptq_ggml(W, H, opt: Option, percdamp, blocksize, name, hinv: dict) -> QuantResult:

@@ -44,6 +44,15 @@ def _param_count(folder: Path, lazy: bool = False) -> int | None:
     return outside + sum(per_layer.values())
 
 
+def solved_options(cfg) -> int:
+    """Options sweep 1 solves for every unit: one per bit width with `plan.solve: anchors` (fisher,
+    GPTQ), else every candidate (passes/measure.py)."""
+    from .passes.measure import anchors
+    if cfg.plan.predictor == "fisher" and cfg.plan.solve == "anchors" and cfg.method == "gptq":
+        return len(set(anchors(cfg.candidates)))
+    return len(cfg.candidates)
+
+
 def memory_estimate(cfg: Config) -> dict | None:
     """Expected peak memory of the compile, from config.json and the safetensors headers alone.
 
@@ -86,9 +95,9 @@ def memory_estimate(cfg: Config) -> dict | None:
         p = cfg.plan
         held = p.alpha_samples * p.alpha_seq_len * hidden * act_bytes
         calib = p.measure_samples * cfg.calibration.seq_len * hidden * act_bytes * 2
-        k = len(cfg.candidates)
+        k = solved_options(cfg)
         if p.predictor == "fisher":
-            live = held * (layers + k + 2 * p.probes)
+            live = held * (layers + k + 2 * p.probes)          # held-out inputs, uniform streams at the solved
         else:
             direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
             per_layer = 7 if cfg.units == "linear" else 4     # units per layer
@@ -117,10 +126,11 @@ def memory_estimate(cfg: Config) -> dict | None:
     # candidate of the layer (one byte a weight).
     from .gptq import STACK_BYTES
     linear = max(hidden * inter, hidden * attn)
-    k = 1 if cfg.uniform else len(cfg.candidates)
-    stack = max(1, min(k, STACK_BYTES // max(1, linear * 4)))
-    solve = (4 * (largest if cfg.uniform else every) + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5)
-             + (0 if cfg.uniform else k * layer_weights))
+    k = 1 if cfg.uniform else solved_options(cfg)
+    stack = max(1, min(len(cfg.candidates), STACK_BYTES // max(1, linear * 4)))
+    # codes: the solved options of the layer, and the calibration unit's others (at most two linears)
+    codes = 0 if cfg.uniform else k * layer_weights + (len(cfg.candidates) - k) * 2 * linear
+    solve = 4 * (largest if cfg.uniform else every) + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5) + codes
     layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,

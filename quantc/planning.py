@@ -23,7 +23,7 @@ from .errors import ConfigError, QuantcError
 from .model import CPU, Activations, Placement, capture_layer0_inputs, keep_in_fp16, units
 from .options import Option
 from .passes.allocate import allocate, least_bytes, size_range
-from .passes.measure import CALIBRATION_UNITS, Measurements, measure, option_key, unit_dkl
+from .passes.measure import CALIBRATION_UNITS, PROXY_STEPS, Measurements, anchors, measure, option_key, unit_dkl
 
 log = logging.getLogger("quantc")
 MEASURE_VERSION = 4
@@ -123,6 +123,9 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
     p = cfg.plan                     # only the settings the chosen predictor reads
     own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
+    if p.predictor == "fisher" and cfg.method == "gptq" and any(a != j for j, a in enumerate(anchors(cfg.candidates))):
+        own += f":solve:{p.solve}:{PROXY_STEPS}"   # only where some option would be predicted: one-option-per-bits
+        #                                           sets measure the same either way and keep their keys
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
         h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())
@@ -153,7 +156,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     ms = measure(model, Activations(hidden, kw, bs, place=place), Activations(hh, hkw, bs, place=place), hold,
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
-                 progress=progress, place=place)
+                 progress=progress, place=place, solve=p.solve)
     ms.meta = {**ms.meta, "key": key, "model": cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     if not world.main:

@@ -61,6 +61,8 @@ BAD = [
     ("model: {M}\nquant: {rotate: quarot}\n", "`quant.rotate`: 'quarot' is not known; allowed: none, hadamard"),
     ("model: {M}\nquant: {rotate_seed: 3}\n", "`quant.rotate_seed`: has no effect without a rotation"),
     ("model: {M}\nquant: {rotate: hadamard, rotate_seed: -1}\n", "`quant.rotate_seed`: must be a non-negative"),
+    ("model: {M}\nplan: {solve: some}\n", "`plan.solve`: 'some'; allowed: anchors, all"),
+    ("model: {M}\nplan: {predictor: exact, solve: anchors}\n", "`plan.solve`: anchors is the fisher predictor's"),
 ]
 
 

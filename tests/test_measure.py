@@ -162,3 +162,76 @@ def test_swapped_codes_run_like_their_weights(deep_llama):
         want = lin(x)
     assert torch.equal(got, want)
     assert torch.equal(lin.weight.data, W)
+
+
+# options of one bit width differing in group size and zero point: solve: anchors solves one per width
+WIDE = [Option(4, 32), Option(4, 64), Option(4, 64, sym=False), Option(2, 32, sym=False),
+        Option(2, 64, sym=False), Option(8, 32), Option(8, 64)]
+
+
+def test_anchors_are_one_option_per_bit_width():
+    from quantc.config import CANDIDATE_SETS
+    from quantc.passes.measure import anchors
+    wide = [Option(b, g, s, act_order=True, static_groups=True, mse=True) for b, g, s in CANDIDATE_SETS["wide"]]
+    a = anchors(wide)
+    assert {wide[j].label for j in set(a)} == {"2b-g128-asym", "3b-g128-sym", "4b-g128-sym", "8b-g128-sym"}
+    assert all(wide[j].bits == o.bits for o, j in zip(wide, a))
+    assert anchors(CANDIDATES) == [0, 1, 2]                  # one option per width: each its own anchor
+    assert anchors([Option(4, 128, act_order=True), Option(4, 64)]) == [0, 1]   # other solver settings
+    assert anchors([Option(4, 32), Option(4, -1)]) == [1, 1]  # no g128: the widest group (per-channel)
+
+
+def test_anchor_solves_predict_the_other_options(deep_llama, monkeypatch):
+    """solve: anchors gives the anchors' numbers unchanged, predicts every other option's error close
+    to its solved one, solves only anchors outside the calibration sample, and keeps every option's
+    real weights for the sample's measured streams."""
+    import quantc.passes.measure as M
+    model = load_model(str(deep_llama))
+    vocab = model.config.vocab_size
+    calib, hold = _tokens(vocab, 8, 48, 0), _tokens(vocab, 4, 32, 1)
+    h, k = capture_layer0_inputs(model, calib, 4)
+    hh, hk = capture_layer0_inputs(model, hold, 4)
+    run = lambda solve: measure(model, Activations(h, k, 4), Activations(hh, hk, 4), hold, WIDE, progress=False,
+                                solve=solve)
+    full = run("all")
+    solved: list[int] = []
+    real = M.iter_gptq_options
+    monkeypatch.setattr(M, "iter_gptq_options", lambda W, H, opts, **kw: (solved.append(len(opts)), real(W, H, opts, **kw))[1])
+    fast = run("anchors")
+    anchor_keys = {option_key(WIDE[j]) for j in set(M.anchors(WIDE))}
+    assert anchor_keys == {option_key(o) for o in (WIDE[1], WIDE[4], WIDE[6])}    # no g128: the widest
+    sample = set(fast.meta["calibration_units"])
+    n_lin = {key: len(u["names"]) for key, u in fast.units.items()}
+    assert sorted(solved) == sorted([len(WIDE)] * sum(n_lin[u] for u in sample)
+                                    + [len(anchor_keys)] * sum(n for u, n in n_lin.items() if u not in sample))
+    ratios = []
+    for key, u in fast.units.items():
+        for kk, o in u["options"].items():
+            want = full.units[key]["options"][kk]
+            assert o["bytes"] == want["bytes"]
+            if kk in anchor_keys:
+                assert "predicted_from" not in o
+                assert o["err"] == pytest.approx(want["err"], rel=1e-12)
+                assert o["dkl"] == pytest.approx(want["dkl"], rel=1e-9)
+                continue
+            assert o["predicted_from"] in anchor_keys
+            ratios.append(o["err"] / want["err"])
+            if key in sample:                                # solved too: its real error is kept
+                assert o["err_solved"] == pytest.approx(want["err"], rel=1e-12)
+    ratios = torch.tensor(ratios).log()
+    assert ratios.abs().max() < 0.5 and ratios.mean().abs() < 0.15, ratios   # within 1.65×, unbiased to 15%
+    cal = fast.meta["calibration"]
+    assert {kk for kk, c in cal.items() if "uniform_measured" in c} == anchor_keys
+    assert set(full.meta["calibration"]) == {kk for kk, c in full.meta["calibration"].items() if "uniform_measured" in c}
+    for kk, c in cal.items():
+        if kk in anchor_keys:                    # the sample measured with the anchors' real weights, as before
+            assert c["sample_measured"] == pytest.approx(full.meta["calibration"][kk]["sample_measured"], rel=1e-9)
+            continue
+        # a predicted option: its anchor's factor × Σ solved / Σ predicted Fisher form over the sample
+        a = c["anchor"]
+        assert a in anchor_keys and "sample_measured" not in c
+        real = sum(fast.units[u]["options"][kk]["fisher_solved"] for u in sample)
+        pred = sum(fast.units[u]["options"][kk]["fisher"] for u in sample)
+        assert c["factor"] == pytest.approx(cal[a]["factor"] * real / pred, rel=1e-12)
+        for u in fast.units.values():
+            assert u["options"][kk]["dkl"] == pytest.approx(c["factor"] * u["options"][kk]["fisher"], rel=1e-12)

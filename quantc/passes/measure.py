@@ -16,6 +16,14 @@ sweep (`model.decoder_layer`), so memory holds one layer whatever the depth. Two
   depth and the unit kinds) measured alone with their own weights at every option: a constant number
   of held-out streams carried through the same forward sweep, so still O(L). The uniform plan at each
   option is carried too, as a check of the whole-model prediction.
+  With `solve: anchors` (the default), GPTQ solves one option per bit width and grid (the anchor:
+  symmetric g128 where offered) for every unit; each other option's diag(ΔW H ΔWᵀ) is predicted per
+  output row as its round-to-nearest error (coarse clip search) × the anchor's GPTQ / round-to-
+  nearest ratio of that row. Options that differ from the anchor only in group size or zero point
+  then cost a cheap RTN instead of a solve, so a candidate set 4.5× as large costs little more than
+  its anchors. The calibration sample solves every option; its Fisher numbers use the same
+  prediction as every other unit's, so the per-option factor also takes out the prediction's mean
+  bias. `solve: all` solves every option everywhere (and carries a uniform stream for each).
 - `exact` (validation, O(L²) compute): the measured ΔKL of every unit × option of ≤ `direct_bits`
   bits with its real GPTQ weights, and HIGGS' α from injected noise for the rest. Every perturbed
   held-out stream starts at its layer and is carried forward together with the others, so each
@@ -48,6 +56,21 @@ OUTLIER_K = 5.0          # a weight is an outlier when |w| > k · mean|w| of its
 TOPK = 8                 # singular directions counted in the top-k energy diagnostic
 
 
+def anchors(candidates: list[Option]) -> list[int]:
+    """For each candidate, the index of its anchor: the option of the same bits, grid and solver
+    settings that GPTQ solves for every unit (solve: anchors) — symmetric, then group 128, then the
+    widest group (per-channel the widest of all). An option alone in its kind is its own anchor
+    (today's one-option-per-bits sets solve exactly as before)."""
+    kind = lambda o: (o.bits, o.grid, o.act_order, o.static_groups, o.mse)
+    best: dict[tuple, int] = {}
+    for j, o in enumerate(candidates):
+        b = best.get(kind(o))
+        rank = lambda x: (not x.sym, x.group_size != 128, -x.group_size if x.group_size > 0 else -2**31)
+        if b is None or rank(o) < rank(candidates[b]):
+            best[kind(o)] = j
+    return [best[kind(o)] for o in candidates]
+
+
 def option_key(o: Option) -> str:
     extra = "".join(s for s, on in (("-ao", o.act_order), ("-sg", o.static_groups), ("-mse", o.mse)) if on)
     return o.label + extra
@@ -72,6 +95,9 @@ class Measurements:
 
 
 CALIBRATION_UNITS = 8      # fisher: units measured exactly at every option to fix the scale per option
+PROXY_STEPS = 6            # solve: anchors: shrink factors of the RTN proxy's clip search (GPTQ's own: 26).
+#                            On SmolLM2's linears, 6 steps predict an option's GPTQ error within 5–15% (sd of
+#                            log over 12 linears) where 1 step (no search) scatters 10–35%.
 KL_NOISE = 1e-7            # nats: below this a measured ΔKL is float rounding, not a signal
 
 
@@ -173,7 +199,7 @@ def _swapped(mods: dict, weights: dict):
 def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torch.Tensor,
             candidates: list[Option], *, predictor: str = "fisher", probes: int = 8, unit_mode: str = "shared",
             method: str = "gptq", damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
-            progress: bool = True, place: Placement = CPU) -> Measurements:
+            progress: bool = True, place: Placement = CPU, solve: str = "anchors") -> Measurements:
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; one of {PREDICTORS}")
     n_layers = len(decoder_layers(model))
@@ -185,11 +211,15 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     gen = torch.Generator().manual_seed(seed)
     lowest = min(candidates, key=lambda o: (o.bits, -o.group_size))
     exact = predictor == "exact"
+    anchor = (anchors(candidates) if solve == "anchors" and not exact and method == "gptq"
+              else list(range(len(candidates))))
     streams: dict[tuple, torch.Tensor] = {}        # perturbed held-out streams, from their layer on
-    uniform = {} if exact else {option_key(o): holdout.hidden for o in candidates}   # fisher: one per option
+    uniform = {} if exact else {option_key(candidates[a]): holdout.hidden for a in sorted(set(anchor))}   # fisher:
+    #                                                one per option solved for every unit
     sample = set() if exact else calibration_sample(by_layer, n_layers, CALIBRATION_UNITS)
     held_in: list[torch.Tensor] = []                # fisher: the held-out inputs of every layer
     sq: dict[str, dict[str, torch.Tensor]] = {}      # fisher: linear -> option -> diag(ΔW H ΔWᵀ)
+    sq_solved: dict[str, dict[str, torch.Tensor]] = {}   # the sample's predicted options, solved
     x, xh = acts, holdout
     world, owned = place.world, 0
     for i in tqdm(range(n_layers), desc="measuring layers", disable=not progress):
@@ -224,16 +254,21 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                     # run in parallel and each rank holds one unit's options (one process: j alone)
                     for jj in range(j, min(j + world.size, owned)):
                         if world.mine(jj):
-                            solved[jj] = _solve_unit(here[jj - first], prefix, layer, mods, hess, candidates,
-                                                     method, damp, keep_sq=not exact)
-                entry, weights, unit_sq = world.broadcast(solved.pop(j, None), world.owner(j))
+                            u = here[jj - first]
+                            solved[jj] = _solve_unit(u, prefix, layer, mods, hess, candidates, method, damp,
+                                                     keep_sq=not exact, anchor=anchor, every=u.key in sample)
+                entry, weights, unit_sq, unit_solved = world.broadcast(solved.pop(j, None), world.owner(j))
                 for k, ws in weights.items():
                     quantized[k].update(ws)
                 for n, per in unit_sq.items():
                     sq.setdefault(n, {}).update(per)
-                for o in candidates:
+                for n, per in unit_solved.items():
+                    sq_solved.setdefault(n, {}).update(per)
+                for j_o, o in enumerate(candidates):
                     k = option_key(o)
-                    if (exact and o.bits <= direct_bits) or unit.key in sample:   # measured with its own weights
+                    # measured with its own weights: the exact predictor's options; the fisher sample's
+                    # solved-everywhere options (a predicted option's factor comes from its anchor's)
+                    if (exact and o.bits <= direct_bits) or (unit.key in sample and anchor[j_o] == j_o):
                         with _swapped(mods, {n: quantized[k][n] for n in unit.names}):
                             streams[("dkl", unit.key, k)] = xh.through(layer).hidden
                 if exact:
@@ -254,16 +289,24 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             _exact_results(ms, head, xh, streams, noise)
         else:
             acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress)
-            _fisher_results(ms, head, xh, sq, acc, uniform, streams)
-    ms.meta.update({"predictor": predictor, "probes": None if exact else probes})
+            _fisher_results(ms, head, xh, sq, acc, uniform, streams, sq_solved,
+                            {option_key(o): option_key(candidates[a]) for o, a in zip(candidates, anchor)})
+    ms.meta.update({"predictor": predictor, "probes": None if exact else probes,
+                    "anchors": {option_key(o): option_key(candidates[a]) for o, a in zip(candidates, anchor)}})
     return ms
 
 
 def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidates: list[Option], method: str,
-                damp: float, keep_sq: bool):
+                damp: float, keep_sq: bool, anchor: list[int] | None = None, every: bool = False):
     """Every candidate option of one unit: (its measurement entry, {option key: {linear: quantized
     weight}}, {linear: {option key: diag(ΔW H ΔWᵀ)}} for the fisher predictor). A pure function of
-    the unit's weights and Hessians: the same on whichever rank solves it."""
+    the unit's weights and Hessians: the same on whichever rank solves it. `anchor` (solve: anchors):
+    each option's anchor; only anchors are solved and have weights, the other options' errors are
+    predicted (_predicted). `every` (the calibration sample): every option is solved and has its
+    weights, and its errors are still the predicted ones (the solved error is kept as err_solved)."""
+    anchor = anchor if anchor is not None else list(range(len(candidates)))
+    predict = [j for j, a in enumerate(anchor) if a != j]
+    solve = list(range(len(candidates))) if every else sorted(set(anchor))
     entry = {"layer": unit.layer, "names": list(unit.names), "options": {}, "alpha": None,
              "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
              "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
@@ -272,29 +315,65 @@ def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidat
     den = sum(energy(W[n], hess[n].H) for n in unit.names)
     weights: dict[str, dict[str, QuantResult]] = {}
     sq: dict[str, dict[str, torch.Tensor]] = {}
+    sq_solved: dict[str, dict[str, torch.Tensor]] = {}   # the calibration sample: predicted options, solved
     num = {option_key(o): 0.0 for o in candidates}
+    solved_num: dict[str, float] = {}
     for n in unit.names:
         # options in stacks (iter_gptq_options): each result is reduced to its error terms and codes
         # as it comes, so only one stack's float weights exist at a time
-        solved = (iter_gptq_options(W[n], hess[n].H, candidates, percdamp=damp, name=n,
+        solved = (iter_gptq_options(W[n], hess[n].H, [candidates[c] for c in solve], percdamp=damp, name=n,
                                     hinv=hinv.setdefault(id(hess[n]), {}))
-                  if method == "gptq" else ((c, rtn(W[n], o)) for c, o in enumerate(candidates)))
+                  if method == "gptq" else ((c, rtn(W[n], candidates[solve[c]])) for c in range(len(solve))))
         per_option = {}
         for c, res in solved:
-            k = option_key(candidates[c])
+            k = option_key(candidates[solve[c]])
             per_option[k] = row_errors(W[n] - res.weight, hess[n].H)     # diag(ΔW H ΔWᵀ)
-            weights.setdefault(k, {})[n] = res.codes_only()
+            if anchor[solve[c]] == solve[c]:        # only anchors' codes are swapped in, by anyone
+                weights.setdefault(k, {})[n] = res.codes_only()
+        if predict:
+            pred = _predicted(W[n], hess[n].H, candidates, anchor, predict, per_option)
+            for k, v in pred.items():
+                if k in per_option:
+                    solved_num[k] = solved_num.get(k, 0.0) + float(per_option[k].sum())
+                    sq_solved.setdefault(n, {})[k] = per_option[k].cpu()
+                per_option[k] = v
         for o in candidates:                    # summed in candidate order, whatever the stack order
             k = option_key(o)
             num[k] += float(per_option[k].sum())
             if keep_sq:
                 sq.setdefault(n, {})[k] = per_option[k].cpu()
-    for o in candidates:
+    for j, o in enumerate(candidates):
         k = option_key(o)
         entry["options"][k] = {
             "err": num[k] / max(den, 1e-30),
             "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
-    return entry, weights, sq
+        if j in predict:
+            entry["options"][k]["predicted_from"] = option_key(candidates[anchor[j]])
+        if k in solved_num:
+            entry["options"][k]["err_solved"] = solved_num[k] / max(den, 1e-30)
+    return entry, weights, sq, sq_solved
+
+
+def _predicted(W: torch.Tensor, H: torch.Tensor, candidates: list[Option], anchor: list[int], predict: list[int],
+               solved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diag(ΔW H ΔWᵀ) of the options in `predict`, from their anchors' solved ones: per output row,
+    RTN(option) × GPTQ(anchor) / RTN(anchor), RTN on the option's grid with a coarse clip search
+    (PROXY_STEPS). GPTQ's gain over rounding depends mostly on H and the bit width, which the option
+    shares with its anchor; the row's RTN error carries what the group size and zero point change.
+    A row the anchor's rounding leaves exact keeps its RTN error."""
+    proxy: dict[int, torch.Tensor] = {}
+
+    def rtn_err(j: int) -> torch.Tensor:
+        if j not in proxy:
+            proxy[j] = row_errors(W - rtn(W, candidates[j], steps=PROXY_STEPS).weight, H)
+        return proxy[j]
+    out = {}
+    for j in predict:
+        a = anchor[j]
+        ra = rtn_err(a)
+        ratio = torch.where(ra > 0, solved[option_key(candidates[a])] / ra.clamp(min=1e-300), torch.ones_like(ra))
+        out[option_key(candidates[j])] = rtn_err(j) * ratio
+    return out
 
 
 def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option,
@@ -422,16 +501,22 @@ def calibration_sample(by_layer: dict[int, list[Unit]], n_layers: int, m: int) -
 
 
 def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc: dict, uniform: dict,
-                    streams: dict) -> None:
+                    streams: dict, sq_solved: dict | None = None, anchor: dict | None = None) -> None:
     """Predicted ΔKL of every unit × option: the Fisher form, scaled per option by Σ measured / Σ
     Fisher over the calibration sample (units measured alone with their own weights, the regime the
     allocator adds up). Options without a usable sample (measured ΔKL not above float noise) take the
-    factor of the nearest calibrated bit width. The uniform plans are measured too, as a check of the
-    whole-model prediction (meta.calibration)."""
+    factor of the nearest calibrated bit width. A predicted option (solve: anchors; `anchor` maps
+    each option to its anchor) takes its anchor's factor times Σ solved / Σ predicted Fisher form over
+    the sample, which takes out the prediction's mean bias. The uniform plans are measured too, as a
+    check of the whole-model prediction (meta.calibration)."""
     targets = head.ref_logp.shape[0] * head.ref_logp.shape[1]
+    anchor = anchor or {k: k for k in ms.options}
+    sq_solved = sq_solved or {}
     for u in ms.units.values():
         for k, o in u["options"].items():
             o["fisher"] = sum(float((acc[n] * sq[n][k]).sum()) for n in u["names"]) / (4 * targets)
+            if all(k in sq_solved.get(n, {}) for n in u["names"]):      # the sample's predicted options
+                o["fisher_solved"] = sum(float((acc[n] * sq_solved[n][k]).sum()) for n in u["names"]) / (4 * targets)
     measured: dict[str, float] = {}
     fisher: dict[str, float] = {}
     for (_, key, k), hidden in streams.items():        # the calibration sample, measured alone
@@ -441,6 +526,8 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
         fisher[k] = fisher.get(k, 0.0) + ms.units[key]["options"][k]["fisher"]
     cal = {}
     for k in ms.options:
+        if anchor[k] != k:
+            continue
         ok = measured.get(k, 0.0) > KL_NOISE and fisher.get(k, 0.0) > 0
         cal[k] = {"sample_measured": measured.get(k), "sample_fisher": fisher.get(k),
                   "factor": measured[k] / fisher[k] if ok else None}
@@ -450,6 +537,16 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
             near = min(good, key=lambda g: (abs(ms.options[g]["bits"] - ms.options[k]["bits"]),
                                             -ms.options[g]["bits"]), default=None)
             c["factor"], c["from"] = (cal[near]["factor"], near) if near else (1.0, None)
+    sample = {key for (_, key, _) in streams}
+    for k in ms.options:                               # predicted options: the anchor's factor, debiased
+        if anchor[k] == k:
+            continue
+        pred = sum(ms.units[u]["options"][k]["fisher"] for u in sample)
+        real = sum(ms.units[u]["options"][k].get("fisher_solved", 0.0) for u in sample)
+        bias = real / pred if pred > 0 and real > 0 else 1.0
+        cal[k] = {"sample_fisher": pred, "sample_fisher_solved": real, "anchor": anchor[k],
+                  "factor": cal[anchor[k]]["factor"] * bias}
+    cal = {k: cal[k] for k in ms.options}              # in candidate order
     for u in ms.units.values():
         for k, o in u["options"].items():
             o["dkl"] = cal[k]["factor"] * o["fisher"]
