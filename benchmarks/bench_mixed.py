@@ -268,7 +268,7 @@ def write(rows, plans, fp, sizes, cmd) -> None:
             lines.append(f"| {k} | {f(c.get('sample_measured'))} | {f(c.get('sample_fisher'))} | {c['factor']:.3f}"
                          + (f" (from {c['from']})" if c.get("from") else "")
                          + (f" ({c['anchor']}'s × {c['sample_fisher_solved'] / c['sample_fisher']:.3f})"
-                            if c.get("anchor") else "")
+                            if c.get("anchor") and c["sample_fisher"] else "")
                          + f" | {f(c.get('uniform_predicted'))} | {f(c.get('uniform_measured'))} |")
     png = _plot(rows, u3, u4, sizes, fp)
     if png:

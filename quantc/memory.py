@@ -59,7 +59,7 @@ def memory_estimate(cfg: Config) -> dict | None:
     Weights: one decoder layer in fp32 plus everything outside the layers when layers load lazily
     (both sweeps), else the model. Then the larger of the two sweeps' working sets:
     - sweep 1 (with a budget): its calibration activations (in/out), the held-out streams (fisher:
-      every layer's held-out input, one stream per option and the probes' gradients; exact: every
+      every layer's held-out input, one stream per solved option and the probes' gradients; exact: every
       perturbed stream alive at the last layer), and the head's logits;
     - sweep 2: calibration activations (x̂ in/out, with QEP x in/out, one layer's cached inputs),
       one layer's codes (finished layers go to their shard at once);
@@ -97,7 +97,7 @@ def memory_estimate(cfg: Config) -> dict | None:
         calib = p.measure_samples * cfg.calibration.seq_len * hidden * act_bytes * 2
         k = solved_options(cfg)
         if p.predictor == "fisher":
-            live = held * (layers + k + 2 * p.probes)          # held-out inputs, uniform streams at the solved
+            live = held * (layers + k + 2 * p.probes)          # held-out inputs, a uniform stream per solved option
         else:
             direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
             per_layer = 7 if cfg.units == "linear" else 4     # units per layer
@@ -123,13 +123,13 @@ def memory_estimate(cfg: Config) -> dict | None:
     # The solves: the float32 H (sweep 1: every group's of the layer), then the Cholesky's two n × n
     # matrices, or its factor beside one stack of options of the largest linear (its W, Q and codes:
     # gptq.STACK_BYTES or one option, with the stack's results), and in sweep 1 the codes of every
-    # candidate of the layer (one byte a weight).
+    # solved option of the layer (one byte a weight; solved_options).
     from .gptq import STACK_BYTES
     linear = max(hidden * inter, hidden * attn)
     k = 1 if cfg.uniform else solved_options(cfg)
-    stack = max(1, min(len(cfg.candidates), STACK_BYTES // max(1, linear * 4)))
-    # codes: the solved options of the layer, and the calibration unit's others (at most two linears)
-    codes = 0 if cfg.uniform else k * layer_weights + (len(cfg.candidates) - k) * 2 * linear
+    # a stack: options of one group layout (the sample's units solve every candidate)
+    stack = max(1, min(1 if cfg.uniform else len(cfg.candidates), STACK_BYTES // max(1, linear * 4)))
+    codes = 0 if cfg.uniform else k * layer_weights
     solve = 4 * (largest if cfg.uniform else every) + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5) + codes
     layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton

@@ -123,9 +123,10 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
     p = cfg.plan                     # only the settings the chosen predictor reads
     own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
-    if p.predictor == "fisher" and cfg.method == "gptq" and any(a != j for j, a in enumerate(anchors(cfg.candidates))):
-        own += f":solve:{p.solve}:{PROXY_STEPS}"   # only where some option would be predicted: one-option-per-bits
-        #                                           sets measure the same either way and keep their keys
+    if p.predictor == "fisher" and cfg.method == "gptq" and p.solve == "anchors" and \
+            any(a != j for j, a in enumerate(anchors(cfg.candidates))):
+        own += f":solve:anchors:{PROXY_STEPS}"     # only where some option is predicted: solve: all and
+        #                                           one-option-per-bits sets measure as before, under their keys
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
         h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())

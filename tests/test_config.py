@@ -307,3 +307,21 @@ def test_memory_estimate_hessians_follow_head_dim_and_true_sequential(tmp_path, 
     del mc["head_dim"]                                                     # default: hidden / heads
     (m / "config.json").write_text(json.dumps(mc))
     assert memory_estimate(parse_config({"model": str(m)}))["hessians"] == (8 + 4) * 96**2   # down_proj's
+
+
+def test_memory_estimate_counts_the_solved_options(tiny_models):
+    """Sweep 1 keeps the codes of, and carries a uniform stream for, the options it solves for every
+    unit: one per bit width with plan.solve: anchors, every candidate with solve: all. A uniform
+    compile solves one option whatever the candidate list."""
+    from quantc.memory import memory_estimate, solved_options
+    base = {"model": str(tiny_models["llama"]), "candidates": "wide", "budget": {"avg_bits": 4}}
+    anch, every = parse_config(base), parse_config({**base, "plan": {"solve": "all"}})
+    assert solved_options(anch) == 4 and solved_options(every) == 18
+    ea, ee = memory_estimate(anch), memory_estimate(every)
+    mc = json.loads((tiny_models["llama"] / "config.json").read_text())
+    h, i = mc["hidden_size"], mc["intermediate_size"]
+    attn = mc["num_attention_heads"] * (mc.get("head_dim") or h // mc["num_attention_heads"])
+    assert ee["solve"] - ea["solve"] == 14 * (4 * h * attn + 3 * h * i)     # 14 more options' one-byte codes
+    assert ee["measurement"] > ea["measurement"]                             # 14 more uniform streams
+    uni = parse_config({"model": str(tiny_models["llama"]), "candidates": "wide"})
+    assert solved_options(uni) == 4 and not memory_estimate(uni)["measurement"]

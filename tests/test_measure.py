@@ -183,8 +183,9 @@ def test_anchors_are_one_option_per_bit_width():
 
 def test_anchor_solves_predict_the_other_options(deep_llama, monkeypatch):
     """solve: anchors gives the anchors' numbers unchanged, predicts every other option's error close
-    to its solved one, solves only anchors outside the calibration sample, and keeps every option's
-    real weights for the sample's measured streams."""
+    to its solved one, solves only anchors outside the calibration sample (whose units solve every
+    option), measures the sample's streams at the anchors as before, and gives a predicted option its
+    anchor's factor, debiased by the sample's solved errors."""
     import quantc.passes.measure as M
     model = load_model(str(deep_llama))
     vocab = model.config.vocab_size

@@ -13,17 +13,19 @@ sweep (`model.decoder_layer`), so memory holds one layer whatever the depth. Two
   only the diagonal of ΔW H ΔWᵀ per option is kept (out_features numbers). Those approximations
   drop how errors of one channel or position add up coherently downstream, so the prediction is
   then scaled per option by Σ measured / Σ predicted over a fixed sample of 8 units (spread over the
-  depth and the unit kinds) measured alone with their own weights at every option: a constant number
+  depth and the unit kinds) measured alone with their own weights at every solved option: a constant number
   of held-out streams carried through the same forward sweep, so still O(L). The uniform plan at each
   option is carried too, as a check of the whole-model prediction.
   With `solve: anchors` (the default), GPTQ solves one option per bit width and grid (the anchor:
-  symmetric g128 where offered) for every unit; each other option's diag(ΔW H ΔWᵀ) is predicted per
-  output row as its round-to-nearest error (coarse clip search) × the anchor's GPTQ / round-to-
-  nearest ratio of that row. Options that differ from the anchor only in group size or zero point
-  then cost a cheap RTN instead of a solve, so a candidate set 4.5× as large costs little more than
-  its anchors. The calibration sample solves every option; its Fisher numbers use the same
-  prediction as every other unit's, so the per-option factor also takes out the prediction's mean
-  bias. `solve: all` solves every option everywhere (and carries a uniform stream for each).
+  symmetric g128 where offered; "bit width" means bits with the same grid and solver settings) for
+  every unit; each other option's diag(ΔW H ΔWᵀ) is predicted per output row as its round-to-
+  nearest error (with mse options, a coarse clip search) × the anchor's GPTQ / round-to-nearest
+  ratio of that row. Options that differ from the anchor only in group size or zero point then cost
+  a cheap RTN instead of a solve, so a candidate set 4.5× as large costs little more than its
+  anchors. Streams (sample and uniform) are carried for anchors only. A predicted option takes its
+  anchor's factor × Σ solved / Σ predicted Fisher form over the calibration sample, whose units
+  solve every option for that (keeping only the anchors' codes): the factor then also takes out
+  the prediction's mean bias. `solve: all` solves and measures every option everywhere.
 - `exact` (validation, O(L²) compute): the measured ΔKL of every unit × option of ≤ `direct_bits`
   bits with its real GPTQ weights, and HIGGS' α from injected noise for the rest. Every perturbed
   held-out stream starts at its layer and is carried forward together with the others, so each
@@ -94,8 +96,9 @@ class Measurements:
         return Option(**self.options[key])
 
 
-CALIBRATION_UNITS = 8      # fisher: units measured exactly at every option to fix the scale per option
-PROXY_STEPS = 6            # solve: anchors: shrink factors of the RTN proxy's clip search (GPTQ's own: 26).
+CALIBRATION_UNITS = 8      # fisher: units measured exactly at every solved option to fix the scale per option
+PROXY_STEPS = 6            # solve: anchors: shrink factors of the RTN proxy's clip search, for mse options
+#                            (GPTQ's own: 26).
 #                            On SmolLM2's linears, 6 steps predict an option's GPTQ error within 5–15% (sd of
 #                            log over 12 linears) where 1 step (no search) scatters 10–35%.
 KL_NOISE = 1e-7            # nats: below this a measured ΔKL is float rounding, not a signal
@@ -299,11 +302,12 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
 def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidates: list[Option], method: str,
                 damp: float, keep_sq: bool, anchor: list[int] | None = None, every: bool = False):
     """Every candidate option of one unit: (its measurement entry, {option key: {linear: quantized
-    weight}}, {linear: {option key: diag(ΔW H ΔWᵀ)}} for the fisher predictor). A pure function of
-    the unit's weights and Hessians: the same on whichever rank solves it. `anchor` (solve: anchors):
-    each option's anchor; only anchors are solved and have weights, the other options' errors are
-    predicted (_predicted). `every` (the calibration sample): every option is solved and has its
-    weights, and its errors are still the predicted ones (the solved error is kept as err_solved)."""
+    weight}}, {linear: {option key: diag(ΔW H ΔWᵀ)}} for the fisher predictor, {linear: {predicted
+    option key: its solved diag}} for the calibration sample). A pure function of the unit's weights
+    and Hessians: the same on whichever rank solves it. `anchor` (solve: anchors): each option's
+    anchor; only anchors are solved, the other options' errors are predicted (_predicted), and only
+    anchors' codes are kept. `every` (the calibration sample): every option is solved too, and a
+    predicted option's solved error is returned beside its prediction (and kept as err_solved)."""
     anchor = anchor if anchor is not None else list(range(len(candidates)))
     predict = [j for j, a in enumerate(anchor) if a != j]
     solve = list(range(len(candidates))) if every else sorted(set(anchor))
