@@ -165,7 +165,8 @@ def main() -> None:
             ap.error(f"--qep-variants: {v!r} is not one of --variants ({args.variants})")
     runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in reach(v)] + \
            [(v, predictors[0], b, args.qep) for v in qep_variants for b in reach(v) if b in qep_budgets]
-    cmd = "python -m benchmarks.bench_mixed " + " ".join(sys.argv[1:])
+    # the run's command: --cached-only rewrites the section of a run from its jobs, with that run's command
+    cmd = "python -m benchmarks.bench_mixed " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
     for v, p, b, qep in runs:
         key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
         folder = WORK / keyed(key)
@@ -176,9 +177,16 @@ def main() -> None:
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
         plan = plans[(v, p)]["plans"][b]
         rows.append({"budget": b, "qep": qep, "compile": q, "eval": e, "bytes": linear_bytes(folder),
+                     "file_bytes": file_bytes(folder),
                      "pred": plan["delta_kl"], "plan": plan, "predictor": p, "variant": v})
         write(rows, plans, fp, sizes, cmd)
     write(rows, plans, fp, sizes, cmd)
+
+
+def file_bytes(folder) -> int:
+    """Every tensor the checkpoint holds (its safetensors files): the quantized linears plus the
+    embeddings, norms and lm_head, which a rotation of a tied model unties (a second 16-bit matrix)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def subprocess_job_m(args):
@@ -215,8 +223,8 @@ def write(rows, plans, fp, sizes, cmd) -> None:
         lines.append(f"| {v} | {p} | {plan['measure_s']:.0f} s | {rel} | "
                      + ", ".join(f"{x['replan_s']:.2f} s" for x in plan["plans"].values())
                      + f" | {plan['peak_rss_mb']:.0f} MB |")
-    lines += ["", "| budget | candidates | predictor | QEP α | quantized-linear bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| budget | candidates | predictor | QEP α | quantized-linear bytes | checkpoint bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     p0 = next(iter(next(iter(plans.values()))["plans"].values()))
     weights = 8 * p0["allocated_bytes"] / p0["avg_bits"]        # quantized weights (from any plan)
     for bits, u in ((3, u3), (4, u4)):
@@ -225,6 +233,7 @@ def write(rows, plans, fp, sizes, cmd) -> None:
             n = sum(p0["bits"].values())          # units of the model (every plan places all of them)
             mix = f"0/{n}/0/0" if bits == 3 else f"0/0/{n}/0"
             lines.append(f"| uniform {bits}-bit | {bits}-bit g128 | — | 0 | {sizes[f'{bits}b'] / 1e6:.2f} MB | "
+                         f"{file_bytes(WORK / keyed(f'quantc-gptq-{bits}b')) / 1e6:.2f} MB | "
                          f"{8 * sizes[f'{bits}b'] / weights:.3f} | {mix} | "
                          f"{json.loads(q.read_text())['total_s']:.0f} | {u['ppl']:.2f} | — | — |")
     for r in rows:
@@ -236,10 +245,13 @@ def write(rows, plans, fp, sizes, cmd) -> None:
         mix = "/".join(str(r["plan"]["bits"][k]) for k in ("2", "3", "4", "8"))
         ref_ppl = f"{ref['ppl']:.2f}" if ref else "—"
         lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {r['variant']} | {r['predictor']} | {r['qep']:g} | "
-                     f"{r['bytes'] / 1e6:.2f} MB | "
+                     f"{r['bytes'] / 1e6:.2f} MB | {r['file_bytes'] / 1e6:.2f} MB | "
                      f"{r['plan']['avg_bits']:.3f} | {mix} | {r['compile']['total_s']:.0f} | {ppl:.2f} | "
                      f"{ref_ppl} | {gap} |")
-    lines += ["", "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
+    lines += ["", "Budgets count the quantized linears (quantized-linear bytes); checkpoint bytes are every tensor "
+              "of the safetensors files. A rotated tied model (SmolLM2) carries its untied lm_head in 16 bits "
+              "beside the embeddings: its checkpoint is larger by vocab × hidden × 2 bytes at the same budget.", "",
+              "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
               "Bits/weight counts qweight, qzeros, scales and g_idx per quantized weight. The compile s of a mixed "
               "row includes its plan step (a cache read after the first).", "",
               "Predicted ΔKL (sum over units) against measured Δloss on WikiText-2 (ln ppl − ln ppl_fp32):", "",
@@ -247,6 +259,8 @@ def write(rows, plans, fp, sizes, cmd) -> None:
               "|---|---|---|---|---|---|"]
     pts = []
     for (v, p), plan in plans.items():
+        if VARIANTS[v][1].get("rotate"):     # the uniform references are compiles of the unrotated model
+            continue
         pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u) for b, u in ((3, u3), (4, u4))
                 if f"uniform{b}_pred" in plan]
     pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"]) for r in rows]

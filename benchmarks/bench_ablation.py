@@ -1,0 +1,103 @@
+"""Benchmark: which of quantc's uniform GPTQ defaults help (issue: why the uniform lead vanished),
+on the protocol of bench_gptq (SmolLM2-135M, or `--model qwen`, or a model folder).
+
+    python -m benchmarks.bench_ablation [--model qwen] [--configs 4b] [--ablations defaults,no-act-order,...]
+                                        [--fresh]
+
+Each row is the default compile of bench_gptq's quantc row with one setting changed, compiled and
+evaluated in its own process (WikiText-2 through `quantc.load`, float32), all in one run. Jobs are
+cached in benchmarks/work/ (an interrupted run resumes); the section of RESULTS.md is rewritten after
+every job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.bench_gptq import (CONFIGS, QUANTC_GPTQ, WORK, cached, linear_bytes, peak_rss_mb, subprocess_job,
+                                   write_calibration_file, write_section)
+from benchmarks.models import bench_model, keyed, mark, own_results, select, title
+
+# name: (quant settings changed from bench_gptq's quantc row, what the row says)
+ABLATIONS = {
+    "defaults": ({}, "quantc's defaults: act-order + static groups, clipped grid, true-sequential, damp 0.01"),
+    "no-act-order": ({"act_order": False, "static_groups": False}, "columns in their order (no act-order)"),
+    "no-clip-search": ({"mse": False}, "min–max grid (no clipped-grid search)"),
+    "no-true-sequential": ({"true_sequential": False}, "every linear of a layer from the layer's inputs at once"),
+    "damp-0.1": ({"damp": 0.1}, "damping 0.1 of the mean diagonal (GPTQModel's default is 0.05)"),
+    "qep-0.5": ({"qep_alpha": 0.5}, "error propagation (QEP) α = 0.5"),
+}
+
+
+def job_compile(cfg: str, name: str, out: str) -> dict:
+    from quantc.config import parse_config
+    from quantc.pipeline import compile_model
+    bits, gs, sym = CONFIGS[cfg]
+    quant = {"bits": bits, "group_size": gs, "sym": sym, **QUANTC_GPTQ, **ABLATIONS[name][0]}
+    raw = {"model": str(bench_model()), "quant": quant,
+           "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": 0}}
+    t = time.perf_counter()
+    m = compile_model(parse_config(raw, "bench"), out, force=True, progress=False)
+    return {"quantize_s": m["timings"]["quantize_s"], "total_s": time.perf_counter() - t, "settings": quant,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--job", nargs=argparse.REMAINDER)
+    ap.add_argument("--model", help="smollm2 (default), qwen or a model folder")
+    ap.add_argument("--configs", default="4b", help=f"bench_gptq's configs: {', '.join(CONFIGS)}")
+    ap.add_argument("--ablations", default=",".join(ABLATIONS), help=f"rows: {', '.join(ABLATIONS)}")
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    if args.job:
+        print("RESULT " + json.dumps(job_compile(*args.job)), flush=True)
+        return
+    select(args.model)
+    configs, names = args.configs.split(","), args.ablations.split(",")
+    for c in configs:
+        if c not in CONFIGS:
+            ap.error(f"--configs: {c!r} is not one of {', '.join(CONFIGS)}")
+    for n in names:
+        if n not in ABLATIONS:
+            ap.error(f"--ablations: {n!r} is not one of {', '.join(ABLATIONS)}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        for p in own_results("ablation-*"):
+            p.unlink()
+    write_calibration_file()
+    fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
+    cmd = "python -m benchmarks.bench_ablation " + " ".join(sys.argv[1:])
+    rows = []
+    for c in configs:
+        for n in names:
+            key = f"ablation-{c}-{n}"
+            folder = WORK / keyed(key)
+            q = cached(f"{key}-compile", lambda: subprocess_job([c, n, str(folder)], "benchmarks.bench_ablation"))
+            e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
+            rows.append({"config": c, "name": n, "compile": q, "eval": e, "bytes": linear_bytes(Path(folder))})
+            write(rows, fp, cmd)
+
+
+def write(rows: list[dict], fp: dict, cmd: str) -> None:
+    lines = [f"## Ablation of quantc's uniform GPTQ defaults ({title()})", "",
+             f"Command: `{cmd}`. bench_gptq's quantc row ({QUANTC_GPTQ}, true-sequential, damp 0.01) with one "
+             "setting changed per row; same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, float32 "
+             f"through `quantc.load`; fp32 model {fp['ppl']:.2f}). All rows of this section come from one run.", "",
+             "| config | row | what changes | quantize s | quantized-linear bytes | ppl | Δ ppl vs defaults |",
+             "|---|---|---|---|---|---|---|"]
+    base = {r["config"]: r["eval"]["ppl"] for r in rows if r["name"] == "defaults"}
+    for r in rows:
+        ppl = r["eval"]["ppl"]
+        d = f"{ppl - base[r['config']]:+.2f}" if r["config"] in base and r["name"] != "defaults" else "—"
+        lines.append(f"| {r['config']} | {r['name']} | {ABLATIONS[r['name']][1]} | {r['compile']['quantize_s']:.0f} | "
+                     f"{r['bytes'] / 1e6:.2f} MB | {ppl:.2f} | {d} |")
+    lines += ["", "A positive Δ means the default helps: turning it off made perplexity worse."]
+    write_section(mark("bench_ablation"), lines)
+
+
+if __name__ == "__main__":
+    main()
