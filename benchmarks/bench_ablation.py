@@ -27,8 +27,8 @@ ABLATIONS = {
     "no-act-order": ({"act_order": False, "static_groups": False}, "columns in their order (no act-order)"),
     "no-clip-search": ({"mse": False}, "min–max grid (no clipped-grid search)"),
     "no-true-sequential": ({"true_sequential": False}, "every linear of a layer from the layer's inputs at once"),
-    "damp-0.1": ({"damp": 0.1}, "damping 0.1 of the mean diagonal (GPTQModel's default is 0.05)"),
-    "qep-0.5": ({"qep_alpha": 0.5}, "error propagation (QEP) α = 0.5"),
+    "damp-0.1": ({"damp": 0.1}, "damping 0.1 of the mean diagonal instead of 0.01"),
+    "qep-0.5": ({"qep_alpha": 0.5}, "error propagation (QEP) α = 0.5 (off by default)"),
 }
 
 
@@ -95,7 +95,8 @@ def write(rows: list[dict], fp: dict, cmd: str) -> None:
         d = f"{ppl - base[r['config']]:+.2f}" if r["config"] in base and r["name"] != "defaults" else "—"
         lines.append(f"| {r['config']} | {r['name']} | {ABLATIONS[r['name']][1]} | {r['compile']['quantize_s']:.0f} | "
                      f"{r['bytes'] / 1e6:.2f} MB | {ppl:.2f} | {d} |")
-    lines += ["", "A positive Δ means the default helps: turning it off made perplexity worse."]
+    lines += ["", "A positive Δ means the default helps: changing it made perplexity worse. The QEP row turns on "
+              "a setting that is off by default."]
     write_section(mark("bench_ablation"), lines)
 
 
