@@ -64,10 +64,10 @@ def anchors(candidates: list[Option]) -> list[int]:
     widest group (per-channel the widest of all). An option alone in its kind is its own anchor
     (today's one-option-per-bits sets solve exactly as before)."""
     kind = lambda o: (o.bits, o.grid, o.act_order, o.static_groups, o.mse)
+    rank = lambda o: (not o.sym, o.group_size != 128, -o.group_size if o.group_size > 0 else -2**31)
     best: dict[tuple, int] = {}
     for j, o in enumerate(candidates):
         b = best.get(kind(o))
-        rank = lambda x: (not x.sym, x.group_size != 128, -x.group_size if x.group_size > 0 else -2**31)
         if b is None or rank(o) < rank(candidates[b]):
             best[kind(o)] = j
     return [best[kind(o)] for o in candidates]
@@ -216,6 +216,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     exact = predictor == "exact"
     anchor = (anchors(candidates) if solve == "anchors" and not exact and method == "gptq"
               else list(range(len(candidates))))
+    anchor_keys = {option_key(o): option_key(candidates[a]) for o, a in zip(candidates, anchor)}
     streams: dict[tuple, torch.Tensor] = {}        # perturbed held-out streams, from their layer on
     uniform = {} if exact else {option_key(candidates[a]): holdout.hidden for a in sorted(set(anchor))}   # fisher:
     #                                                one per option solved for every unit
@@ -292,10 +293,8 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             _exact_results(ms, head, xh, streams, noise)
         else:
             acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress)
-            _fisher_results(ms, head, xh, sq, acc, uniform, streams, sq_solved,
-                            {option_key(o): option_key(candidates[a]) for o, a in zip(candidates, anchor)})
-    ms.meta.update({"predictor": predictor, "probes": None if exact else probes,
-                    "anchors": {option_key(o): option_key(candidates[a]) for o, a in zip(candidates, anchor)}})
+            _fisher_results(ms, head, xh, sq, acc, uniform, streams, sq_solved, anchor_keys)
+    ms.meta.update({"predictor": predictor, "probes": None if exact else probes, "anchors": anchor_keys})
     return ms
 
 
