@@ -3,7 +3,7 @@ protocol of bench_gptq).
 
     python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
                                      [--budgets 3b,3.5b,4b] [--qep-budgets 3b] [--qep-variants bits,wide-rot]
-                                     [--variants bits,wide,wide-rot,vllm] [--fresh]
+                                     [--variants bits,wide,wide-rot,vllm] [--references 3b,4b] [--fresh]
 
 For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
 `wide-rot`: the wide set with `quant.rotate: hadamard`; `vllm`: `serve: [vllm]`, what vLLM's GPTQ-Marlin
@@ -70,14 +70,26 @@ def uniform_bytes(bits: int) -> int:
 
 
 def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits") -> dict:
-    """Measure (timed), then re-plan from the cache for every budget (timed)."""
+    """Measure (timed), then re-plan from the cache for every budget (timed). Budgets that no plan fits
+    (the compile's preflight would refuse them) are recorded as such; with none left, nothing is measured."""
     from quantc.calibration import calibration_tokens
     from quantc.config import parse_config
+    from quantc.errors import ConfigError
     from quantc.passes.measure import option_key, unit_dkl
-    from quantc.planning import get_measurements, solve
     from quantc.pipeline import load_source
+    from quantc.planning import check_budget, get_measurements, shape_units, solve
+    from quantc.rotate import untied_head_bytes
     cfg = parse_config(raw_config(None, 0.0, predictor, variant), "bench")
     model, tok = load_source(cfg)        # as the compile loads it (lazily; rotated when the variant says so)
+    head = untied_head_bytes(model, cfg)         # a rotated tied model pays for its untied lm_head
+    infeasible = {}
+    for name, b in budgets.items():
+        try:
+            check_budget(shape_units(model, cfg), cfg, b, warn=False, head=head)
+        except ConfigError as e:                 # e.g. the untied head alone is larger than the budget
+            infeasible[name] = {"infeasible": str(e).split(": ", 1)[-1], "untied_head_bytes": head}
+    if len(infeasible) == len(budgets):
+        return {"measure_s": None, "plans": infeasible, "peak_rss_mb": peak_rss_mb()}
     tokens = calibration_tokens(cfg.calibration, tok)
     t = time.perf_counter()
     ms, was_cached = get_measurements(cfg, model, tokens, progress=False)
@@ -86,9 +98,12 @@ def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits") -> 
            "plans": {}}
     from quantc.report import write_report
     for name, b in budgets.items():
+        if name in infeasible:
+            out["plans"][name] = infeasible[name]
+            continue
         t = time.perf_counter()
         ms2, hit = get_measurements(cfg, model, tokens, progress=False)
-        plan = solve(ms2, cfg, b)
+        plan = solve(ms2, cfg, b, head=head)
         replan_s = time.perf_counter() - t
         write_report(ROOT / "benchmarks" / "plots" / keyed(f"plan-{prefix(variant)}{predictor}-{name}"), plan, ms2, cfg)
         out["plans"][name] = {**plan.predicted, "replan_s": replan_s, "cache_hit": hit,
@@ -123,6 +138,9 @@ def main() -> None:
     ap.add_argument("--qep-budgets", default="3b")
     ap.add_argument("--qep-variants", help="variants compiled with QEP too (default: the first of --variants)")
     ap.add_argument("--variants", default="bits", help=f"candidate variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--references", default="3b,4b",
+                    help="uniform GPTQ references to compile (bench_gptq's quantc rows; '' = none; a larger model "
+                         "may skip the ones its budgets do not need)")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--cached-only", action="store_true",
                     help="write the section from the finished jobs only (an interrupted run's rows), run nothing")
@@ -153,7 +171,9 @@ def main() -> None:
     plans = {(v, p): cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(reach(v)), p, v]))
              for v in variants for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
-    for c in ("3b", "4b"):      # the uniform references: bench_gptq's quantc rows (same cache keys)
+    for c in filter(None, args.references.split(",")):   # the uniform references: bench_gptq's quantc rows
+        if c not in ("3b", "4b"):
+            ap.error(f"--references: {c!r} is not 3b or 4b")
         folder = WORK / keyed(f"quantc-gptq-{c}")
         cached(f"quant-quantc-gptq-{c}", lambda: subprocess_job(["quantc", "gptq", c, str(folder)]))
         cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
@@ -163,8 +183,11 @@ def main() -> None:
     for v in qep_variants:
         if v not in variants:
             ap.error(f"--qep-variants: {v!r} is not one of --variants ({args.variants})")
-    runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in reach(v)] + \
-           [(v, predictors[0], b, args.qep) for v in qep_variants for b in reach(v) if b in qep_budgets]
+    def feasible(v: str, p: str) -> list[str]:
+        return [b for b in reach(v) if "infeasible" not in plans[(v, p)]["plans"][b]]
+
+    runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in feasible(v, p)] + \
+           [(v, predictors[0], b, args.qep) for v in qep_variants for b in feasible(v, predictors[0]) if b in qep_budgets]
     # the run's command: --cached-only rewrites the section of a run from its jobs, with that run's command
     cmd = "python -m benchmarks.bench_mixed " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
     for v, p, b, qep in runs:
@@ -218,14 +241,17 @@ def write(rows, plans, fp, sizes, cmd) -> None:
              "| candidates | predictor | measurement (sweep 1) | × bits' | re-plan from the cache | peak RSS |",
              "|---|---|---|---|---|---|"]
     for (v, p), plan in plans.items():
+        if plan["measure_s"] is None:
+            lines.append(f"| {v} | {p} | not measured: no budget fits | — | — | {plan['peak_rss_mb']:.0f} MB |")
+            continue
         base = plans.get(("bits", p))
-        rel = f"{plan['measure_s'] / base['measure_s']:.2f}×" if base else "—"
+        rel = f"{plan['measure_s'] / base['measure_s']:.2f}×" if base and base["measure_s"] else "—"
         lines.append(f"| {v} | {p} | {plan['measure_s']:.0f} s | {rel} | "
-                     + ", ".join(f"{x['replan_s']:.2f} s" for x in plan["plans"].values())
+                     + ", ".join(f"{x['replan_s']:.2f} s" for x in plan["plans"].values() if "replan_s" in x)
                      + f" | {plan['peak_rss_mb']:.0f} MB |")
     lines += ["", "| budget | candidates | predictor | QEP α | quantized-linear bytes | checkpoint bytes | bits/weight | units at 2/3/4/8 bits | compile s | ppl | uniform ppl at that size | gap closed |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    p0 = next(iter(next(iter(plans.values()))["plans"].values()))
+    p0 = next(p for plan in plans.values() for p in plan["plans"].values() if "infeasible" not in p)
     weights = 8 * p0["allocated_bytes"] / p0["avg_bits"]        # quantized weights (from any plan)
     for bits, u in ((3, u3), (4, u4)):
         q = WORK / f"{keyed(f'quant-quantc-gptq-{bits}b')}.json"
@@ -248,9 +274,16 @@ def write(rows, plans, fp, sizes, cmd) -> None:
                      f"{r['bytes'] / 1e6:.2f} MB | {r['file_bytes'] / 1e6:.2f} MB | "
                      f"{r['plan']['avg_bits']:.3f} | {mix} | {r['compile']['total_s']:.0f} | {ppl:.2f} | "
                      f"{ref_ppl} | {gap} |")
-    lines += ["", "Budgets count the quantized linears (quantized-linear bytes); checkpoint bytes are every tensor "
-              "of the safetensors files. A rotated tied model (SmolLM2) carries its untied lm_head in 16 bits "
-              "beside the embeddings: its checkpoint is larger by vocab × hidden × 2 bytes at the same budget.", "",
+    for (v, p), plan in plans.items():
+        for b, x in plan["plans"].items():
+            if "infeasible" in x:
+                lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {v} | {p} | — | infeasible: the untied lm_head "
+                             f"takes {x['untied_head_bytes'] / 1e6:.2f} MB of the budget | | | | | | | |"
+                             if x.get("untied_head_bytes") else
+                             f"| {b} ({sizes[b] / 1e6:.1f} MB) | {v} | {p} | — | infeasible | | | | | | | |")
+    lines += ["", "Budgets count the quantized linears (quantized-linear bytes) and, for a rotated tied model "
+              "(SmolLM2), the lm_head the rotation unties (vocab × hidden × 2 bytes, beside the embeddings); "
+              "checkpoint bytes are every tensor of the safetensors files.", "",
               "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
               "Bits/weight counts qweight, qzeros, scales and g_idx per quantized weight. The compile s of a mixed "
               "row includes its plan step (a cache read after the first).", "",

@@ -165,7 +165,7 @@ def compile_cmd(ctx, budget, out, plan_file, force):
 
 
 def _rotation_line(rot: dict) -> str:
-    untied = f"; untied lm_head {rot['untied_lm_head_bytes'] / 2**20:.2f} MiB (16-bit, beside the budget)" \
+    untied = f"; untied lm_head {rot['untied_lm_head_bytes'] / 2**20:.2f} MiB (16-bit; a budget pays for it)" \
         if rot.get("untied_lm_head_bytes") else ""
     return f"{rot['kind']} (seed {rot['seed']}, R1 {rot['r1']}, R2 {rot['r2']}){untied}"
 

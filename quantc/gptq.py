@@ -441,20 +441,21 @@ def relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
 ERR_BLOCK = 2048    # the float64 error terms are formed this many rows × columns at a time
 
 
-def row_errors(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """diag(D H Dᵀ) in float64. Blocks of ERR_BLOCK rows of D and columns of H, so neither a float64
-    copy of H (an 8B down_proj's: 1.6 GB) nor of D exists. A matrix within one block (every SmolLM2
-    linear) takes the one-block path, the same operations as without blocks; larger ones differ from
-    it only in the order of float64 sums."""
+def row_errors(D: torch.Tensor, H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """diag(D H Dᵀ), formed in `dtype` (float64 by default: the measured errors; the anchors' RTN
+    proxies use float32, half the time, as their ratios cancel its rounding). Blocks of ERR_BLOCK rows
+    of D and columns of H, so neither a float64 copy of H (an 8B down_proj's: 1.6 GB) nor of D exists.
+    A matrix within one block (every SmolLM2 linear) takes the one-block path, the same operations as
+    without blocks; larger ones differ from it only in the order of the sums."""
     rows, cols = D.shape
     if rows <= ERR_BLOCK and cols <= ERR_BLOCK:
-        Dd = D.double()
-        return ((Dd @ H.double()) * Dd).sum(1)
+        Dd = D.to(dtype)
+        return ((Dd @ H.to(dtype)) * Dd).sum(1, dtype=torch.float64)
     out = torch.zeros(rows, dtype=torch.float64, device=D.device)
     for r in range(0, rows, ERR_BLOCK):
-        Dr = D[r:r + ERR_BLOCK].double()
+        Dr = D[r:r + ERR_BLOCK].to(dtype)
         for c in range(0, cols, ERR_BLOCK):
-            out[r:r + ERR_BLOCK] += ((Dr @ H[:, c:c + ERR_BLOCK].double()) * Dr[:, c:c + ERR_BLOCK]).sum(1)
+            out[r:r + ERR_BLOCK] += ((Dr @ H[:, c:c + ERR_BLOCK].to(dtype)) * Dr[:, c:c + ERR_BLOCK]).sum(1, dtype=torch.float64)
     return out
 
 

@@ -119,7 +119,7 @@ def plan_only(cfg: Config, progress: bool = True):
     place = placement(cfg, model)
     ms, cached = get_measurements(cfg, model, tokens, progress and place.world.main, place)
     t = time.perf_counter()
-    plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)
+    plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss, rotate.untied_head_bytes(model, cfg))
     return plan, ms, cached, time.perf_counter() - t
 
 

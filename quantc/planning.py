@@ -23,7 +23,7 @@ from .errors import ConfigError, QuantcError
 from .model import CPU, Activations, Placement, capture_layer0_inputs, keep_in_fp16, units
 from .options import Option
 from .passes.allocate import allocate, least_bytes, size_range
-from .passes.measure import CALIBRATION_UNITS, PROXY_STEPS, Measurements, anchors, measure, option_key, unit_dkl
+from .passes.measure import CALIBRATION_UNITS, PROXY_DTYPE, PROXY_STEPS, Measurements, anchors, measure, option_key, unit_dkl
 
 log = logging.getLogger("quantc")
 MEASURE_VERSION = 4
@@ -125,7 +125,7 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
     if p.predictor == "fisher" and cfg.method == "gptq" and p.solve == "anchors" and \
             any(a != j for j, a in enumerate(anchors(cfg.candidates))):
-        own += f":solve:anchors:{PROXY_STEPS}"     # only where some option is predicted: solve: all and
+        own += f":solve:anchors:{PROXY_STEPS}:{str(PROXY_DTYPE)[6:]}"     # only where some option is predicted: solve: all and
         #                                           one-option-per-bits sets measure as before, under their keys
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
@@ -225,14 +225,16 @@ def shape_units(model, cfg: Config) -> dict[str, dict]:
     return out
 
 
-def size_bounds(unit_entries: dict[str, dict], cfg: Config) -> dict:
-    """Smallest and largest total bytes any plan can have (Option.bytes_for of every shape), the bytes
-    the YAML fixes (keep_fp16/overrides), the weight count and the smallest/largest candidates."""
+def size_bounds(unit_entries: dict[str, dict], cfg: Config, head: int = 0) -> dict:
+    """Smallest and largest total bytes any plan can have (Option.bytes_for of every shape, plus
+    `head`: the lm_head a rotation unties, rotate.untied_head_bytes), the bytes fixed outside the
+    allocation (keep_fp16/overrides and that head), the weight count and the smallest/largest candidates."""
     free, fixed = _allocatable(unit_entries, cfg)
+    fixed += head
     per_option = [sum(o.bytes_for(i, n) for k in free for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates]
     costs = [[sum(o.bytes_for(i, n) for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates] for k in free]
     lo, hi = size_range(costs)
-    return {"min": lo + fixed, "max": hi + fixed, "fixed": fixed, "free": len(free),
+    return {"min": lo + fixed, "max": hi + fixed, "fixed": fixed, "head": head, "free": len(free),
             "weights": sum(u["weights"] for u in unit_entries.values()),
             "lowest": cfg.candidates[per_option.index(min(per_option))] if free else None,
             "largest": cfg.candidates[per_option.index(max(per_option))] if free else None}
@@ -242,10 +244,10 @@ def _size(b: int, weights: int) -> str:
     return f"{b:,} bytes ({b / 2**20:.2f} MiB, {8 * b / max(weights, 1):.2f} bits/weight)"
 
 
-def _smallest(unit_entries, cfg: Config, **change) -> int:
+def _smallest(unit_entries, cfg: Config, head: int = 0, **change) -> int:
     """The smallest size with `change` applied to the config."""
     from dataclasses import replace
-    return size_bounds(unit_entries, replace(cfg, **change))["min"]
+    return size_bounds(unit_entries, replace(cfg, **change), head)["min"]
 
 
 def _pins(cfg: Config) -> list[str]:
@@ -271,8 +273,10 @@ def _advice(unit_entries, cfg: Config, budget: int, b: dict) -> str:
             name = "-1 (per channel)" if g == -1 else str(g)
             changes.append(("group", f"add group_size {name} (fewer scales)", replace(low, group_size=g)))
     pins = _pins(cfg)
-    if b["fixed"] and pins:
-        changes.append(("pins", f"drop {', '.join(pins)} (fixing {b['fixed']:,} bytes)", None))
+    if b["fixed"] - b["head"] and pins:
+        changes.append(("pins", f"drop {', '.join(pins)} (fixing {b['fixed'] - b['head']:,} bytes)", None))
+    if b["head"]:
+        changes.append(("rotate", f"set quant.rotate: none (the lm_head it unties takes {b['head']:,} bytes)", None))
 
     def smallest(combo) -> int:
         opts = [c for _, _, c in combo if c is not None]
@@ -283,7 +287,8 @@ def _advice(unit_entries, cfg: Config, budget: int, b: dict) -> str:
         kw = {"candidates": [*cfg.candidates, *opts]}
         if any(k == "pins" for k, _, _ in combo):
             kw.update(overrides=[], keep_fp16=Config(model="").keep_fp16)
-        return _smallest(unit_entries, cfg, **kw)
+        head = 0 if any(k == "rotate" for k, _, _ in combo) else b["head"]
+        return _smallest(unit_entries, cfg, head, **kw)
 
     singles, seen = [], set()
     for c in changes:                               # the first (least invasive) that works of each kind
@@ -301,17 +306,18 @@ def _advice(unit_entries, cfg: Config, budget: int, b: dict) -> str:
                 if (lo := smallest(list(combo))) <= budget:
                     return f"{raise_it}; or, together, {' and '.join(c[1] for c in combo)}: smallest size then {bpw(lo)}"
     floor = _smallest(unit_entries, cfg, candidates=[Option(bits=min(SUPPORTED_BITS), group_size=-1)], overrides=[],
-                      keep_fp16=Config(model="").keep_fp16)
+                      keep_fp16=Config(model="").keep_fp16)   # without the rotation (no untied head) too
     return (f"{raise_it} (nothing else reaches it: even {min(SUPPORTED_BITS)}-bit per channel everywhere needs "
             f"{bpw(floor)})")
 
 
 def check_budget(unit_entries: dict[str, dict], cfg: Config, budget: int | None = None, key: str | None = None,
-                 warn: bool = True) -> None:
+                 warn: bool = True, head: int = 0) -> None:
     """An infeasible avg_bits/memory budget is an error now, from shapes alone (not after the
     measurement): it names the budget and the achievable range in bytes, MiB and bits per weight, and
-    only advice that would work. A budget above the largest size is clamped, with a warning."""
-    b = size_bounds(unit_entries, cfg)
+    only advice that would work. A budget above the largest size is clamped, with a warning. `head`:
+    the bytes of an lm_head the rotation unties, which the budget pays for."""
+    b = size_bounds(unit_entries, cfg, head)
     budget = _budget_bytes(cfg, b["weights"]) if budget is None else budget
     if budget is None or b["lowest"] is None:
         return
@@ -321,7 +327,9 @@ def check_budget(unit_entries: dict[str, dict], cfg: Config, budget: int | None 
     if budget < b["min"]:
         low = b["lowest"]
         lowest = f"every unit at {low.label}" + (", the lowest candidate already" if low.bits == 2 else "")
-        fixed = f"; {b['fixed']:,} bytes of it fixed by {', '.join(_pins(cfg))}" if b["fixed"] else ""
+        fixed = f"; {b['fixed'] - b['head']:,} bytes of it fixed by {', '.join(_pins(cfg))}" if b["fixed"] - b["head"] else ""
+        if b["head"]:
+            fixed += f"; {b['head']:,} bytes of it the lm_head that quant.rotate unties from the embeddings"
         raise ConfigError(file, key, f"the budget of {_size(budget, w)} is infeasible: the smallest achievable size "
                           f"is {_size(b['min'], w)} ({lowest}{fixed}) and the largest {_size(b['max'], w)}. To fit: "
                           + _advice(unit_entries, cfg, budget, b))
@@ -332,12 +340,17 @@ def check_budget(unit_entries: dict[str, dict], cfg: Config, budget: int | None 
                     "the plan uses at most that%s", _size(budget, w), _size(b["max"], w), top.label, more)
 
 
-def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: float | None = None) -> Plan:
+def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: float | None = None,
+          head: int = 0) -> Plan:
+    """The plan for `budget` bytes (or the smallest one whose predicted ΔKL is ≤ `target`). The budget
+    pays for the allocated units, the modules the YAML fixes and `head`, the lm_head a rotation unties
+    (rotate.untied_head_bytes)."""
     from .serve import check, targets_for
     if budget is not None and target is None:
-        check_budget(ms.units, cfg, budget, warn=False)
+        check_budget(ms.units, cfg, budget, warn=False, head=head)
 
     keys, fixed = allocatable(ms, cfg)
+    fixed += head
     if not keys:
         raise QuantcError(f"{cfg.source_file}: every unit is pinned by keep_fp16/overrides; nothing to allocate")
     # only the options every runtime in `serve` runs (the YAML's candidates are checked when it is read)
@@ -357,6 +370,7 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
     weights = sum(ms.units[k]["weights"] for k in keys)
     predicted = {"bytes": sol.bytes + fixed, "allocated_bytes": sol.bytes, "fixed_bytes": fixed,
                  "avg_bits": 8 * sol.bytes / max(weights, 1), "delta_kl": sol.value,
+                 "untied_head_bytes": head,
                  "budget_bytes": budget, "dp_quantum_bytes": sol.quantum, "min_bytes": lo + fixed,
                  "max_bytes": hi + fixed}
     meta = {"model": cfg.model, "measurement": ms.meta.get("key"), "units_mode": cfg.units}
@@ -364,5 +378,6 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
 
 
 def make_plan(cfg: Config, model, tokens: torch.Tensor, progress: bool = True, place: Placement = CPU) -> Plan:
+    from .rotate import untied_head_bytes
     ms, _ = get_measurements(cfg, model, tokens, progress, place)
-    return solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss)
+    return solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss, untied_head_bytes(model, cfg))

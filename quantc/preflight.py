@@ -139,7 +139,8 @@ def check_disk(cfg: Config, model, out) -> None:
         return
     linear = set(linear_names(model))
     other = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in linear) * 2
-    quantized = size_bounds(shape_units(model, cfg), cfg)["min"]
+    from .rotate import untied_head_bytes
+    quantized = size_bounds(shape_units(model, cfg), cfg, untied_head_bytes(model, cfg))["min"]
     acts = 0
     if cfg.method != "rtn":
         acts = cfg.calibration.samples * cfg.calibration.seq_len * model.config.hidden_size * 4
@@ -178,7 +179,8 @@ def preflight(cfg: Config, out=None, plan_file=None, *, budget_key: str | None =
             log.warning("%s: the budget is not used: the plan file %s decides every unit", cfg.source_file, plan_file)
     elif plans and cfg.budget.max_delta_loss is None:
         from .planning import check_budget, shape_units
-        check_budget(shape_units(model, cfg), cfg, key=budget_key)
+        from .rotate import untied_head_bytes
+        check_budget(shape_units(model, cfg), cfg, key=budget_key, head=untied_head_bytes(model, cfg))
     if out is not None:
         check_disk(cfg, model, out)
     if calibrate if calibrate is not None else (cfg.method != "rtn" or plans):

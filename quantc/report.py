@@ -11,18 +11,20 @@ def _short(key: str) -> str:
     return key.split(".", 1)[1]
 
 
-def sweep(ms: Measurements, cfg, points: int = 24) -> list[dict]:
-    """Predicted ΔKL of the optimal plan at evenly spaced budgets between the smallest and largest size."""
+def sweep(ms: Measurements, cfg, points: int = 24, head: int = 0) -> list[dict]:
+    """Predicted ΔKL of the optimal plan at evenly spaced budgets between the smallest and largest size
+    (`head`: the bytes of an lm_head the rotation unties, paid by every budget)."""
     from .planning import allocatable, solve
     from .passes.allocate import size_range
     keys, fixed = allocatable(ms, cfg)
+    fixed += head
     costs = [[ms.units[k]["options"][option_key(o)]["bytes"] for o in cfg.candidates] for k in keys]
     lo, hi = size_range(costs)
     weights = sum(ms.units[k]["weights"] for k in keys)
     out = []
     for t in range(points):
         b = lo + (hi - lo) * t // (points - 1)
-        p = solve(ms, cfg, b + fixed)
+        p = solve(ms, cfg, b + fixed, head=head)
         out.append({"budget": b + fixed, "bytes": p.predicted["bytes"], "avg_bits": 8 * p.predicted["allocated_bytes"] / weights,
                     "delta_kl": p.predicted["delta_kl"]})
     return out
@@ -87,7 +89,7 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
     plt.close(fig)
 
     # predicted quality against size
-    pts = sweep(ms, cfg)
+    pts = sweep(ms, cfg, head=plan.predicted.get("untied_head_bytes", 0))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.semilogy([p["avg_bits"] for p in pts], [max(p["delta_kl"], 1e-6) for p in pts], "o-", label="optimal plans")
     ax.semilogy([plan.predicted["avg_bits"]], [max(plan.predicted["delta_kl"], 1e-6)], "r*", ms=14, label="this plan")
@@ -103,7 +105,9 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
     lines = ["# quantc plan", "",
              f"Model: `{cfg.model}`  ",
              f"Predicted: {plan.predicted['bytes']:,} bytes ({plan.predicted['bytes'] / 2**20:.2f} MiB), "
-             f"{plan.predicted['avg_bits']:.3f} bits/weight, ΔKL {plan.predicted['delta_kl']:.4f} nats/token  ",
+             f"{plan.predicted['avg_bits']:.3f} bits/weight, ΔKL {plan.predicted['delta_kl']:.4f} nats/token"
+             + (f" (of the bytes, {plan.predicted['untied_head_bytes']:,} are the lm_head that quant.rotate unties)"
+                if plan.predicted.get("untied_head_bytes") else "") + "  ",
              f"Achievable sizes: {plan.predicted['min_bytes']:,} … {plan.predicted['max_bytes']:,} bytes  ",
              f"Measurement: {ms.meta.get('seconds', 0):.0f} s on {ms.meta.get('measure_samples')} sequences, "
              f"ΔKL on {ms.meta.get('alpha_tokens')} held-out tokens, predictor "

@@ -315,9 +315,22 @@ def apply(model: nn.Module, cfg) -> Rotation | None:
     return rotate_model(model, cfg.rotate_seed)
 
 
+def untied_head_bytes(model, cfg) -> int:
+    """The bytes of the lm_head that `quant.rotate` unties from a tied model's embeddings (a second
+    vocab × hidden matrix in the export dtype), 0 where nothing is untied. They count in the budget:
+    a plan pays for every byte its compile adds to the checkpoint. Works on the rotated model and on
+    the unrotated skeleton the preflight reads."""
+    rot = getattr(model, "_quantc_rotation", None)
+    tied = rot.tied if rot is not None else cfg.rotate != "none" and bool(
+        getattr(model.config, "tie_word_embeddings", False))
+    if not tied:
+        return 0
+    return model.config.vocab_size * model.config.hidden_size * torch.finfo(getattr(torch, cfg.export_dtype)).bits // 8
+
+
 def rotation_record(model, dtype: torch.dtype) -> dict | None:
     """The manifest's `rotation` entry (None without one): the rotation, and the bytes of the lm_head
-    it untied (written in the export dtype; not a quantized linear, so not in the budget)."""
+    it untied (written in the export dtype; counted in the budget, see `untied_head_bytes`)."""
     rot = getattr(model, "_quantc_rotation", None)
     if rot is None:
         return None

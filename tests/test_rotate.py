@@ -264,7 +264,7 @@ def test_budget_compile_with_rotation_and_the_wide_set(compiled, calib_file, tmp
 candidates: wide
 quant:
   act_order: false{rotate}
-budget: {{avg_bits: 3.5}}
+budget: {{avg_bits: 6}}
 calibration: {{source: {calib_file}, samples: 8, seq_len: 64, batch_size: 4}}
 plan: {{measure_samples: 4, alpha_samples: 2, alpha_seq_len: 32}}
 """)
@@ -272,11 +272,49 @@ plan: {{measure_samples: 4, alpha_samples: 2, alpha_seq_len: 32}}
     assert len(list(cache.rglob("*.json"))) == 2                   # the rotation is part of the measurement key
     m = outs["rot"]
     assert m["rotation"]["kind"] == "hadamard" and outs["plain"]["rotation"] is None
-    assert m["totals"]["avg_bits"] <= 3.5
     import yaml
     from benchmarks.bench_gptq import linear_bytes
-    plan = yaml.safe_load((tmp_path / "rot" / "plan.yaml").read_text())
-    assert m["totals"]["quantized_linear_bytes"] == plan["predicted"]["bytes"] == linear_bytes(tmp_path / "rot")
+    plans = {k: yaml.safe_load((tmp_path / k / "plan.yaml").read_text())["predicted"] for k in outs}
+    # the budget pays for the lm_head the rotation unties from the tied embeddings (16-bit)
+    head = m["rotation"]["untied_lm_head_bytes"]
+    assert head > 0 and plans["rot"]["untied_head_bytes"] == head and plans["plain"]["untied_head_bytes"] == 0
+    assert plans["rot"]["budget_bytes"] == plans["plain"]["budget_bytes"]
+    assert m["totals"]["quantized_linear_bytes"] + head == plans["rot"]["bytes"] <= plans["rot"]["budget_bytes"]
+    assert m["totals"]["quantized_linear_bytes"] == linear_bytes(tmp_path / "rot")
+    assert outs["plain"]["totals"]["quantized_linear_bytes"] == plans["plain"]["bytes"] == linear_bytes(tmp_path / "plain")
+    assert m["totals"]["avg_bits"] < outs["plain"]["totals"]["avg_bits"] <= 6     # fewer bytes left for the linears
+
+
+def test_a_budget_the_untied_head_does_not_fit_is_refused_naming_the_rotation(compiled, calib_file, tmp_path):
+    """A budget the plain model fits but the rotated one cannot (its untied lm_head counts) is refused
+    before any work, naming the budget key, the head's bytes and the fix."""
+    from quantc.config import parse_config
+    from quantc.planning import check_budget, shape_units, size_bounds
+    from quantc.preflight import skeleton
+    from quantc.rotate import untied_head_bytes
+    base, _ = compiled
+    raw = {"model": str(base / "model"), "quant": {"bits": [2, 4], "group_size": 32, "rotate": "hadamard"}}
+    cfg = parse_config(raw)
+    sk = skeleton(cfg)
+    units, head = shape_units(sk, cfg), untied_head_bytes(sk, cfg)
+    plain = parse_config({**raw, "quant": {"bits": [2, 4], "group_size": 32}})
+    assert untied_head_bytes(sk, plain) == 0
+    assert head == sk.config.vocab_size * sk.config.hidden_size * 2
+    lo = size_bounds(units, cfg)["min"]
+    assert size_bounds(units, cfg, head)["min"] == lo + head
+    check_budget(units, plain, lo)                                   # fits without the rotation
+    y = write_yaml(tmp_path / "b.yaml", f"model: {base / 'model'}\nquant: {{bits: [2, 4], group_size: 32, "
+                                        f"rotate: hadamard}}\nbudget: {{memory: {lo + head - 1}}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}\n")
+    r = CliRunner().invoke(main, ["-q", "compile", str(y), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "b.yaml: `budget.memory`: the budget of" in r.output and "infeasible" in r.output
+    assert f"{head:,} bytes of it the lm_head that quant.rotate unties" in r.output
+    assert "set quant.rotate: none (the lm_head it unties takes" in r.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError):
+        check_budget(units, cfg, lo + head - 1, head=head)
+    check_budget(units, cfg, lo + head, head=head)
 
 
 def test_inspect_reports_the_rotation_and_the_untied_head(compiled):
