@@ -199,7 +199,7 @@ def main() -> None:
                    lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p, v]))
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
         plan = plans[(v, p)]["plans"][b]
-        rows.append({"budget": b, "qep": qep, "compile": q, "eval": e, "bytes": linear_bytes(folder),
+        rows.append({"key": key, "budget": b, "qep": qep, "compile": q, "eval": e, "bytes": linear_bytes(folder),
                      "file_bytes": file_bytes(folder),
                      "pred": plan["delta_kl"], "plan": plan, "predictor": p, "variant": v})
         write(rows, plans, fp, sizes, cmd)
@@ -216,6 +216,19 @@ def subprocess_job_m(args):
     return subprocess_job(args, "benchmarks.bench_mixed")
 
 
+def _when(rows, plans) -> str:
+    """When the jobs behind the section finished (their cached results' file times): rows are cached
+    jobs, so a section rewritten later may hold rows of several runs, and says so."""
+    import datetime
+    names = [f"mixed-{prefix(v)}{p}-plan" for v, p in plans] + [f"{r['key']}-{j}" for r in rows for j in ("compile", "eval")]
+    names += [f"{j}-quantc-gptq-{b}" for b in ("3b", "4b") for j in ("quant", "eval")]
+    times = sorted((WORK / f"{keyed(n)}.json").stat().st_mtime for n in names if (WORK / f"{keyed(n)}.json").is_file())
+    if not times:
+        return ""
+    day = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")   # noqa: E731
+    return f"Its jobs (measurements, compiles, evaluations; cached in benchmarks/work/) finished between {day(times[0])} and {day(times[-1])} UTC."
+
+
 def _uniform(bits: int) -> dict | None:
     key = {3: "3b", 4: "4b"}[bits]
     p = WORK / f"{keyed(f'eval-quantc-gptq-{key}')}.json"
@@ -229,7 +242,7 @@ def write(rows, plans, fp, sizes, cmd) -> None:
              "Candidates per unit (q/k/v, o, gate/up, down), by variant: "
              + "; ".join(f"*{v}* = {VARIANTS[v][2]}" for v in dict.fromkeys(v for v, _ in plans))
              + f"; all with {QUANTC_GPTQ}. Same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, "
-             "float32 through `quantc.load`) as above. All rows of this section come from one run.", "",
+             "float32 through `quantc.load`) as above. " + _when(rows, plans), "",
              "Predictors (`plan.predictor`): *fisher* (the default) = sweep 1 streams forward once (Hessians, every "
              "unit's GPTQ at one option per bit width — `plan.solve: anchors`, the default; each other option's "
              "error is its RTN error × the anchor's GPTQ/RTN ratio per row, and the 8 sample units solve every "

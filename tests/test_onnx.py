@@ -229,3 +229,30 @@ def test_onnxruntime_genai_runs_the_folder(tmp_path, tiny_models, tiny_tokenizer
         got.append(int(gen.get_next_tokens()[0]))
     assert len(got) == 20
     assert got == OrtModel(out).generate(np.array(prompt), 20)
+
+
+def test_attention_wider_than_hidden(tmp_path, tiny_tokenizer, calib_file):
+    """heads × head_dim ≠ hidden_size (Qwen3-0.6B: 16 × 128 against 1024): o_proj reads the attention
+    output at its own width, so the exported graph reshapes to heads × head_dim, not to hidden."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    cfg = Qwen3Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    assert model.model.layers[0].self_attn.o_proj.in_features == 128 != cfg.hidden_size
+    y = write_yaml(tmp_path / "b.yaml", f"model: {tmp_path / 'm'}\nquant: {{bits: 4, group_size: 32, method: rtn}}\n"
+                                        "export: {targets: [gptq, onnx]}\n")
+    out = tmp_path / "out"
+    compile_cli(y, out)
+    ids = ids_for(tiny_tokenizer)
+    lo, _ = OrtModel(out, providers=["CPUExecutionProvider"]).forward(ids)
+    with torch.no_grad():
+        lt = quantc.load(out)(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.linalg.norm(lo - lt) / np.linalg.norm(lt) < 1e-4

@@ -331,3 +331,43 @@ def test_verify_compares_the_rotated_artifact_with_the_unrotated_source(compiled
     r = CliRunner().invoke(main, ["verify", "--strict", str(runs["rot"][0])])
     assert r.exit_code == 0, r.output
     assert "logits" in r.output
+
+
+def test_rotated_wide_plan_loads_in_gptqmodel_and_onnxruntime(compiled, calib_file, tmp_path, monkeypatch):
+    """A rotated plan over the wide set (asymmetric, g32/g64/g128, several bit widths) with its untied
+    head is a checkpoint the other runtimes load as is: GPTQModel (torch backend, fp16) and ONNX
+    Runtime (MatMulNBits) give quantc.load's logits. GPTQModel refuses a v1 checkpoint whose top-level
+    `sym` is false unless it wrote it, so the top level takes a symmetric option whenever a module has
+    one (here o_proj of layer 0, pinned; the plan gives most modules asymmetric options)."""
+    gptqmodel = pytest.importorskip("gptqmodel", reason="gptqmodel==7.6.0 is not installed")
+    import numpy as np
+    from quantc.ort import OrtModel
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    base, _ = compiled
+    y = write_yaml(tmp_path / "b.yaml", f"""model: {base / 'model'}
+candidates: wide
+serve: [onnx]
+quant: {{rotate: hadamard, act_order: false}}
+overrides: [{{match: 'layers\\.0\\.self_attn\\.o_proj', bits: 4, group_size: 32}}]
+budget: {{avg_bits: 6}}
+calibration: {{source: {calib_file}, samples: 8, seq_len: 64, batch_size: 4}}
+plan: {{measure_samples: 4, alpha_samples: 2, alpha_seq_len: 32}}
+export: {{targets: [gptq, onnx]}}
+""")
+    out = tmp_path / "out"
+    m = compile_cli(y, out)
+    assert m["rotation"]["untied_lm_head_bytes"] > 0
+    opts = {(o["bits"], o["group_size"], o["sym"]) for o in m["modules"].values()}
+    assert len(opts) > 1                                              # a mixed plan, not one option
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["sym"] is True and sum(not o["sym"] for o in m["modules"].values()) > len(m["modules"]) // 2
+    q = quantc.load(out, dtype=torch.float32)
+    ids = torch.randint(0, q.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lq = q(input_ids=ids).logits
+        g = gptqmodel.GPTQModel.load(str(out), backend=gptqmodel.BACKEND.TORCH, device="cpu", dtype=torch.float16)
+        lg = g.model(input_ids=ids).logits.float()
+    assert float((lg - lq).norm() / lq.norm()) < 0.01                  # fp16 against fp32: rounding only
+    lo, _ = OrtModel(out, providers=["CPUExecutionProvider"]).forward(ids.numpy())
+    assert np.linalg.norm(lo - lq.numpy()) / np.linalg.norm(lq.numpy()) < 1e-4

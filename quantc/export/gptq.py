@@ -23,9 +23,13 @@ from ..model import decoder_layers
 
 
 def default_option(options: dict[str, Option]) -> Option:
-    """The option most modules use (ties: more bits): it goes in the top-level config."""
+    """The option of the top-level config: the symmetric option most modules use (ties: more bits),
+    or the most used one when none is symmetric. Symmetric first because GPTQModel refuses a v1
+    checkpoint whose top-level `sym` is false unless GPTQModel wrote it (auto-gptq's old asymmetric
+    zero-point bug), while it loads asymmetric modules named in `dynamic`."""
     counts = Counter(options.values())
-    return max(counts, key=lambda o: (counts[o], o.bits))
+    pool = [o for o in counts if o.sym] or list(counts)
+    return max(pool, key=lambda o: (counts[o], o.bits))
 
 
 def _desc_act(o: Option) -> bool:

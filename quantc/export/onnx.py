@@ -312,7 +312,9 @@ class _Export:
         shape_q = g.ints("shape_q", [0, 0, nH, D])
         shape_kv = g.ints("shape_kv", [0, 0, kvH, D])
         shape_g = g.ints("shape_group", [0, kvH, rep, -1, D])          # [B,kvH,rep,S,D]
-        shape_h = g.ints("shape_hidden", [0, 0, H])
+        # attention's output, o_proj's input: heads × head_dim wide, which is not hidden on Qwen3, Gemma 3
+        # and any model with an explicit head_dim
+        shape_h = g.ints("shape_attn_out", [0, 0, nH * D])
         shape_o = g.ints("shape_heads", [0, nH, -1, D])
         unsq2 = g.ints("axis_2", [2])
         nm = fam.norms
