@@ -59,6 +59,21 @@ def tiny_config(kind: str, tokenizer, layers: int = 2):
     return cls(**common, head_dim=16, tie_word_embeddings=(kind == "llama"))
 
 
+def save_random(cfg, folder: Path, tokenizer, std: float = 0.08, seed: int = 0):
+    """A model of `cfg` whose matrices are N(0, std²) (larger than init, so quantization error shows),
+    saved with the tokenizer; returns the model."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
 def build_tiny(kind: str, folder: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
     cfg = tiny_config(kind, tokenizer, layers)

@@ -15,7 +15,7 @@ from quantc.options import Option
 from quantc.pipeline import compile_model
 from quantc.serve import check
 
-from conftest import corpus
+from conftest import corpus, save_random
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e '.[gguf]')")
 
@@ -138,19 +138,12 @@ def test_only_gguf_serves_llama_cpp_grids(tmp_path, tiny_models):
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory, tiny_tokenizer):
     """A tiny Llama whose rows are whole super-blocks (hidden 256, MLP 512), untied head."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
     folder = tmp_path_factory.mktemp("wide") / "llama"
-    model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    save_random(cfg, folder, tiny_tokenizer, std=0.05)
     return folder
 
 

@@ -18,7 +18,7 @@ from quantc.export.onnx import GraphBuilder, export_onnx, matmulnbits_tensors
 from quantc.ort import OrtModel, generate_torch
 from quantc.packing import dequantize_gptq, pack_gptq
 
-from conftest import corpus, write_yaml
+from conftest import corpus, save_random, write_yaml
 
 
 def run_single(m: dict, x: np.ndarray) -> np.ndarray:
@@ -234,18 +234,11 @@ def test_onnxruntime_genai_runs_the_folder(tmp_path, tiny_models, tiny_tokenizer
 def test_attention_wider_than_hidden(tmp_path, tiny_tokenizer, calib_file):
     """heads × head_dim ≠ hidden_size (Qwen3-0.6B: 16 × 128 against 1024): o_proj reads the attention
     output at its own width, so the exported graph reshapes to heads × head_dim, not to hidden."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import Qwen3Config
     cfg = Qwen3Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    model = save_random(cfg, tmp_path / "m", tiny_tokenizer)
     assert model.model.layers[0].self_attn.o_proj.in_features == 128 != cfg.hidden_size
     y = write_yaml(tmp_path / "b.yaml", f"model: {tmp_path / 'm'}\nquant: {{bits: 4, group_size: 32, method: rtn}}\n"
                                         "export: {targets: [gptq, onnx]}\n")
