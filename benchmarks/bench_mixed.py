@@ -82,10 +82,10 @@ def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits") -> 
     cfg = parse_config(raw_config(None, 0.0, predictor, variant), "bench")
     model, tok = load_source(cfg)        # as the compile loads it (lazily; rotated when the variant says so)
     head = untied_head_bytes(model, cfg)         # a rotated tied model pays for its untied lm_head
-    infeasible = {}
+    infeasible, shapes = {}, shape_units(model, cfg)
     for name, b in budgets.items():
         try:
-            check_budget(shape_units(model, cfg), cfg, b, warn=False, head=head)
+            check_budget(shapes, cfg, b, warn=False, head=head)
         except ConfigError as e:                 # e.g. the untied head alone is larger than the budget
             infeasible[name] = {"infeasible": str(e).split(": ", 1)[-1], "untied_head_bytes": head}
     if len(infeasible) == len(budgets):
@@ -290,10 +290,9 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     for (v, p), plan in plans.items():
         for b, x in plan["plans"].items():
             if "infeasible" in x:
-                lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {v} | {p} | — | infeasible: the untied lm_head "
-                             f"takes {x['untied_head_bytes'] / 1e6:.2f} MB of the budget | | | | | | | |"
-                             if x.get("untied_head_bytes") else
-                             f"| {b} ({sizes[b] / 1e6:.1f} MB) | {v} | {p} | — | infeasible | | | | | | | |")
+                why = (f": the untied lm_head takes {x['untied_head_bytes'] / 1e6:.2f} MB of the budget"
+                       if x.get("untied_head_bytes") else "")
+                lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {v} | {p} | — | infeasible{why} | | | | | | | |")
     lines += ["", "Budgets count the quantized linears (quantized-linear bytes) and, for a rotated tied model "
               "(SmolLM2), the lm_head the rotation unties (vocab × hidden × 2 bytes, beside the embeddings); "
               "checkpoint bytes are every tensor of the safetensors files.", "",

@@ -125,7 +125,7 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
     if p.predictor == "fisher" and cfg.method == "gptq" and p.solve == "anchors" and \
             any(a != j for j, a in enumerate(anchors(cfg.candidates))):
-        own += f":solve:anchors:{PROXY_STEPS}:{str(PROXY_DTYPE)[6:]}"     # only where some option is predicted: solve: all and
+        own += f":solve:anchors:{PROXY_STEPS}:{str(PROXY_DTYPE).removeprefix('torch.')}"     # only where some option is predicted: solve: all and
         #                                           one-option-per-bits sets measure as before, under their keys
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
@@ -227,14 +227,13 @@ def shape_units(model, cfg: Config) -> dict[str, dict]:
 
 def size_bounds(unit_entries: dict[str, dict], cfg: Config, head: int = 0) -> dict:
     """Smallest and largest total bytes any plan can have (Option.bytes_for of every shape, plus
-    `head`: the lm_head a rotation unties, rotate.untied_head_bytes), the bytes fixed outside the
-    allocation (keep_fp16/overrides and that head), the weight count and the smallest/largest candidates."""
+    `head`: the lm_head a rotation unties, rotate.untied_head_bytes), the bytes the YAML fixes
+    (keep_fp16/overrides), the head's, the weight count and the smallest/largest candidates."""
     free, fixed = _allocatable(unit_entries, cfg)
-    fixed += head
     per_option = [sum(o.bytes_for(i, n) for k in free for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates]
     costs = [[sum(o.bytes_for(i, n) for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates] for k in free]
     lo, hi = size_range(costs)
-    return {"min": lo + fixed, "max": hi + fixed, "fixed": fixed, "head": head, "free": len(free),
+    return {"min": lo + fixed + head, "max": hi + fixed + head, "fixed": fixed, "head": head, "free": len(free),
             "weights": sum(u["weights"] for u in unit_entries.values()),
             "lowest": cfg.candidates[per_option.index(min(per_option))] if free else None,
             "largest": cfg.candidates[per_option.index(max(per_option))] if free else None}
@@ -273,8 +272,8 @@ def _advice(unit_entries, cfg: Config, budget: int, b: dict) -> str:
             name = "-1 (per channel)" if g == -1 else str(g)
             changes.append(("group", f"add group_size {name} (fewer scales)", replace(low, group_size=g)))
     pins = _pins(cfg)
-    if b["fixed"] - b["head"] and pins:
-        changes.append(("pins", f"drop {', '.join(pins)} (fixing {b['fixed'] - b['head']:,} bytes)", None))
+    if b["fixed"] and pins:
+        changes.append(("pins", f"drop {', '.join(pins)} (fixing {b['fixed']:,} bytes)", None))
     if b["head"]:
         changes.append(("rotate", f"set quant.rotate: none (the lm_head it unties takes {b['head']:,} bytes)", None))
 
@@ -327,7 +326,7 @@ def check_budget(unit_entries: dict[str, dict], cfg: Config, budget: int | None 
     if budget < b["min"]:
         low = b["lowest"]
         lowest = f"every unit at {low.label}" + (", the lowest candidate already" if low.bits == 2 else "")
-        fixed = f"; {b['fixed'] - b['head']:,} bytes of it fixed by {', '.join(_pins(cfg))}" if b["fixed"] - b["head"] else ""
+        fixed = f"; {b['fixed']:,} bytes of it fixed by {', '.join(_pins(cfg))}" if b["fixed"] else ""
         if b["head"]:
             fixed += f"; {b['head']:,} bytes of it the lm_head that quant.rotate unties from the embeddings"
         raise ConfigError(file, key, f"the budget of {_size(budget, w)} is infeasible: the smallest achievable size "
@@ -350,7 +349,6 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
         check_budget(ms.units, cfg, budget, warn=False, head=head)
 
     keys, fixed = allocatable(ms, cfg)
-    fixed += head
     if not keys:
         raise QuantcError(f"{cfg.source_file}: every unit is pinned by keep_fp16/overrides; nothing to allocate")
     # only the options every runtime in `serve` runs (the YAML's candidates are checked when it is read)
@@ -364,15 +362,15 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
     if target is not None:
         sol = least_bytes(costs, values, target)
     else:
-        sol = allocate(costs, values, budget - fixed)
+        sol = allocate(costs, values, budget - fixed - head)
     choices = {k: offered[o] for k, o in zip(keys, sol.choice)}
     lo, hi = size_range(costs)
     weights = sum(ms.units[k]["weights"] for k in keys)
-    predicted = {"bytes": sol.bytes + fixed, "allocated_bytes": sol.bytes, "fixed_bytes": fixed,
+    predicted = {"bytes": sol.bytes + fixed + head, "allocated_bytes": sol.bytes, "fixed_bytes": fixed,
                  "avg_bits": 8 * sol.bytes / max(weights, 1), "delta_kl": sol.value,
                  "untied_head_bytes": head,
-                 "budget_bytes": budget, "dp_quantum_bytes": sol.quantum, "min_bytes": lo + fixed,
-                 "max_bytes": hi + fixed}
+                 "budget_bytes": budget, "dp_quantum_bytes": sol.quantum, "min_bytes": lo + fixed + head,
+                 "max_bytes": hi + fixed + head}
     meta = {"model": cfg.model, "measurement": ms.meta.get("key"), "units_mode": cfg.units}
     return Plan(choices, {k: ms.units[k]["names"] for k in keys}, predicted, meta)
 

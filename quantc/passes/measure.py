@@ -98,10 +98,10 @@ class Measurements:
 
 CALIBRATION_UNITS = 8      # fisher: units measured exactly at every solved option to fix the scale per option
 PROXY_STEPS = 6            # solve: anchors: shrink factors of the RTN proxy's clip search, for mse options
-PROXY_DTYPE = torch.float32   # solve: anchors: the RTN proxies' diag(ΔW H ΔWᵀ) (float64: 2× the time, a ratio's worth)
 #                            (GPTQ's own: 26).
 #                            On SmolLM2's linears, 6 steps predict an option's GPTQ error within 5–15% (sd of
 #                            log over 12 linears) where 1 step (no search) scatters 10–35%.
+PROXY_DTYPE = torch.float32   # solve: anchors: the RTN proxies' diag(ΔW H ΔWᵀ) (float64: 2× the time, a ratio's worth)
 KL_NOISE = 1e-7            # nats: below this a measured ΔKL is float rounding, not a signal
 
 
