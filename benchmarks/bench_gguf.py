@@ -16,9 +16,10 @@ llama-cpp-python over it. Both come from llama-cpp-python's source package, whic
 
 For each llama.cpp mixture preset (its own per-tensor rules, with an importance matrix), at the byte
 size of that preset's quantized linears:
-- **quantc**: a budgeted compile on llama.cpp's grids (`quant.grid: k`, bits 2–6 and 8: Q2_K…Q6_K and
-  Q8_0, with llama.cpp's fallbacks where rows are not whole super-blocks), `serve: [gguf]`, exported
-  to GGUF (embeddings typed as llama.cpp's quantizer types them);
+- **quantc**: a budgeted compile at its defaults (GPTQ with error propagation, QEP α = 0.5) on
+  llama.cpp's grids (`quant.grid: k`, bits 2–6 and 8: Q2_K…Q6_K and Q8_0, with llama.cpp's fallbacks
+  where rows are not whole super-blocks), `serve: [gguf]`, exported to GGUF (embeddings typed as
+  llama.cpp's quantizer types them);
 - **llama.cpp, same types**: `llama-quantize` given exactly quantc's per-tensor types
   (`--tensor-type-file`, `--token-embedding-type`, `--output-tensor-type`), from an F32 GGUF written by
   llama.cpp's own converter, with the importance matrix and without it;
@@ -324,7 +325,7 @@ def write(res: dict, presets: list[str], cmd: str) -> None:
         for kind, label in (("preset", f"llama.cpp preset {p} (imatrix)"),
                             ("same-imat", "llama.cpp quantizer, quantc's types (imatrix)"),
                             ("same-plain", "llama.cpp quantizer, quantc's types (no imatrix)"),
-                            ("quantc", "**quantc** (GPTQ on the same grids)")):
+                            ("quantc", "**quantc** (GPTQ + QEP 0.5, its defaults, on the same grids)")):
             r, e = res[f"{kind}-{p}"], res[f"eval-{kind}-{p}"]
             types = _type_counts(tensor_types(Path(r["path"])))
             ts = ", ".join(f"{t}×{n}" for t, n in types.items())

@@ -63,7 +63,8 @@ def job_quantc(method: str, cfg: str, out: Path) -> dict:
     data = WORK / "c4-calib.jsonl"
     quant = {"bits": bits, "group_size": gs, "sym": sym, "method": method}
     if method == "gptq":
-        quant.update(QUANTC_GPTQ)
+        # error propagation off: this row is GPTQ itself, as GPTQModel runs it (the QEP row is quantc's default)
+        quant.update(QUANTC_GPTQ, qep_alpha=0.0)
     raw = {"model": str(model), "quant": quant,
            "calibration": {"source": str(data), "samples": 128, "seq_len": 512, "seed": 0}}
     t = time.perf_counter()
@@ -195,7 +196,8 @@ def write_results(rows: list[dict], cmd: str) -> None:
         f"Command: `{cmd}`  \nMachine: 2-core x86_64 CPU (AVX2), 24 GiB, torch 2.13.0+cpu. "
         "Calibration 128×512 C4 tokens (Random(0)); WikiText-2 test, first 80×512 tokens, "
         "every checkpoint evaluated in float32 through `quantc.load`. quantc GPTQ rows use "
-        f"{QUANTC_GPTQ} (same bits/group/sym as GPTQModel, which runs `desc_act=False`). "
+        f"{QUANTC_GPTQ} (same bits/group/sym as GPTQModel, which runs `desc_act=False`), with error "
+        "propagation off, and with quantc's default QEP α = 0.5 in the QEP row. "
         f"Bytes: qweight+qzeros+scales+g_idx of the {decoder_linears()} decoder linears.", "", table(rows)])
 
 
@@ -207,6 +209,8 @@ def main() -> None:
     ap.add_argument("--configs", default="4b,3b,2b")
     ap.add_argument("--gptqmodel", default="4b,3b,2b", help="configs to run through GPTQModel ('' = none)")
     ap.add_argument("--rtn", default="4b,3b,2b", help="configs to run with quantc RTN ('' = none)")
+    ap.add_argument("--qep", default="4b", help="configs to run with quantc's default error propagation, QEP "
+                                                "α = 0.5 (bench_ablation's qep-0.5 job and cache; '' = none)")
     ap.add_argument("--fresh", action="store_true", help="forget cached job results")
     args = ap.parse_args()
     if args.job:
@@ -222,9 +226,11 @@ def main() -> None:
     rows = [{"config": "fp32", "tool": "—", "bytes": None}]
     plan = []
     for c in args.configs.split(","):
-        plan += [("quantc", "gptq", c)] + ([("quantc", "rtn", c)] if c in args.rtn.split(",") else [])
+        plan += [("quantc", "gptq", c)] + ([("quantc", "gptq-qep", c)] if c in args.qep.split(",") else []) + \
+            ([("quantc", "rtn", c)] if c in args.rtn.split(",") else [])
     plan += [("gptqmodel", "gptq", c) for c in args.gptqmodel.split(",") if c]   # slowest last
-    names = {("quantc", "gptq"): "quantc GPTQ", ("quantc", "rtn"): "quantc RTN", ("gptqmodel", "gptq"): "GPTQModel 7.6.0"}
+    names = {("quantc", "gptq"): "quantc GPTQ (QEP off)", ("quantc", "gptq-qep"): "quantc GPTQ + QEP 0.5 (default)",
+             ("quantc", "rtn"): "quantc RTN", ("gptqmodel", "gptq"): "GPTQModel 7.6.0"}
     for tool, method, c in plan:
         bits, gs, sym = CONFIGS[c]
         rows.append({"config": f"{bits}-bit g{gs} {'sym' if sym else 'asym'}", "tool": names[tool, method],
@@ -232,6 +238,15 @@ def main() -> None:
     rows[0]["eval"] = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     write_results(rows, cmd)
     for r, (tool, method, c) in zip(rows[1:], plan):
+        if method == "gptq-qep":     # the same compile as bench_ablation's qep-0.5 row: one job, one cache entry
+            key = f"ablation-{c}-qep-0.5"
+            out = WORK / keyed(key)
+            r["quant"] = cached(f"{key}-compile",
+                                lambda: subprocess_job([c, "qep-0.5", str(out)], "benchmarks.bench_ablation"))
+            r["bytes"] = linear_bytes(out)
+            r["eval"] = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(out)]))
+            write_results(rows, cmd)
+            continue
         out = WORK / keyed(r["key"])
         args_q = ["quantc", method, c, str(out)] if tool == "quantc" else ["gptqmodel", c, str(out)]
         r["quant"] = cached(f"quant-{r['key']}", lambda: subprocess_job(args_q))

@@ -37,7 +37,7 @@ def job_quantc(lazy: str, samples: str, out: str) -> dict:
     from quantc.config import parse_config
     from quantc.pipeline import compile_model, memory_estimate
     raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy == "lazy"},
-           "quant": {"bits": 4, "group_size": 128, **QUANTC_GPTQ},
+           "quant": {"bits": 4, "group_size": 128, **QUANTC_GPTQ, "qep_alpha": 0.0},
            "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": int(samples), "seq_len": 512, "seed": 0}}
     cfg = parse_config(raw, "bench")
     t = time.perf_counter()
@@ -66,7 +66,7 @@ def _estimate_mb(lazy: bool, samples: int) -> float:
     """What `quantc compile` prints as its expected peak (computed now, with the current estimator)."""
     from quantc.config import parse_config
     from quantc.pipeline import memory_estimate
-    raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy}, "quant": {"bits": 4, "group_size": 128},
+    raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy}, "quant": {"bits": 4, "group_size": 128, "qep_alpha": 0.0},
            "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": samples, "seq_len": 512}}
     return memory_estimate(parse_config(raw, "bench"))["total"] / 2**20
 

@@ -72,7 +72,7 @@ def job_build(layers: str) -> dict:
 
 def raw(layers: int) -> dict:
     return {"model": str(folder_for(layers)),
-            "quant": {"group_size": 128, "act_order": False, "mse": False},
+            "quant": {"group_size": 128, "act_order": False, "mse": False, "qep_alpha": 0.0},
             "candidates": [{"bits": 4}, {"bits": 8}],
             "budget": {"avg_bits": 5.0},
             "plan": {"measure_samples": 4, "alpha_samples": 1, "alpha_seq_len": 128, "probes": 1},
@@ -161,7 +161,7 @@ def write(res: dict, depths: list[int], cmd: str) -> None:
     lines = ["## Peak memory at Llama-3-8B's width (synthetic, CPU)", "",
              f"Command: `{cmd}`. Random-weight Llama models at Llama-3-8B's width (hidden 4096, intermediate "
              "14336, 32/8 heads; SmolLM2's 49,152-token vocabulary, untied head). A budgeted compile (avg_bits 5.0: "
-             "measure, plan, quantize, export) with calibration 16×512 C4 tokens; reduced settings for time: "
+             "measure, plan, quantize, export) with calibration 16×512 C4 tokens; reduced settings for time (QEP off): "
              "candidates 4/8-bit g128, measurement on 4 sequences with 1×128 held-out tokens and 1 probe, GPTQ "
              "without act-order or the clipped grid. Each run alone in its own process; peak RSS = ru_maxrss.", "",
              "| layers | fp32 weights on disk GiB | peak RSS GiB | printed estimate GiB | bound GiB (see below) | floor GiB | compile s |",

@@ -229,9 +229,12 @@ def _when(rows, plans) -> str:
     return f"Its jobs (measurements, compiles, evaluations; cached in benchmarks/work/) finished between {day(times[0])} and {day(times[-1])} UTC."
 
 
-def _uniform(bits: int) -> dict | None:
+def _uniform(bits: int, qep: float = 0.0) -> dict | None:
+    """The uniform GPTQ reference's evaluation: bench_gptq's quantc row (QEP off), or with QEP 0.5 its
+    QEP row (bench_ablation's qep-0.5 job), when that job has run."""
     key = {3: "3b", 4: "4b"}[bits]
-    p = WORK / f"{keyed(f'eval-quantc-gptq-{key}')}.json"
+    name = f"eval-quantc-gptq-{key}" if qep == 0 else f"ablation-{key}-qep-{qep:g}-eval"
+    p = WORK / f"{keyed(name)}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -266,18 +269,25 @@ def write(rows, plans, fp, sizes, cmd) -> None:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     p0 = next(p for plan in plans.values() for p in plan["plans"].values() if "infeasible" not in p)
     weights = 8 * p0["allocated_bytes"] / p0["avg_bits"]        # quantized weights (from any plan)
-    for bits, u in ((3, u3), (4, u4)):
-        q = WORK / f"{keyed(f'quant-quantc-gptq-{bits}b')}.json"
-        if u and q.is_file():
+    qeps = sorted({r["qep"] for r in rows} - {0})
+    for bits in (3, 4):
+        for qep in [0.0, *qeps]:
+            u = _uniform(bits, qep)
+            job = f"quant-quantc-gptq-{bits}b" if qep == 0 else f"ablation-{bits}b-qep-{qep:g}-compile"
+            folder = f"quantc-gptq-{bits}b" if qep == 0 else f"ablation-{bits}b-qep-{qep:g}"
+            q = WORK / f"{keyed(job)}.json"
+            if not (u and q.is_file()):
+                continue
             n = sum(p0["bits"].values())          # units of the model (every plan places all of them)
             mix = f"0/{n}/0/0" if bits == 3 else f"0/0/{n}/0"
-            lines.append(f"| uniform {bits}-bit | {bits}-bit g128 | — | 0 | {sizes[f'{bits}b'] / 1e6:.2f} MB | "
-                         f"{file_bytes(WORK / keyed(f'quantc-gptq-{bits}b')) / 1e6:.2f} MB | "
+            lines.append(f"| uniform {bits}-bit{'' if qep == 0 else '*'} | {bits}-bit g128 | — | {qep:g} | "
+                         f"{sizes[f'{bits}b'] / 1e6:.2f} MB | {file_bytes(WORK / keyed(folder)) / 1e6:.2f} MB | "
                          f"{8 * sizes[f'{bits}b'] / weights:.3f} | {mix} | "
                          f"{json.loads(q.read_text())['total_s']:.0f} | {u['ppl']:.2f} | — | — |")
     for r in rows:
         b, ppl = r["budget"], r["eval"]["ppl"]
-        ref = {"3b": u3, "4b": u4}.get(b)
+        # the uniform reference at the same QEP α where it has run (else QEP off)
+        ref = {"3b": _uniform(3, r["qep"]) or u3, "4b": _uniform(4, r["qep"]) or u4}.get(b)
         gap = ""
         if u3 and u4:
             gap = f"{100 * (u3['ppl'] - ppl) / (u3['ppl'] - u4['ppl']):.0f}%"
@@ -295,7 +305,10 @@ def write(rows, plans, fp, sizes, cmd) -> None:
                 lines.append(f"| {b} ({sizes[b] / 1e6:.1f} MB) | {v} | {p} | — | infeasible{why} | | | | | | | |")
     lines += ["", "Budgets count the quantized linears (quantized-linear bytes) and, for a rotated tied model "
               "(SmolLM2), the lm_head the rotation unties (vocab × hidden × 2 bytes, beside the embeddings); "
-              "checkpoint bytes are every tensor of the safetensors files.", "",
+              "checkpoint bytes are every tensor of the safetensors files. A uniform row marked * is "
+              "bench_gptq's QEP row (bench_ablation's qep-0.5 job, from its own run): it is the reference at "
+              "that size for the plans compiled with the same QEP α; the others use the QEP-off references. "
+              "Gap closed uses the QEP-off references.", "",
               "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
               "Bits/weight counts qweight, qzeros, scales and g_idx per quantized weight. The compile s of a mixed "
               "row includes its plan step (a cache read after the first).", "",
@@ -348,6 +361,10 @@ def _plot(rows, u3, u4, sizes, fp):
     uni = [(sizes[k] / 1e6, u["ppl"]) for k, u in (("3b", u3), ("4b", u4)) if u]
     if uni:
         ax.plot(*zip(*uni), "o-", color="k", label="uniform GPTQ (3, 4 bit)")
+    for qep in sorted({r["qep"] for r in rows} - {0}):
+        uq = [(sizes[k] / 1e6, u["ppl"]) for k, u in (("3b", _uniform(3, qep)), ("4b", _uniform(4, qep))) if u]
+        if uq:
+            ax.plot(*zip(*uq), "o:", color="k", mfc="none", label=f"uniform GPTQ + QEP {qep:g}")
     lines = sorted({(r["variant"], r["predictor"], r["qep"]) for r in rows})
     for (v, pred, q), marker in zip(lines, "s^Dv<>ph"):
         pts = sorted((r["bytes"] / 1e6, r["eval"]["ppl"]) for r in rows

@@ -28,7 +28,7 @@ CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
 
 
 def raw(folder: Path, calib: Path, predictor: str | None) -> dict:
-    r = {"model": str(folder), "quant": {"group_size": 128, "act_order": False}, "candidates": CANDIDATES,
+    r = {"model": str(folder), "quant": {"group_size": 128, "act_order": False, "qep_alpha": 0.0}, "candidates": CANDIDATES,
          "budget": {"avg_bits": 3.5},
          "calibration": {"source": str(calib), "samples": 36, "seq_len": 256, "seed": 0},
          "plan": {"measure_samples": 32, "alpha_samples": 4, "alpha_seq_len": 256}}

@@ -6,8 +6,8 @@ A synthetic Llama-architecture model with random weights at the width of a 0.5B 
 intermediate 4864, 14/2 heads, head_dim 64, SmolLM2's tokenizer), written as safetensors in
 benchmarks/work/ (no download). Both tools quantize it to 4-bit g128 sym from the same calibration
 (the protocol's C4 windows, samples×512), each at its default options (quantc: act-order with static
-groups, clipped-grid search, true-sequential; GPTQModel: desc_act=False), each alone in its own
-process. Reports seconds per decoder layer and where quantc's time goes: quantc's functions are
+groups, clipped-grid search, true-sequential, error propagation QEP α = 0.5; GPTQModel: desc_act=False),
+each alone in its own process; quantc also with `qep_alpha: 0` (plain GPTQ, the like-for-like race). Reports seconds per decoder layer and where quantc's time goes: quantc's functions are
 wrapped with timers in its process (Hessian accumulation, Cholesky, the column loop, the clipped-grid
 search, the layer forwards and replays).
 """
@@ -23,6 +23,9 @@ from pathlib import Path
 from benchmarks.bench_gptq import WORK, subprocess_job, write_calibration_file, write_section
 
 MARK = "<!-- bench_wide -->"
+KINDS = {"quantc": "quantc, defaults (act-order + static groups, clipped grid, true-sequential, QEP 0.5)",
+         "quantc-plain": "quantc, qep_alpha: 0 (plain GPTQ)",
+         "gptqmodel": "GPTQModel 7.6.0 (desc_act=False, fp16 load)"}
 WIDTH = {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
          "head_dim": 64}
 
@@ -73,7 +76,7 @@ class Timers:
         setattr(owner, name, timed)
 
 
-def job_quantc(folder: str, samples: int) -> dict:
+def job_quantc(folder: str, samples: int, qep: float | None = None) -> dict:
     import quantc.gptq as g
     import quantc.passes.quantize as q
     from quantc.calibration.hessian import Hessian
@@ -87,7 +90,9 @@ def job_quantc(folder: str, samples: int) -> dict:
     timers.wrap(q, "run_until", "forwards")
     timers.wrap(q, "run_layer", "forwards")
     timers.wrap(q, "reference_inputs", "forwards")
-    raw = {"model": folder, "quant": {"bits": 4, "group_size": 128, "sym": True},
+    timers.wrap(q, "qep_target", "qep target")
+    quant = {"bits": 4, "group_size": 128, "sym": True, **({} if qep is None else {"qep_alpha": qep})}
+    raw = {"model": folder, "quant": quant,
            "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": samples, "seq_len": 512, "seed": 0}}
     t = time.perf_counter()
     m = compile_model(parse_config(raw, "bench"), Path(folder + "-quantc"), force=True, progress=False)
@@ -95,7 +100,7 @@ def job_quantc(folder: str, samples: int) -> dict:
     parts = {"hessians": s.get("hessians", 0), "cholesky": s.get("cholesky", 0),
              "clipped-grid search": s.get("grid search", 0),
              "column loop": s.get("gptq", 0) - s.get("cholesky", 0) - s.get("grid search", 0),
-             "forwards and replays": s.get("forwards", 0)}
+             "forwards and replays": s.get("forwards", 0), "QEP targets": s.get("qep target", 0)}
     parts["other"] = m["timings"]["quantize_s"] - sum(parts.values())
     return {"quantize_s": m["timings"]["quantize_s"], "load_s": m["timings"]["load_s"],
             "total_s": time.perf_counter() - t, "parts": parts}
@@ -128,15 +133,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.job:
         kind, folder, samples = args.job
-        fn = job_quantc if kind == "quantc" else job_gptqmodel
-        print("RESULT " + json.dumps(fn(folder, int(samples))), flush=True)
+        res = job_gptqmodel(folder, int(samples)) if kind == "gptqmodel" else \
+            job_quantc(folder, int(samples), 0.0 if kind == "quantc-plain" else None)
+        print("RESULT " + json.dumps(res), flush=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
     write_calibration_file()
     folder = build(args.layers)
     res_path = WORK / f"wide-L{args.layers}-{args.samples}.json"
     res = {} if args.fresh or not res_path.is_file() else json.loads(res_path.read_text())
-    for kind in ("quantc", "gptqmodel"):
+    for kind in KINDS:
         if kind not in res:
             print(f"[bench] {kind} ...", flush=True)
             res[kind] = subprocess_job([kind, str(folder), str(args.samples)], module="benchmarks.bench_wide")
@@ -147,19 +153,25 @@ def main() -> None:
 
 def write(res: dict, args, cmd: str) -> None:
     n = args.layers
-    qc, gm = res["quantc"], res["gptqmodel"]
+    gm = res["gptqmodel"]
     lines = ["## CPU speed on a wide MLP: quantc against GPTQModel 7.6.0 (synthetic, 0.5B width)", "",
              f"Command: `{cmd}`. Random-weight Llama model, hidden 896, intermediate 4864, 14/2 heads, {n} layers; "
              f"4-bit g128 sym from the same {args.samples}×512 C4 calibration windows; each tool at its default "
-             "options, alone in its own process, both in this run. *quantize s* excludes loading the model.", "",
-             "| tool | quantize s | s per layer | vs GPTQModel |", "|---|---|---|---|",
-             f"| quantc (act-order + static groups, clipped grid, true-sequential) | {qc['quantize_s']:.0f} | "
-             f"{qc['quantize_s'] / n:.1f} | {qc['quantize_s'] / gm['quantize_s']:.2f}× |",
-             f"| GPTQModel 7.6.0 (desc_act=False, fp16 load) | {gm['quantize_s']:.0f} | {gm['quantize_s'] / n:.1f} | 1.00× |",
-             "", "Where quantc's time goes (seconds over the whole sweep, from timers wrapped around its functions):", "",
-             "| part | s | share |", "|---|---|---|"]
-    for k, v in qc["parts"].items():
-        lines.append(f"| {k} | {v:.1f} | {100 * v / qc['quantize_s']:.0f}% |")
+             "options, and quantc also without error propagation; each alone in its own process, all in this run. "
+             "*quantize s* excludes loading the model.", "",
+             "| tool | quantize s | s per layer | vs GPTQModel |", "|---|---|---|---|"]
+    for kind in KINDS:
+        r = res[kind]
+        lines.append(f"| {KINDS[kind]} | {r['quantize_s']:.0f} | {r['quantize_s'] / n:.1f} | "
+                     f"{r['quantize_s'] / gm['quantize_s']:.2f}× |")
+    lines += ["", "Where quantc's time goes (seconds over the whole sweep, from timers wrapped around its functions):",
+              "", "| part | " + " | ".join(f"{KINDS[k].split(' (')[0]} s | share" for k in KINDS if k != "gptqmodel")
+              + " |", "|---|" + "---|---|" * (len(KINDS) - 1)]
+    quantcs = [res[k] for k in KINDS if k != "gptqmodel"]
+    for part in quantcs[0]["parts"]:
+        lines.append(f"| {part} | " + " | ".join(f"{r['parts'].get(part, 0):.1f} | "
+                                                 f"{100 * r['parts'].get(part, 0) / r['quantize_s']:.0f}%"
+                                                 for r in quantcs) + " |")
     write_section(MARK, lines)
 
 

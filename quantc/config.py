@@ -55,6 +55,11 @@ PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int,
 PREDICTORS = ("fisher", "exact")          # see passes/measure.py
 SOLVES = ("anchors", "all")               # fisher: which options GPTQ solves for every unit (passes/measure.py)
 
+# Error propagation (QEP) is on by default for GPTQ: α = 0.5 lowered the perplexity of uniform 4-bit on
+# both benchmark models, and of every mixed plan measured with it (benchmarks/RESULTS.md: bench_ablation,
+# bench_mixed), for about 2× the compile time. `quant.qep_alpha: 0` gives plain sequential GPTQ.
+DEFAULT_QEP_ALPHA = 0.5
+
 # Named candidate sets (`candidates: NAME`). Options are (bits, group_size, sym); quant.act_order,
 # static_groups and mse apply to each. Symmetric and asymmetric grids cost the same bytes (GPTQ v1
 # stores qzeros either way), so both are offered where the zero point buys accuracy (3, 4 bits);
@@ -109,7 +114,7 @@ class Config:
     candidates: list[Option] = field(default_factory=lambda: [Option()])
     method: str = "gptq"
     damp: float = 0.01
-    qep_alpha: float = 0.0
+    qep_alpha: float = 0.0             # parse_config gives GPTQ compiles DEFAULT_QEP_ALPHA
     units: str = "shared"
     true_sequential: bool = True
     block_size: int = 128
@@ -391,7 +396,7 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     cfg.damp = float(q.get("damp", 0.01))
     if not 0 < cfg.damp <= 1:
         raise ConfigError(file, "quant.damp", f"must be in (0, 1], got {cfg.damp}")
-    cfg.qep_alpha = float(q.get("qep_alpha", 0.0))
+    cfg.qep_alpha = float(q.get("qep_alpha", DEFAULT_QEP_ALPHA if cfg.method == "gptq" else 0.0))
     if not 0 <= cfg.qep_alpha <= 1:
         raise ConfigError(file, "quant.qep_alpha", f"must be in [0, 1] (0 = plain GPTQ), got {cfg.qep_alpha}")
     if cfg.method == "rtn" and cfg.qep_alpha > 0:

@@ -300,13 +300,16 @@ def test_memory_estimate_hessians_follow_head_dim_and_true_sequential(tmp_path, 
     mc = json.loads((src / "config.json").read_text())
     mc.update(hidden_size=64, num_attention_heads=4, head_dim=40, intermediate_size=96)   # o_proj: 160 inputs
     (m / "config.json").write_text(json.dumps(mc))
-    hess = {ts: memory_estimate(parse_config({"model": str(m), "quant": {"true_sequential": ts}}))["hessians"]
-            for ts in (True, False)}
+    hess = {ts: memory_estimate(parse_config({"model": str(m), "quant": {"true_sequential": ts, "qep_alpha": 0}}))
+            ["hessians"] for ts in (True, False)}
     assert hess[True] == (8 + 4) * 160**2                                  # one group's at a time: o_proj's
     assert hess[False] == 8 * (64**2 + 160**2 + 64**2 + 96**2) + 4 * 160**2
     del mc["head_dim"]                                                     # default: hidden / heads
     (m / "config.json").write_text(json.dumps(mc))
-    assert memory_estimate(parse_config({"model": str(m)}))["hessians"] == (8 + 4) * 96**2   # down_proj's
+    plain = parse_config({"model": str(m), "quant": {"qep_alpha": 0}})
+    assert memory_estimate(plain)["hessians"] == (8 + 4) * 96**2          # down_proj's
+    # QEP (the default) sums the cross term δ beside H, and rounds it beside H's float32 copy
+    assert memory_estimate(parse_config({"model": str(m)}))["hessians"] == 2 * (8 + 4) * 96**2
 
 
 def test_memory_estimate_counts_the_solved_options(tiny_models):
@@ -325,3 +328,14 @@ def test_memory_estimate_counts_the_solved_options(tiny_models):
     assert ee["measurement"] > ea["measurement"]                             # 14 more uniform streams
     uni = parse_config({"model": str(tiny_models["llama"]), "candidates": "wide"})
     assert solved_options(uni) == 4 and not memory_estimate(uni)["measurement"]
+
+
+def test_error_propagation_is_the_gptq_default(tiny_models):
+    """QEP α = 0.5 unless the YAML says otherwise; round to nearest has none, so its default is 0 and a
+    YAML with `method: rtn` and no qep_alpha is not refused."""
+    from quantc.config import DEFAULT_QEP_ALPHA
+    m = str(tiny_models["llama"])
+    assert DEFAULT_QEP_ALPHA == 0.5
+    assert parse_config({"model": m}, "b.yaml").qep_alpha == DEFAULT_QEP_ALPHA
+    assert parse_config({"model": m, "quant": {"qep_alpha": 0}}, "b.yaml").qep_alpha == 0.0
+    assert parse_config({"model": m, "quant": {"method": "rtn"}}, "b.yaml").qep_alpha == 0.0

@@ -28,19 +28,25 @@ def logits(folder, ids):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_forwards_give_a_close_artifact(tmp_path, tiny_models, calib_file, dtype):
-    ref, low = tmp_path / "fp32", tmp_path / dtype
-    compile_model(parse_config(raw(tiny_models["qwen2"], calib_file, device="cpu")), ref, progress=False)
-    m = compile_model(parse_config(raw(tiny_models["qwen2"], calib_file, device="cpu", compute_dtype=dtype)), low,
-                      progress=False)
-    assert m["config"]["resources"]["compute_dtype"] == dtype
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     from transformers import AutoModelForCausalLM
     with torch.no_grad():
         f = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])(input_ids=ids).logits
-    a, b = logits(ref, ids), logits(low, ids)
-    assert a.dtype == b.dtype == torch.float32
-    err_ref, err_low = float((a - f).norm() / f.norm()), float((b - f).norm() / f.norm())
+
+    def error(name, qep, **res):
+        r = raw(tiny_models["qwen2"], calib_file, device="cpu", **res)
+        r["quant"]["qep_alpha"] = qep
+        m = compile_model(parse_config(r), tmp_path / name, progress=False)
+        assert m["config"]["resources"]["compute_dtype"] == res.get("compute_dtype", "float32")
+        a = logits(tmp_path / name, ids)
+        assert a.dtype == torch.float32
+        return float((a - f).norm() / f.norm())
+
+    err_ref, err_low = error("fp32", 0.0), error(dtype, 0.0, compute_dtype=dtype)
     assert err_low < 1.1 * err_ref                        # Hessians and solves stay float32: as good a fit
+    # with error propagation (the default) the two streams' difference carries the forwards' rounding
+    # too, so its gain is smaller in low precision; it must still beat plain GPTQ at the same dtype
+    assert error(f"{dtype}-qep", 0.5, compute_dtype=dtype) < err_low
 
 
 def test_budgeted_compile_in_bfloat16_plans_and_restores_layers(tmp_path, tiny_models, calib_file, monkeypatch):

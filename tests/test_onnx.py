@@ -227,8 +227,11 @@ def test_onnxruntime_genai_runs_the_folder(tmp_path, tiny_models, tiny_tokenizer
     while not gen.is_done():
         gen.generate_next_token()
         got.append(int(gen.get_next_tokens()[0]))
-    assert len(got) == 20
-    assert got == OrtModel(out).generate(np.array(prompt), 20)
+    ours = OrtModel(out).generate(np.array(prompt), 20)
+    assert got == ours[:len(got)]
+    # GenAI stops at an end-of-sequence token (quantc's own loop runs on); otherwise all 20 tokens
+    eos = json.loads((out / "onnx" / "genai_config.json").read_text())["model"]["eos_token_id"]
+    assert len(got) == 20 or (got[-1] in (eos if isinstance(eos, list) else [eos]) and len(got) > 1)
 
 
 def test_attention_wider_than_hidden(tmp_path, tiny_tokenizer, calib_file):

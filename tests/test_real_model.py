@@ -58,7 +58,7 @@ def test_generate_and_inspect(setup):
     q = quantc.load(out)
     tok = load_tokenizer(str(out))
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
-    gen = q.generate(ids, max_new_tokens=8, do_sample=False)
+    gen = q.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)   # 8 even past an end token
     assert gen.shape[1] == ids.shape[1] + 8
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0 and "210" in r.output

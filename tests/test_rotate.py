@@ -208,7 +208,7 @@ def test_rotated_artifact_loads_and_matches_the_fake_quantized_rotated_model(com
     options, _ = resolve_options(model, cfg)
     hidden, kw = capture_layer0_inputs(model, tokens, cfg.calibration.batch_size)
     quantize_gptq(model, Activations(hidden, kw, cfg.calibration.batch_size), options, damp=cfg.damp,
-                  progress=False)
+                  qep_alpha=cfg.qep_alpha, progress=False)
     q = quantc.load(folder, dtype=torch.float32)
     ref = load_model(cfg.model)
     ids = tokens[:2, :48]
