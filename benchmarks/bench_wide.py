@@ -146,6 +146,7 @@ def main() -> None:
         if kind not in res:
             print(f"[bench] {kind} ...", flush=True)
             res[kind] = subprocess_job([kind, str(folder), str(args.samples)], module="benchmarks.bench_wide")
+            res[kind]["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             print(f"[bench] {kind}: {res[kind]}", flush=True)
             res_path.write_text(json.dumps(res, indent=2))
     write(res, args, "python -m benchmarks.bench_wide " + " ".join(sys.argv[1:]))
@@ -157,13 +158,14 @@ def write(res: dict, args, cmd: str) -> None:
     lines = ["## CPU speed on a wide MLP: quantc against GPTQModel 7.6.0 (synthetic, 0.5B width)", "",
              f"Command: `{cmd}`. Random-weight Llama model, hidden 896, intermediate 4864, 14/2 heads, {n} layers; "
              f"4-bit g128 sym from the same {args.samples}×512 C4 calibration windows; each tool at its default "
-             "options, and quantc also without error propagation; each alone in its own process, all in this run. "
+             "options, and quantc also without error propagation; each alone in its own process (*finished*: when "
+             "its job ended; jobs are cached in benchmarks/work/, `--fresh` runs all in one run). "
              "*quantize s* excludes loading the model.", "",
-             "| tool | quantize s | s per layer | vs GPTQModel |", "|---|---|---|---|"]
+             "| tool | quantize s | s per layer | vs GPTQModel | finished |", "|---|---|---|---|---|"]
     for kind in KINDS:
         r = res[kind]
         lines.append(f"| {KINDS[kind]} | {r['quantize_s']:.0f} | {r['quantize_s'] / n:.1f} | "
-                     f"{r['quantize_s'] / gm['quantize_s']:.2f}× |")
+                     f"{r['quantize_s'] / gm['quantize_s']:.2f}× | {r.get('finished', 'an earlier session')} |")
     lines += ["", "Where quantc's time goes (seconds over the whole sweep, from timers wrapped around its functions):",
               "", "| part | " + " | ".join(f"{KINDS[k].split(' (')[0]} s | share" for k in KINDS if k != "gptqmodel")
               + " |", "|---|" + "---|---|" * (len(KINDS) - 1)]
