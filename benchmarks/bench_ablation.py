@@ -29,7 +29,7 @@ ABLATIONS = {
     "no-clip-search": ({"mse": False}, "min–max grid (no clipped-grid search)"),
     "no-true-sequential": ({"true_sequential": False}, "every linear of a layer from the layer's inputs at once"),
     "damp-0.1": ({"damp": 0.1}, "damping 0.1 of the mean diagonal instead of 0.01"),
-    "qep-0.5": ({"qep_alpha": 0.5}, "error propagation (QEP) α = 0.5 (quantc's default since this row)"),
+    "qep-0.5": ({"qep_alpha": 0.5}, "error propagation (QEP) α = 0.5 (quantc's default)"),
 }
 
 
