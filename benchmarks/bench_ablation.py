@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_gptq import (CONFIGS, QUANTC_GPTQ, WORK, cached, linear_bytes, peak_rss_mb, subprocess_job,
-                                   write_calibration_file, write_section)
+from benchmarks.bench_gptq import (CONFIGS, QUANTC_GPTQ, WORK, cached, linear_bytes, peak_rss_mb, run_uniform,
+                                   subprocess_job, write_calibration_file, write_section)
 from benchmarks.models import bench_model, keyed, mark, own_results, select, title
 
 # name: (quant settings changed from bench_gptq's quantc row, what the row says)
@@ -79,10 +79,7 @@ def main() -> None:
             if n == "defaults":
                 # the same compile as bench_gptq's quantc row (same settings and calibration): one job,
                 # one cache entry, so the defaults are not compiled twice (12 minutes on Qwen2.5-0.5B)
-                folder = WORK / keyed(f"quantc-gptq-{c}")
-                q = cached(f"quant-quantc-gptq-{c}",
-                           lambda: subprocess_job(["quantc", "gptq", c, str(folder)]))
-                e = cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
+                q, e, folder = run_uniform(c)
             else:
                 key = f"ablation-{c}-{n}"
                 folder = WORK / keyed(key)

@@ -143,6 +143,27 @@ def cached(name: str, fn) -> dict:
     return res
 
 
+def uniform_job(cfg: str, qep: float = 0.0) -> dict:
+    """The one home of the uniform quantc GPTQ references' jobs (bench_gptq, bench_ablation and
+    bench_mixed read them): QEP off is bench_gptq's quantc row, QEP α is bench_ablation's qep row.
+    Their compile and eval cache names, folder, and the job (module, arguments) that makes them."""
+    if qep == 0:
+        return {"compile": f"quant-quantc-gptq-{cfg}", "eval": f"eval-quantc-gptq-{cfg}",
+                "folder": WORK / keyed(f"quantc-gptq-{cfg}"), "module": "benchmarks.bench_gptq",
+                "args": ["quantc", "gptq", cfg]}
+    key = f"ablation-{cfg}-qep-{qep:g}"
+    return {"compile": f"{key}-compile", "eval": f"{key}-eval", "folder": WORK / keyed(key),
+            "module": "benchmarks.bench_ablation", "args": [cfg, f"qep-{qep:g}"]}
+
+
+def run_uniform(cfg: str, qep: float = 0.0) -> tuple[dict, dict, Path]:
+    """(compile result, eval result, folder) of a uniform reference, from the cache or run now."""
+    j = uniform_job(cfg, qep)
+    q = cached(j["compile"], lambda: subprocess_job([*j["args"], str(j["folder"])], j["module"]))
+    e = cached(j["eval"], lambda: subprocess_job(["eval", str(j["folder"])]))
+    return q, e, j["folder"]
+
+
 def write_calibration_file() -> None:
     """The protocol's calibration windows as text-free token lists quantc can read (.jsonl of text
     would be re-tokenized; we store the decoded windows and check they re-tokenize identically)."""
@@ -238,20 +259,14 @@ def main() -> None:
     rows[0]["eval"] = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     write_results(rows, cmd)
     for r, (tool, method, c) in zip(rows[1:], plan):
-        if method == "gptq-qep":     # the same compile as bench_ablation's qep-0.5 row: one job, one cache entry
-            key = f"ablation-{c}-qep-0.5"
-            out = WORK / keyed(key)
-            r["quant"] = cached(f"{key}-compile",
-                                lambda: subprocess_job([c, "qep-0.5", str(out)], "benchmarks.bench_ablation"))
-            r["bytes"] = linear_bytes(out)
-            r["eval"] = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(out)]))
-            write_results(rows, cmd)
-            continue
-        out = WORK / keyed(r["key"])
-        args_q = ["quantc", method, c, str(out)] if tool == "quantc" else ["gptqmodel", c, str(out)]
-        r["quant"] = cached(f"quant-{r['key']}", lambda: subprocess_job(args_q))
+        if (tool, method) in (("quantc", "gptq"), ("quantc", "gptq-qep")):   # shared with the other benchmarks
+            r["quant"], r["eval"], out = run_uniform(c, 0.5 if method == "gptq-qep" else 0.0)
+        else:
+            out = WORK / keyed(r["key"])
+            args_q = ["quantc", method, c, str(out)] if tool == "quantc" else ["gptqmodel", c, str(out)]
+            r["quant"] = cached(f"quant-{r['key']}", lambda: subprocess_job(args_q))
+            r["eval"] = cached(f"eval-{r['key']}", lambda: subprocess_job(["eval", str(out)]))
         r["bytes"] = linear_bytes(out)
-        r["eval"] = cached(f"eval-{r['key']}", lambda: subprocess_job(["eval", str(out)]))
         write_results(rows, cmd)
     print(table(rows))
 

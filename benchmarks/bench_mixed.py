@@ -24,7 +24,7 @@ import sys
 import time
 
 from benchmarks.bench_gptq import (write_section, QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes, peak_rss_mb,
-                                   subprocess_job, write_calibration_file)
+                                   run_uniform, subprocess_job, uniform_job, write_calibration_file)
 from benchmarks.common import ROOT, save_plot
 from benchmarks.models import bench_model, keyed, mark, own_results, select, title
 
@@ -174,9 +174,7 @@ def main() -> None:
     for c in filter(None, args.references.split(",")):   # the uniform references: bench_gptq's quantc rows
         if c not in ("3b", "4b"):
             ap.error(f"--references: {c!r} is not 3b or 4b")
-        folder = WORK / keyed(f"quantc-gptq-{c}")
-        cached(f"quant-quantc-gptq-{c}", lambda: subprocess_job(["quantc", "gptq", c, str(folder)]))
-        cached(f"eval-quantc-gptq-{c}", lambda: subprocess_job(["eval", str(folder)]))
+        run_uniform(c)
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
     qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
@@ -232,9 +230,7 @@ def _when(rows, plans) -> str:
 def _uniform(bits: int, qep: float = 0.0) -> dict | None:
     """The uniform GPTQ reference's evaluation: bench_gptq's quantc row (QEP off), or with QEP 0.5 its
     QEP row (bench_ablation's qep-0.5 job), when that job has run."""
-    key = {3: "3b", 4: "4b"}[bits]
-    name = f"eval-quantc-gptq-{key}" if qep == 0 else f"ablation-{key}-qep-{qep:g}-eval"
-    p = WORK / f"{keyed(name)}.json"
+    p = WORK / f"{keyed(uniform_job(f'{bits}b', qep)['eval'])}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -273,15 +269,14 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     for bits in (3, 4):
         for qep in [0.0, *qeps]:
             u = _uniform(bits, qep)
-            job = f"quant-quantc-gptq-{bits}b" if qep == 0 else f"ablation-{bits}b-qep-{qep:g}-compile"
-            folder = f"quantc-gptq-{bits}b" if qep == 0 else f"ablation-{bits}b-qep-{qep:g}"
-            q = WORK / f"{keyed(job)}.json"
+            job = uniform_job(f"{bits}b", qep)
+            q = WORK / f"{keyed(job['compile'])}.json"
             if not (u and q.is_file()):
                 continue
             n = sum(p0["bits"].values())          # units of the model (every plan places all of them)
             mix = f"0/{n}/0/0" if bits == 3 else f"0/0/{n}/0"
             lines.append(f"| uniform {bits}-bit{'' if qep == 0 else '*'} | {bits}-bit g128 | — | {qep:g} | "
-                         f"{sizes[f'{bits}b'] / 1e6:.2f} MB | {file_bytes(WORK / keyed(folder)) / 1e6:.2f} MB | "
+                         f"{sizes[f'{bits}b'] / 1e6:.2f} MB | {file_bytes(job['folder']) / 1e6:.2f} MB | "
                          f"{8 * sizes[f'{bits}b'] / weights:.3f} | {mix} | "
                          f"{json.loads(q.read_text())['total_s']:.0f} | {u['ppl']:.2f} | — | — |")
     for r in rows:

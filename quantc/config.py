@@ -56,7 +56,7 @@ PREDICTORS = ("fisher", "exact")          # see passes/measure.py
 SOLVES = ("anchors", "all")               # fisher: which options GPTQ solves for every unit (passes/measure.py)
 
 # Error propagation (QEP) is on by default for GPTQ: α = 0.5 lowered the perplexity of uniform 4-bit on
-# both benchmark models, and of every mixed plan measured with it (benchmarks/RESULTS.md: bench_ablation,
+# both benchmark models and of every unrotated mixed plan measured (benchmarks/RESULTS.md: bench_ablation,
 # bench_mixed), for about 2× the compile time. `quant.qep_alpha: 0` gives plain sequential GPTQ.
 DEFAULT_QEP_ALPHA = 0.5
 
