@@ -5,9 +5,10 @@ on the protocol of bench_gptq (SmolLM2-135M, or `--model qwen`, or a model folde
                                         [--fresh]
 
 Each row is the default compile of bench_gptq's quantc row with one setting changed, compiled and
-evaluated in its own process (WikiText-2 through `quantc.load`, float32), all in one run. Jobs are
-cached in benchmarks/work/ (an interrupted run resumes); the section of RESULTS.md is rewritten after
-every job.
+evaluated in its own process (WikiText-2 through `quantc.load`, float32), all in one run. A row named
+`A+B` changes A's and B's settings and is compared with the row `A` (e.g. `qep-0.5+no-act-order`:
+act-order's worth with error propagation on). Jobs are cached in benchmarks/work/ (an interrupted run
+resumes); the section of RESULTS.md is rewritten after every job.
 """
 from __future__ import annotations
 
@@ -33,12 +34,29 @@ ABLATIONS = {
 }
 
 
+def settings(name: str) -> dict:
+    """The quant settings a row changes: `A+B` is A's changes, then B's."""
+    out = {}
+    for part in name.split("+"):
+        out.update(ABLATIONS[part][0])
+    return out
+
+
+def base_of(name: str) -> str:
+    """The row a row is compared with: `A+B` with `A`, a single change with the defaults."""
+    return name.rsplit("+", 1)[0] if "+" in name else "defaults"
+
+
+def what(name: str) -> str:
+    return "; ".join(ABLATIONS[part][1] for part in name.split("+"))
+
+
 def job_compile(cfg: str, name: str, out: str) -> dict:
     from quantc.config import parse_config
     from quantc.pipeline import compile_model
     bits, gs, sym = CONFIGS[cfg]
     # the base is bench_gptq's quantc row (QEP off), so each row changes exactly one setting of plain GPTQ
-    quant = {"bits": bits, "group_size": gs, "sym": sym, **QUANTC_GPTQ, "qep_alpha": 0.0, **ABLATIONS[name][0]}
+    quant = {"bits": bits, "group_size": gs, "sym": sym, **QUANTC_GPTQ, "qep_alpha": 0.0, **settings(name)}
     raw = {"model": str(bench_model()), "quant": quant,
            "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": 0}}
     t = time.perf_counter()
@@ -64,8 +82,8 @@ def main() -> None:
         if c not in CONFIGS:
             ap.error(f"--configs: {c!r} is not one of {', '.join(CONFIGS)}")
     for n in names:
-        if n not in ABLATIONS:
-            ap.error(f"--ablations: {n!r} is not one of {', '.join(ABLATIONS)}")
+        if any(part not in ABLATIONS for part in n.split("+")):
+            ap.error(f"--ablations: {n!r} is not one of {', '.join(ABLATIONS)}, or two of them joined by '+'")
     WORK.mkdir(parents=True, exist_ok=True)
     if args.fresh:
         for p in own_results("ablation-*"):
@@ -95,15 +113,17 @@ def write(rows: list[dict], fp: dict, cmd: str) -> None:
              "setting changed per row; same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, float32 "
              f"through `quantc.load`; fp32 model {fp['ppl']:.2f}). The defaults row is bench_gptq's quantc row (the "
              "same job and cache entry); each other row is its own compile.", "",
-             "| config | row | what changes | quantize s | quantized-linear bytes | ppl | Δ ppl vs defaults |",
-             "|---|---|---|---|---|---|---|"]
-    base = {r["config"]: r["eval"]["ppl"] for r in rows if r["name"] == "defaults"}
+             "| config | row | what changes | quantize s | quantized-linear bytes | ppl | compared with | Δ ppl |",
+             "|---|---|---|---|---|---|---|---|"]
+    ppl_of = {(r["config"], r["name"]): r["eval"]["ppl"] for r in rows}
     for r in rows:
-        ppl = r["eval"]["ppl"]
-        d = f"{ppl - base[r['config']]:+.2f}" if r["config"] in base and r["name"] != "defaults" else "—"
-        lines.append(f"| {r['config']} | {r['name']} | {ABLATIONS[r['name']][1]} | {r['compile']['quantize_s']:.0f} | "
-                     f"{r['bytes'] / 1e6:.2f} MB | {ppl:.2f} | {d} |")
-    lines += ["", "A positive Δ means the setting of the defaults row helps: changing it made perplexity worse. "
+        ppl, base = r["eval"]["ppl"], (r["config"], base_of(r["name"]))
+        d = f"{ppl - ppl_of[base]:+.2f}" if base in ppl_of and r["name"] != "defaults" else "—"
+        lines.append(f"| {r['config']} | {r['name']} | {what(r['name'])} | {r['compile']['quantize_s']:.0f} | "
+                     f"{r['bytes'] / 1e6:.2f} MB | {ppl:.2f} | {base[1] if r['name'] != 'defaults' else '—'} | {d} |")
+    lines += ["", "A positive Δ means the setting of the row it is compared with helps: changing it made perplexity "
+              "worse. A row `A+B` is compared with row `A`, so `qep-0.5+no-act-order` gives act-order's worth with "
+              "error propagation on. "
               "The QEP row turns error propagation on; it is quantc's default (`quant.qep_alpha: 0.5`), chosen "
               "because it helped on both benchmark models."]
     write_section(mark("bench_ablation"), lines)

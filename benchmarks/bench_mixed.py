@@ -2,7 +2,8 @@
 protocol of bench_gptq).
 
     python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
-                                     [--budgets 3b,3.5b,4b] [--qep-budgets 3b] [--qep-variants bits,wide-rot]
+                                     [--budgets 3b,3.5b,4b] [--qep-budgets 3b,wide:4b] [--qep-variants bits,wide-rot]
+                                     [--plain-variants bits]
                                      [--variants bits,wide,wide-rot,vllm] [--references 3b,4b] [--fresh]
 
 For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
@@ -135,9 +136,11 @@ def main() -> None:
     ap.add_argument("--budgets", default="3b,3.5b,4b")
     ap.add_argument("--predictors", default="fisher,exact")
     ap.add_argument("--qep", type=float, default=0.5)
-    ap.add_argument("--qep-budgets", default="3b")
+    ap.add_argument("--qep-budgets", default="3b",
+                    help="budgets compiled with QEP: BUDGET for every QEP variant, or VARIANT:BUDGET for one")
     ap.add_argument("--qep-variants", help="variants compiled with QEP too (default: the first of --variants)")
     ap.add_argument("--variants", default="bits", help=f"candidate variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--plain-variants", help="variants compiled without QEP (default: every one of --variants)")
     ap.add_argument("--references", default="3b,4b",
                     help="uniform GPTQ references to compile (bench_gptq's quantc rows; '' = none; a larger model "
                          "may skip the ones its budgets do not need)")
@@ -178,14 +181,18 @@ def main() -> None:
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
     qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
-    for v in qep_variants:
-        if v not in variants:
-            ap.error(f"--qep-variants: {v!r} is not one of --variants ({args.variants})")
+    plain_variants = args.plain_variants.split(",") if args.plain_variants is not None else variants
+    for flag, vs in (("--qep-variants", qep_variants), ("--plain-variants", plain_variants)):
+        for v in filter(None, vs):
+            if v not in variants:
+                ap.error(f"{flag}: {v!r} is not one of --variants ({args.variants})")
+    def qep_budget(v: str, b: str) -> bool:      # "4b" for every QEP variant, "wide:4b" for one
+        return b in qep_budgets or f"{v}:{b}" in qep_budgets
     def feasible(v: str, p: str) -> list[str]:
         return [b for b in reach(v) if "infeasible" not in plans[(v, p)]["plans"][b]]
 
-    runs = [(v, p, b, 0.0) for v in variants for p in predictors for b in feasible(v, p)] + \
-           [(v, predictors[0], b, args.qep) for v in qep_variants for b in feasible(v, predictors[0]) if b in qep_budgets]
+    runs = [(v, p, b, 0.0) for v in variants if v in plain_variants for p in predictors for b in feasible(v, p)] + \
+           [(v, predictors[0], b, args.qep) for v in qep_variants for b in feasible(v, predictors[0]) if qep_budget(v, b)]
     # the run's command: --cached-only rewrites the section of a run from its jobs, with that run's command
     cmd = "python -m benchmarks.bench_mixed " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
     for v, p, b, qep in runs:
