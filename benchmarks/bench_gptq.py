@@ -108,12 +108,42 @@ def job_eval(folder: str | None) -> dict:
     return res
 
 
+KL_WINDOWS = 16   # windows of 512 tokens per text for the KL check: 8,176 positions each
+
+
+def kl_tokens(tok) -> dict:
+    """The KL check's texts: fresh C4 (the documents after the calibration's 128, same rule: the
+    predictor's own distribution, never calibrated on) and the first windows of the WikiText protocol."""
+    return {"c4": calibration(tok, 128 + KL_WINDOWS, 512, 0)[128:], "wikitext": wikitext(tok, 512, 80)[:KL_WINDOWS]}
+
+
+def job_kl(folder: str) -> dict:
+    """KL(fp32 model ‖ quantized checkpoint) per token on kl_tokens, the quantity the plan's predicted
+    ΔKL estimates, and each model's next-token loss on the same windows (so Δloss = nll − ref_nll)."""
+    import torch
+    import quantc
+    from quantc.evaluate import evaluate
+    from quantc.model import load_model, load_tokenizer
+    tok = load_tokenizer(str(bench_model()))
+    t = time.perf_counter()
+    ref = load_model(str(bench_model()))
+    model = quantc.load(folder, dtype=torch.float32)
+    out = {}
+    for name, tokens in kl_tokens(tok).items():
+        r = evaluate(model, tokens, reference=ref, progress=False)
+        out[name] = {k: r[k] for k in ("kl", "nll", "ref_nll", "tokens")}
+    out["kl_s"] = time.perf_counter() - t
+    return out
+
+
 def run_job(argv: list[str]) -> None:
     kind = argv[0]
     if kind == "quantc":
         res = job_quantc(argv[1], argv[2], Path(argv[3]))
     elif kind == "gptqmodel":
         res = job_gptqmodel(argv[1], Path(argv[2]))
+    elif kind == "kl":
+        res = job_kl(argv[1])
     else:
         res = job_eval(None if argv[1] == "-" else argv[1])
     res["peak_rss_mb"] = peak_rss_mb()
@@ -148,11 +178,11 @@ def uniform_job(cfg: str, qep: float = 0.0) -> dict:
     bench_mixed read them): QEP off is bench_gptq's quantc row, QEP α is bench_ablation's qep row.
     Their compile and eval cache names, folder, and the job (module, arguments) that makes them."""
     if qep == 0:
-        return {"compile": f"quant-quantc-gptq-{cfg}", "eval": f"eval-quantc-gptq-{cfg}",
+        return {"compile": f"quant-quantc-gptq-{cfg}", "eval": f"eval-quantc-gptq-{cfg}", "kl": f"kl-quantc-gptq-{cfg}",
                 "folder": WORK / keyed(f"quantc-gptq-{cfg}"), "module": "benchmarks.bench_gptq",
                 "args": ["quantc", "gptq", cfg]}
     key = f"ablation-{cfg}-qep-{qep:g}"
-    return {"compile": f"{key}-compile", "eval": f"{key}-eval", "folder": WORK / keyed(key),
+    return {"compile": f"{key}-compile", "eval": f"{key}-eval", "kl": f"{key}-kl", "folder": WORK / keyed(key),
             "module": "benchmarks.bench_ablation", "args": [cfg, f"qep-{qep:g}"]}
 
 
@@ -162,6 +192,11 @@ def run_uniform(cfg: str, qep: float = 0.0) -> tuple[dict, dict, Path]:
     q = cached(j["compile"], lambda: subprocess_job([*j["args"], str(j["folder"])], j["module"]))
     e = cached(j["eval"], lambda: subprocess_job(["eval", str(j["folder"])]))
     return q, e, j["folder"]
+
+
+def run_kl(name: str, folder: Path) -> dict:
+    """The KL check (job_kl) of a finished checkpoint, cached under `name`."""
+    return cached(name, lambda: subprocess_job(["kl", str(folder)]))
 
 
 def write_calibration_file() -> None:

@@ -14,7 +14,9 @@ first predictor, for --qep-variants, by default the first variant), and evaluate
 WikiText-2.
 Budgets equal the exact byte size of uniform 3-bit g128 and 4-bit g128 (as bench_gptq's quantc
 rows) and the midpoint (~3.5 bits/weight). Uniform rows are read from bench_gptq's cached results.
-Predicted ΔKL (Σ α·err) is compared with the measured Δloss = ln(ppl) − ln(ppl_fp32).
+Predicted ΔKL (Σ α·err) is compared with the measured Δloss = ln(ppl) − ln(ppl_fp32), and (the KL
+check, `--no-kl` skips it) with the measured KL(fp32 ‖ checkpoint) per token on fresh C4 windows (the
+predictor's own distribution) and on WikiText-2 windows (bench_gptq.job_kl).
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import math
 import sys
 import time
 
-from benchmarks.bench_gptq import (write_section, QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes, peak_rss_mb,
-                                   run_uniform, subprocess_job, uniform_job, write_calibration_file)
+from benchmarks.bench_gptq import (KL_WINDOWS, write_section, QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes,
+                                   peak_rss_mb, run_kl, run_uniform, subprocess_job, uniform_job,
+                                   write_calibration_file)
 from benchmarks.common import ROOT, save_plot
 from benchmarks.models import bench_model, keyed, mark, own_results, select, title
 
@@ -144,6 +147,7 @@ def main() -> None:
     ap.add_argument("--references", default="3b,4b",
                     help="uniform GPTQ references to compile (bench_gptq's quantc rows; '' = none; a larger model "
                          "may skip the ones its budgets do not need)")
+    ap.add_argument("--no-kl", action="store_true", help="skip the KL check of every checkpoint")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--cached-only", action="store_true",
                     help="write the section from the finished jobs only (an interrupted run's rows), run nothing")
@@ -178,6 +182,8 @@ def main() -> None:
         if c not in ("3b", "4b"):
             ap.error(f"--references: {c!r} is not 3b or 4b")
         run_uniform(c)
+        if not args.no_kl and not args.cached_only:
+            run_kl(uniform_job(c)["kl"], uniform_job(c)["folder"])
     rows = []
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
     qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
@@ -195,6 +201,7 @@ def main() -> None:
            [(v, predictors[0], b, args.qep) for v in qep_variants for b in feasible(v, predictors[0]) if qep_budget(v, b)]
     # the run's command: --cached-only rewrites the section of a run from its jobs, with that run's command
     cmd = "python -m benchmarks.bench_mixed " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
+    kl_file = lambda key: WORK / f"{keyed(f'{key}-kl')}.json"     # noqa: E731
     for v, p, b, qep in runs:
         key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
         folder = WORK / keyed(key)
@@ -203,10 +210,11 @@ def main() -> None:
         q = cached(f"{key}-compile",
                    lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p, v]))
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
+        k = None if args.no_kl or (args.cached_only and not kl_file(key).is_file()) else run_kl(f"{key}-kl", folder)
         plan = plans[(v, p)]["plans"][b]
         rows.append({"key": key, "budget": b, "qep": qep, "compile": q, "eval": e, "bytes": linear_bytes(folder),
                      "file_bytes": file_bytes(folder),
-                     "pred": plan["delta_kl"], "plan": plan, "predictor": p, "variant": v})
+                     "pred": plan["delta_kl"], "plan": plan, "predictor": p, "variant": v, "kl": k})
         write(rows, plans, fp, sizes, cmd)
     write(rows, plans, fp, sizes, cmd)
 
@@ -238,6 +246,12 @@ def _uniform(bits: int, qep: float = 0.0) -> dict | None:
     """The uniform GPTQ reference's evaluation: bench_gptq's quantc row (QEP off), or with QEP 0.5 its
     QEP row (bench_ablation's qep-0.5 job), when that job has run."""
     p = WORK / f"{keyed(uniform_job(f'{bits}b', qep)['eval'])}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _uniform_kl(bits: int) -> dict | None:
+    """The KL check of the uniform GPTQ reference (QEP off), when it has run."""
+    p = WORK / f"{keyed(uniform_job(f'{bits}b')['kl'])}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -314,20 +328,28 @@ def write(rows, plans, fp, sizes, cmd) -> None:
               "Gap closed: (ppl of uniform 3-bit − ppl) / (ppl of uniform 3-bit − ppl of uniform 4-bit). "
               "Bits/weight counts qweight, qzeros, scales and g_idx per quantized weight. The compile s of a mixed "
               "row includes its plan step (a cache read after the first).", "",
-              "Predicted ΔKL (sum over units) against measured Δloss on WikiText-2 (ln ppl − ln ppl_fp32):", "",
-              "| plan | candidates | predictor | predicted ΔKL | measured Δloss | measured / predicted |",
-              "|---|---|---|---|---|---|"]
+              "Predicted ΔKL (sum over units) against what was measured: Δloss on WikiText-2 (ln ppl − ln ppl_fp32, "
+              f"the protocol's 80 windows), and the KL check: KL(fp32 ‖ checkpoint) per token on {KL_WINDOWS} fresh "
+              "C4 windows (documents after the calibration's, never calibrated on: the distribution the "
+              f"predictor measures on) and on the first {KL_WINDOWS} WikiText-2 windows. Each ratio is measured / "
+              "predicted.", "",
+              "| plan | candidates | predictor | predicted ΔKL | Δloss WikiText-2 | ratio | KL fresh C4 | ratio | "
+              "KL WikiText-2 | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     pts = []
     for (v, p), plan in plans.items():
         if VARIANTS[v][1].get("rotate"):     # the uniform references are compiles of the unrotated model
             continue
-        pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u) for b, u in ((3, u3), (4, u4))
+        pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u, _uniform_kl(b)) for b, u in ((3, u3), (4, u4))
                 if f"uniform{b}_pred" in plan]
-    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"]) for r in rows]
-    for name, v, pred_kind, pred, ev in pts:
+    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"], r["kl"])
+            for r in rows]
+    for name, v, pred_kind, pred, ev, kl in pts:
         if ev:
             d = math.log(ev["ppl"]) - math.log(fp["ppl"])
-            lines.append(f"| {name} | {v} | {pred_kind} | {pred:.4f} | {d:.4f} | {d / pred:.2f} |")
+            checks = " | ".join(f"{kl[t]['kl']:.4f} | {kl[t]['kl'] / pred:.2f}" if kl else "— | —"
+                                for t in ("c4", "wikitext"))
+            lines.append(f"| {name} | {v} | {pred_kind} | {pred:.4f} | {d:.4f} | {d / pred:.2f} | {checks} |")
     cal = plans.get((next(iter(plans))[0], "fisher"), {}).get("calibration")
     if cal:
         lines += ["", f"The fisher predictor's per-option scale (candidates: {next(iter(plans))[0]}): Σ measured ΔKL / Σ Fisher form over its calibration "

@@ -305,11 +305,11 @@ def eval_cmd(ctx, artifact, text, join_lines, seq_len, windows, reference, no_kl
     res = evaluate(model, tokens, ref, progress=ctx.obj["progress"])
     res["artifact"] = str(artifact)
     table = Table(title=f"quantc eval {artifact}")
-    for k in ("ppl", "kl", "windows", "tokens"):
+    cols = {"ppl": "ppl", "ref_ppl": "reference ppl", "kl": "kl", "windows": "windows", "tokens": "tokens"}
+    for k, title in cols.items():
         if k in res:
-            table.add_column(k)
-    table.add_row(*(f"{res[k]:.4f}" if isinstance(res[k], float) else str(res[k])
-                    for k in ("ppl", "kl", "windows", "tokens") if k in res))
+            table.add_column(title)
+    table.add_row(*(f"{res[k]:.4f}" if isinstance(res[k], float) else str(res[k]) for k in cols if k in res))
     console.print(table)
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=2))

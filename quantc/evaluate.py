@@ -34,8 +34,9 @@ def read_text(path: str, join_lines: bool = False) -> str:
 
 @torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, reference=None, progress: bool = True) -> dict:
-    """Perplexity of `model` on the windows, and KL(reference ‖ model) per token when given."""
-    nll, kl, count = 0.0, 0.0, 0
+    """Perplexity of `model` on the windows; with a reference, KL(reference ‖ model) per token and the
+    reference's own next-token loss (`ref_nll`, from the same forwards)."""
+    nll, kl, ref_nll, count = 0.0, 0.0, 0.0, 0
     for ids in tqdm(tokens, desc="evaluating", leave=False, disable=not progress):
         ids = ids.unsqueeze(0)
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
@@ -44,9 +45,10 @@ def evaluate(model, tokens: torch.Tensor, reference=None, progress: bool = True)
         if reference is not None:
             ref = F.log_softmax(reference(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
             kl += float((ref.exp() * (ref - logp)).sum())
+            ref_nll += float(-ref.gather(1, ids[0, 1:, None]).sum())
         count += ids.shape[1] - 1
     out = {"ppl": math.exp(nll / count), "nll": nll / count, "windows": int(tokens.shape[0]),
            "tokens": count}
     if reference is not None:
-        out["kl"] = kl / count
+        out["kl"], out["ref_nll"], out["ref_ppl"] = kl / count, ref_nll / count, math.exp(ref_nll / count)
     return out

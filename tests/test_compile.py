@@ -134,6 +134,15 @@ calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["windows"] == 4 and res["ppl"] > 1 and res["kl"] > 0
+    # the reference's own loss comes from the same forwards: against itself, KL 0 and the same loss
+    import torch
+    from quantc.evaluate import evaluate
+    from quantc.model import load_model
+    ref = load_model(str(tiny_models["llama"]))
+    ids = torch.randint(0, ref.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    same = evaluate(ref, ids, ref, progress=False)
+    assert abs(same["kl"]) < 1e-6 and same["ref_nll"] == same["nll"]
+    assert res["ref_nll"] != res["nll"]
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
     assert "bits per module" in r.output and "quantc" in r.output
