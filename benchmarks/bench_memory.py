@@ -33,11 +33,16 @@ def job_baseline() -> dict:
     return {"peak_rss_mb": peak_rss_mb()}
 
 
-def job_quantc(lazy: str, samples: str, out: str) -> dict:
+# mode: (lazy loading, QEP α); the rows' QEP-off runs are plain GPTQ, "lazy-qep" is quantc's default
+MODES = {"lazy": (True, 0.0), "eager": (False, 0.0), "lazy-qep": (True, 0.5)}
+
+
+def job_quantc(mode: str, samples: str, out: str) -> dict:
     from quantc.config import parse_config
     from quantc.pipeline import compile_model, memory_estimate
-    raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy == "lazy"},
-           "quant": {"bits": 4, "group_size": 128, **QUANTC_GPTQ, "qep_alpha": 0.0},
+    lazy, qep = MODES[mode]
+    raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy},
+           "quant": {"bits": 4, "group_size": 128, **QUANTC_GPTQ, "qep_alpha": qep},
            "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": int(samples), "seq_len": 512, "seed": 0}}
     cfg = parse_config(raw, "bench")
     t = time.perf_counter()
@@ -62,11 +67,13 @@ def job_gptqmodel(samples: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
 
 
-def _estimate_mb(lazy: bool, samples: int) -> float:
+def _estimate_mb(mode: str, samples: int) -> float:
     """What `quantc compile` prints as its expected peak (computed now, with the current estimator)."""
     from quantc.config import parse_config
     from quantc.pipeline import memory_estimate
-    raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy}, "quant": {"bits": 4, "group_size": 128, "qep_alpha": 0.0},
+    lazy, qep = MODES[mode]
+    raw = {"model": str(prepared_model()), "resources": {"lazy_load": lazy},
+           "quant": {"bits": 4, "group_size": 128, "qep_alpha": qep},
            "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": samples, "seq_len": 512}}
     return memory_estimate(parse_config(raw, "bench"))["total"] / 2**20
 
@@ -91,7 +98,7 @@ def main() -> None:
     job = lambda *a: subprocess_job(list(a), "benchmarks.bench_memory")   # noqa: E731
     n = args.samples
     rows = {"baseline": cached("mem-baseline", lambda: job("baseline"))}
-    for mode in ("lazy", "eager"):
+    for mode in MODES:
         rows[mode] = cached(f"mem-quantc-{mode}-{n}", lambda: job("quantc", mode, str(n), str(WORK / f"mem-{mode}")))
     if args.gptqmodel:
         rows["gptqmodel"] = cached(f"mem-gptqmodel-{n}", lambda: job("gptqmodel", str(n), str(WORK / "mem-gptqmodel")))
@@ -111,10 +118,11 @@ def write(rows: dict, n: int, cmd: str) -> None:
              "|---|---|---|---|---|"]
     base = rows["baseline"]["peak_rss_mb"]
     names = {"baseline": "floor: libraries imported, model skeleton on the meta device (no weights)",
-             "lazy": "quantc, lazy loading (default)", "eager": "quantc, whole model loaded (`resources.lazy_load: false`)",
+             "lazy": "quantc, lazy loading (default), QEP off", "eager": "quantc, whole model loaded (`resources.lazy_load: false`), QEP off",
+             "lazy-qep": "quantc, lazy loading, QEP α 0.5 (the defaults: a second stream and the cross terms)",
              "gptqmodel": "GPTQModel 7.6.0 (fp16 load, `desc_act=False`)"}
     for k, r in rows.items():
-        est = f"{_estimate_mb(k == 'lazy', n):.0f}" if k in ("lazy", "eager") else "—"
+        est = f"{_estimate_mb(k, n):.0f}" if k in MODES else "—"
         sec = f"{r['seconds']:.0f}" if "seconds" in r else "—"
         lines.append(f"| {names[k]} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base:.0f} | {est} | {sec} |")
     if "lazy" in rows and "eager" in rows:
