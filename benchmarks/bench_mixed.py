@@ -371,7 +371,37 @@ def write(rows, plans, fp, sizes, cmd) -> None:
         lines += ["", f"![perplexity against size]({png.relative_to(RESULTS.parent).as_posix()})  ",
                   f"Plans: `benchmarks/plots/{keyed('plan-PREDICTOR-BUDGET')}/` (bits per layer, importance and "
                   "sensitivity per layer, predicted quality against size, report.md)."]
+    png = _plot_predictor(rows, fp)
+    if png:
+        lines += ["", f"![predicted against measured]({png.relative_to(RESULTS.parent).as_posix()})"]
     write_section(mark("bench_mixed"), lines)
+
+
+def _plot_predictor(rows, fp):
+    """Every plan's predicted ΔKL against what was measured: KL on fresh C4 (filled) and Δloss on
+    WikiText-2 (hollow), with the y = x line and the 0.8–1.25 band."""
+    pts = [r for r in rows if r["kl"]]
+    if not pts:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = RESULTS.parent / "plots" / f"{keyed('mixed_predicted_vs_measured')}.png"
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    lo = min(min(r["pred"], r["kl"]["c4"]["kl"]) for r in pts) / 1.5
+    hi = max(max(r["pred"], math.log(r["eval"]["ppl"] / fp["ppl"])) for r in pts) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, label="measured = predicted")
+    ax.fill_between([lo, hi], [0.8 * lo, 0.8 * hi], [1.25 * lo, 1.25 * hi], color="grey", alpha=0.15,
+                    label="0.8–1.25")
+    groups = sorted({(r["variant"], r["qep"]) for r in rows if r["kl"]})
+    for (v, q), color in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        g = [r for r in pts if (r["variant"], r["qep"]) == (v, q)]
+        ax.plot([r["pred"] for r in g], [r["kl"]["c4"]["kl"] for r in g], "o", color=color,
+                label=f"{v}, QEP {q:g}: KL fresh C4")
+        ax.plot([r["pred"] for r in g], [math.log(r["eval"]["ppl"] / fp["ppl"]) for r in g], "o", color=color,
+                mfc="none", label=f"{v}, QEP {q:g}: Δloss WikiText-2")
+    ax.set_xscale("log")
+    return save_plot(fig, ax, out, "predicted ΔKL (nats/token)", "measured (nats/token)")
 
 
 def _plot(rows, u3, u4, sizes, fp):
