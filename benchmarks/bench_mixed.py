@@ -233,8 +233,9 @@ def _when(rows, plans) -> str:
     """When the jobs behind the section finished (their cached results' file times): rows are cached
     jobs, so a section rewritten later may hold rows of several runs, and says so."""
     import datetime
-    names = [f"mixed-{prefix(v)}{p}-plan" for v, p in plans] + [f"{r['key']}-{j}" for r in rows for j in ("compile", "eval")]
-    names += [f"{j}-quantc-gptq-{b}" for b in ("3b", "4b") for j in ("quant", "eval")]
+    names = [f"mixed-{prefix(v)}{p}-plan" for v, p in plans] + \
+        [f"{r['key']}-{j}" for r in rows for j in ("compile", "eval", "kl")]
+    names += [f"{j}-quantc-gptq-{b}" for b in ("3b", "4b") for j in ("quant", "eval", "kl")]
     times = sorted((WORK / f"{keyed(n)}.json").stat().st_mtime for n in names if (WORK / f"{keyed(n)}.json").is_file())
     if not times:
         return ""
