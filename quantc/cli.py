@@ -229,7 +229,10 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     table.add_row("measurement", f"{'cached' if cached else 'measured'} ({ms.meta.get('seconds', 0):.0f} s when measured)")
     table.add_row("solve", f"{solve_s * 1000:.0f} ms (DP grid {p['dp_quantum_bytes']} bytes)")
     table.add_row("predicted size", f"{p['bytes']:,} bytes ({p['bytes'] / 2**20:.2f} MiB), {p['avg_bits']:.3f} bits/weight")
-    table.add_row("predicted ΔKL", f"{p['delta_kl']:.4f} nats/token")
+    # the measurement quantizes each unit alone on the original model's inputs: error propagation, which
+    # corrects each layer for the error before it, is not in the prediction (RESULTS.md: bench_mixed's KL check)
+    table.add_row("predicted ΔKL", f"{p['delta_kl']:.4f} nats/token"
+                  + (" (plain GPTQ's: QEP, quant.qep_alpha, usually lowers it)" if cfg.qep_alpha > 0 else ""))
     bits = {}
     for o in plan.choices.values():
         bits[o.bits] = bits.get(o.bits, 0) + 1
