@@ -90,6 +90,11 @@ def memory_estimate(cfg: Config) -> dict | None:
         streams = 2                                           # only the cached attn/mlp inputs stay in RAM
     layer_weights = hidden * attn * 4 + 3 * hidden * inter    # q/k/v/o (upper bound) + MLP, one layer
     quantize = tokens * hidden * act_bytes * streams + layer_weights   # + one layer's uint8 codes
+    if cfg.qep_alpha > 0:
+        # QEP: the original layer's input of every group (q/k/v, o, gate/up, down), taken in one forward
+        # before the layer's weights change and held until that group's δ is summed (passes/quantize.py:
+        # reference_inputs); kept where the activations live, so offloading does not remove them
+        quantize += tokens * (2 * hidden + attn + inter) * act_bytes
     measure = 0
     if not cfg.uniform:
         p = cfg.plan

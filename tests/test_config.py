@@ -309,7 +309,11 @@ def test_memory_estimate_hessians_follow_head_dim_and_true_sequential(tmp_path, 
     plain = parse_config({"model": str(m), "quant": {"qep_alpha": 0}})
     assert memory_estimate(plain)["hessians"] == (8 + 4) * 96**2          # down_proj's
     # QEP (the default) sums the cross term δ beside H, and rounds it beside H's float32 copy
-    assert memory_estimate(parse_config({"model": str(m)}))["hessians"] == 2 * (8 + 4) * 96**2
+    qep = memory_estimate(parse_config({"model": str(m)}))
+    assert qep["hessians"] == 2 * (8 + 4) * 96**2
+    # and holds the reference stream (in and out) and the original layer's input of every group
+    tokens = 128 * 512                                                     # the default calibration
+    assert qep["quantize"] - memory_estimate(plain)["quantize"] == tokens * 4 * (2 * 64 + (64 + 64 + 64 + 96))
 
 
 def test_memory_estimate_counts_the_solved_options(tiny_models):
