@@ -172,6 +172,18 @@ def main() -> None:
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
+    qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
+    plain_variants = args.plain_variants.split(",") if args.plain_variants is not None else variants
+    for flag, vs in (("--qep-variants", qep_variants), ("--plain-variants", plain_variants)):
+        for v in filter(None, vs):
+            if v not in variants:
+                ap.error(f"{flag}: {v!r} is not one of --variants ({args.variants})")
+    for entry in qep_budgets:
+        v, _, b = entry.rpartition(":")
+        if b not in budgets or (v and v not in qep_variants):
+            ap.error(f"--qep-budgets: {entry!r} is not one of --budgets ({args.budgets}), or VARIANT:BUDGET "
+                     f"with VARIANT one of --qep-variants")
     def reach(v: str) -> dict:
         return {b: n for b, n in budgets.items() if b in REACHABLE.get(v, budgets)}
 
@@ -183,15 +195,9 @@ def main() -> None:
             ap.error(f"--references: {c!r} is not 3b or 4b")
         run_uniform(c)
         if not args.no_kl and not args.cached_only:
-            run_kl(uniform_job(c)["kl"], uniform_job(c)["folder"])
+            j = uniform_job(c)
+            run_kl(j["kl"], j["folder"])
     rows = []
-    qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
-    qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
-    plain_variants = args.plain_variants.split(",") if args.plain_variants is not None else variants
-    for flag, vs in (("--qep-variants", qep_variants), ("--plain-variants", plain_variants)):
-        for v in filter(None, vs):
-            if v not in variants:
-                ap.error(f"{flag}: {v!r} is not one of --variants ({args.variants})")
     def qep_budget(v: str, b: str) -> bool:      # "4b" for every QEP variant, "wide:4b" for one
         return b in qep_budgets or f"{v}:{b}" in qep_budgets
     def feasible(v: str, p: str) -> list[str]:
@@ -243,16 +249,10 @@ def _when(rows, plans) -> str:
     return f"Its jobs (measurements, compiles, evaluations; cached in benchmarks/work/) finished between {day(times[0])} and {day(times[-1])} UTC."
 
 
-def _uniform(bits: int, qep: float = 0.0) -> dict | None:
-    """The uniform GPTQ reference's evaluation: bench_gptq's quantc row (QEP off), or with QEP 0.5 its
-    QEP row (bench_ablation's qep-0.5 job), when that job has run."""
-    p = WORK / f"{keyed(uniform_job(f'{bits}b', qep)['eval'])}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def _uniform_kl(bits: int) -> dict | None:
-    """The KL check of the uniform GPTQ reference (QEP off), when it has run."""
-    p = WORK / f"{keyed(uniform_job(f'{bits}b')['kl'])}.json"
+def _uniform(bits: int, qep: float = 0.0, job: str = "eval") -> dict | None:
+    """A uniform GPTQ reference's evaluation (or its KL check, job="kl"): bench_gptq's quantc row (QEP
+    off), or with QEP 0.5 its QEP row (bench_ablation's qep-0.5 job), when that job has run."""
+    p = WORK / f"{keyed(uniform_job(f'{bits}b', qep)[job])}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -341,7 +341,7 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     for (v, p), plan in plans.items():
         if VARIANTS[v][1].get("rotate"):     # the uniform references are compiles of the unrotated model
             continue
-        pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u, _uniform_kl(b)) for b, u in ((3, u3), (4, u4))
+        pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u, _uniform(b, job="kl")) for b, u in ((3, u3), (4, u4))
                 if f"uniform{b}_pred" in plan]
     pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"], r["kl"])
             for r in rows]

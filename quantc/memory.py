@@ -90,11 +90,12 @@ def memory_estimate(cfg: Config) -> dict | None:
         streams = 2                                           # only the cached attn/mlp inputs stay in RAM
     layer_weights = hidden * attn * 4 + 3 * hidden * inter    # q/k/v/o (upper bound) + MLP, one layer
     quantize = tokens * hidden * act_bytes * streams + layer_weights   # + one layer's uint8 codes
+    widths = (hidden, attn, hidden, inter)                    # q/k/v, o, gate/up, down inputs
     if cfg.qep_alpha > 0:
-        # QEP: the original layer's input of every group (q/k/v, o, gate/up, down), taken in one forward
-        # before the layer's weights change and held until that group's δ is summed (passes/quantize.py:
-        # reference_inputs); kept where the activations live, so offloading does not remove them
-        quantize += tokens * (2 * hidden + attn + inter) * act_bytes
+        # QEP: the original layer's input of every group, taken in one forward before the layer's
+        # weights change and held until that group's δ is summed (passes/quantize.py: reference_inputs);
+        # kept where the activations live, so offloading does not remove them
+        quantize += tokens * sum(widths) * act_bytes
     measure = 0
     if not cfg.uniform:
         p = cfg.plan
@@ -114,7 +115,6 @@ def memory_estimate(cfg: Config) -> dict | None:
     # a second, cross sum and δ beside each). Sweep 2 holds one input group's at a time (down_proj's is
     # the largest), except with true_sequential: false, where one forward of the layer sums every
     # group's before the first is read; sweep 1 sums every group of a layer, then keeps their H.
-    widths = (hidden, attn, hidden, inter)                    # q/k/v, o, gate/up, down inputs
     largest = max(w * w for w in widths)
     every = sum(w * w for w in widths)
     qep = 2 if cfg.qep_alpha > 0 else 1
