@@ -31,6 +31,7 @@ ABLATIONS = {
     "no-true-sequential": ({"true_sequential": False}, "every linear of a layer from the layer's inputs at once"),
     "damp-0.1": ({"damp": 0.1}, "damping 0.1 of the mean diagonal instead of 0.01"),
     "qep-0.5": ({"qep_alpha": 0.5}, "error propagation (QEP) α = 0.5 (quantc's default)"),
+    "asym": ({"sym": False}, "asymmetric grid (a zero point per group: the same bytes in the GPTQ format)"),
 }
 
 
