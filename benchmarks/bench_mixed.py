@@ -194,9 +194,10 @@ def main() -> None:
         if c not in ("3b", "4b"):
             ap.error(f"--references: {c!r} is not 3b or 4b")
         run_uniform(c)
-        if not args.no_kl and not args.cached_only:
-            j = uniform_job(c)
-            run_kl(j["kl"], j["folder"])
+        for q in (0.0, args.qep):       # the QEP reference too, where bench_ablation's qep job has run
+            j = uniform_job(c, q)
+            if not args.no_kl and not args.cached_only and (q == 0 or (WORK / f"{keyed(j['eval'])}.json").is_file()):
+                run_kl(j["kl"], j["folder"])
     rows = []
     def qep_budget(v: str, b: str) -> bool:      # "4b" for every QEP variant, "wide:4b" for one
         return b in qep_budgets or f"{v}:{b}" in qep_budgets
@@ -241,7 +242,8 @@ def _when(rows, plans) -> str:
     import datetime
     names = [f"mixed-{prefix(v)}{p}-plan" for v, p in plans] + \
         [f"{r['key']}-{j}" for r in rows for j in ("compile", "eval", "kl")]
-    names += [f"{j}-quantc-gptq-{b}" for b in ("3b", "4b") for j in ("quant", "eval", "kl")]
+    names += [uniform_job(b, q)[j] for b in ("3b", "4b") for q in {0.0} | {r["qep"] for r in rows}
+              for j in ("compile", "eval", "kl")]
     times = sorted((WORK / f"{keyed(n)}.json").stat().st_mtime for n in names if (WORK / f"{keyed(n)}.json").is_file())
     if not times:
         return ""
@@ -343,6 +345,9 @@ def write(rows, plans, fp, sizes, cmd) -> None:
             continue
         pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u, _uniform(b, job="kl")) for b, u in ((3, u3), (4, u4))
                 if f"uniform{b}_pred" in plan]
+        pts += [(f"uniform {b}-bit QEP {q:g}", v, p, plan[f"uniform{b}_pred"], _uniform(b, q), _uniform(b, q, "kl"))
+                for q in sorted({r["qep"] for r in rows} - {0}) for b in (3, 4)
+                if f"uniform{b}_pred" in plan and _uniform(b, q)]
     pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"], r["kl"])
             for r in rows]
     for name, v, pred_kind, pred, ev, kl in pts:
