@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_onnx [--fresh]
 
-Run after `python -m benchmarks.bench_mixed` (its uniform 4-bit GPTQ and mixed checkpoints are exported
-here; missing ones are skipped). In the same run, on the same graph builder and machine:
+Run after `python -m benchmarks.bench_mixed` and `bench_ablation` (the uniform 4-bit GPTQ checkpoints,
+with QEP off and at quantc's defaults, and bench_mixed's wide + QEP plans are exported here; missing ones
+are skipped). In the same run, on the same graph builder and machine:
 - fp32: the original model exported with plain MatMul;
 - ORT RTN: that fp32 graph quantized by ONNX Runtime's own `MatMulNBitsQuantizer` (4-bit, block 128,
   symmetric and asymmetric);
@@ -23,10 +24,19 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_gptq import WORK, cached, subprocess_job, write_section
-from benchmarks.common import ROOT, prepared_model, wikitext
+from benchmarks.common import prepared_model, wikitext
 
 MARK = "<!-- bench_onnx -->"
 THREADS = 2
+# bench_gptq's and bench_ablation's uniform checkpoints and bench_mixed's plans (their folders in
+# benchmarks/work/, as those benchmarks name them), with each row's label
+CHECKPOINTS = (("quantc-gptq-4b", "quantc GPTQ 4-bit g128 sym, QEP off"),
+               ("ablation-4b-qep-0.5", "quantc GPTQ 4-bit g128 sym, QEP 0.5 (quantc's defaults)"),
+               ("mixed-wide-fisher-4b-qep0.5", "quantc mixed, wide candidates + QEP 0.5 (budget = uniform 4-bit size)"),
+               ("mixed-wide-fisher-3.5b-qep0.5", "quantc mixed, wide candidates + QEP 0.5 (budget ≈3.5 bits/weight)"),
+               ("mixed-wide-fisher-3b-qep0.5", "quantc mixed, wide candidates + QEP 0.5 (budget = uniform 3-bit size)"))
+WIDENED = ("mixed-wide-fisher-3b-qep0.5",)          # its 2-bit units also in the 4-bit container
+PARITY_PLAN = "mixed-wide-fisher-3.5b-qep0.5"
 
 
 def folder_mb(folder: Path) -> float:
@@ -151,16 +161,12 @@ def main() -> None:
     rows = [("fp32 (MatMul)", "fp32", "fp32", str(prepared_model()), fp),
             ("ORT MatMulNBitsQuantizer RTN 4-bit block 128 sym", "ort-rtn-sym", "ort-rtn-sym", str(fp), od / "ort-rtn-sym"),
             ("ORT MatMulNBitsQuantizer RTN 4-bit block 128 asym", "ort-rtn-asym", "ort-rtn-asym", str(fp), od / "ort-rtn-asym")]
-    for name, label in (("quantc-gptq-4b", "quantc GPTQ 4-bit g128 sym"),
-                        ("mixed-4b-qep0", "quantc mixed (budget = uniform 4-bit size)"),
-                        ("mixed-3.5b-qep0", "quantc mixed (budget ≈3.5 bits/weight)"),
-                        ("mixed-3b-qep0", "quantc mixed (budget = uniform 3-bit size)"),
-                        ("mixed-3b-qep0.5", "quantc mixed + QEP 0.5 (budget = uniform 3-bit size)")):
+    for name, label in CHECKPOINTS:
         if (WORK / name / "config.json").is_file():
             rows.append((label, name, "quantc", str(WORK / name), od / name))
-    for name in ("mixed-3b-qep0", "mixed-3b-qep0.5"):       # ONNX Runtime's 2-bit CPU path is slow: widened
+    for name in WIDENED:                    # ONNX Runtime's 2-bit CPU path is slow: widened
         if (WORK / name / "config.json").is_file():
-            rows.append((f"{dict((k, l) for k, l in ((r[1], r[0]) for r in rows)).get(name, name)}, 2-bit in 4-bit container",
+            rows.append((f"{dict(CHECKPOINTS)[name]}, 2-bit in 4-bit container",
                          f"{name}-w2", "quantc-w2", str(WORK / name), od / f"{name}-w2"))
     if (WORK / "quantc-gptq-4b" / "config.json").is_file():      # int8-activation compute, both 4-bit models
         rows += [("ORT MatMulNBitsQuantizer RTN 4-bit block 128 sym, accuracy_level 4", "ort-rtn-sym-acc4",
@@ -178,7 +184,7 @@ def main() -> None:
     cached("onnx-mixed248-compile", lambda: job("mixed248", str(m248)))
     cached("onnx-mixed248-export", lambda: job("export", "quantc", str(m248), str(od / "rtn-mixed-248")))
     for name, label in (("quantc-gptq-4b", "uniform 4-bit GPTQ"), ("rtn-mixed-248", "mixed 2/4/8-bit RTN"),
-                        ("mixed-3.5b-qep0", "mixed GPTQ plan (≈3.5 bits)")):
+                        (PARITY_PLAN, "mixed GPTQ plan, wide + QEP (≈3.5 bits)")):
         if (od / name / "model.onnx").is_file():
             parity.append((label, cached(f"onnx-parity-{name}", lambda: job("parity", str(WORK / name), str(od / name)))))
     write(results, parity, cmd)
