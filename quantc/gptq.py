@@ -259,7 +259,8 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
     if opts[0].grid != "gptq":
         return [_gptq_ggml(W, H, opts[0], percdamp, blocksize, name, hinv)]
     W = W.float().clone()
-    H = _undead(H.float())
+    W[:, torch.diag(H) == 0] = 0               # inputs that never fire carry no information (before
+    H = _undead(H.float())                     # _undead gives them a unit diagonal)
     rows, cols = W.shape
     o0 = opts[0]
     gs = cols if o0.group_size <= 0 else o0.group_size
@@ -273,8 +274,6 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
             return find_params(x, o0.bits, o0.sym, o0.mse)
         sz = [find_params(x[sl], o.bits, o.sym, o.mse) for o, sl in blocks]
         return torch.cat([a for a, _ in sz]), torch.cat([b for _, b in sz])
-
-    W[:, torch.diag(H) == 0] = 0               # inputs that never fire carry no information
 
     if o0.act_order not in hinv:
         perm = torch.arange(cols, device=W.device)
@@ -368,6 +367,7 @@ def _gptq_ggml(W, H, opt: Option, percdamp, blocksize, name, hinv: dict) -> Quan
     diagonal, as llama.cpp's imatrix does); each column is then rounded to the nearest level of that
     grid and its error spread over the later columns as usual. The codes chosen are the codes stored."""
     W = W.float().clone()
+    W[:, torch.diag(H) == 0] = 0               # as in _gptq_stacked: before _undead
     H = _undead(H.float())
     rows, cols = W.shape
     t = ggml.type_for(opt.grid, opt.bits, opt.sym, cols, name)
@@ -375,7 +375,6 @@ def _gptq_ggml(W, H, opt: Option, percdamp, blocksize, name, hinv: dict) -> Quan
     # lazy batches must start on block boundaries, so a block's grid sees every earlier update
     if blocksize % B and B % blocksize:
         blocksize = B
-    W[:, torch.diag(H) == 0] = 0
     if False not in hinv:                      # shared with the GPTQ-grid options without act-order
         hinv[False] = (*cholesky_inverse_upper(H, percdamp, name), torch.arange(cols, device=W.device))
     Hinv, damp, _ = hinv[False]

@@ -71,11 +71,17 @@ def test_nan_hessian_fails_clearly():
         gptq(torch.randn(32, 64), H, Option(4, 32), name="layers.0.q_proj")
 
 
-def test_dead_input_channel_is_handled():
+@pytest.mark.parametrize("opt", [Option(4, 32), Option(4, 32, act_order=True, static_groups=True),
+                                 Option(4, 32, grid="ggml")])
+def test_dead_input_channel_is_handled(opt):
     X = correlated_inputs(d=64)
     X[:, 3] = 0
-    res = gptq(torch.randn(32, 64), hessian(X), Option(4, 32))
+    res = gptq(torch.randn(32, 64, generator=torch.Generator().manual_seed(1)), hessian(X), opt)
     assert torch.isfinite(res.weight).all()
+    # an input that never fired carries no information: its column is zero (GPTQ's convention), which
+    # these symmetric grids store exactly, and the others columns are not
+    assert torch.equal(res.weight[:, 3], torch.zeros(32))
+    assert (res.weight[:, 4] != 0).any()
 
 
 def test_qep_target_reduces_propagated_error():
