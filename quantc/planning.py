@@ -107,8 +107,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QUANTC_CACHE", Path.home() / ".cache" / "quantc")) / "measurements"
 
 
-def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
-    """Model identity (config + weight file sizes and mtimes), calibration tokens, options, method."""
+def measurement_key(cfg: Config, tokens: torch.Tensor, model, candidates: bool = True) -> str:
+    """Model identity (config + weight file sizes and mtimes), calibration tokens, options, method.
+    `candidates=False`: the same without the candidate options (the key a measurement shares with
+    every measurement of other candidates on the same model, tokens and settings; see `_subset_of`)."""
     h = hashlib.sha256()
     src = Path(cfg.model)
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -120,11 +122,12 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model) -> str:
     else:
         h.update(cfg.model.encode())
     h.update(tokens.numpy().tobytes())
-    h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
+    if candidates:
+        h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
     p = cfg.plan                     # only the settings the chosen predictor reads
     own = f"{p.probes}:{CALIBRATION_UNITS}" if p.predictor == "fisher" else f"{p.noise}:{p.direct_bits}"
     if p.predictor == "fisher" and cfg.method == "gptq" and p.solve == "anchors" and \
-            any(a != j for j, a in enumerate(anchors(cfg.candidates))):
+            (not candidates or any(a != j for j, a in enumerate(anchors(cfg.candidates)))):
         own += f":solve:anchors:{PROXY_STEPS}:{str(PROXY_DTYPE).removeprefix('torch.')}"     # only where some option is predicted: solve: all and
         #                                           one-option-per-bits sets measure as before, under their keys
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
@@ -142,13 +145,20 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     n_measure = min(p.measure_samples, max(1, tokens.shape[0] - p.alpha_samples))
     calib = tokens[:n_measure]
     hold = tokens[-p.alpha_samples:, : p.alpha_seq_len]
-    key = measurement_key(cfg, torch.cat([calib.flatten(), hold.flatten()]), model)
+    both = torch.cat([calib.flatten(), hold.flatten()])
+    key, base = measurement_key(cfg, both, model), measurement_key(cfg, both, model, candidates=False)
     path = cache_dir() / f"{key}.json"
     world = place.world
-    cached = json.loads(path.read_text()) if world.main and path.is_file() else None
+    cached = None
+    if world.main:
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            _write_about(key, base, cached)         # measurements cached before the subset lookup
+            log.info("measurements read from cache %s", path)
+        else:
+            cached = _subset_of(base, cfg)
     cached = world.broadcast(cached, 0)           # rank 0's cache (other machines may not see the file)
     if cached is not None:
-        log.info("measurements read from cache %s", path)
         return Measurements.from_dict(cached), True
     t = time.perf_counter()
     bs = cfg.calibration.batch_size
@@ -163,10 +173,57 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     if not world.main:
         return ms, False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")      # two plans at once: each its own file, then one rename
-    tmp.write_text(json.dumps(ms.to_dict()))
-    os.replace(tmp, path)
+    _atomic_write(path, ms.to_dict())
+    _write_about(key, base, ms.to_dict())
     return ms, False
+
+
+def _atomic_write(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")    # two plans at once: each its own file, then one rename
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _write_about(key: str, base: str, ms: dict) -> None:
+    """Beside measurement `key`, what `_subset_of` matches on without reading it: the key without the
+    candidates, and each measured option's anchor (the option it was solved or predicted from)."""
+    about = cache_dir() / f"{key}.about"
+    if not about.is_file():
+        anchors_of = ms["meta"].get("anchors") or {k: k for k in ms["options"]}
+        _atomic_write(about, {"base": base, "anchors": anchors_of})
+
+
+def _subset_of(base: str, cfg: Config) -> dict | None:
+    """A cached measurement of more candidates on the same model, tokens and settings (`base`), cut
+    down to this config's candidates: every number of an option is computed from the option, its
+    anchor and the unit alone, so an option measured beside others, from the same anchor, has the
+    numbers a measurement of fewer candidates gives it (to float rounding: GPTQ solves options in
+    stacks). Lets a narrower candidate set (serve: [vllm], or a few options dropped) re-plan in
+    seconds. None when no cached measurement holds every candidate with the same anchor."""
+    want = {option_key(o): option_key(cfg.candidates[a]) for o, a in zip(cfg.candidates, anchors(cfg.candidates))}
+    if cfg.plan.predictor == "exact" or cfg.plan.solve == "all" or cfg.method != "gptq":
+        want = {k: k for k in want}                 # every option solved: no anchors
+    for about in sorted(cache_dir().glob("*.about")):
+        a = json.loads(about.read_text())
+        src = about.with_name(about.name.removesuffix(".about") + ".json")
+        if a["base"] != base or not src.is_file() or any(a["anchors"].get(k) != v for k, v in want.items()):
+            continue
+        ms = json.loads(src.read_text())
+        keep = set(want)
+        cal = ms["meta"].get("calibration") or {}
+        if any(cal.get(k, {}).get("from") not in (None, *want.values()) for k in keep):
+            continue        # an option's factor was borrowed from an anchor this config lacks
+        for u in ms["units"].values():
+            u["options"] = {k: v for k, v in u["options"].items() if k in keep}
+        ms["options"] = {k: v for k, v in ms["options"].items() if k in keep}
+        meta = ms["meta"]
+        meta["anchors"] = {k: v for k, v in (meta.get("anchors") or {}).items() if k in keep} or None
+        if isinstance(meta.get("calibration"), dict):
+            meta["calibration"] = {k: v for k, v in meta["calibration"].items() if k in keep}
+        meta["subset_of"] = meta.get("key")         # the plan names the measurement its numbers come from
+        log.info("measurements read from cache %s (its candidates include this config's %d)", src, len(keep))
+        return ms
+    return None
 
 
 def _pinned_option(name: str, cfg: Config) -> Option | None | bool:

@@ -58,6 +58,56 @@ def test_plan_then_replan_from_cache(tmp_path, tiny_models, calib_file, cache):
     assert {"block_influence", "outlier_share", "lieq_kl", "effective_rank", "topk_energy_gain"} <= set(ms["layers"][0])
 
 
+def _yaml(path, model, calib, quant, budget="avg_bits: 6"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_yaml(path, f"""model: {model}
+budget: {{{budget}}}
+quant: {quant}
+calibration: {{source: {calib}, samples: 10, seq_len: 64}}
+plan: {{measure_samples: 6, alpha_samples: 2, alpha_seq_len: 32}}
+""")
+
+
+def test_narrower_candidates_replan_from_a_wider_measurement(tmp_path, tiny_models, calib_file, cache, monkeypatch):
+    model = tiny_models["llama"]
+    wide = _yaml(tmp_path / "wide.yaml", model, calib_file, "{bits: [2, 4, 8], group_size: 32}", "avg_bits: 4.5")
+    assert run("plan", wide, "-o", tmp_path / "p1").exit_code == 0
+    sub = _yaml(tmp_path / "sub.yaml", model, calib_file, "{bits: [4, 8], group_size: 32}")
+    r = run("plan", sub, "-o", tmp_path / "p2")
+    assert r.exit_code == 0 and "cached" in r.output, r.output
+    assert len(list(cache.rglob("*.json"))) == 1                 # nothing measured again
+    plan = yaml.safe_load((tmp_path / "p2" / "plan.yaml").read_text())
+    assert {u["bits"] for u in plan["units"].values()} <= {4, 8}
+    # the same numbers as measuring the narrower set on its own (to GPTQ's float rounding)
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "alone"))
+    assert run("plan", sub, "-o", tmp_path / "p3").exit_code == 0
+    alone = json.loads(next((tmp_path / "alone").rglob("*.json")).read_text())
+    monkeypatch.setenv("QUANTC_CACHE", str(cache))
+    wider = json.loads(next(cache.rglob("*.json")).read_text())
+    for k, u in alone["units"].items():
+        assert set(u["options"]) == {"4b-g32-sym-ao-sg-mse", "8b-g32-sym-ao-sg-mse"}
+        for o, v in u["options"].items():
+            assert v["bytes"] == wider["units"][k]["options"][o]["bytes"]
+            assert v["dkl"] == pytest.approx(wider["units"][k]["options"][o]["dkl"], rel=1e-3, abs=1e-9)
+    p3 = yaml.safe_load((tmp_path / "p3" / "plan.yaml").read_text())
+    assert {k: u["bits"] for k, u in p3["units"].items()} == {k: u["bits"] for k, u in plan["units"].items()}
+
+
+def test_an_option_with_another_anchor_is_measured_again(tmp_path, tiny_models, calib_file, cache):
+    model = tiny_models["llama"]
+    # g32 is predicted from its anchor g64 here; measured alone, it is its own anchor (solved)
+    both = _yaml(tmp_path / "both.yaml", model, calib_file, "{bits: [4], group_size: [32, 64]}", "avg_bits: 4.9")
+    r = run("plan", both, "-o", tmp_path / "p1")
+    assert r.exit_code == 0, r.output
+    g32 = _yaml(tmp_path / "g32.yaml", model, calib_file, "{bits: [4, 8], group_size: 32}")
+    r = run("plan", g32, "-o", tmp_path / "p2")
+    assert r.exit_code == 0 and "measured" in r.output, r.output
+    assert len(list(cache.rglob("*.json"))) == 2
+    g64 = _yaml(tmp_path / "g64.yaml", model, calib_file, "{bits: [4], group_size: 64}", "avg_bits: 4.9")
+    r = run("plan", g64, "-o", tmp_path / "p3")
+    assert r.exit_code == 0 and "cached" in r.output, r.output        # the anchor itself: same numbers
+
+
 def test_compile_with_budget_and_edited_plan(tmp_path, tiny_models, calib_file, cache):
     y = yaml_for(tmp_path, tiny_models["qwen2"], calib_file, "memory: 48KiB")
     r = run("-q", "compile", y, "-o", tmp_path / "out")
