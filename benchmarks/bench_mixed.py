@@ -37,6 +37,11 @@ VARIANTS = {   # name: (candidates, extra quant settings, what the table says)
     "bits": (CANDIDATES, {"group_size": 128}, "2-asym/3/4/8, g128"),
     "wide": ("wide", {}, "wide (18: 2-asym, 3/4 sym+asym, 8; g32/64/128)"),
     "wide-rot": ("wide", {"rotate": "hadamard"}, "wide + Hadamard rotation"),
+    # wide without its 3/4-bit asymmetric grids (re-planned from wide's measurement, no new one)
+    "wide-sym": ([{"bits": 2, "group_size": g, "sym": False} for g in (32, 64, 128)]
+                 + [{"bits": b, "group_size": g} for b in (3, 4) for g in (32, 64, 128)]
+                 + [{"bits": 8, "group_size": g} for g in (32, 64, 128)], {},
+                 "wide without 3/4-bit asym (12: 2-asym, 3/4 sym, 8; g32/64/128)"),
     # what vLLM's GPTQ-Marlin runs (serve: [vllm]): symmetric 4/8-bit, q/k/v and gate/up sharing one option;
     # per-channel 4-bit is the only option below 4-bit g128, so it is what buys finer groups elsewhere
     "vllm": ([{"bits": 4, "group_size": -1}, {"bits": 4, "group_size": 128}, {"bits": 4, "group_size": 64},
@@ -99,6 +104,7 @@ def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits") -> 
     ms, was_cached = get_measurements(cfg, model, tokens, progress=False)
     measure_s = time.perf_counter() - t
     out = {"measure_s": ms.meta["seconds"], "measure_cached": was_cached, "measure_call_s": measure_s,
+           "subset_of": ms.meta.get("subset_of"),       # re-planned from a wider cached measurement
            "plans": {}}
     from quantc.report import write_report
     for name, b in budgets.items():
@@ -279,6 +285,13 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     for (v, p), plan in plans.items():
         if plan["measure_s"] is None:
             lines.append(f"| {v} | {p} | not measured: no budget fits | — | — | {plan['peak_rss_mb']:.0f} MB |")
+            continue
+        if plan.get("subset_of"):      # no measurement of its own: the wider set's, cut down
+            wider = next((w for (w, q), x in plans.items() if q == p and w != v and x.get("measure_s") == plan["measure_s"]),
+                         "a wider set")
+            lines.append(f"| {v} | {p} | none: {wider}'s measurement, re-planned | — | "
+                         + ", ".join(f"{x['replan_s']:.2f} s" for x in plan["plans"].values() if "replan_s" in x)
+                         + f" | {plan['peak_rss_mb']:.0f} MB |")
             continue
         base = plans.get(("bits", p))
         rel = f"{plan['measure_s'] / base['measure_s']:.2f}×" if base and base["measure_s"] else "—"
