@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_gptq import (CONFIGS, QUANTC_GPTQ, WORK, cached, linear_bytes, peak_rss_mb, run_uniform,
-                                   subprocess_job, write_calibration_file, write_section)
+from benchmarks.bench_gptq import (CONFIGS, KL_WINDOWS, QUANTC_GPTQ, WORK, cached, linear_bytes, peak_rss_mb, run_kl,
+                                   run_uniform, subprocess_job, uniform_job, write_calibration_file, write_section)
 from benchmarks.models import bench_model, keyed, mark, own_results, select, title
 
 # name: (quant settings changed from bench_gptq's quantc row, what the row says)
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--model", help="smollm2 (default), qwen or a model folder")
     ap.add_argument("--configs", default="4b", help=f"bench_gptq's configs: {', '.join(CONFIGS)}")
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help=f"rows: {', '.join(ABLATIONS)}")
+    ap.add_argument("--kl", default="", help="rows also given the KL check (bench_gptq.job_kl: KL to the fp32 model "
+                                             "on fresh C4 and WikiText-2), e.g. defaults,qep-0.5")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     if args.job:
@@ -85,6 +87,10 @@ def main() -> None:
     for n in names:
         if any(part not in ABLATIONS for part in n.split("+")):
             ap.error(f"--ablations: {n!r} is not one of {', '.join(ABLATIONS)}, or two of them joined by '+'")
+    kl_rows = [n for n in args.kl.split(",") if n]
+    for n in kl_rows:
+        if n not in names:
+            ap.error(f"--kl: {n!r} is not one of --ablations ({args.ablations})")
     WORK.mkdir(parents=True, exist_ok=True)
     if args.fresh:
         for p in own_results("ablation-*"):
@@ -99,12 +105,15 @@ def main() -> None:
                 # the same compile as bench_gptq's quantc row (same settings and calibration): one job,
                 # one cache entry, so the defaults are not compiled twice (12 minutes on Qwen2.5-0.5B)
                 q, e, folder = run_uniform(c)
+                kl_name = uniform_job(c)["kl"]
             else:
                 key = f"ablation-{c}-{n}"
                 folder = WORK / keyed(key)
                 q = cached(f"{key}-compile", lambda: subprocess_job([c, n, str(folder)], "benchmarks.bench_ablation"))
                 e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
-            rows.append({"config": c, "name": n, "compile": q, "eval": e, "bytes": linear_bytes(Path(folder))})
+                kl_name = f"{key}-kl"
+            k = run_kl(kl_name, folder) if n in kl_rows else None
+            rows.append({"config": c, "name": n, "compile": q, "eval": e, "bytes": linear_bytes(Path(folder)), "kl": k})
             write(rows, fp, cmd)
 
 
@@ -114,19 +123,25 @@ def write(rows: list[dict], fp: dict, cmd: str) -> None:
              "setting changed per row; same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, float32 "
              f"through `quantc.load`; fp32 model {fp['ppl']:.2f}). The defaults row is bench_gptq's quantc row (the "
              "same job and cache entry); each other row is its own compile.", "",
-             "| config | row | what changes | quantize s | quantized-linear bytes | ppl | compared with | Δ ppl |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| config | row | what changes | quantize s | quantized-linear bytes | ppl | compared with | Δ ppl "
+             "| KL fresh C4 | KL WikiText-2 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     ppl_of = {(r["config"], r["name"]): r["eval"]["ppl"] for r in rows}
     for r in rows:
         ppl, base = r["eval"]["ppl"], (r["config"], base_of(r["name"]))
         d = f"{ppl - ppl_of[base]:+.2f}" if base in ppl_of and r["name"] != "defaults" else "—"
+        kl = " | ".join(f"{r['kl'][t]['kl']:.4f}" if r.get("kl") else "—" for t in ("c4", "wikitext"))
         lines.append(f"| {r['config']} | {r['name']} | {what(r['name'])} | {r['compile']['quantize_s']:.0f} | "
-                     f"{r['bytes'] / 1e6:.2f} MB | {ppl:.2f} | {base[1] if r['name'] != 'defaults' else '—'} | {d} |")
+                     f"{r['bytes'] / 1e6:.2f} MB | {ppl:.2f} | {base[1] if r['name'] != 'defaults' else '—'} | {d} "
+                     f"| {kl} |")
     lines += ["", "A positive Δ means the setting of the row it is compared with helps: changing it made perplexity "
               "worse. A row `A+B` is compared with row `A`, so `qep-0.5+no-act-order` gives act-order's worth with "
               "error propagation on. "
               "The QEP row turns error propagation on; it is quantc's default (`quant.qep_alpha: 0.5`), chosen "
-              "because it helped on both benchmark models."]
+              "because it helped on both benchmark models. KL columns (rows named in `--kl`): KL(fp32 ‖ checkpoint) "
+              f"per token on {KL_WINDOWS} fresh C4 windows (documents after the calibration's) and the first "
+              f"{KL_WINDOWS} WikiText-2 windows, bench_gptq's KL check: how far each checkpoint is from the original "
+              "model, which perplexity alone does not say."]
     write_section(mark("bench_ablation"), lines)
 
 
