@@ -170,8 +170,7 @@ def main() -> None:
         for p in own_results("mixed-*"):
             p.unlink()
     write_calibration_file()
-    sizes = cached("mixed-sizes", lambda: {"3b": uniform_bytes(3), "4b": uniform_bytes(4)})
-    sizes["3.5b"] = (sizes["3b"] + sizes["4b"]) // 2
+    sizes = budget_sizes()
     budgets = {b: sizes[b] for b in args.budgets.split(",")}
     predictors = args.predictors.split(",")
     variants = args.variants.split(",")
@@ -193,8 +192,7 @@ def main() -> None:
     def reach(v: str) -> dict:
         return {b: n for b, n in budgets.items() if b in REACHABLE.get(v, budgets)}
 
-    plans = {(v, p): cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(reach(v)), p, v]))
-             for v in variants for p in predictors}
+    plans = {(v, p): run_plan(v, p, reach(v)) for v in variants for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     for c in filter(None, args.references.split(",")):   # the uniform references: bench_gptq's quantc rows
         if c not in ("3b", "4b"):
@@ -216,12 +214,10 @@ def main() -> None:
     cmd = "python -m benchmarks.bench_mixed " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
     kl_file = lambda key: WORK / f"{keyed(f'{key}-kl')}.json"     # noqa: E731
     for v, p, b, qep in runs:
-        key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
-        folder = WORK / keyed(key)
+        key, folder = checkpoint_name(v, p, b, qep)
         if args.cached_only and not all((WORK / f"{keyed(f'{key}-{j}')}.json").is_file() for j in ("compile", "eval")):
             continue
-        q = cached(f"{key}-compile",
-                   lambda: subprocess_job_m(["compile", str(budgets[b]), str(qep), str(folder), p, v]))
+        q = run_compile(v, p, b, qep, budgets[b])
         e = cached(f"{key}-eval", lambda: subprocess_job(["eval", str(folder)]))
         k = None if args.no_kl or (args.cached_only and not kl_file(key).is_file()) else run_kl(f"{key}-kl", folder)
         plan = plans[(v, p)]["plans"][b]
@@ -230,6 +226,29 @@ def main() -> None:
                      "pred": plan["delta_kl"], "plan": plan, "predictor": p, "variant": v, "kl": k})
         write(rows, plans, fp, sizes, cmd)
     write(rows, plans, fp, sizes, cmd)
+
+
+def budget_sizes() -> dict[str, int]:
+    """The budgets' exact bytes: uniform 3-bit and 4-bit g128, and their midpoint (≈3.5 bits/weight)."""
+    sizes = cached("mixed-sizes", lambda: {"3b": uniform_bytes(3), "4b": uniform_bytes(4)})
+    return {**sizes, "3.5b": (sizes["3b"] + sizes["4b"]) // 2}
+
+
+def checkpoint_name(v: str, p: str, b: str, qep: float):
+    """The one home of a plan checkpoint's cache key and folder (bench_onnx reads them too)."""
+    key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
+    return key, WORK / keyed(key)
+
+
+def run_plan(v: str, p: str, budgets: dict[str, int]) -> dict:
+    """Variant v's measurement and its plans for `budgets` (job_plan), from the cache or run now."""
+    return cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v]))
+
+
+def run_compile(v: str, p: str, b: str, qep: float, budget: int) -> dict:
+    """Compile variant v's plan at budget b (job_compile), from the cache or run now."""
+    key, folder = checkpoint_name(v, p, b, qep)
+    return cached(f"{key}-compile", lambda: subprocess_job_m(["compile", str(budget), str(qep), str(folder), p, v]))
 
 
 def file_bytes(folder) -> int:

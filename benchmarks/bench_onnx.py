@@ -1,10 +1,11 @@
 """Benchmark: quantc's ONNX export in ONNX Runtime (CPU) on SmolLM2-135M.
 
-    python -m benchmarks.bench_onnx [--fresh]
+    python -m benchmarks.bench_onnx [--prepare] [--fresh]
 
 Run after `python -m benchmarks.bench_mixed` and `bench_ablation` (the uniform 4-bit GPTQ checkpoints,
 with QEP off and at quantc's defaults, and bench_mixed's wide + QEP plans are exported here; missing ones
-are skipped). In the same run, on the same graph builder and machine:
+are skipped, or with `--prepare` compiled first by those benchmarks' own jobs, under their own cache names,
+so they reuse them). In the same run, on the same graph builder and machine:
 - fp32: the original model exported with plain MatMul;
 - ORT RTN: that fp32 graph quantized by ONNX Runtime's own `MatMulNBitsQuantizer` (4-bit, block 128,
   symmetric and asymmetric);
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_gptq import WORK, cached, subprocess_job, write_section
+from benchmarks.bench_gptq import WORK, cached, run_uniform, subprocess_job, write_section
 from benchmarks.common import prepared_model, wikitext
 
 MARK = "<!-- bench_onnx -->"
@@ -144,6 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", nargs=argparse.REMAINDER)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--prepare", action="store_true", help="compile the missing checkpoints first")
     args = ap.parse_args()
     if args.job:
         kind, rest = args.job[0], args.job[1:]
@@ -155,6 +157,8 @@ def main() -> None:
     if args.fresh:
         for p in WORK.glob("onnx-*.json"):
             p.unlink()
+    if args.prepare:
+        prepare()
     job = lambda *a: subprocess_job(list(a), "benchmarks.bench_onnx")   # noqa: E731
     od = WORK / "onnx"
     fp = od / "fp32"
@@ -188,6 +192,22 @@ def main() -> None:
         if (od / name / "model.onnx").is_file():
             parity.append((label, cached(f"onnx-parity-{name}", lambda: job("parity", str(WORK / name), str(od / name)))))
     write(results, parity, cmd)
+
+
+def prepare() -> None:
+    """Compile the missing CHECKPOINTS with the jobs of the benchmarks that own them (bench_gptq's and
+    bench_ablation's uniform references; bench_mixed's measurement, then its wide + QEP plans)."""
+    from benchmarks import bench_mixed as bm
+    bm.write_calibration_file()
+    run_uniform("4b")
+    run_uniform("4b", 0.5)
+    sizes = bm.budget_sizes()
+    budgets = {b: sizes[b] for b in ("3b", "3.5b", "4b")}     # bench_mixed's SmolLM2 budgets: the same plan job
+    plans = bm.run_plan("wide", "fisher", budgets)["plans"]
+    for b in budgets:
+        key, _ = bm.checkpoint_name("wide", "fisher", b, 0.5)
+        if key in dict(CHECKPOINTS) and "infeasible" not in plans[b]:
+            bm.run_compile("wide", "fisher", b, 0.5, budgets[b])
 
 
 def write(results, parity, cmd) -> None:
