@@ -176,7 +176,7 @@ def cholesky_inverse_upper(H: torch.Tensor, percdamp: float, name: str = "") -> 
             raise QuantcError(
                 f"{name}: the Hessian is not positive definite even with dampening {damp:.3g}·mean(diag). "
                 "The calibration data may be too short or contain NaN/Inf activations: add calibration "
-                "samples or raise `gptq.damp` in the budget YAML.")
+                "samples or raise `quant.damp` in the budget YAML.")
         damp = min(1.0, damp * 10)
 
 
