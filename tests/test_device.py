@@ -45,8 +45,11 @@ def test_low_precision_forwards_give_a_close_artifact(tmp_path, tiny_models, cal
     err_ref, err_low = error("fp32", 0.0), error(dtype, 0.0, compute_dtype=dtype)
     assert err_low < 1.1 * err_ref                        # Hessians and solves stay float32: as good a fit
     # with error propagation (the default) the two streams' difference carries the forwards' rounding
-    # too, so its gain is smaller in low precision; it must still beat plain GPTQ at the same dtype
-    assert error(f"{dtype}-qep", 0.5, compute_dtype=dtype) < err_low
+    # too, so its gain shrinks in low precision, and whether any is left depends on the CPU's low-precision
+    # kernels: in bfloat16, 0.261 against plain 0.273 on an AVX2 CPU, 0.275 against 0.273 on one with
+    # native AVX-512 bf16 (fp32: 0.229). What must hold on any CPU: QEP does not make the fit worse beyond
+    # that rounding, and in float32 it helps (test_gptq::test_qep_target_reduces_propagated_error)
+    assert error(f"{dtype}-qep", 0.5, compute_dtype=dtype) < 1.05 * err_low
 
 
 def test_budgeted_compile_in_bfloat16_plans_and_restores_layers(tmp_path, tiny_models, calib_file, monkeypatch):
