@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_onnx [--prepare] [--fresh]
 
+Needs quantc[ort] and `onnx-ir` (ONNX Runtime's MatMulNBitsQuantizer imports it; onnxruntime does not
+declare it).
+
 Run after `python -m benchmarks.bench_mixed` and `bench_ablation` (the uniform 4-bit GPTQ checkpoints,
 with QEP off and at quantc's defaults, and bench_mixed's wide + QEP plans are exported here; missing ones
 are skipped, or with `--prepare` compiled first by those benchmarks' own jobs, under their own cache names,
