@@ -27,20 +27,29 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_gptq import WORK, cached, run_uniform, subprocess_job, write_section
+from benchmarks.bench_gptq import WORK, cached, run_uniform, subprocess_job, uniform_job, write_section
+from benchmarks.bench_mixed import checkpoint_name
 from benchmarks.common import prepared_model, wikitext
 
 MARK = "<!-- bench_onnx -->"
 THREADS = 2
-# bench_gptq's and bench_ablation's uniform checkpoints and bench_mixed's plans (their folders in
-# benchmarks/work/, as those benchmarks name them), with each row's label
-CHECKPOINTS = (("quantc-gptq-4b", "quantc GPTQ 4-bit g128 sym, QEP off"),
-               ("ablation-4b-qep-0.5", "quantc GPTQ 4-bit g128 sym, QEP 0.5 (quantc's defaults)"),
-               ("mixed-wide-fisher-4b-qep0.5", "quantc mixed, wide candidates + QEP 0.5 (budget = uniform 4-bit size)"),
-               ("mixed-wide-fisher-3.5b-qep0.5", "quantc mixed, wide candidates + QEP 0.5 (budget ≈3.5 bits/weight)"),
-               ("mixed-wide-fisher-3b-qep0.5", "quantc mixed, wide candidates + QEP 0.5 (budget = uniform 3-bit size)"))
-WIDENED = ("mixed-wide-fisher-3b-qep0.5",)          # its 2-bit units also in the 4-bit container
-PARITY_PLAN = "mixed-wide-fisher-3.5b-qep0.5"
+# bench_gptq's and bench_ablation's uniform checkpoints and bench_mixed's wide + QEP plans (their folders
+# in benchmarks/work/, named by those benchmarks' own helpers), with each row's label
+PLAN = ("wide", "fisher", 0.5)                      # bench_mixed's variant, predictor and QEP α
+PLAN_BUDGETS = {"4b": "budget = uniform 4-bit size", "3.5b": "budget ≈3.5 bits/weight", "3b": "budget = uniform 3-bit size"}
+
+
+def _plan_name(b: str) -> str:
+    v, p, qep = PLAN
+    return checkpoint_name(v, p, b, qep)[1].name
+
+
+CHECKPOINTS = ((uniform_job("4b")["folder"].name, "quantc GPTQ 4-bit g128 sym, QEP off"),
+               (uniform_job("4b", 0.5)["folder"].name, "quantc GPTQ 4-bit g128 sym, QEP 0.5 (quantc's defaults)"),
+               *((_plan_name(b), f"quantc mixed, wide candidates + QEP 0.5 ({what})") for b, what in PLAN_BUDGETS.items()))
+WIDENED = (_plan_name("3b"),)                       # its 2-bit units also in the 4-bit container
+PARITY_PLAN = _plan_name("3.5b")
+UNIFORM = CHECKPOINTS[0][0]                         # QEP off: the int8-activation and parity rows
 
 
 def folder_mb(folder: Path) -> float:
@@ -175,11 +184,11 @@ def main() -> None:
         if (WORK / name / "config.json").is_file():
             rows.append((f"{dict(CHECKPOINTS)[name]}, 2-bit in 4-bit container",
                          f"{name}-w2", "quantc-w2", str(WORK / name), od / f"{name}-w2"))
-    if (WORK / "quantc-gptq-4b" / "config.json").is_file():      # int8-activation compute, both 4-bit models
+    if (WORK / UNIFORM / "config.json").is_file():      # int8-activation compute, both 4-bit models
         rows += [("ORT MatMulNBitsQuantizer RTN 4-bit block 128 sym, accuracy_level 4", "ort-rtn-sym-acc4",
                   "ort-rtn-sym-acc4", str(fp), od / "ort-rtn-sym-acc4"),
-                 ("quantc GPTQ 4-bit g128 sym, accuracy_level 4", "quantc-gptq-4b-acc4", "quantc-acc4",
-                  str(WORK / "quantc-gptq-4b"), od / "quantc-gptq-4b-acc4")]
+                 ("quantc GPTQ 4-bit g128 sym, accuracy_level 4", f"{UNIFORM}-acc4", "quantc-acc4",
+                  str(WORK / UNIFORM), od / f"{UNIFORM}-acc4")]
     cmd = "python -m benchmarks.bench_onnx " + " ".join(sys.argv[1:])
     results = []
     for label, key, kind, src, out in rows:
@@ -190,7 +199,7 @@ def main() -> None:
     m248 = WORK / "rtn-mixed-248"
     cached("onnx-mixed248-compile", lambda: job("mixed248", str(m248)))
     cached("onnx-mixed248-export", lambda: job("export", "quantc", str(m248), str(od / "rtn-mixed-248")))
-    for name, label in (("quantc-gptq-4b", "uniform 4-bit GPTQ"), ("rtn-mixed-248", "mixed 2/4/8-bit RTN"),
+    for name, label in ((UNIFORM, "uniform 4-bit GPTQ"), ("rtn-mixed-248", "mixed 2/4/8-bit RTN"),
                         (PARITY_PLAN, "mixed GPTQ plan, wide + QEP (≈3.5 bits)")):
         if (od / name / "model.onnx").is_file():
             parity.append((label, cached(f"onnx-parity-{name}", lambda: job("parity", str(WORK / name), str(od / name)))))
@@ -204,13 +213,13 @@ def prepare() -> None:
     bm.write_calibration_file()
     run_uniform("4b")
     run_uniform("4b", 0.5)
+    v, p, qep = PLAN
     sizes = bm.budget_sizes()
     budgets = {b: sizes[b] for b in ("3b", "3.5b", "4b")}     # bench_mixed's SmolLM2 budgets: the same plan job
-    plans = bm.run_plan("wide", "fisher", budgets)["plans"]
-    for b in budgets:
-        key, _ = bm.checkpoint_name("wide", "fisher", b, 0.5)
-        if key in dict(CHECKPOINTS) and "infeasible" not in plans[b]:
-            bm.run_compile("wide", "fisher", b, 0.5, budgets[b])
+    plans = bm.run_plan(v, p, budgets)["plans"]
+    for b in PLAN_BUDGETS:
+        if "infeasible" not in plans[b]:
+            bm.run_compile(v, p, b, qep, budgets[b])
 
 
 def write(results, parity, cmd) -> None:
