@@ -2,12 +2,14 @@
 on the protocol of bench_gptq (SmolLM2-135M, or `--model qwen`, or a model folder).
 
     python -m benchmarks.bench_ablation [--model qwen] [--configs 4b] [--ablations defaults,no-act-order,...]
-                                        [--fresh]
+                                        [--section 'QEP α'] [--fresh]
 
 Each row is the default compile of bench_gptq's quantc row with one setting changed, compiled and
 evaluated in its own process (WikiText-2 through `quantc.load`, float32), all in one run. A row named
 `A+B` changes A's and B's settings and is compared with the row `A` (e.g. `qep-0.5+no-act-order`:
-act-order's worth with error propagation on). Jobs are cached in benchmarks/work/ (an interrupted run
+act-order's worth with error propagation on). A row `qep-α` (any 0 < α ≤ 1) compiles with that QEP
+strength: `--ablations defaults,qep-0.25,qep-0.5,qep-1 --section 'QEP α'` is the α sweep, written to
+a section of its own. Jobs are cached in benchmarks/work/ (an interrupted run
 resumes); the section of RESULTS.md is rewritten after every job.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from quantc.config import DEFAULT_QEP_ALPHA
 
 from benchmarks.bench_gptq import (CONFIGS, KL_WINDOWS, QUANTC_GPTQ, WORK, cached, linear_bytes, peak_rss_mb, run_kl,
                                    run_uniform, subprocess_job, uniform_job, write_calibration_file, write_section)
@@ -30,16 +34,41 @@ ABLATIONS = {
     "no-clip-search": ({"mse": False}, "min–max grid (no clipped-grid search)"),
     "no-true-sequential": ({"true_sequential": False}, "every linear of a layer from the layer's inputs at once"),
     "damp-0.1": ({"damp": 0.1}, "damping 0.1 of the mean diagonal instead of 0.01"),
-    "qep-0.5": ({"qep_alpha": 0.5}, "error propagation (QEP) α = 0.5 (quantc's default)"),
+    f"qep-{DEFAULT_QEP_ALPHA:g}": ({"qep_alpha": DEFAULT_QEP_ALPHA},
+                                   f"error propagation (QEP) α = {DEFAULT_QEP_ALPHA:g} (quantc's default)"),
     "asym": ({"sym": False}, "asymmetric grid (a zero point per group: the same bytes in the GPTQ format)"),
 }
+
+
+def change(part: str) -> tuple[dict, str] | None:
+    """(settings, what the row says) of one named change: an ABLATIONS entry, or `qep-α` for any
+    error-propagation strength 0 < α ≤ 1 (the α sweep); None when the name is neither."""
+    if part in ABLATIONS:
+        return ABLATIONS[part]
+    if part.startswith("qep-"):
+        try:
+            alpha = float(part[4:])
+        except ValueError:
+            return None
+        if 0 < alpha <= 1:
+            return {"qep_alpha": alpha}, f"error propagation (QEP) α = {alpha:g}"
+    return None
+
+
+def canonical(name: str) -> str:
+    """`qep-0.50` and `qep-.5` are the row `qep-0.5`: one cache entry per α."""
+    parts = name.split("+")
+    for j, part in enumerate(parts):
+        if part not in ABLATIONS and change(part) is not None:
+            parts[j] = f"qep-{change(part)[0]['qep_alpha']:g}"
+    return "+".join(parts)
 
 
 def settings(name: str) -> dict:
     """The quant settings a row changes: `A+B` is A's changes, then B's."""
     out = {}
     for part in name.split("+"):
-        out.update(ABLATIONS[part][0])
+        out.update(change(part)[0])
     return out
 
 
@@ -49,7 +78,7 @@ def base_of(name: str) -> str:
 
 
 def what(name: str) -> str:
-    return "; ".join(ABLATIONS[part][1] for part in name.split("+"))
+    return "; ".join(change(part)[1] for part in name.split("+"))
 
 
 def job_compile(cfg: str, name: str, out: str) -> dict:
@@ -74,20 +103,23 @@ def main() -> None:
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help=f"rows: {', '.join(ABLATIONS)}")
     ap.add_argument("--kl", default="", help="rows also given the KL check (bench_gptq.job_kl: KL to the fp32 model "
                                              "on fresh C4 and WikiText-2), e.g. defaults,qep-0.5")
+    ap.add_argument("--section", help="write the rows to a section of their own, titled with this name (e.g. "
+                                      "'QEP α'), leaving the main ablation section as it is")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     if args.job:
         print("RESULT " + json.dumps(job_compile(*args.job)), flush=True)
         return
     select(args.model)
-    configs, names = args.configs.split(","), args.ablations.split(",")
+    configs, names = args.configs.split(","), [canonical(n) for n in args.ablations.split(",")]
     for c in configs:
         if c not in CONFIGS:
             ap.error(f"--configs: {c!r} is not one of {', '.join(CONFIGS)}")
     for n in names:
-        if any(part not in ABLATIONS for part in n.split("+")):
-            ap.error(f"--ablations: {n!r} is not one of {', '.join(ABLATIONS)}, or two of them joined by '+'")
-    kl_rows = [n for n in args.kl.split(",") if n]
+        if any(change(part) is None for part in n.split("+")):
+            ap.error(f"--ablations: {n!r} is not one of {', '.join(ABLATIONS)} or qep-α (0 < α ≤ 1), or two of "
+                     "them joined by '+'")
+    kl_rows = [canonical(n) for n in args.kl.split(",") if n]
     for n in kl_rows:
         if n not in names:
             ap.error(f"--kl: {n!r} is not one of --ablations ({args.ablations})")
@@ -114,11 +146,13 @@ def main() -> None:
                 kl_name = f"{key}-kl"
             k = run_kl(kl_name, folder) if n in kl_rows else None
             rows.append({"config": c, "name": n, "compile": q, "eval": e, "bytes": linear_bytes(Path(folder)), "kl": k})
-            write(rows, fp, cmd)
+            write(rows, fp, cmd, args.section)
 
 
-def write(rows: list[dict], fp: dict, cmd: str) -> None:
-    lines = [f"## Ablation of quantc's uniform GPTQ defaults ({title()})", "",
+def write(rows: list[dict], fp: dict, cmd: str, section: str | None = None) -> None:
+    name = f"Ablation of quantc's uniform GPTQ defaults, {section}" if section else \
+        "Ablation of quantc's uniform GPTQ defaults"
+    lines = [f"## {name} ({title()})", "",
              f"Command: `{cmd}`. bench_gptq's quantc row ({QUANTC_GPTQ}, true-sequential, damp 0.01) with one "
              "setting changed per row; same calibration (128×512 C4) and evaluation (WikiText-2, 80×512, float32 "
              f"through `quantc.load`; fp32 model {fp['ppl']:.2f}). The defaults row is bench_gptq's quantc row (the "
@@ -142,7 +176,8 @@ def write(rows: list[dict], fp: dict, cmd: str) -> None:
               f"per token on {KL_WINDOWS} fresh C4 windows (documents after the calibration's) and the first "
               f"{KL_WINDOWS} WikiText-2 windows, bench_gptq's KL check: how far each checkpoint is from the original "
               "model, which perplexity alone does not say."]
-    write_section(mark("bench_ablation"), lines)
+    bench = "bench_ablation" + (" " + "".join(c if c.isalnum() else "-" for c in section) if section else "")
+    write_section(mark(bench), lines)
 
 
 if __name__ == "__main__":
