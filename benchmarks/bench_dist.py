@@ -102,7 +102,8 @@ def write(res: dict, args, budget: int, cmd: str) -> None:
               "threads, torch's CPU matmuls may round differently, and so may a plan built on them.",
               f"WikiText-2 perplexity of the {args.procs}-process artifact: {res['eval']['ppl']:.2f}.",
               "Sweep 2's bytes are dominated by gathering every rank's activations to rank 0 for the resume "
-              "point after each layer; sweep 1's by broadcasting each unit's solved weights at every candidate. "
+              "point after each layer; sweep 1's by broadcasting each unit's codes (one byte per weight, with "
+              "their scales and zeros) at every solved option and its error terms. "
               "The measurement's held-out slice runs on every rank (not split), so sweep 1 gains less."]
     write_section(MARK, lines)
 

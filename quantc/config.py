@@ -138,7 +138,7 @@ class Config:
     @property
     def default_option(self) -> Option:
         """The option used where no budget asks for an allocation: the largest candidate."""
-        return max(self.candidates, key=lambda o: (o.bits, -o.group_size))
+        return max(self.candidates, key=lambda o: o.size_order)
 
     @property
     def uniform(self) -> bool:

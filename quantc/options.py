@@ -34,6 +34,12 @@ class Option:
         return None if self.grid == "gptq" else ggml.main_type(self.grid, self.bits, self.sym)
 
     @property
+    def size_order(self) -> tuple[int, int]:
+        """Sort key from the smallest option to the largest: bits, then finer groups (more scales), with
+        per-channel (group_size -1) the coarsest of all."""
+        return self.bits, -(self.group_size if self.group_size > 0 else 2**31)
+
+    @property
     def label(self) -> str:
         if self.grid != "gptq":
             return self.ggml_type.label

@@ -107,13 +107,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QUANTC_CACHE", Path.home() / ".cache" / "quantc")) / "measurements"
 
 
-def measurement_key(cfg: Config, tokens: torch.Tensor, model, candidates: bool = True) -> str:
-    """Model identity (config + weight file sizes and mtimes), calibration tokens, options, method.
+def measurement_key(cfg: Config, calib: torch.Tensor, hold: torch.Tensor, model, candidates: bool = True) -> str:
+    """Model identity (config, the weight files' sizes and mtimes, the GGUF file and revision chosen),
+    the Hessians' and the held-out tokens (each with its shape: moving the boundary between them,
+    `plan.alpha_samples`, can leave their concatenation the same), options, method.
     `candidates=False`: the same without the candidate options (the key a measurement shares with
     every measurement of other candidates on the same model, tokens and settings; see `_subset_of`)."""
     h = hashlib.sha256()
     src = Path(cfg.model)
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    # the file and the hub commit the weights came from (a folder may hold several GGUF files; a hub
+    # name's weights move with its revision, which config.to_dict() leaves out)
+    h.update(f"{cfg.gguf_file}:{cfg.revision}:{getattr(model.config, '_commit_hash', None)}".encode())
     if src.is_dir():
         for f in sorted(src.iterdir()):
             if f.suffix in (".safetensors", ".bin", ".gguf"):
@@ -121,7 +126,9 @@ def measurement_key(cfg: Config, tokens: torch.Tensor, model, candidates: bool =
                 h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     else:
         h.update(cfg.model.encode())
-    h.update(tokens.numpy().tobytes())
+    for t in (calib, hold):
+        h.update(f"{tuple(t.shape)}".encode())
+        h.update(t.contiguous().numpy().tobytes())
     if candidates:
         h.update(json.dumps([o.to_dict() for o in cfg.candidates], sort_keys=True).encode())
     p = cfg.plan                     # only the settings the chosen predictor reads
@@ -143,10 +150,14 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     the held-out `alpha_samples` give α (truncated to `alpha_seq_len` tokens)."""
     p = cfg.plan
     n_measure = min(p.measure_samples, max(1, tokens.shape[0] - p.alpha_samples))
+    if place.world.main and tokens.shape[0] <= p.alpha_samples:     # the held-out rows are then every row, the Hessians' too
+        log.warning("%s: the calibration has %d sequences, not more than plan.alpha_samples (%d): the held-out "
+                    "slice the predictor's ΔKL is measured on includes the Hessians' sequence; raise "
+                    "calibration.samples to %d for the full measurement", cfg.source_file or "config",
+                    tokens.shape[0], p.alpha_samples, p.measure_samples + p.alpha_samples)
     calib = tokens[:n_measure]
     hold = tokens[-p.alpha_samples:, : p.alpha_seq_len]
-    both = torch.cat([calib.flatten(), hold.flatten()])
-    key, base = measurement_key(cfg, both, model), measurement_key(cfg, both, model, candidates=False)
+    key, base = measurement_key(cfg, calib, hold, model), measurement_key(cfg, calib, hold, model, candidates=False)
     path = cache_dir() / f"{key}.json"
     world = place.world
     cached = None

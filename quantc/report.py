@@ -62,7 +62,7 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
     plt.close(fig)
 
     # importance and sensitivity per layer
-    lowest = option_key(min(cfg.candidates, key=lambda o: (o.bits, -o.group_size)))
+    lowest = option_key(min(cfg.candidates, key=lambda o: o.size_order))
     sens = [sum(unit_dkl(u, lowest) for u in ms.units.values() if u["layer"] == i) for i in layers]
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
     L = ms.layers

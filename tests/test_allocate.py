@@ -84,3 +84,20 @@ def test_budget_equal_to_smallest_size_is_feasible_on_a_coarse_grid():
     assert sol.bytes == lo and sol.choice == [0] * 120
     sol = allocate(costs, values, lo + 250_000, max_states=100)       # rounded grid, still within budget
     assert sol.quantum > 1 and lo < sol.bytes <= lo + 250_000
+
+
+def test_coarse_grid_reaches_the_largest_plans():
+    """Sizes rounded up to a coarse quantum can add up past the grid's end: a budget of the largest
+    size still buys the all-largest plan, and the inverse problem still finds it."""
+    costs, values = [[0, 1001], [0, 1003], [0, 997]], [[1.0, 0.0]] * 3
+    sol = allocate(costs, values, 10**6, max_states=10)
+    assert sol.choice == [1, 1, 1] and sol.value == 0 and sol.bytes == 3001
+    sol = least_bytes(costs, values, 0.0, max_states=10)
+    assert sol.quantum > 1 and sol.choice == [1, 1, 1] and sol.bytes == 3001
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_budget_above_the_largest_size_takes_each_units_best(seed):
+    costs, values = instance(random.Random(seed), 6, 3)
+    lo, hi = size_range(costs)
+    assert allocate(costs, values, hi + 1).value == pytest.approx(brute(costs, values, hi)[0])

@@ -343,3 +343,16 @@ def test_error_propagation_is_the_gptq_default(tiny_models):
     assert parse_config({"model": m}, "b.yaml").qep_alpha == DEFAULT_QEP_ALPHA
     assert parse_config({"model": m, "quant": {"qep_alpha": 0}}, "b.yaml").qep_alpha == 0.0
     assert parse_config({"model": m, "quant": {"method": "rtn"}}, "b.yaml").qep_alpha == 0.0
+
+
+def test_the_largest_candidate_counts_per_channel_as_the_coarsest(tiny_models):
+    """Without a budget every module gets the largest candidate: at equal bits the finest groups,
+    and per-channel (group_size -1: one scale per row) is the smallest of all, not the largest."""
+    from quantc.options import Option
+    m = str(tiny_models["llama"])
+    cfg = parse_config({"model": m, "quant": {"bits": [4, 8], "group_size": [-1, 128, 32]}}, "b.yaml")
+    assert (cfg.default_option.bits, cfg.default_option.group_size) == (8, 32)
+    cfg = parse_config({"model": m, "quant": {"bits": [8], "group_size": [-1, 128]}}, "b.yaml")
+    assert cfg.default_option.group_size == 128
+    assert cfg.default_option.bytes_for(256, 256) > Option(8, -1).bytes_for(256, 256)
+    assert min(cfg.candidates, key=lambda o: o.size_order).group_size == -1

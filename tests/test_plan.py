@@ -148,3 +148,33 @@ def test_qep_changes_the_fit(tmp_path, tiny_models, calib_file):
         compile_model(parse_config(raw), tmp_path / f"q{alpha}", progress=False)
         out[alpha] = quantc.load(tmp_path / f"q{alpha}").model.layers[1].mlp.down_proj.weight
     assert not torch.equal(out[0.0], out[1.0])
+
+
+def test_moving_the_held_out_boundary_measures_again(tmp_path, tiny_models, calib_file, cache):
+    """6 Hessian + 4 held-out sequences and 8 + 2 are the same 10 rows in the same order: the second
+    is another measurement (other Hessians, another held-out slice), not the first one's cache."""
+    def cfg(name, measure, alpha):
+        return write_yaml(tmp_path / name, f"""model: {tiny_models["llama"]}
+budget: {{avg_bits: 4.5}}
+quant: {{bits: [2, 4, 8], group_size: 32}}
+calibration: {{source: {calib_file}, samples: 10, seq_len: 64}}
+plan: {{measure_samples: {measure}, alpha_samples: {alpha}, alpha_seq_len: 64}}
+""")
+    r = run("plan", cfg("a.yaml", 6, 4), "-o", tmp_path / "p1")
+    assert r.exit_code == 0 and "measured" in r.output, r.output
+    r = run("plan", cfg("b.yaml", 8, 2), "-o", tmp_path / "p2")
+    assert r.exit_code == 0 and "measured" in r.output, r.output
+    assert len(list(cache.rglob("*.json"))) == 2
+
+
+def test_held_out_rows_overlapping_the_hessians_are_named(tmp_path, tiny_models, calib_file, cache, caplog):
+    y = write_yaml(tmp_path / "few.yaml", f"""model: {tiny_models["llama"]}
+budget: {{avg_bits: 6}}
+quant: {{bits: [4, 8], group_size: 32}}
+calibration: {{source: {calib_file}, samples: 3, seq_len: 64}}
+plan: {{measure_samples: 6, alpha_samples: 4, alpha_seq_len: 32}}
+""")
+    with caplog.at_level("WARNING", logger="quantc"):
+        r = run("plan", y, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    assert "few.yaml" in caplog.text and "plan.alpha_samples (4)" in caplog.text and "calibration.samples to 10" in caplog.text

@@ -5,7 +5,9 @@ bytes (in units of the greatest common divisor of all option sizes).
 The DP runs over the bytes *above* every unit's smallest option (the all-smallest plan costs 0), so
 any budget ≥ the smallest achievable size is feasible and the grid spans only the freedom the budget
 leaves. When that grid would exceed `max_states` cells, the extra sizes are rounded *up* to a coarser
-quantum: the answer then still fits the budget and is optimal for the rounded sizes (`quantum`).
+quantum: the answer then still fits the budget and is optimal for the rounded sizes (`quantum`). A
+budget of at least the largest achievable size binds nothing: every unit then takes its own least
+value, which is exact on any grid (rounding up could otherwise push the largest plans off it).
 """
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ def _quantum(costs: list[list[int]], limit: int, max_states: int) -> int:
     return math.ceil(limit / max_states)
 
 
-def _dp(costs, values, limit: int, max_states: int):
+def _dp(costs, values, limit: int, max_states: int, whole: bool = False):
+    """`whole`: the grid spans every plan (the sum of each unit's rounded-up largest size, which on a
+    coarse grid may exceed limit // q by up to one cell per unit), not only those within `limit`."""
     q = _quantum(costs, limit, max_states)
-    S = limit // q
+    S = sum(-(-max(cs) // q) for cs in costs) if whole else limit // q
     best = np.zeros(S + 1)                       # best[s]: least value with total cost ≤ s·q
     choices = np.zeros((len(costs), S + 1), dtype=np.int16)
     for u, (cs, vs) in enumerate(zip(costs, values)):
@@ -78,7 +82,9 @@ def allocate(costs: list[list[int]], values: list[list[float]], budget: int, max
         raise QuantcError(f"budget of {budget:,} bytes is infeasible: the smallest achievable size is "
                           f"{lo:,} bytes ({lo / 2**20:.2f} MiB) and the largest {hi:,} bytes "
                           f"({hi / 2**20:.2f} MiB); raise the budget")
-    budget = min(budget, hi)
+    if budget >= hi:                 # nothing binds: each unit's least value (exact, whatever the grid)
+        pick = [min(range(len(vs)), key=lambda o: (vs[o], cs[o])) for cs, vs in zip(costs, values)]
+        return _solution(costs, values, pick, 1)
     extra = _extra(costs)
     best, choices, q = _dp(extra, values, budget - lo, max_states)
     return _solution(costs, values, _backtrack(extra, choices, len(best) - 1, q), q)
@@ -94,7 +100,7 @@ def least_bytes(costs: list[list[int]], values: list[list[float]], target: float
     """The inverse problem: least total cost whose total value ≤ target."""
     lo, hi = size_range(costs)
     extra = _extra(costs)
-    best, choices, q = _dp(extra, values, hi - lo, max_states)
+    best, choices, q = _dp(extra, values, hi - lo, max_states, whole=True)
     ok = np.nonzero(best <= target)[0]
     if ok.size == 0:
         raise QuantcError(f"no plan reaches predicted Δloss ≤ {target:g}: even the largest options "

@@ -213,7 +213,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     ms = Measurements(options={option_key(o): o.to_dict() for o in candidates})
     head = Head(model, holdout_tokens, place)
     gen = torch.Generator().manual_seed(seed)
-    lowest = min(candidates, key=lambda o: (o.bits, -o.group_size))
+    lowest = min(candidates, key=lambda o: o.size_order)
     exact = predictor == "exact"
     anchor = (anchors(candidates) if solve == "anchors" and not exact and method == "gptq"
               else list(range(len(candidates))))
