@@ -3,6 +3,7 @@ stream calibration activations through it one decoder layer at a time."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import weakref
 import logging
@@ -44,6 +45,25 @@ def read_model_type(path: str) -> str | None:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise QuantcError(f"{cfg}: not valid JSON ({e})") from None
     return None
+
+
+def source_identity(path: str, gguf_file: str | None, revision: str | None, model) -> str:
+    """What tells the weights a run reads from others', for the keys of the measurement cache and the
+    resume point: the model's config, the GGUF file and revision asked for and the hub commit loaded
+    (a hub name's weights move with its revision; config.to_dict() leaves the commit out), and each
+    weight file's size and mtime in a local folder (files replaced in place)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"{gguf_file}:{revision}:{getattr(model.config, '_commit_hash', None)}".encode())
+    src = Path(path)
+    if src.is_dir():
+        for f in sorted(src.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".gguf"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(path.encode())
+    return h.hexdigest()
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -21,7 +21,7 @@ from . import distributed
 from .config import Config
 from .errors import QuantcError
 from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
-                    linear_names, resolve_device)  # noqa: F401 (linear_names: re-exported)
+                    linear_names, resolve_device, source_identity)  # noqa: F401 (linear_names: re-exported)
 from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 from .preflight import preflight
@@ -182,7 +182,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     if tokens is None and cfg.method != "rtn":
         tokens = calibration_tokens(cfg.calibration, tokenizer, model)
     key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}], sort_keys=True,
-                                    default=str).encode() + (tokens.numpy().tobytes() if tokens is not None else b""))
+                                    default=str).encode() + (tokens.numpy().tobytes() if tokens is not None else b"")
+                         + source_identity(cfg.model, cfg.gguf_file, cfg.revision, model).encode())   # the weights
     ckpt = Checkpoint(tmp, key.hexdigest()[:24]) if world.main else None
 
     def layer_done(i, results, x_hat=None, x_ref=None):   # the layer's shard, then the resume point
@@ -260,7 +261,9 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(tmp / "resume", ignore_errors=True)
-    shutil.rmtree(tmp / "offload", ignore_errors=True)
     finalize_output(tmp, out)
+    # the resume point goes only once the artifact is in place: an interrupt before the rename then
+    # keeps it (a partial folder without one is deleted), one after leaves the finished artifact
+    shutil.rmtree(out / "resume", ignore_errors=True)
+    shutil.rmtree(out / "offload", ignore_errors=True)
     return manifest

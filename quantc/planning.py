@@ -20,7 +20,7 @@ import yaml
 
 from .config import Config
 from .errors import ConfigError, QuantcError
-from .model import CPU, Activations, Placement, capture_layer0_inputs, keep_in_fp16, units
+from .model import CPU, Activations, Placement, capture_layer0_inputs, keep_in_fp16, source_identity, units
 from .options import Option
 from .passes.allocate import allocate, least_bytes, size_range
 from .passes.measure import CALIBRATION_UNITS, PROXY_DTYPE, PROXY_STEPS, Measurements, anchors, measure, option_key, unit_dkl
@@ -108,24 +108,13 @@ def cache_dir() -> Path:
 
 
 def measurement_key(cfg: Config, calib: torch.Tensor, hold: torch.Tensor, model, candidates: bool = True) -> str:
-    """Model identity (config, the weight files' sizes and mtimes, the GGUF file and revision chosen),
+    """Model identity (model.source_identity: config, weight files, GGUF file, revision, hub commit),
     the Hessians' and the held-out tokens (each with its shape: moving the boundary between them,
     `plan.alpha_samples`, can leave their concatenation the same), options, method.
     `candidates=False`: the same without the candidate options (the key a measurement shares with
     every measurement of other candidates on the same model, tokens and settings; see `_subset_of`)."""
     h = hashlib.sha256()
-    src = Path(cfg.model)
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    # the file and the hub commit the weights came from (a folder may hold several GGUF files; a hub
-    # name's weights move with its revision, which config.to_dict() leaves out)
-    h.update(f"{cfg.gguf_file}:{cfg.revision}:{getattr(model.config, '_commit_hash', None)}".encode())
-    if src.is_dir():
-        for f in sorted(src.iterdir()):
-            if f.suffix in (".safetensors", ".bin", ".gguf"):
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    else:
-        h.update(cfg.model.encode())
+    h.update(source_identity(cfg.model, cfg.gguf_file, cfg.revision, model).encode())
     for t in (calib, hold):
         h.update(f"{tuple(t.shape)}".encode())
         h.update(t.contiguous().numpy().tobytes())

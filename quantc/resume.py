@@ -2,9 +2,15 @@
 
 After every decoder layer: that layer's final checkpoint tensors as a shard (`layer-I.safetensors`,
 packed, in the export dtype: the exporter assembles the artifact from these, so the sweep keeps no
-layer's codes in memory), the activations entering the next layer (`acts.safetensors`), and
-`state.json` with the compile's key and the next layer. A rerun of the same compile (same config,
-plan, calibration and compute placement: `key`) continues after the last finished layer.
+layer's codes in memory), the activations entering the next layer (`acts-I.safetensors`, I the next
+layer), and `state.json` with the compile's key, the next layer and its activations file. A rerun of
+the same compile (same model files, config, plan, calibration and compute placement: `key`) continues
+after the last finished layer.
+
+The point moves in one step: the new activations are written under their own name first, then
+`state.json` is replaced to name them, and only then does the previous file go. A process that dies
+between any two of these (SIGKILL, the OOM killer, torchrun's SIGTERM) leaves a state that names
+activations matching it.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import os
 from pathlib import Path
 
 log = logging.getLogger("quantc")
-FORMAT = 2          # layer files hold final packed tensors (format 1 held raw codes)
+FORMAT = 3          # 3: state.json names its activations file (2: one acts.safetensors; 1: raw codes)
 
 
 class Checkpoint:
@@ -34,7 +40,7 @@ class Checkpoint:
         if st.get("key") != self.key:
             log.info("resume state is from another compile; starting over")
             return None
-        acts = load_file(str(self.dir / "acts.safetensors"))
+        acts = load_file(str(self.dir / st["acts"]))
         log.warning("resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
         return st["next_layer"], acts["x_hat"], acts.get("x_ref")
 
@@ -49,8 +55,13 @@ class Checkpoint:
         acts = {"x_hat": x_hat.contiguous()}
         if x_ref is not None:
             acts["x_ref"] = x_ref.contiguous()
-        _atomic(lambda p: save_file({k: v.cpu() for k, v in acts.items()}, str(p)), self.dir / "acts.safetensors")
-        _atomic(lambda p: p.write_text(json.dumps({"key": self.key, "next_layer": i + 1})), self.dir / "state.json")
+        name = f"acts-{i + 1}.safetensors"
+        _atomic(lambda p: save_file({k: v.cpu() for k, v in acts.items()}, str(p)), self.dir / name)
+        _atomic(lambda p: p.write_text(json.dumps({"key": self.key, "next_layer": i + 1, "acts": name})),
+                self.dir / "state.json")
+        for old in self.dir.glob("acts-*.safetensors"):       # the state names the new file: the old can go
+            if old.name != name:
+                old.unlink(missing_ok=True)
 
 
 FAULT_ENV, FAULT_RANK_ENV = "QUANTC_FAULT_AFTER_LAYER", "QUANTC_FAULT_RANK"

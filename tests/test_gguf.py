@@ -120,3 +120,17 @@ def test_export_gguf_command_writes_the_same_file(tmp_path, tiny_models, calib_f
     assert (tmp_path / "g" / "model.gguf").read_bytes() == (out / "gguf" / "model.gguf").read_bytes()
     r = CliRunner().invoke(main, ["export", "gguf", str(out), "-o", str(tmp_path / "g")])
     assert r.exit_code == 2 and "--force" in r.output
+
+
+def test_a_refused_gguf_export_leaves_nothing_behind(tmp_path, tiny_models):
+    """A checkpoint with no llama.cpp type (g64): the export stops with the reason, and neither the
+    output nor its partial folder and lock are left (the output would sit inside the checkpoint)."""
+    from click.testing import CliRunner
+    from quantc.cli import main
+    raw = {"model": str(tiny_models["llama"]), "quant": {"bits": 4, "group_size": 64, "method": "rtn"}}
+    out = tmp_path / "ck"
+    compile_model(parse_config(raw, "b.yaml"), out, progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    r = CliRunner().invoke(main, ["export", "gguf", str(out)])
+    assert r.exit_code != 0 and "need group size 32" in r.output, r.output
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -40,14 +40,16 @@ def run_single(m: dict, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size,act_order,sym", [(32, False, True), (64, True, False), (-1, False, False),
-                                                      (96, True, True), (128, True, False)])
-def test_matmulnbits_matches_float64_reference(bits, group_size, act_order, sym):
+@pytest.mark.parametrize("group_size,act_order,sym,K", [(32, False, True, 192), (64, True, False, 192),
+                                                        (-1, False, False, 192), (96, True, True, 192),
+                                                        (128, True, False, 192), (-1, False, True, 1024),
+                                                        (512, True, False, 1024)])
+def test_matmulnbits_matches_float64_reference(bits, group_size, act_order, sym, K):
     """Random GPTQ tensors (any zero points, act-order g_idx, non power-of-two groups, a partial last
-    group: K = 192 with groups of 128) → MatMulNBits in
-    ONNX Runtime equals x @ dequantize(W)ᵀ computed in float64."""
+    group: K = 192 with groups of 128; groups wider than ONNX Runtime's largest block, 256: per-channel
+    and g512 at K = 1024) → MatMulNBits in ONNX Runtime equals x @ dequantize(W)ᵀ computed in float64."""
     torch.manual_seed(bits * 100 + group_size)
-    K, N = 192, 64
+    N = 64
     gs = K if group_size <= 0 else group_size
     G = -(-K // gs)
     maxq = 2 ** bits - 1

@@ -50,6 +50,46 @@ def test_changed_config_does_not_resume(tmp_path, tiny_tokenizer, calib_file):
     assert cfg["quantization_config"]["bits"] == 2
 
 
+def test_replaced_weights_do_not_resume(tmp_path, tiny_tokenizer, calib_file):
+    """The same YAML over weights replaced in place (a re-download, another export of the model) is
+    another compile: resuming would join the old weights' first layers to the new weights' rest."""
+    model = build_tiny("llama", tmp_path / "m3", tiny_tokenizer, layers=3, seed=4)
+    y = write_yaml(tmp_path / "b.yaml", f"model: {model}\nquant: {{bits: 4, group_size: 32}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 4, seq_len: 64}}\n")
+    cmd = [sys.executable, "-m", "quantc.cli", "-q", "compile", str(y), "-o", str(tmp_path / "o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "QUANTC_FAULT_AFTER_LAYER": "0"})
+    assert r.returncode == -9
+    build_tiny("llama", tmp_path / "m3", tiny_tokenizer, layers=3, seed=5)      # new weights, same files
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_death_between_the_resume_files_resumes_consistently(tmp_path, monkeypatch):
+    """Layer 1's outputs written and the process killed before the state names them: the resume point
+    is still layer 0's, with layer 0's outputs (a single activations file replaced in place would pair
+    the old state with the new activations, and the rerun would quantize layer 1 on its own outputs)."""
+    import torch
+    from quantc import resume
+    ck = resume.Checkpoint(tmp_path, "k")
+    ck.dir.mkdir()
+    first = torch.randn(2, 3, 4)
+    ck.save_state(0, first, None)
+    write = resume._atomic
+
+    def killed_before_the_state(fn, path):
+        if path.name == "state.json":
+            raise KeyboardInterrupt
+        write(fn, path)
+    monkeypatch.setattr(resume, "_atomic", killed_before_the_state)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_state(1, torch.randn(2, 3, 4), None)
+    monkeypatch.undo()
+    nxt, x_hat, x_ref = ck.load()
+    assert nxt == 1 and torch.equal(x_hat, first) and x_ref is None
+    ck.save_state(1, x_hat + 1, None)                   # the next point replaces it, and only one file stays
+    assert ck.load()[0] == 2 and len(list(ck.dir.glob("acts-*.safetensors"))) == 1
+
+
 def test_big_models_are_written_as_shards_with_an_index(tmp_path, tiny_models, calib_file, monkeypatch):
     """Above MAX_SHARD_BYTES the exporter writes whole layers per shard plus an index, as transformers
     does; the tensors and quantc.load's logits equal the single-file artifact's."""

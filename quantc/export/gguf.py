@@ -33,6 +33,7 @@ from .. import __version__
 from .. import ggml
 from ..errors import QuantcError
 from ..family import FAMILIES
+from ..staging import cleans_up_output
 from ..packing import unpack_cols, unpack_rows
 
 log = logging.getLogger("quantc")
@@ -177,6 +178,7 @@ def head_types(folder: Path, cfg: dict, qc: dict, t: dict) -> dict[str, "ggml.GG
     return out
 
 
+@cleans_up_output
 def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = None, force: bool = False,
                 heads: str = "llama") -> dict:
     """Write out/model.gguf from the GPTQ checkpoint folder `src`; returns what was written per tensor.

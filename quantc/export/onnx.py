@@ -7,7 +7,7 @@ integers, scales and zero points (nothing is re-quantized):
 - 2-, 4- and 8-bit weights are stored natively; 3-bit weights sit in a 4-bit container, each code
   shifted by 8 − its zero point so that the default zero point serves (exact; only the storage grows,
   and no zero-point input: the same kernel path as symmetric 4-bit);
-- block size = group size (or the largest power of two ≥ 16 that divides it: scales repeat);
+- block size = group size, or the largest power of two of 16…256 that divides it (scales repeat);
 - act-order (a g_idx that is not i // group_size) is undone by reordering K at export and gathering
   the activations in the same order, never through MatMulNBits' g_idx (wrong with packed zeros);
 - zero points are packed uint8, and left out when they all equal ONNX Runtime's default 2^(bits-1).
@@ -79,10 +79,15 @@ def _pack_low_first(v: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+MAX_BLOCK = 256     # ONNX Runtime's MatMulNBits kernels handle blocks of 16…256: a wider block (accepted by
+#                     the op's checks) left 2-bit products wrong on the CPU (MLAS dequantizes only 16…256)
+
+
 def block_size_for(group_size: int) -> int:
-    """MatMulNBits needs a power-of-two block ≥ 16: the largest one dividing the group size."""
+    """MatMulNBits needs a power-of-two block of 16…256: the largest one dividing the group size (a
+    wider group is several blocks with the same scale and zero point)."""
     b = 1
-    while group_size % (b * 2) == 0 and b * 2 <= group_size:
+    while group_size % (b * 2) == 0 and b * 2 <= min(group_size, MAX_BLOCK):
         b *= 2
     if b < 16:
         raise QuantcError(f"group size {group_size} has no power-of-two block ≥ 16 dividing it; "
