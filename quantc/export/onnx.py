@@ -79,8 +79,8 @@ def _pack_low_first(v: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-MAX_BLOCK = 256     # ONNX Runtime's MatMulNBits kernels handle blocks of 16…256: a wider block (accepted by
-#                     the op's checks) left 2-bit products wrong on the CPU (MLAS dequantizes only 16…256)
+MAX_BLOCK = 256     # ONNX Runtime's MatMulNBits kernels handle blocks of 16…256: it refuses a 2-bit node
+#                     with a wider block at load, and MLAS's fast paths stop at 256
 
 
 def block_size_for(group_size: int) -> int:
