@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -129,7 +130,7 @@ def main() -> None:
             p.unlink()
     write_calibration_file()
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
-    cmd = "python -m benchmarks.bench_ablation " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.bench_ablation " + shlex.join(sys.argv[1:])     # as a shell reads it back
     rows = []
     for c in configs:
         for n in names:
