@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, WORK, calibration, wikitext
+from benchmarks.common import ROOT, WORK, calibration, machine, wikitext
 from benchmarks.models import bench_model, decoder_linears, keyed, mark, own_results, select, title
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -249,7 +249,7 @@ def table(rows: list[dict]) -> str:
 def write_results(rows: list[dict], cmd: str) -> None:
     write_section(mark("bench_gptq"), [
         f"## Foundation protocol: quantc vs GPTQModel 7.6.0 on {title()}", "",
-        f"Command: `{cmd}`  \nMachine: 2-core x86_64 CPU (AVX2), 24 GiB, torch 2.13.0+cpu. "
+        f"Command: `{cmd}`  \nMachine: {machine()}. "
         "Calibration 128×512 C4 tokens (Random(0)); WikiText-2 test, first 80×512 tokens, "
         "every checkpoint evaluated in float32 through `quantc.load`. quantc GPTQ rows use "
         f"{QUANTC_GPTQ} (same bits/group/sym as GPTQModel, which runs `desc_act=False`), with error "

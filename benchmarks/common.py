@@ -17,6 +17,28 @@ CACHE = Path(os.environ.get("QUANTC_CACHE", Path.home() / ".cache" / "quantc"))
 WORK = ROOT / "benchmarks" / "work"        # the benchmarks' cache of finished jobs and fetched models (git-ignored)
 
 
+def machine() -> str:
+    """This machine in words for a section's header (read, not typed: sections move between machines):
+    cores, CPU model and vector extensions, memory, torch."""
+    import platform
+    name, flags = platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == platform.machine():
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    if "avx512_bf16" in flags:
+        simd += " with bf16"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()}-core {name} ({simd}), {mem:.0f} GiB, torch {torch.__version__}"
+
+
 def model_dir() -> Path:
     return Path(os.environ.get("QUANTC_TEST_MODEL", SHARED / "models" / "smollm2-135m-instruct"))
 
