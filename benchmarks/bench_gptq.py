@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -278,7 +279,7 @@ def main() -> None:
         for p in own_results("*"):
             p.unlink()
     write_calibration_file()
-    cmd = "python -m benchmarks.bench_gptq " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.bench_gptq " + shlex.join(sys.argv[1:])      # as a shell reads it back
     rows = [{"config": "fp32", "tool": "—", "bytes": None}]
     plan = []
     for c in args.configs.split(","):
