@@ -64,7 +64,7 @@ def anchors(candidates: list[Option]) -> list[int]:
     widest group (per-channel the widest of all). An option alone in its kind is its own anchor
     (today's one-option-per-bits sets solve exactly as before)."""
     kind = lambda o: (o.bits, o.grid, o.act_order, o.static_groups, o.mse)
-    rank = lambda o: (not o.sym, o.group_size != 128, -o.group_size if o.group_size > 0 else -2**31)
+    rank = lambda o: (not o.sym, o.group_size != 128, o.size_order[1])     # then the widest group
     best: dict[tuple, int] = {}
     for j, o in enumerate(candidates):
         b = best.get(kind(o))
