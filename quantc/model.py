@@ -420,6 +420,11 @@ class Activations:
             t.copy_(hidden)
             self.hidden = t
 
+    def release(self) -> None:
+        """Drop the hidden states (their memory, or an offloaded file's pages, go with the last
+        reference): for inputs handed over to a sweep that has moved past them."""
+        self.hidden = None
+
     def empty_like(self) -> torch.Tensor:
         return offloaded_empty(self.hidden, self.offload) if self.offload else torch.empty_like(self.hidden)
 

@@ -211,10 +211,16 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
             hidden = world.scatter_rows(resumed[1] if resumed else None, bs)
             ref_hidden = world.scatter_rows(resumed[2] if resumed else None, bs)
             ref = Activations(ref_hidden, kwargs, bs, offload, place) if ref_hidden is not None else None
-        quantize_gptq(model, Activations(hidden, kwargs, bs, offload, place), options, damp=cfg.damp,
+            del ref_hidden
+        del resumed
+        acts = Activations(hidden, kwargs, bs, offload, place)
+        # handed over: no name here keeps the first layer's inputs (nor, offloaded, their RAM copy)
+        # alive through the sweep, and quantize_gptq releases them once that layer is done
+        del hidden
+        quantize_gptq(model, acts, options, damp=cfg.damp,
                       qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
                       block_size=cfg.block_size, start_layer=start, ref_acts=ref,
-                      on_layer=layer_done, progress=progress, place=place)
+                      on_layer=layer_done, progress=progress, place=place, release_inputs=True)
     timings["quantize_s"] = time.perf_counter() - t
     traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
     if not world.main:

@@ -1,6 +1,7 @@
 """Bounded memory: lazy loading reads one decoder layer at a time and gives the same artifact."""
 import hashlib
 
+import pytest
 import torch
 
 import quantc.lazy as lazy
@@ -91,3 +92,37 @@ def test_offloaded_activations_give_the_same_artifact(tmp_path, tiny_models, cal
                                               "resources": {"offload_activations": off}}, "t"))["activations"]
            for off in (True, False)}
     assert est[True] < est[False]
+
+
+@pytest.mark.parametrize("qep,off", [(0.0, False), (0.5, False), (0.5, True)])
+def test_the_first_layers_inputs_are_freed_after_it(tmp_path, tiny_models, calib_file, monkeypatch, qep, off):
+    """Sweep 2 holds its live streams only: the layer-0 inputs the pipeline captured (and, offloaded,
+    their RAM copy) are gone once layer 0 is done, not referenced until the end of the sweep."""
+    import gc
+    import weakref
+    from quantc import pipeline
+    from quantc.passes import quantize
+    captured, alive = [], {}
+    real_capture, real_sweep = pipeline.capture_layer0_inputs, quantize.quantize_gptq
+
+    def capture(*a, **k):
+        hidden, kw = real_capture(*a, **k)
+        captured.append(weakref.ref(hidden))
+        return hidden, kw
+
+    def sweep(model, acts, *a, on_layer=None, **k):
+        file_copy = weakref.ref(acts.hidden)
+
+        def spy(i, *r):
+            gc.collect()
+            alive[i] = (captured[0]() is not None, file_copy() is not None)
+            on_layer(i, *r)
+        return real_sweep(model, acts, *a, on_layer=spy, **k)
+
+    monkeypatch.setattr(pipeline, "capture_layer0_inputs", capture)
+    monkeypatch.setattr(quantize, "quantize_gptq", sweep)
+    r = {"model": str(tiny_models["llama"]), "quant": {"bits": 4, "group_size": 32, "qep_alpha": qep},
+         "calibration": {"source": str(calib_file), "samples": 8, "seq_len": 32, "batch_size": 4},
+         "resources": {"offload_activations": off}}
+    compile_model(parse_config(r, "t"), tmp_path / "out", progress=False)
+    assert alive and all(not any(v) for v in alive.values()), alive

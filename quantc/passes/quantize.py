@@ -198,13 +198,16 @@ def reference_inputs(layer: nn.Module, acts: Activations, groups) -> tuple[list[
 def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option], *, damp: float = 0.01,
                   qep_alpha: float = 0.0, true_sequential: bool = True, block_size: int = 128,
                   start_layer: int = 0, ref_acts: Activations | None = None,
-                  on_layer: Callable | None = None, progress: bool = True, place: Placement = CPU) -> None:
+                  on_layer: Callable | None = None, progress: bool = True, place: Placement = CPU,
+                  release_inputs: bool = False) -> None:
     """Quantize every linear named in `options` in place (on the default CPU placement the weights
     are replaced by their dequantized values). `acts` are the quantized model's inputs of decoder
     layer `start_layer` (`ref_acts` the original model's, for QEP; the same at layer 0).
     `on_layer(i, results, x_hat, x_ref)` takes each finished layer's {name: QuantResult} (on the CPU)
     and the next layer's inputs, once the layer is released (the shard and resume point are written
-    there); nothing is kept here, so memory holds one layer's codes, not the model's."""
+    there); nothing is kept here, so memory holds one layer's codes, not the model's. With
+    `release_inputs` the caller hands `acts` and `ref_acts` over: their hidden states are released once
+    the first layer has read them, so the sweep holds its live streams only, not a stale one beside."""
     layers = decoder_layers(model)
     fam = family_of(model)
     x_hat = acts
@@ -214,6 +217,11 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
         with decoder_layer(model, i, place) as layer:       # lazy models: this layer's weights come from disk now
             layer_results, x_hat, x_ref = _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha,
                                                           true_sequential, block_size, place, fam)
+        if release_inputs:              # the first layer's inputs are read: the outputs replace them
+            for a in (acts, ref_acts):
+                if a is not None and a is not x_hat and a is not x_ref:
+                    a.release()
+            acts = ref_acts = None
         for res in layer_results.values():
             res.cpu()
             res.weight = None           # the float copy (on the device) is not needed past here
