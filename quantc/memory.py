@@ -53,16 +53,61 @@ def solved_options(cfg) -> int:
     return len(cfg.candidates)
 
 
+def _shapes(mc: dict) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, layers, vocab, attention width) from config.json's values."""
+    hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
+    heads = mc.get("num_attention_heads") or 1
+    # attention width (q_proj's outputs, o_proj's inputs): heads · head_dim, not hidden on Qwen3 and Gemma 3
+    attn = heads * (mc.get("head_dim") or hidden // heads)
+    return hidden, inter, mc.get("num_hidden_layers", 0), mc.get("vocab_size", 0), attn
+
+
+def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None = None) -> dict:
+    """Bytes of the activations each sweep holds where the calibration activations live (host
+    memory, or the compute device when they fit there: pipeline.placement asks this), from
+    config.json's values. `ranks`: processes that split the calibration batches (each holds its
+    share; distributed.World.share); `offload`: whether they go to files (default `resources.offload_activations`).
+    - quantize (sweep 2): x̂ in/out, with QEP x in/out, one layer's cached attention/MLP inputs, and
+      with QEP the original layer's input of every group (taken in one forward before the layer's
+      weights change and held until that group's δ is summed: passes/quantize.py reference_inputs;
+      they stay where the activations live, so offloading does not remove them);
+    - measure (sweep 1, with a budget): its calibration activations in/out, the held-out streams
+      (fisher: every layer's held-out input, one stream per solved option and the probes' gradients;
+      exact: every perturbed stream alive at the last layer), and the head's logits."""
+    hidden, inter, layers, vocab, attn = _shapes(mc)
+    act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
+    offload = cfg.offload_activations if offload is None else offload
+    tokens = -(-cfg.calibration.samples // ranks) * cfg.calibration.seq_len
+    streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
+    if offload:
+        streams = 2                                           # only the cached attn/mlp inputs stay in RAM
+    quantize = tokens * hidden * act_bytes * streams
+    if cfg.qep_alpha > 0:
+        quantize += tokens * (hidden + attn + hidden + inter) * act_bytes   # q/k/v, o, gate/up, down inputs
+    measure = 0
+    if not cfg.uniform:
+        p = cfg.plan
+        held = p.alpha_samples * p.alpha_seq_len * hidden * act_bytes
+        calib = -(-p.measure_samples // ranks) * cfg.calibration.seq_len * hidden * act_bytes * 2
+        k = solved_options(cfg)
+        if p.predictor == "fisher":
+            live = held * (layers + k + 2 * p.probes)          # held-out inputs, a uniform stream per solved option
+        else:
+            direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
+            per_layer = 7 if cfg.units == "linear" else 4     # units per layer
+            live = held * layers * (per_layer * (direct + 1) + 1)   # + α and LieQ streams
+        logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
+        measure = calib + live + logits
+    return {"quantize": quantize, "measure": measure}
+
+
 def memory_estimate(cfg: Config) -> dict | None:
     """Expected peak memory of the compile, from config.json and the safetensors headers alone.
 
     Weights: one decoder layer in fp32 plus everything outside the layers when layers load lazily
-    (both sweeps), else the model. Then the larger of the two sweeps' working sets:
-    - sweep 1 (with a budget): its calibration activations (in/out), the held-out streams (fisher:
-      every layer's held-out input, one stream per solved option and the probes' gradients; exact: every
-      perturbed stream alive at the last layer), and the head's logits;
-    - sweep 2: calibration activations (x̂ in/out, with QEP x in/out, one layer's cached inputs),
-      one layer's codes (finished layers go to their shard at once);
+    (both sweeps), else the model. Then the larger of the two sweeps' working sets: each sweep's
+    activations (`activation_bytes`), and in sweep 2 one layer's codes (finished layers go to their
+    shard at once);
     plus the larger of the capture (the Hessians' sums — sweep 2: one input group's, every group's of a
     layer with true_sequential: false; sweep 1: a layer's — and a batch's forward buffers) and the
     solves (float32 Hessians, the Cholesky, one stack of options, sweep 1's codes), and the runtime."""
@@ -76,40 +121,14 @@ def memory_estimate(cfg: Config) -> dict | None:
         return None
     if n is None or mc is None:
         return None
-    hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
-    layers, vocab = mc.get("num_hidden_layers", 0), mc.get("vocab_size", 0)
-    heads = mc.get("num_attention_heads") or 1
-    # attention width (q_proj's outputs, o_proj's inputs): heads · head_dim, not hidden on Qwen3 and Gemma 3
-    attn = heads * (mc.get("head_dim") or hidden // heads)
+    hidden, inter, layers, vocab, attn = _shapes(mc)
     if cfg.rotate != "none" and mc.get("tie_word_embeddings"):
         n += vocab * hidden                                   # the lm_head the rotation unties
-    act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
-    tokens = cfg.calibration.samples * cfg.calibration.seq_len
-    streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
-    if cfg.offload_activations:
-        streams = 2                                           # only the cached attn/mlp inputs stay in RAM
+    act = activation_bytes(cfg, mc)
     layer_weights = hidden * attn * 4 + 3 * hidden * inter    # q/k/v/o (upper bound) + MLP, one layer
-    quantize = tokens * hidden * act_bytes * streams + layer_weights   # + one layer's uint8 codes
+    quantize = act["quantize"] + layer_weights                # + one layer's uint8 codes
+    measure = act["measure"]
     widths = (hidden, attn, hidden, inter)                    # q/k/v, o, gate/up, down inputs
-    if cfg.qep_alpha > 0:
-        # QEP: the original layer's input of every group, taken in one forward before the layer's
-        # weights change and held until that group's δ is summed (passes/quantize.py: reference_inputs);
-        # kept where the activations live, so offloading does not remove them
-        quantize += tokens * sum(widths) * act_bytes
-    measure = 0
-    if not cfg.uniform:
-        p = cfg.plan
-        held = p.alpha_samples * p.alpha_seq_len * hidden * act_bytes
-        calib = p.measure_samples * cfg.calibration.seq_len * hidden * act_bytes * 2
-        k = solved_options(cfg)
-        if p.predictor == "fisher":
-            live = held * (layers + k + 2 * p.probes)          # held-out inputs, a uniform stream per solved option
-        else:
-            direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
-            per_layer = 7 if cfg.units == "linear" else 4     # units per layer
-            live = held * layers * (per_layer * (direct + 1) + 1)   # + α and LieQ streams
-        logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
-        measure = calib + live + logits
     acts = max(quantize, measure)
     # Hessians: float64 sums (8 bytes per entry) rounded to a float32 H (4 bytes) when read (with QEP
     # a second, cross sum and δ beside each). Sweep 2 holds one input group's at a time (down_proj's is

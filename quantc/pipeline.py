@@ -22,7 +22,7 @@ from .config import Config
 from .errors import QuantcError
 from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
                     linear_names, resolve_device, source_identity)  # noqa: F401 (linear_names: re-exported)
-from .memory import check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
+from .memory import activation_bytes, check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 from .preflight import preflight
 from . import rotate
@@ -86,10 +86,9 @@ def placement(cfg: Config, model) -> Placement:
     on_device = True
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        tokens = -(-cfg.calibration.samples // world.size) * cfg.calibration.seq_len    # this rank's share
-        hidden = int(getattr(model.config, "hidden_size", 0))
-        streams = 2 + (2 if cfg.qep_alpha > 0 else 0)
-        need = tokens * hidden * torch.finfo(dtype).bits // 8 * streams
+        # every stream each sweep holds (QEP's reference inputs and the cached group inputs included),
+        # for this rank's share of the batches; on the device nothing is offloaded to files
+        need = max(activation_bytes(cfg, model.config.to_dict(), world.size, offload=False).values())
         on_device = need < 0.5 * free         # leave room for the layer, Hessians and the working set
         log.info("compute on %s in %s; calibration activations %.2f GiB %s", device, cfg.compute_dtype,
                  need / 2**30, "on the device" if on_device else "in host memory (moved batch by batch)")

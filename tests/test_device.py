@@ -78,3 +78,22 @@ def test_unavailable_device_is_a_clear_error(tmp_path, tiny_models, calib_file):
 def test_bad_placement_and_predictor_keys(section, key, value):
     with pytest.raises(ConfigError, match=f"{section}.{key}"):
         parse_config({"model": "org/model", section: {key: value}}, "b.yaml")
+
+
+@pytest.mark.parametrize("qep", [0.0, 0.5])
+def test_activations_go_to_the_gpu_only_when_every_stream_fits(tiny_models, calib_file, monkeypatch, qep):
+    """On a GPU, the calibration activations stay on the device only when every stream sweep 2 holds
+    fits in half the free memory: x̂ and (QEP) x in/out, the cached attention/MLP inputs and QEP's
+    reference input of every group. Counting the in/out streams alone put them on a device that then
+    ran out of memory."""
+    from transformers import AutoConfig
+    from types import SimpleNamespace
+    from quantc import pipeline
+    cfg = parse_config({**raw(str(tiny_models["llama"]), calib_file), "quant": {"qep_alpha": qep}}, "t")
+    mc = AutoConfig.from_pretrained(tiny_models["llama"])
+    model = SimpleNamespace(config=mc)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda spec: torch.device("cuda", 0))
+    inout = cfg.calibration.samples * cfg.calibration.seq_len * mc.hidden_size * 4 * (4 if qep else 2)
+    for free, fits in ((2.2 * inout, False), (20 * inout, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev, free=free: (int(free), int(4 * free)))
+        assert pipeline.placement(cfg, model).acts_on_device is fits, (free, fits)
