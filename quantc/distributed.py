@@ -18,7 +18,8 @@ What is split, and why the artifact is bit-identical to one process (at equal th
 - Rank 0 alone writes: the staging folder, the layer shards and resume state, the measurement cache
   and the artifact. The activations of the resume point are gathered to rank 0 after each layer and
   scattered back on resume, so a run resumes with any number of processes.
-Nothing home-made: torch.distributed's own process group (gloo on CPUs, nccl on GPUs), set up from
+Nothing home-made: torch.distributed's own process group (gloo on CPUs; on GPUs nccl for CUDA tensors
+and gloo for host tensors and the object collectives), set up from
 torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ class World:
         """Sum over ranks, in place (every rank calls it, in the same order)."""
         if self.active:
             import torch.distributed as dist
-            if dist.get_backend() == "nccl" and not t.is_cuda:    # nccl reduces CUDA tensors only
+            if dist.get_backend() == "nccl" and not t.is_cuda:    # a group of nccl alone (made by the caller)
                 on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
                 dist.all_reduce(on_gpu)
                 t.copy_(on_gpu)
@@ -166,19 +167,32 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch_shape() -> tuple[int, int, bool]:
+    """(processes in the run, processes on this host, whether this host runs rank 0), as the
+    launcher set them (torchrun: WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK), readable before the group
+    exists: the memory check counts every process that shares this host's memory. (1, 1, True)
+    without a launcher."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return world, local, int(os.environ.get("GROUP_RANK", "0")) == 0
+
+
 def launched_rank() -> int:
     """This process's rank as the launcher set it (0 without one), readable before the group exists."""
     return int(os.environ.get("RANK", "0"))
 
 
 def join(device: torch.device) -> World:
-    """The process group of this run (created once from torchrun's environment): gloo on CPUs, nccl
-    on GPUs. One process without a launcher: SOLO, and torch.distributed is never touched."""
+    """The process group of this run (created once from torchrun's environment): gloo on CPUs; on
+    GPUs nccl for CUDA tensors, gloo for host ones. One process without a launcher: SOLO, and torch.distributed is never touched."""
     if not launched():
         return SOLO
     import torch.distributed as dist
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # on GPUs, nccl for CUDA tensors (the Hessian sums) and gloo for host tensors: torch runs the
+        # object collectives (broadcast of results, the resume point's gather and scatter) on the
+        # group's cpu backend, so a layer's activations never pass through rank 0's GPU memory
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 1800)))
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

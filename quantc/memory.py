@@ -101,8 +101,11 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
     return {"quantize": quantize, "measure": measure}
 
 
-def memory_estimate(cfg: Config) -> dict | None:
-    """Expected peak memory of the compile, from config.json and the safetensors headers alone.
+def memory_estimate(cfg: Config, ranks: int = 1) -> dict | None:
+    """Expected peak memory of one process of the compile, from config.json and the safetensors
+    headers alone. `ranks`: processes of a torchrun run (each holds its share of the calibration
+    batches; rank 0 also gathers every rank's rows of the resume point after each layer: `gather`,
+    counted in its total).
 
     Weights: one decoder layer in fp32 plus everything outside the layers when layers load lazily
     (both sweeps), else the model. Then the larger of the two sweeps' working sets: each sweep's
@@ -124,7 +127,7 @@ def memory_estimate(cfg: Config) -> dict | None:
     hidden, inter, layers, vocab, attn = _shapes(mc)
     if cfg.rotate != "none" and mc.get("tie_word_embeddings"):
         n += vocab * hidden                                   # the lm_head the rotation unties
-    act = activation_bytes(cfg, mc)
+    act = activation_bytes(cfg, mc, ranks)
     layer_weights = hidden * attn * 4 + 3 * hidden * inter    # q/k/v/o (upper bound) + MLP, one layer
     quantize = act["quantize"] + layer_weights                # + one layer's uint8 codes
     measure = act["measure"]
@@ -157,9 +160,12 @@ def memory_estimate(cfg: Config) -> dict | None:
     solve = 4 * (largest if cfg.uniform else every) + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5) + codes
     layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
+    gather = 0
+    if ranks > 1 and cfg.method != "rtn":     # x̂ (and with QEP x): every rank's parts, then their concatenation
+        gather = 2 * cfg.calibration.samples * cfg.calibration.seq_len * hidden * 4 * (2 if cfg.qep_alpha > 0 else 1)
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
             "hessians": hess, "working": batch, "solve": solve, "layer": layer, "runtime": runtime,
-            "total": n * 4 + acts + layer + runtime}
+            "gather": gather, "total": n * 4 + acts + layer + runtime + gather}
 
 
 RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
@@ -177,17 +183,25 @@ def available_memory() -> int | None:
 
 
 def check_memory(cfg: Config) -> None:
-    est = memory_estimate(cfg)
+    """Refuse a compile that cannot fit in this host's available memory, before any work. Under
+    torchrun every process of this host counts (each loads its layer, holds its Hessians and its share
+    of the activations; rank 0 also gathers the resume point): they share one MemAvailable."""
+    from .distributed import launch_shape
+    ranks, local, has_rank0 = launch_shape()
+    est = memory_estimate(cfg, ranks)
     if est is None:
         return
+    one = est["total"] - est["gather"]                        # a process other than rank 0
+    host = one * local + (est["gather"] if has_rank0 else 0)
     avail = available_memory()
+    per = f"; {local} processes on this host: {host / 2**30:.2f} GiB together" if local > 1 else ""
     log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians, solves and buffers %.2f, "
-             "runtime %.2f); available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
-             est["layer"] / 2**30, est["runtime"] / 2**30,
+             "runtime %.2f)%s; available %s", est["total"] / 2**30, est["weights"] / 2**30, est["activations"] / 2**30,
+             est["layer"] / 2**30, est["runtime"] / 2**30, per,
              f"{avail / 2**30:.2f} GiB" if avail else "unknown")
-    if avail is not None and est["total"] > avail:
-        raise QuantcError(f"the compile needs about {est['total'] / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB "
+    if avail is not None and host > avail:
+        many = (f" ({local} processes on this host, {one / 2**30:.2f} GiB each; start fewer with "
+                "torchrun --nproc-per-node, or spread them with --nnodes)") if local > 1 else ""
+        raise QuantcError(f"the compile needs about {host / 2**30:.2f} GiB{many} but only {avail / 2**30:.2f} GiB "
                           f"is available (calibration activations alone {est['activations'] / 2**30:.2f} GiB); "
                           "lower calibration.samples or calibration.seq_len, or free memory")
-
-

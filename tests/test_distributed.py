@@ -128,3 +128,45 @@ def test_hessian_sum_does_not_depend_on_how_batches_are_grouped():
     a.sum += b.sum                  # what the all-reduce of two ranks does
     a.n += b.n
     assert torch.equal(whole.H, a.H)
+
+
+def test_the_memory_check_counts_every_process_on_the_host(tmp_path, tiny_tokenizer, calib_file, monkeypatch):
+    """torchrun --nproc-per-node N: the N processes share one MemAvailable. Memory for one process's
+    compile is not enough for two on the same host (each checked the whole host's memory before)."""
+    from quantc import memory
+    from quantc.config import load_config
+    from quantc.errors import QuantcError
+    cfg = load_config(_budget(tmp_path, tiny_tokenizer, calib_file, 0.5))
+    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    one = memory.memory_estimate(cfg)["total"]
+    monkeypatch.setattr(memory, "available_memory", lambda: int(1.5 * one))
+    memory.check_memory(cfg)                            # one process fits
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(QuantcError, match="2 processes on this host.*--nproc-per-node"):
+        memory.check_memory(cfg)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")         # one per host (--nnodes 2): each host fits
+    monkeypatch.setenv("GROUP_RANK", "1")
+    memory.check_memory(cfg)
+
+
+def test_on_gpus_host_tensors_and_objects_go_through_gloo(monkeypatch):
+    """On GPUs the group pairs nccl (CUDA tensors) with gloo (host tensors): torch runs the object
+    collectives on the cpu backend, so the resume point's gather of a layer's activations does not
+    pass through rank 0's GPU (with nccl alone it did). On CPUs: gloo."""
+    import torch.distributed as dist
+    from quantc import distributed
+    asked = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **k: asked.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: asked.append(f"set {i}"))
+    assert distributed.join(torch.device("cuda")) == World(1, 2, 1)
+    assert asked == ["set 1", "cpu:gloo,cuda:nccl"]
+    asked.clear()
+    distributed.join(torch.device("cpu"))
+    assert asked == ["gloo"]
