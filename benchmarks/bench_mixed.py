@@ -4,7 +4,8 @@ protocol of bench_gptq).
     python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
                                      [--budgets 3b,3.5b,4b] [--qep-budgets 3b,wide:4b] [--qep-variants bits,wide-rot]
                                      [--plain-variants bits]
-                                     [--variants bits,wide,wide-rot,vllm] [--references 3b,4b] [--fresh]
+                                     [--variants bits,wide,wide-rot,vllm] [--references 3b,4b]
+                                     [--qep-references 4b] [--section NAME] [--fresh]
 
 For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
 `wide-rot`: the wide set with `quant.rotate: hadamard`; `vllm`: `serve: [vllm]`, what vLLM's GPTQ-Marlin
@@ -12,6 +13,9 @@ runs, at the 4-bit size only) and each predictor (plan.predictor): measures
 once (sweep 1, cached), re-plans from the cache for each budget, compiles each plan (QEP rows: the
 first predictor, for --qep-variants, by default the first variant), and evaluates every checkpoint through `quantc.load` in float32 on
 WikiText-2.
+`--qep-references` compiles the uniform references with QEP too (else their QEP rows appear where
+bench_ablation's qep job has run); `--section NAME` writes a section of its own (its own plots), for a
+narrower run beside the model's main one.
 Budgets equal the exact byte size of uniform 3-bit g128 and 4-bit g128 (as bench_gptq's quantc
 rows) and the midpoint (~3.5 bits/weight). Uniform rows are read from bench_gptq's cached results.
 Predicted ΔKL (Σ α·err) is compared with the measured Δloss = ln(ppl) − ln(ppl_fp32), and (the KL
@@ -153,6 +157,11 @@ def main() -> None:
     ap.add_argument("--references", default="3b,4b",
                     help="uniform GPTQ references to compile (bench_gptq's quantc rows; '' = none; a larger model "
                          "may skip the ones its budgets do not need)")
+    ap.add_argument("--qep-references", default="",
+                    help="uniform references compiled with QEP α too (bench_ablation's qep job; '' = none: those "
+                         "rows appear where that job has run)")
+    ap.add_argument("--section", help="write the rows to a section of their own, titled with this name, leaving "
+                                      "the model's main section (and its plots) as they are")
     ap.add_argument("--no-kl", action="store_true", help="skip the KL check of every checkpoint")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--cached-only", action="store_true",
@@ -194,6 +203,13 @@ def main() -> None:
 
     plans = {(v, p): run_plan(v, p, reach(v)) for v in variants for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
+    global SECTION
+    SECTION = args.section
+    for c in filter(None, args.qep_references.split(",")):   # compiled before the plans that compare with them
+        if c not in ("3b", "4b") or args.qep <= 0:
+            ap.error(f"--qep-references: {c!r} is not 3b or 4b, or --qep is 0")
+        if not args.cached_only:
+            run_uniform(c, args.qep)
     for c in filter(None, args.references.split(",")):   # the uniform references: bench_gptq's quantc rows
         if c not in ("3b", "4b"):
             ap.error(f"--references: {c!r} is not 3b or 4b")
@@ -276,6 +292,14 @@ def _when(rows, plans) -> str:
     return f"Its jobs (measurements, compiles, evaluations; cached in benchmarks/work/) finished between {day(times[0])} and {day(times[-1])} UTC."
 
 
+SECTION: str | None = None     # --section: the name of a section of its own
+
+
+def _slug(sep: str = " ") -> str:
+    """The section's name in its marker and plot file names ('' for the model's main section)."""
+    return sep + "".join(c if c.isalnum() else "-" for c in SECTION) if SECTION else ""
+
+
 def _uniform(bits: int, qep: float = 0.0, job: str = "eval") -> dict | None:
     """A uniform GPTQ reference's evaluation (or its KL check, job="kl"): bench_gptq's quantc row (QEP
     off), or with QEP 0.5 its QEP row (bench_ablation's qep-0.5 job), when that job has run."""
@@ -285,7 +309,7 @@ def _uniform(bits: int, qep: float = 0.0, job: str = "eval") -> dict | None:
 
 def write(rows, plans, fp, sizes, cmd) -> None:
     u3, u4 = _uniform(3), _uniform(4)
-    lines = [f"## Mixed precision: allocation under a memory budget ({title()})", "",
+    lines = [f"## Mixed precision: allocation under a memory budget ({title()}){', ' + SECTION if SECTION else ''}", "",
              f"Command: `{cmd}` (it also runs the uniform GPTQ references with bench_gptq's settings). "
              "Candidates per unit (q/k/v, o, gate/up, down), by variant: "
              + "; ".join(f"*{v}* = {VARIANTS[v][2]}" for v in dict.fromkeys(v for v, _ in plans))
@@ -412,7 +436,7 @@ def write(rows, plans, fp, sizes, cmd) -> None:
     png = _plot_predictor(rows, fp)
     if png:
         lines += ["", f"![predicted against measured]({png.relative_to(RESULTS.parent).as_posix()})"]
-    write_section(mark("bench_mixed"), lines)
+    write_section(mark("bench_mixed" + _slug()), lines)
 
 
 def _plot_predictor(rows, fp):
@@ -424,7 +448,7 @@ def _plot_predictor(rows, fp):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out = RESULTS.parent / "plots" / f"{keyed('mixed_predicted_vs_measured')}.png"
+    out = RESULTS.parent / "plots" / f"{keyed('mixed_predicted_vs_measured' + _slug('-'))}.png"
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     lo = min(min(r["pred"], r["kl"]["c4"]["kl"]) for r in pts) / 1.5
     hi = max(max(r["pred"], math.log(r["eval"]["ppl"] / fp["ppl"])) for r in pts) * 1.5
@@ -447,7 +471,7 @@ def _plot(rows, u3, u4, sizes, fp):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out = RESULTS.parent / "plots" / f"{keyed('mixed_ppl_vs_size')}.png"
+    out = RESULTS.parent / "plots" / f"{keyed('mixed_ppl_vs_size' + _slug('-'))}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     uni = [(sizes[k] / 1e6, u["ppl"]) for k, u in (("3b", u3), ("4b", u4)) if u]
