@@ -198,16 +198,18 @@ def main() -> None:
         if b not in budgets or (v and v not in qep_variants):
             ap.error(f"--qep-budgets: {entry!r} is not one of --budgets ({args.budgets}), or VARIANT:BUDGET "
                      f"with VARIANT one of --qep-variants")
+    for c in filter(None, args.qep_references.split(",")):
+        if c not in ("3b", "4b") or args.qep <= 0:
+            ap.error(f"--qep-references: {c!r} is not 3b or 4b, or --qep is 0")
+    global SECTION
+    SECTION = args.section
+
     def reach(v: str) -> dict:
         return {b: n for b, n in budgets.items() if b in REACHABLE.get(v, budgets)}
 
     plans = {(v, p): run_plan(v, p, reach(v)) for v in variants for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
-    global SECTION
-    SECTION = args.section
-    for c in filter(None, args.qep_references.split(",")):   # compiled before the plans that compare with them
-        if c not in ("3b", "4b") or args.qep <= 0:
-            ap.error(f"--qep-references: {c!r} is not 3b or 4b, or --qep is 0")
+    for c in filter(None, args.qep_references.split(",")):   # compiled before the plans' checkpoints
         if not args.cached_only:
             run_uniform(c, args.qep)
     for c in filter(None, args.references.split(",")):   # the uniform references: bench_gptq's quantc rows

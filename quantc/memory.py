@@ -62,11 +62,22 @@ def _shapes(mc: dict) -> tuple[int, int, int, int, int]:
     return hidden, inter, mc.get("num_hidden_layers", 0), mc.get("vocab_size", 0), attn
 
 
-def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None = None) -> dict:
+def _rank_rows(n: int, batch_size: int, ranks: int) -> int:
+    """Rows of `n` that the busiest rank holds: whole batches, split as distributed.World.share does
+    (rank 0 takes one batch more when uneven)."""
+    from .distributed import World
+    return min(n, len(World(0, ranks).share(-(-n // batch_size))) * batch_size)
+
+
+def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None = None,
+                     gathers: bool = False) -> dict:
     """Bytes of the activations each sweep holds where the calibration activations live (host
     memory, or the compute device when they fit there: pipeline.placement asks this), from
     config.json's values. `ranks`: processes that split the calibration batches (each holds its
-    share; distributed.World.share); `offload`: whether they go to files (default `resources.offload_activations`).
+    share of whole batches; distributed.World.share); `offload`: whether they go to files (default
+    `resources.offload_activations`); `gathers`: rank 0 of a distributed run, which gathers every
+    rank's rows of the resume point after each layer (in host memory: the parts, then their
+    concatenation, of x̂ and with QEP x).
     - quantize (sweep 2): x̂ in/out, with QEP x in/out, one layer's cached attention/MLP inputs, and
       with QEP the original layer's input of every group (taken in one forward before the layer's
       weights change and held until that group's δ is summed: passes/quantize.py reference_inputs;
@@ -77,18 +88,19 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
     hidden, inter, layers, vocab, attn = _shapes(mc)
     act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     offload = cfg.offload_activations if offload is None else offload
-    tokens = -(-cfg.calibration.samples // ranks) * cfg.calibration.seq_len
-    streams = 2 + (2 if cfg.qep_alpha > 0 else 0) + 2        # x̂ in/out, x in/out, cached attn/mlp inputs
-    if offload:
-        streams = 2                                           # only the cached attn/mlp inputs stay in RAM
-    quantize = tokens * hidden * act_bytes * streams
+    c = cfg.calibration
+    tokens = _rank_rows(c.samples, c.batch_size, ranks) * c.seq_len
+    streams = 0 if offload else 2 + (2 if cfg.qep_alpha > 0 else 0)    # x̂ in/out, x in/out (offloaded: in files)
+    quantize = tokens * (hidden * streams + attn + hidden) * act_bytes  # + the cached o_proj and MLP inputs
     if cfg.qep_alpha > 0:
         quantize += tokens * (hidden + attn + hidden + inter) * act_bytes   # q/k/v, o, gate/up, down inputs
+    if gathers and ranks > 1 and cfg.method != "rtn":
+        quantize += 2 * c.samples * c.seq_len * hidden * act_bytes * (2 if cfg.qep_alpha > 0 else 1)
     measure = 0
     if not cfg.uniform:
         p = cfg.plan
         held = p.alpha_samples * p.alpha_seq_len * hidden * act_bytes
-        calib = -(-p.measure_samples // ranks) * cfg.calibration.seq_len * hidden * act_bytes * 2
+        calib = _rank_rows(p.measure_samples, c.batch_size, ranks) * c.seq_len * hidden * act_bytes * 2
         k = solved_options(cfg)
         if p.predictor == "fisher":
             live = held * (layers + k + 2 * p.probes)          # held-out inputs, a uniform stream per solved option
@@ -101,11 +113,10 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
     return {"quantize": quantize, "measure": measure}
 
 
-def memory_estimate(cfg: Config, ranks: int = 1) -> dict | None:
+def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict | None:
     """Expected peak memory of one process of the compile, from config.json and the safetensors
     headers alone. `ranks`: processes of a torchrun run (each holds its share of the calibration
-    batches; rank 0 also gathers every rank's rows of the resume point after each layer: `gather`,
-    counted in its total).
+    batches); `gathers`: the process is rank 0, which also gathers the resume point (activation_bytes).
 
     Weights: one decoder layer in fp32 plus everything outside the layers when layers load lazily
     (both sweeps), else the model. Then the larger of the two sweeps' working sets: each sweep's
@@ -127,7 +138,7 @@ def memory_estimate(cfg: Config, ranks: int = 1) -> dict | None:
     hidden, inter, layers, vocab, attn = _shapes(mc)
     if cfg.rotate != "none" and mc.get("tie_word_embeddings"):
         n += vocab * hidden                                   # the lm_head the rotation unties
-    act = activation_bytes(cfg, mc, ranks)
+    act = activation_bytes(cfg, mc, ranks, gathers=gathers)
     layer_weights = hidden * attn * 4 + 3 * hidden * inter    # q/k/v/o (upper bound) + MLP, one layer
     quantize = act["quantize"] + layer_weights                # + one layer's uint8 codes
     measure = act["measure"]
@@ -160,12 +171,9 @@ def memory_estimate(cfg: Config, ranks: int = 1) -> dict | None:
     solve = 4 * (largest if cfg.uniform else every) + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5) + codes
     layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
-    gather = 0
-    if ranks > 1 and cfg.method != "rtn":     # x̂ (and with QEP x): every rank's parts, then their concatenation
-        gather = 2 * cfg.calibration.samples * cfg.calibration.seq_len * hidden * 4 * (2 if cfg.qep_alpha > 0 else 1)
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
             "hessians": hess, "working": batch, "solve": solve, "layer": layer, "runtime": runtime,
-            "gather": gather, "total": n * 4 + acts + layer + runtime + gather}
+            "total": n * 4 + acts + layer + runtime}
 
 
 RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
@@ -188,11 +196,11 @@ def check_memory(cfg: Config) -> None:
     of the activations; rank 0 also gathers the resume point): they share one MemAvailable."""
     from .distributed import launch_shape
     ranks, local, has_rank0 = launch_shape()
-    est = memory_estimate(cfg, ranks)
+    est = memory_estimate(cfg, ranks)                         # rank 0's (it gathers the resume point)
     if est is None:
         return
-    one = est["total"] - est["gather"]                        # a process other than rank 0
-    host = one * local + (est["gather"] if has_rank0 else 0)
+    one = memory_estimate(cfg, ranks, gathers=False)["total"] if ranks > 1 else est["total"]   # any other rank
+    host = est["total"] + one * (local - 1) if has_rank0 else one * local
     avail = available_memory()
     per = f"; {local} processes on this host: {host / 2**30:.2f} GiB together" if local > 1 else ""
     log.info("expected peak memory %.2f GiB (weights %.2f, activations %.2f, Hessians, solves and buffers %.2f, "

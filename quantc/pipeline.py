@@ -90,6 +90,9 @@ def placement(cfg: Config, model) -> Placement:
         # for this rank's share of the batches; on the device nothing is offloaded to files
         need = max(activation_bytes(cfg, model.config.to_dict(), world.size, offload=False).values())
         on_device = need < 0.5 * free         # leave room for the layer, Hessians and the working set
+        if world.active:                      # one decision for all ranks: their collectives (cpu:gloo for
+            full = torch.tensor([0 if on_device else 1])   # host tensors, nccl for CUDA ones) must meet
+            on_device = int(world.all_reduce(full)) == 0
         log.info("compute on %s in %s; calibration activations %.2f GiB %s", device, cfg.compute_dtype,
                  need / 2**30, "on the device" if on_device else "in host memory (moved batch by batch)")
     return Placement(device, dtype, on_device, world)

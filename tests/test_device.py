@@ -97,3 +97,20 @@ def test_activations_go_to_the_gpu_only_when_every_stream_fits(tiny_models, cali
     for free, fits in ((2.2 * inout, False), (20 * inout, True)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev, free=free: (int(free), int(4 * free)))
         assert pipeline.placement(cfg, model).acts_on_device is fits, (free, fits)
+
+
+def test_ranks_agree_on_where_the_activations_live(tiny_models, calib_file, monkeypatch):
+    """Under torchrun every rank must keep its activations in the same place (their collectives meet
+    in one backend): a rank whose GPU has room follows a rank whose GPU has none."""
+    from transformers import AutoConfig
+    from types import SimpleNamespace
+    from quantc import distributed, pipeline
+    cfg = parse_config(raw(str(tiny_models["llama"]), calib_file), "t")
+    model = SimpleNamespace(config=AutoConfig.from_pretrained(tiny_models["llama"]))
+    monkeypatch.setattr(pipeline, "resolve_device", lambda spec: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (2**40, 2**41))      # this rank: room
+    monkeypatch.setattr(distributed, "join", lambda device: distributed.World(0, 2, 0))
+    others = {"full": 1, "room": 0}
+    for other, fits in others.items():        # the other rank's vote, added by the all-reduce
+        monkeypatch.setattr(distributed.World, "all_reduce", lambda self, t, n=fits: t.add_(n))
+        assert pipeline.placement(cfg, model).acts_on_device is (other == "room")

@@ -149,6 +149,26 @@ def test_the_memory_check_counts_every_process_on_the_host(tmp_path, tiny_tokeni
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")         # one per host (--nnodes 2): each host fits
     monkeypatch.setenv("GROUP_RANK", "1")
     memory.check_memory(cfg)
+    # rank 0's host also gathers every rank's rows of the resume point: it needs more than the other
+    rank0, other = memory.memory_estimate(cfg, 2)["total"], memory.memory_estimate(cfg, 2, gathers=False)["total"]
+    assert rank0 > other
+    monkeypatch.setattr(memory, "available_memory", lambda: (rank0 + other) // 2)
+    memory.check_memory(cfg)
+    monkeypatch.setenv("GROUP_RANK", "0")
+    with pytest.raises(QuantcError):
+        memory.check_memory(cfg)
+
+
+def test_a_ranks_share_is_counted_in_whole_batches(tmp_path, tiny_tokenizer, calib_file):
+    """7 sequences in batches of 2 (4 batches): 2 or 3 ranks each hold up to 2 batches (4 rows), 4 ranks
+    one batch; the memory count follows World.share, not samples / ranks."""
+    import json as js
+    from quantc.config import load_config
+    from quantc.memory import activation_bytes
+    cfg = load_config(_budget(tmp_path, tiny_tokenizer, calib_file, 0.5))
+    mc = js.loads((tmp_path / "m" / "config.json").read_text())
+    q = {r: activation_bytes(cfg, mc, r)["quantize"] for r in (1, 2, 3, 4)}
+    assert q[2] == q[3] == 2 * q[4] and q[1] == q[4] * 7 / 2
 
 
 def test_on_gpus_host_tensors_and_objects_go_through_gloo(monkeypatch):
