@@ -184,7 +184,8 @@ def launched_rank() -> int:
 
 def join(device: torch.device) -> World:
     """The process group of this run (created once from torchrun's environment): gloo on CPUs; on
-    GPUs nccl for CUDA tensors, gloo for host ones. One process without a launcher: SOLO, and torch.distributed is never touched."""
+    GPUs nccl for CUDA tensors, gloo for host ones. One process without a launcher: SOLO, and
+    torch.distributed is never touched."""
     if not launched():
         return SOLO
     import torch.distributed as dist

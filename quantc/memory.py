@@ -208,8 +208,11 @@ def check_memory(cfg: Config) -> None:
              est["layer"] / 2**30, est["runtime"] / 2**30, per,
              f"{avail / 2**30:.2f} GiB" if avail else "unknown")
     if avail is not None and host > avail:
-        many = (f" ({local} processes on this host, {one / 2**30:.2f} GiB each; start fewer with "
-                "torchrun --nproc-per-node, or spread them with --nnodes)") if local > 1 else ""
-        raise QuantcError(f"the compile needs about {host / 2**30:.2f} GiB{many} but only {avail / 2**30:.2f} GiB "
-                          f"is available (calibration activations alone {est['activations'] / 2**30:.2f} GiB); "
-                          "lower calibration.samples or calibration.seq_len, or free memory")
+        rank0 = f"rank 0 {est['total'] / 2**30:.2f} GiB, the others " if has_rank0 else ""
+        many = (f" ({local} processes on this host: {rank0}"
+                f"{one / 2**30:.2f} GiB each; start fewer with torchrun --nproc-per-node, or spread them with "
+                "--nnodes)") if local > 1 else ""
+        raise QuantcError(f"{cfg.source_file}: the compile needs about {host / 2**30:.2f} GiB{many} but only "
+                          f"{avail / 2**30:.2f} GiB is available (calibration activations alone "
+                          f"{est['activations'] / 2**30:.2f} GiB); lower calibration.samples or "
+                          "calibration.seq_len, or free memory")
