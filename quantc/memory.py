@@ -124,7 +124,8 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
     shard at once);
     plus the larger of the capture (the Hessians' sums — sweep 2: one input group's, every group's of a
     layer with true_sequential: false; sweep 1: a layer's — and a batch's forward buffers) and the
-    solves (float32 Hessians, the Cholesky, one stack of options, sweep 1's codes), and the runtime."""
+    solves (float32 Hessians, the Cholesky, one stack of options, sweep 1's codes of the units solved
+    before the current one), and the runtime."""
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
     try:
@@ -158,17 +159,25 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
     batch = cfg.calibration.batch_size * cfg.calibration.seq_len * max(inter, hidden, attn) * 4 * 6
     # A layer's two moments; the larger counts. The capture: the sums, and either a batch's forward
     # buffers (during the forward) or the largest float32 H being rounded beside its sum (after it).
-    # The solves: the float32 H (sweep 1: every group's of the layer), then the Cholesky's two n × n
-    # matrices, or its factor beside one stack of options of the largest linear (its W, Q and codes:
-    # gptq.STACK_BYTES or one option, with the stack's results), and in sweep 1 the codes of every
-    # solved option of the layer (one byte a weight; solved_options).
+    # The solves: a float32 H and its working set, the Cholesky's two n × n matrices, or its factor
+    # beside one stack of options of the largest linear (its W, Q and codes: gptq.STACK_BYTES or one
+    # option, with the stack's results). Sweep 2 holds one group's H at a time. Sweep 1 solves the
+    # widest input first, beside every group's H and no codes; each later solve runs beside the H not
+    # yet released and the codes of every solved option so far (at most the layer's, one byte a
+    # weight; solved_options).
     from .gptq import STACK_BYTES
     linear = max(hidden * inter, hidden * attn)
     k = 1 if cfg.uniform else solved_options(cfg)
     # a stack: options of one group layout (the sample's units solve every candidate)
     stack = max(1, min(1 if cfg.uniform else len(cfg.candidates), STACK_BYTES // max(1, linear * 4)))
-    codes = 0 if cfg.uniform else k * layer_weights
-    solve = 4 * (largest if cfg.uniform else every) + max(2 * 4 * largest, 4 * largest + stack * linear * 4 * 5) + codes
+
+    def work(n2: int) -> int:                                 # beside a float32 H of n2 entries
+        return max(2 * 4 * n2, 4 * n2 + stack * linear * 4 * 5)
+    if cfg.uniform:
+        solve = 4 * largest + work(largest)
+    else:
+        second = sorted(w * w for w in widths)[-2]
+        solve = max(4 * every + work(largest), 4 * (every - largest) + work(second) + k * layer_weights)
     layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,

@@ -236,3 +236,75 @@ def test_anchor_solves_predict_the_other_options(deep_llama, monkeypatch):
         assert c["factor"] == pytest.approx(cal[a]["factor"] * real / pred, rel=1e-12)
         for u in fast.units.values():
             assert u["options"][kk]["dkl"] == pytest.approx(c["factor"] * u["options"][kk]["fisher"], rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1e-3])
+def test_head_kl_from_the_logit_shift_matches_float64(deep_llama, scale):
+    """Head.compare (the logit-shift form of KL) against two float64 log-softmaxes of the same
+    float32 logits, at a real LM's logit magnitude (~10) and small shifts of the hidden states (the
+    ΔKL of a unit at 4 and 8 bits). float32 leaves ~1e-4 of relative error in either form."""
+    from quantc.model import CPU
+    from quantc.passes.measure import Head
+    model = load_model(str(deep_llama))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    gen = torch.Generator().manual_seed(0)
+    hidden = model.config.hidden_size
+    h = torch.randn(8, 33, hidden, generator=gen)
+    h2 = h + scale * torch.randn(h.shape, generator=gen)
+    tokens = _tokens(model.config.vocab_size, 8, 33, 2)
+    head = Head(model, tokens, CPU)
+    acts = Activations(h, [{}, {}], 4)
+    with torch.no_grad():
+        head.set_reference(acts)
+        kl, dloss = head.compare(acts.like(h2))
+        itself = head.compare(acts)[0]
+
+    def logits(x):
+        with torch.no_grad():
+            return head.logits(x).double()
+    ref, got = F.log_softmax(logits(h), -1), F.log_softmax(logits(h2), -1)
+    want = float((ref.exp() * (ref - got)).sum(-1).mean())
+    target = tokens[:, 1::2].unsqueeze(-1)
+    want_dloss = float(-got.gather(-1, target).mean() + ref.gather(-1, target).mean())
+    assert ref.abs().max() > 10                       # a real LM's logit magnitude
+    assert kl == pytest.approx(want, rel=5e-4)
+    assert dloss == pytest.approx(want_dloss, rel=5e-4, abs=1e-6)
+    assert itself == pytest.approx(0, abs=1e-12)          # the reference against itself
+
+
+@pytest.mark.parametrize("predictor", ["fisher", "exact"])
+def test_sweep_1_solves_the_largest_unit_first_and_frees_each_hessian(deep_llama, predictor, monkeypatch):
+    """The widest input's solve (down_proj: the layer's largest Cholesky) runs first, before any other
+    unit's codes exist, and with the fisher predictor each Hessian is freed once its last unit is
+    solved (the exact one keeps them for its noise probes)."""
+    import gc
+    import weakref
+    import quantc.passes.measure as M
+    real, calls, seen = M._solve_unit, [], {}
+
+    def spy(unit, prefix, layer, mods, hess, *a, **kw):
+        gc.collect()
+        for n, h in hess.items():
+            seen.setdefault(n, weakref.ref(h))
+        alive = {n for n, r in seen.items() if n.startswith(prefix) and r() is not None}
+        calls.append((unit, alive))
+        return real(unit, prefix, layer, mods, hess, *a, **kw)
+    monkeypatch.setattr(M, "_solve_unit", spy)
+    model = load_model(str(deep_llama))
+    vocab = model.config.vocab_size
+    _measure(model, _tokens(vocab, 8, 48, 0), _tokens(vocab, 4, 32, 1), predictor)
+    by_layer: dict[int, list] = {}
+    for unit, alive in calls:
+        by_layer.setdefault(unit.layer, []).append((unit, alive))
+    assert sorted(by_layer) == [0, 1, 2, 3]
+    for i, seq in by_layer.items():
+        order = [u.key.split(".", 1)[1] for u, _ in seq]
+        assert order == ["down", "gate+up", "q+k+v", "o"], order
+        every = {n for u, _ in seq for n in u.names}
+        for j, (unit, alive) in enumerate(seq):
+            pending = {n for u, _ in seq[j:] for n in u.names}
+            assert alive == (pending if predictor == "fisher" else every), (i, unit.key)
+    gc.collect()
+    if predictor == "fisher":
+        assert all(r() is None for r in seen.values())        # none outlives its layer's solves
