@@ -108,7 +108,10 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
             direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
             per_layer = 7 if cfg.units == "linear" else 4     # units per layer
             live = held * layers * (per_layer * (direct + 1) + 1)   # + α and LieQ streams
-        logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * 3
+        # vocabulary-sized float32 arrays over the compared positions (every second one): the head's
+        # reference z_ref and p (passes/measure.py Head), beside a comparison's logits (exact), or the
+        # fisher probes' p, its float64 copy and float64 CDF (2 each)
+        logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * (7 if p.predictor == "fisher" else 3)
         measure = calib + live + logits
     return {"quantize": quantize, "measure": measure}
 
@@ -163,8 +166,8 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
     # beside one stack of options of the largest linear (its W, Q and codes: gptq.STACK_BYTES or one
     # option, with the stack's results). Sweep 2 holds one group's H at a time. Sweep 1 solves the
     # widest input first, beside every group's H and no codes; each later solve runs beside the H not
-    # yet released and the codes of every solved option so far (at most the layer's, one byte a
-    # weight; solved_options).
+    # yet released (fisher: the widest's is; exact keeps every H for its noise probes) and the codes
+    # of every solved option so far (at most the layer's, one byte a weight; solved_options).
     from .gptq import STACK_BYTES
     linear = max(hidden * inter, hidden * attn)
     k = 1 if cfg.uniform else solved_options(cfg)
@@ -177,7 +180,8 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
         solve = 4 * largest + work(largest)
     else:
         second = sorted(w * w for w in widths)[-2]
-        solve = max(4 * every + work(largest), 4 * (every - largest) + work(second) + k * layer_weights)
+        kept = every if cfg.plan.predictor == "exact" else every - largest    # exact keeps every H for its α
+        solve = max(4 * every + work(largest), 4 * kept + work(second) + k * layer_weights)
     layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,

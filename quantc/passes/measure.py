@@ -117,7 +117,7 @@ class Head:
 
     def __init__(self, model, tokens: torch.Tensor, place: Placement, every: int = 2):
         self.model, self.tokens, self.every, self.place = model, tokens, every, place
-        self.ref_z = self.ref_p = self.ref_lse = self.ref_nll = None
+        self.ref_z = self.ref_p = None
         self._placed = False
 
     @contextlib.contextmanager
@@ -149,33 +149,35 @@ class Head:
         """Positions every comparison averages over (sequences × compared positions)."""
         return self.ref_z.shape[0] * self.ref_z.shape[1]
 
-    def _target_logits(self, z: torch.Tensor, rows: slice) -> torch.Tensor:
-        target = self.targets()[rows, : z.shape[1]].to(z.device)
-        return z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-
     def set_reference(self, acts: Activations) -> None:
+        """The unperturbed logits z_ref and p = softmax(z_ref), renormalised so that Σ p = 1 to float32
+        rounding (the shift form below takes it as exact). Both stay for every comparison: two
+        vocabulary-sized arrays (memory.activation_bytes counts them)."""
         with self.on_device():
             z = torch.cat([self.logits(xb) for xb, _ in acts.batches()])
-        self.ref_z, self.ref_lse = z, torch.logsumexp(z, -1)
-        self.ref_p = (z - self.ref_lse.unsqueeze(-1)).exp_()
-        self.ref_nll = float((self.ref_lse - self._target_logits(z, slice(None))).double().mean())
+        p = (z - torch.logsumexp(z, -1, keepdim=True)).exp_()
+        self.ref_z, self.ref_p = z, p.div_(p.sum(-1, keepdim=True))
 
     def compare(self, acts: Activations) -> tuple[float, float]:
-        kl = nll = 0.0
+        """(KL(original ‖ perturbed), Δ next-token loss), means over the compared positions. Per
+        position, with d = z − z_ref, d̄ = Σ p·d and shift = LSE(z) − LSE(z_ref) − d̄:
+        KL = shift and Δloss = (LSE(z) − z_y) − (LSE(z_ref) − z_ref,y) = d̄ + shift − d_y."""
+        kl = dloss = 0.0
         row = 0
         with self.on_device():
             for xb, _ in acts.batches():
-                z = self.logits(xb)
-                rows = slice(row, row + z.shape[0])
-                row += z.shape[0]
+                d = self.logits(xb)
+                rows = slice(row, row + d.shape[0])
+                row += d.shape[0]
                 p = self.ref_p[rows]
-                z_t = self._target_logits(z, rows)
-                d = z.sub_(self.ref_z[rows])                         # the logit shift, in place
+                d.sub_(self.ref_z[rows])                             # the logit shift, in place
+                target = self.targets()[rows, : d.shape[1]].to(d.device)
+                d_y = d.gather(-1, target.unsqueeze(-1)).squeeze(-1)
                 d_bar = torch.einsum("btv,btv->bt", p, d)
                 shift = torch.log1p(torch.einsum("btv,btv->bt", p, d.sub_(d_bar.unsqueeze(-1)).expm1_()))
                 kl += float(shift.double().sum())
-                nll += float((self.ref_lse[rows] + d_bar + shift - z_t).double().sum())   # LSE(z) − z_target
-        return kl / self.positions, nll / self.positions - self.ref_nll
+                dloss += float((d_bar + shift - d_y).double().sum())
+        return kl / self.positions, dloss / self.positions
 
 
 def _effective_rank(h: torch.Tensor) -> tuple[float, float]:
@@ -264,7 +266,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 x_next = x.through(layer)
             for h in dict.fromkeys(hess.values()):          # distributed: summed over ranks, in this order
                 h.finish()
-            del h                                           # the loop's last Hessian: only `hess` holds them
+            h = None                                        # the loop's last Hessian: only `hess` holds them
             ms.layers.append(_diagnostics(i, x, x_next, lins, lowest, world))
             # older streams: through the original layer i
             streams = {k: xh.like(v).through(layer).hidden for k, v in streams.items()}
