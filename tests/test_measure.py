@@ -275,6 +275,7 @@ def test_sweep_1_solves_the_largest_unit_first_and_frees_each_hessian(deep_llama
     import gc
     import weakref
     import quantc.passes.measure as M
+    from quantc.gptq import QuantResult
     real, calls, seen = M._solve_unit, [], {}
 
     def spy(unit, prefix, layer, mods, hess, *a, **kw):
@@ -282,22 +283,24 @@ def test_sweep_1_solves_the_largest_unit_first_and_frees_each_hessian(deep_llama
         for n, h in hess.items():
             seen.setdefault(n, weakref.ref(h))
         alive = {n for n, r in seen.items() if n.startswith(prefix) and r() is not None}
-        calls.append((unit, alive))
+        codes = sum(isinstance(o, QuantResult) for o in gc.get_objects())
+        calls.append((unit, alive, codes))
         return real(unit, prefix, layer, mods, hess, *a, **kw)
     monkeypatch.setattr(M, "_solve_unit", spy)
     model = load_model(str(deep_llama))
     vocab = model.config.vocab_size
     _measure(model, _tokens(vocab, 8, 48, 0), _tokens(vocab, 4, 32, 1), predictor)
     by_layer: dict[int, list] = {}
-    for unit, alive in calls:
-        by_layer.setdefault(unit.layer, []).append((unit, alive))
+    for unit, alive, codes in calls:
+        by_layer.setdefault(unit.layer, []).append((unit, alive, codes))
     assert sorted(by_layer) == [0, 1, 2, 3]
     for i, seq in by_layer.items():
-        order = [u.key.split(".", 1)[1] for u, _ in seq]
+        order = [u.key.split(".", 1)[1] for u, _, _ in seq]
         assert order == ["down", "gate+up", "q+k+v", "o"], order
-        every = {n for u, _ in seq for n in u.names}
-        for j, (unit, alive) in enumerate(seq):
-            pending = {n for u, _ in seq[j:] for n in u.names}
+        assert seq[0][2] == 0, i                           # no codes of any unit, this layer's or earlier
+        every = {n for u, _, _ in seq for n in u.names}
+        for j, (unit, alive, _) in enumerate(seq):
+            pending = {n for u, _, _ in seq[j:] for n in u.names}
             assert alive == (pending if predictor == "fisher" else every), (i, unit.key)
     gc.collect()
     if predictor == "fisher":

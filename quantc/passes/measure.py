@@ -318,6 +318,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 with _swapped(mods, quantized[k]):
                     uniform[k] = xh.like(v).through(layer).hidden
             x, xh = x_next, xh.through(layer)
+            # the layer's codes and Hessians go now, not when the next layer rebinds the names: the
+            # next capture's float64 sums and the next solves would run beside them
+            quantized = weights = ws = hess = None
 
     with head.on_device():                          # moved once for every comparison below
         head.set_reference(xh)
