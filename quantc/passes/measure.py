@@ -111,9 +111,10 @@ class Head:
 
     Each comparison works from the logit shift d = z − z_ref instead of two log-softmaxes:
     KL = LSE(z) − LSE(z_ref) − Σ p·d = log Σ p·e^d − Σ p·d, which with e = d − Σ p·d is
-    log1p(Σ p·expm1(e)) (exact algebra). That is about half the elementwise work over the
-    vocabulary (the lm_head's matmul aside), the part of a comparison that is not the matmul, at the
-    same float32 accuracy (both forms within ~1e-4 of float64 on small shifts: tests/test_measure.py)."""
+    log1p(Σ p·expm1(e)) (exact algebra). Beside the lm_head's matmul, a comparison's work over the
+    vocabulary takes about a third of the two log-softmaxes' time (measured: 0.12 s against 0.33 s at
+    4×128 positions × 49,152), at the same float32 accuracy (tests/test_measure.py: within 5e-4 of
+    float64 on small shifts)."""
 
     def __init__(self, model, tokens: torch.Tensor, place: Placement, every: int = 2):
         self.model, self.tokens, self.every, self.place = model, tokens, every, place
