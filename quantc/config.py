@@ -39,7 +39,7 @@ SCHEMA: dict[str, tuple] = {
     "serve": (list, str),
 }
 MODEL_KEYS = {"path": str, "gguf_file": str, "trust_remote_code": bool, "revision": str, "allow_pickle": bool}
-BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, str), "max_delta_loss": (int, float)}
+BUDGET_KEYS = {"avg_bits": (int, float), "memory": (int, float, str), "max_delta_loss": (int, float)}
 QUANT_KEYS = {"bits": (int, list), "group_size": (int, list), "sym": bool, "act_order": bool,
               "static_groups": bool, "mse": bool, "method": str, "damp": (int, float),
               "qep_alpha": (int, float), "units": str, "true_sequential": bool, "block_size": int,
@@ -56,7 +56,7 @@ PREDICTORS = ("fisher", "exact")          # see passes/measure.py
 SOLVES = ("anchors", "all")               # fisher: which options GPTQ solves for every unit (passes/measure.py)
 
 # Error propagation (QEP) is on by default for GPTQ: α = 0.5 lowered the perplexity of uniform 4-bit on
-# both benchmark models and of every unrotated mixed plan measured (benchmarks/RESULTS.md: bench_ablation,
+# both benchmark models and of SmolLM2's unrotated mixed plans (benchmarks/RESULTS.md: bench_ablation,
 # bench_mixed), for about 2× the compile time. `quant.qep_alpha: 0` gives plain sequential GPTQ.
 DEFAULT_QEP_ALPHA = 0.5
 
@@ -173,7 +173,7 @@ def parse_size(value: Any, file: str, key: str) -> int:
     if isinstance(value, (int, float)):
         n = float(value)
     else:
-        m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
         if not m or m.group(2).lower() not in _UNITS and m.group(2) != "":
             raise ConfigError(file, key, f"cannot read size {value!r}: use a number with a unit "
                                          f"({', '.join(u for u in ['B', 'KiB', 'MiB', 'GiB', 'MB', 'GB'])})")
@@ -181,6 +181,15 @@ def parse_size(value: Any, file: str, key: str) -> int:
     if n <= 0:
         raise ConfigError(file, key, f"must be positive, got {value!r}")
     return int(n)
+
+
+# how each top-level section is written, for a value of the wrong shape (e.g. `budget: 4.5`)
+_SECTION_FORM = {"budget": "budget: {avg_bits: 4.5}, or budget: {memory: 60MiB}",
+                 "quant": "quant: {bits: 4, group_size: 128}", "keep_fp16": "keep_fp16: [lm_head]",
+                 "overrides": "overrides: [{match: down_proj, bits: 8}]",
+                 "calibration": "calibration: {source: data.jsonl, samples: 128}",
+                 "export": "export: {targets: [onnx]}", "plan": "plan: {predictor: fisher}",
+                 "resources": "resources: {device: cuda}", "model": "model: org/name, or model: {path: ./folder}"}
 
 
 def _typed(d: dict, allowed: dict, file: str, prefix: str) -> dict:
@@ -196,7 +205,12 @@ def _typed(d: dict, allowed: dict, file: str, prefix: str) -> dict:
             names = " or ".join(t.__name__ for t in types)
             if isinstance(v, str) and {int, float} & set(types) and re.fullmatch(r"\s*-?[0-9.]+\s*", v):
                 raise ConfigError(file, key, f"{v!r} is a string, not a number; write it without quotes: {v.strip()}")
-            raise ConfigError(file, key, f"expected {names}, got {type(v).__name__} {v!r}")
+            if isinstance(v, str) and list in types and "," in v:        # `bits: 4, 8` (YAML reads one string)
+                raise ConfigError(file, key, f"{v!r} is one string; write a list: {k}: [{v.strip()}]")
+            if isinstance(v, int) and not isinstance(v, bool) and str in types:   # e.g. an all-digit commit hash
+                raise ConfigError(file, key, f"{v!r} was read as a number; write it in quotes: {k}: '{v}'")
+            form = f"; write it as `{_SECTION_FORM[key]}`" if key in _SECTION_FORM else ""
+            raise ConfigError(file, key, f"expected {names}, got {type(v).__name__} {v!r}{form}")
     return d
 
 
@@ -336,7 +350,10 @@ def read_yaml(path: str | Path, what: str = "budget") -> Any:
 def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(file, "", f"the top level must be a mapping with at least `model`, got {type(raw).__name__}")
-    raw = {str(k): v for k, v in raw.items()}
+    # an empty section (`budget:` with its keys commented out) is YAML's null: the same as leaving it out
+    raw = {str(k): v for k, v in raw.items() if v is not None or str(k) == "model"}
+    if "model" in raw and raw["model"] is None:
+        raise ConfigError(file, "model", "empty: name a local Hugging Face model folder or a hub id")
     _typed(raw, SCHEMA, file, "")
     if "model" not in raw:
         raise ConfigError(file, "model", "missing: name a local Hugging Face model folder or a hub id")
@@ -372,9 +389,18 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         if "bits" in q:
             raise ConfigError(file, "quant.bits", "has no effect when `candidates` lists the options: put the "
                               "bit-widths in `candidates` and remove quant.bits")
+        if not raw["candidates"]:
+            raise ConfigError(file, "candidates", "empty: list at least one option such as {bits: 4}, name a set "
+                              f"({', '.join(CANDIDATE_SETS)}), or remove the key")
+        if isinstance(q.get("group_size"), list) and len(q["group_size"]) > 1:
+            raise ConfigError(file, "quant.group_size", "a list has no effect when `candidates` lists the options: "
+                              "put group_size in each candidate, or give one group size here")
         cands = []
         for i, c in enumerate(raw["candidates"]):
             key = f"candidates[{i}]"
+            if isinstance(c, (int, float)) and not isinstance(c, bool):
+                raise ConfigError(file, key, f"expected a mapping, got {c!r}: write `- {{bits: {c}}}`, or leave "
+                                  f"`candidates` out and write quant.bits: [{', '.join(map(str, raw['candidates']))}]")
             c = _typed(c, OPTION_KEYS, file, key)
             if "bits" not in c:
                 raise ConfigError(file, f"{key}.bits", "missing")
@@ -404,7 +430,8 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
                           "method: rtn; use method: gptq or remove qep_alpha")
     cfg.units = q.get("units", "shared")
     if cfg.units not in UNIT_MODES:
-        raise ConfigError(file, "quant.units", f"{cfg.units!r}; allowed: {', '.join(UNIT_MODES)}")
+        raise ConfigError(file, "quant.units", f"{cfg.units!r} is not known; allowed: {', '.join(UNIT_MODES)} "
+                          "(shared: q/k/v and gate/up each share one option; linear: every linear its own)")
     cfg.true_sequential = q.get("true_sequential", True)
     cfg.block_size = q.get("block_size", 128)
     if cfg.block_size < 1:
@@ -430,8 +457,8 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if "memory" in b:
         cfg.budget.memory = parse_size(b["memory"], file, "budget.memory")
     if "max_delta_loss" in b:
-        if b["max_delta_loss"] < 0:
-            raise ConfigError(file, "budget.max_delta_loss", "must be ≥ 0")
+        if not b["max_delta_loss"] >= 0:            # NaN too
+            raise ConfigError(file, "budget.max_delta_loss", f"must be a number ≥ 0 (nats per token), got {b['max_delta_loss']}")
         cfg.budget.max_delta_loss = float(b["max_delta_loss"])
 
     keep = raw.get("keep_fp16", cfg.keep_fp16)
@@ -452,6 +479,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         if "group_size" in rest:
             _group(rest["group_size"], file, f"{key}.group_size")
         changes = {k: v for k, v in rest.items() if k != "skip"}
+        if rest.get("skip") and changes:
+            raise ConfigError(file, key, f"skip: true keeps the matched linears in float, so {', '.join(changes)} "
+                              "has no effect; remove it, or remove skip")
         for cand in cfg.candidates:        # what the override makes of every candidate must exist
             o = _make_option({**cand.to_dict(), **changes}, file, key)
             _bits(o.bits, file, f"{key}.bits", o.grid)
@@ -464,14 +494,14 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
         if getattr(cal, k) < 1:
             raise ConfigError(file, f"calibration.{k}", f"must be a positive integer, got {getattr(cal, k)}")
     if cal.source not in ("self",) and not cal.source.startswith("hf:"):
-        src = Path(cal.source)
+        src = Path(cal.source).expanduser()
         if base is not None and not src.is_absolute():
             src = base / src
         if not src.is_file():
             raise ConfigError(file, "calibration.source", f"file {cal.source!r} not found; use a .jsonl "
                               "(field `text`) or .txt file, `hf:<dataset>[:config[:split]]`, or `self`")
-        if src.suffix not in (".jsonl", ".txt", ".json"):
-            raise ConfigError(file, "calibration.source", f"{cal.source!r}: expected a .jsonl or .txt file")
+        if src.suffix.lower() not in (".jsonl", ".txt", ".json"):
+            raise ConfigError(file, "calibration.source", f"{cal.source!r}: expected a .jsonl, .json or .txt file")
         cal.source = str(src)
     cfg.calibration = cal
 
@@ -514,6 +544,11 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if cfg.plan.predictor == "exact" and pl.get("solve") == "anchors":
         raise ConfigError(file, "plan.solve", "anchors is the fisher predictor's; the exact predictor measures every "
                           "option with its own weights: remove plan.solve or set plan.predictor: fisher")
+    other = {"fisher": ("noise", "direct_bits"), "exact": ("probes",)}[cfg.plan.predictor]
+    for k in other:
+        if k in pl:
+            raise ConfigError(file, f"plan.{k}", f"has no effect with plan.predictor: {cfg.plan.predictor}; remove "
+                              f"plan.{k}, or set plan.predictor: {'exact' if cfg.plan.predictor == 'fisher' else 'fisher'}")
     if not 0 < cfg.plan.noise < 1:
         raise ConfigError(file, "plan.noise", f"must be in (0, 1), got {cfg.plan.noise}")
     if cfg.export_dtype not in ("float16", "bfloat16"):

@@ -53,7 +53,7 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
     """Read an (edited) plan file without the model: unit key -> option (checked: bits, group size,
     duplicate keys, unknown keys, strings for numbers, and every runtime the compile targets:
     serve.targets_for), unit key -> the modules the file lists, and the raw mapping."""
-    from .config import OPTION_KEYS, _bits, _grid, _group, _make_option, _typed, read_yaml
+    from .config import _FIXED_BY_TYPE, OPTION_KEYS, _bits, _grid, _group, _make_option, _typed, read_yaml
     from .serve import check, refuse, targets_for
     file = str(path)
     if not Path(path).is_file():
@@ -61,6 +61,12 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
     raw = read_yaml(path, "plan")
     if not isinstance(raw, dict) or "units" not in raw or not isinstance(raw["units"], dict):
         raise ConfigError(file, "units", "not a quantc plan (written by `quantc plan`)")
+    if not raw["units"]:
+        raise ConfigError(file, "units", "empty: the plan gives no unit an option; write it again with `quantc plan`")
+    made_with = (raw.get("meta") or {}).get("units_mode") if isinstance(raw.get("meta"), dict) else None
+    if made_with not in (None, cfg.units):
+        raise ConfigError(file, "meta.units_mode", f"the plan was made with quant.units: {made_with}, and the budget "
+                          f"file says {cfg.units}; set quant.units: {made_with}, or make the plan again")
     choices, listed = {}, {}
     for key, entry in raw["units"].items():
         if not isinstance(entry, dict):
@@ -74,6 +80,10 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
         if grid == "gptq":              # a llama.cpp type fixes its own groups (16 or 32)
             _group(fields.get("group_size", Option.group_size), file, f"units.{key}.group_size")
         opt = _make_option(fields, file, f"units.{key}")
+        for k in _FIXED_BY_TYPE.get(grid, ()):       # a llama.cpp type sets these: an edit would be dropped
+            if k in fields and fields[k] != getattr(opt, k):
+                raise ConfigError(file, f"units.{key}.{k}", f"{fields[k]!r}, but {opt.label} (grid {grid}, bits "
+                                  f"{opt.bits}) fixes {k} to {getattr(opt, k)!r}; change bits, or use grid: gptq")
         mods = entry.get("modules")
         listed[key] = [str(m) for m in mods] if isinstance(mods, list) else []
         choices[key] = opt
@@ -89,12 +99,15 @@ def read_plan(path: str | Path, model, cfg: Config) -> Plan:
     """Read an (edited) plan file and check it against the model's units (a meta-device skeleton is
     enough: names only)."""
     file = str(path)
-    choices, _, raw = read_plan_options(path, cfg)
+    choices, listed, raw = read_plan_options(path, cfg)
     model_units = {u.key: list(u.names) for u in units(model, cfg.units)}
     for key in choices:
         if key not in model_units:
             raise ConfigError(file, f"units.{key}", "the plan does not match the model: no such unit "
                               f"(the model has {len(model_units)} units, e.g. {next(iter(model_units))})")
+        if listed[key] and sorted(listed[key]) != sorted(model_units[key]):     # modules are the model's, not the file's
+            raise ConfigError(file, f"units.{key}.modules", f"lists {listed[key]}, but the unit holds "
+                              f"{model_units[key]}; modules cannot move between units: edit the unit's option only")
     missing = [k for k in model_units if k not in choices]
     if missing and choices:
         log.warning("%s: the plan leaves %d of %d units (e.g. %s) to the default option %s", file, len(missing),

@@ -177,6 +177,10 @@ def preflight(cfg: Config, out=None, plan_file=None, *, budget_key: str | None =
         read_plan(plan_file, model, cfg)
         if not cfg.uniform:
             log.warning("%s: the budget is not used: the plan file %s decides every unit", cfg.source_file, plan_file)
+    elif cfg.uniform and len(cfg.candidates) > 1:     # most likely a forgotten budget
+        log.warning("%s: %d candidate options and no budget: every linear gets the largest, %s; add budget.avg_bits "
+                    "or budget.memory to allocate among them, or list one option", cfg.source_file,
+                    len(cfg.candidates), cfg.default_option.label)
     elif plans and cfg.budget.max_delta_loss is None:
         from .planning import check_budget, shape_units
         from .rotate import untied_head_bytes

@@ -63,6 +63,21 @@ BAD = [
     ("model: {M}\nquant: {rotate: hadamard, rotate_seed: -1}\n", "`quant.rotate_seed`: must be a non-negative"),
     ("model: {M}\nplan: {solve: some}\n", "`plan.solve`: 'some'; allowed: anchors, all"),
     ("model: {M}\nplan: {predictor: exact, solve: anchors}\n", "`plan.solve`: anchors is the fisher predictor's"),
+    ("model: {M}\nplan: {noise: 0.02}\n", "`plan.noise`: has no effect with plan.predictor: fisher"),
+    ("model: {M}\nplan: {predictor: exact, probes: 4}\n", "`plan.probes`: has no effect with plan.predictor: exact"),
+    # a value of the wrong shape says how the section is written
+    ("model: {M}\nbudget: 4.5\n", "`budget`: expected dict, got float 4.5; write it as `budget: {avg_bits: 4.5}"),
+    ("model: {M}\nkeep_fp16: lm_head\n", "write it as `keep_fp16: [lm_head]`"),
+    ("model: {M}\ncalibration: data.jsonl\n", "write it as `calibration: {source: data.jsonl"),
+    ("model: {M}\nquant:\n  bits: 4, 8\n", "`quant.bits`: '4, 8' is one string; write a list: bits: [4, 8]"),
+    ("model: {M}\ncandidates: [4, 8]\n", "`candidates[0]`: expected a mapping, got 4: write `- {bits: 4}`"),
+    ("model: {M}\ncandidates: []\n", "`candidates`: empty: list at least one option"),
+    ("model: {M}\nquant: {group_size: [64, 128]}\ncandidates: [{bits: 4}]\n", "`quant.group_size`: a list has no effect"),
+    ("model:\nquant: {bits: 4}\n", "`model`: empty"),
+    ("model: {path: {M}, revision: 1234567}\n", "`model.revision`: 1234567 was read as a number; write it in quotes"),
+    ("model: {M}\nquant: {units: per_linear}\n", "`quant.units`: 'per_linear' is not known"),
+    ("model: {M}\nbudget: {max_delta_loss: .nan}\n", "`budget.max_delta_loss`: must be a number ≥ 0"),
+    ("model: {M}\noverrides: [{match: q_proj, skip: true, bits: 8}]\n", "`overrides[0]`: skip: true keeps"),
 ]
 
 
@@ -129,6 +144,37 @@ def test_sizes():
     assert parse_size("60MiB", "f", "k") == 60 * 2**20
     assert parse_size("1.5 GB", "f", "k") == 1_500_000_000
     assert parse_size(1000, "f", "k") == 1000
+    assert parse_size("1e9", "f", "k") == parse_size(1e9, "f", "k") == 10**9     # YAML reads 1e9 as a string
+
+
+def test_forgiving_forms(tmp_path, tiny_models, calib_file, monkeypatch):
+    """What a user plausibly writes and means: an empty section (its keys commented out) is the same as
+    none, `~` in the calibration path is the home folder, a float memory size is bytes, and a suffix in
+    capitals is still a .jsonl file."""
+    m = tiny_models["llama"]
+    plain = parse_config({"model": str(m)}, "b.yaml")
+    empty = parse_config({"model": str(m), "budget": None, "quant": None, "calibration": None, "keep_fp16": None},
+                         "b.yaml")
+    assert empty.to_dict() == plain.to_dict()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "D.JSONL").write_text('{"text": ""}\n')
+    cfg = parse_config({"model": str(m), "calibration": {"source": "~/D.JSONL"}, "budget": {"memory": 6.5e5}}, "b.yaml")
+    assert cfg.calibration.source == str(tmp_path / "D.JSONL") and cfg.budget.memory == 650_000
+    from quantc.calibration.data import check_source
+    from quantc.errors import QuantcError
+    with pytest.raises(QuantcError, match="has no text"):      # read as JSON lines (as plain text it is not empty)
+        check_source(cfg.calibration)
+
+
+def test_several_candidates_without_a_budget_warn(tmp_path, tiny_models, caplog):
+    from quantc.preflight import preflight
+    one = parse_config({"model": str(tiny_models["llama"]), "quant": {"method": "rtn"}}, "b.yaml")
+    many = parse_config({"model": str(tiny_models["llama"]), "quant": {"method": "rtn", "bits": [2, 4]}}, "b.yaml")
+    with caplog.at_level("WARNING", logger="quantc"):
+        preflight(one)
+        assert "no budget" not in caplog.text
+        preflight(many)
+    assert "b.yaml: 2 candidate options and no budget: every linear gets the largest, 4b-g128-sym" in caplog.text
 
 
 @settings(max_examples=150, deadline=None)

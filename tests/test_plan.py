@@ -137,6 +137,35 @@ def test_plan_errors(tmp_path, tiny_models, calib_file, cache):
     assert r.exit_code == 2 and "does not match the model" in r.output
 
 
+def test_edited_plan_files_that_would_be_misread(tmp_path, tiny_models, calib_file, cache):
+    """Edits quantc cannot honour are refused, naming the unit and the key: no unit at all, a group size
+    a llama.cpp type fixes, modules moved between units, and a plan made with other units."""
+    y = yaml_for(tmp_path, tiny_models["llama"], calib_file)
+    r = run("-q", "plan", y, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    good = yaml.safe_load((tmp_path / "p" / "plan.yaml").read_text())
+    y2 = yaml_for(tmp_path, tiny_models["llama"], calib_file, "", "")       # no budget: the plan decides
+
+    def refused(edit, *fragments):
+        plan = json.loads(json.dumps(good))
+        edit(plan)
+        f = tmp_path / "edited.yaml"
+        f.write_text(yaml.safe_dump(plan))
+        r = run("compile", y2, "-o", tmp_path / "o", "--plan", f)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        for frag in fragments:
+            assert frag in r.output, (frag, r.output)
+        assert not (tmp_path / "o").exists()
+
+    refused(lambda p: p.update(units={}), "`units`: empty")
+    refused(lambda p: p["units"]["0.down"].update(bits=4, grid="k", group_size=64),
+            "`units.0.down.group_size`: 64, but q4_k (grid k, bits 4) fixes group_size to 32")
+    refused(lambda p: p["units"]["0.down"].update(modules=["model.layers.0.mlp.up_proj"]),
+            "`units.0.down.modules`: lists ['model.layers.0.mlp.up_proj']", "cannot move between units")
+    refused(lambda p: p["meta"].update(units_mode="linear"), "`meta.units_mode`: the plan was made with quant.units: "
+            "linear")
+
+
 def test_qep_changes_the_fit(tmp_path, tiny_models, calib_file):
     from quantc.config import parse_config
     from quantc.pipeline import compile_model

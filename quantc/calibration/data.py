@@ -44,7 +44,7 @@ def check_source(cal) -> None:
         return
     path = Path(cal.source)
     try:
-        if path.suffix in (".jsonl", ".json"):
+        if path.suffix.lower() in (".jsonl", ".json"):
             if not any(text.strip() for text in _jsonl_docs(path, cal.text_field)):
                 raise QuantcError(f"{path}: the calibration file has no text (empty, or every {cal.text_field!r} "
                                   "is empty); add documents or use calibration.source: self")
@@ -81,7 +81,7 @@ def _calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
         docs = _hf_docs(cal.source, cal.text_field)
         return windows_from_docs(docs, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.source)
     path = Path(cal.source)
-    if path.suffix in (".jsonl", ".json"):
+    if path.suffix.lower() in (".jsonl", ".json"):
         return windows_from_docs(_jsonl_docs(path, cal.text_field), tokenizer, cal.samples, cal.seq_len,
                                  cal.seed, str(path))
     try:
