@@ -17,7 +17,7 @@ def _param_count(folder: Path, lazy: bool = False) -> int | None:
     """Parameters of a local safetensors model, from the file headers only (no tensor is read).
     With `lazy`: those held at once when decoder layers are loaded one at a time (everything outside
     the layers plus the largest layer)."""
-    import struct
+    from .tensorfile import read_header
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
@@ -26,9 +26,7 @@ def _param_count(folder: Path, lazy: bool = False) -> int | None:
     layer_key = re.compile(re.escape((BY_TYPE.get(read_model_type(str(folder))) or FAMILIES[0]).layers) + r"\.(\d+)\.")
     outside, per_layer = 0, {}
     for f in files:
-        with f.open("rb") as fh:
-            size = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(size))
+        header, _ = read_header(f)
         for k, v in header.items():
             if k != "__metadata__":
                 count = 1
@@ -128,7 +126,8 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
     plus the larger of the capture (the Hessians' sums — sweep 2: one input group's, every group's of a
     layer with true_sequential: false; sweep 1: a layer's — and a batch's forward buffers) and the
     solves (float32 Hessians, the Cholesky, one stack of options, sweep 1's codes of the units solved
-    before the current one), and the runtime."""
+    before the current one), and the runtime. The export adds no term: it writes one tensor at a time
+    (tensorfile.write), the largest of which is one of the weights already counted."""
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
     try:

@@ -79,3 +79,35 @@ def test_bad_shapes():
         pack_rows(torch.zeros(33, 4, dtype=torch.int32), 4)
     with pytest.raises(ValueError):
         pack_rows(torch.zeros(32, 4, dtype=torch.int32), 5)
+
+
+def test_tensorfile_writes_safetensors_own_bytes_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """tensorfile.write gives the bytes of safetensors' save_file on the same tensors, whether a tensor
+    is made in memory or copied (in chunks) from another file; read_header reads what it wrote."""
+    from safetensors.torch import load_file, save_file
+
+    from quantc import tensorfile
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.scales": torch.randn(3, 5, generator=g).half(), "a.qweight": torch.randint(-2**31, 2**31 - 1, (4, 6),
+               dtype=torch.int32, generator=g), "m.norm": torch.randn(7, generator=g).bfloat16(),
+               "b.f32": torch.randn(2, 2, generator=g), "c.bool": torch.tensor([True, False, True]),
+               "d.u8": torch.arange(9, dtype=torch.uint8), "e.scalar": torch.tensor(3.5), "f.empty": torch.zeros(0, 4),
+               "g.i64": torch.arange(5), "h.i8": torch.arange(-3, 3, dtype=torch.int8)}
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    src = {k: v for k, v in tensors.items() if k < "d"}                       # some copied from a file ...
+    save_file(src, str(tmp_path / "src.safetensors"))
+    entries = tensorfile.file_entries(tmp_path / "src.safetensors")
+    for k, v in tensors.items():                                               # ... the rest made when written
+        if k not in src:
+            entries[k] = tensorfile.tensor_entry(lambda v=v: v.clone(), v.dtype, v.shape)
+    monkeypatch.setattr(tensorfile, "COPY_CHUNK", 5)
+    n = tensorfile.write(tmp_path / "out.safetensors", dict(reversed(list(entries.items()))), {"format": "pt"})
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert n == sum(v.numel() * v.element_size() for v in tensors.values())
+    header, start = tensorfile.read_header(tmp_path / "out.safetensors")
+    assert header["__metadata__"] == {"format": "pt"} and start % 8 == 0
+    assert all(torch.equal(load_file(str(tmp_path / "out.safetensors"))[k], v) for k, v in tensors.items())
+    bad = {"x": tensorfile.tensor_entry(lambda: torch.zeros(3), torch.float32, (4,))}
+    with pytest.raises(ValueError, match="announced"):
+        tensorfile.write(tmp_path / "bad.safetensors", bad)
+    assert not list(tmp_path.glob("bad.safetensors*"))                        # nor its temporary file

@@ -100,11 +100,23 @@ def test_big_models_are_written_as_shards_with_an_index(tmp_path, tiny_models, c
     import quantc.export.gptq as eg
     from quantc.config import parse_config
     from quantc.pipeline import compile_model
+    import safetensors.torch
+    import quantc.tensorfile
+    from safetensors.torch import save_file
     raw = {"model": str(tiny_models["qwen2"]), "quant": {"bits": 4, "group_size": 32},
            "calibration": {"source": str(calib_file), "samples": 4, "seq_len": 32}}
+
+    def no_whole_shard(*a, **k):
+        raise AssertionError("the export loaded a whole layer shard")
+    monkeypatch.setattr(safetensors.torch, "load_file", no_whole_shard)   # it copies tensor by tensor instead,
+    monkeypatch.setattr(quantc.tensorfile, "COPY_CHUNK", 1000)             # in chunks smaller than a tensor
     one = compile_model(parse_config(raw), tmp_path / "one", progress=False)
     monkeypatch.setattr(eg, "MAX_SHARD_BYTES", 40_000)
     many = compile_model(parse_config(raw), tmp_path / "many", progress=False)
+    monkeypatch.undo()
+    for f in [tmp_path / "one" / "model.safetensors", *(tmp_path / "many").glob("model-*.safetensors")]:
+        save_file(load_file(str(f)), str(tmp_path / "again.safetensors"), metadata={"format": "pt"})
+        assert f.read_bytes() == (tmp_path / "again.safetensors").read_bytes(), f     # safetensors' own bytes
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and not (tmp_path / "many" / "model.safetensors").exists()

@@ -11,9 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
-from .. import __version__, ggml
+from .. import __version__, ggml, tensorfile
 from ..gptq import QuantResult
 from ..lazy import tensor as lazy_tensor
 from ..options import Option
@@ -145,16 +143,18 @@ def _export(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
 
 
-def outside_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder layers (embeddings, final norm, untied lm_head)."""
+def outside_entries(model, dtype: torch.dtype) -> dict[str, tensorfile.Entry]:
+    """The tensors outside the decoder layers (embeddings, final norm, untied lm_head), each made in
+    `dtype` when it is written (tensorfile.write: one at a time)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = model.state_dict()
     layers = family_of(model).layers + "."
     out = {}
-    for key in state:
+    for key, v in state.items():
         if key.startswith(layers) or (tied and key == "lm_head.weight"):
             continue                     # layers come from their shards; a tied lm_head is re-tied by readers
-        out[key] = _export(lazy_tensor(model, key, state), dtype)
+        out[key] = tensorfile.tensor_entry(lambda key=key: _export(lazy_tensor(model, key, state), dtype),
+                                           dtype if v.is_floating_point() else v.dtype, v.shape)
     return out
 
 
@@ -163,38 +163,37 @@ def write_gptq(folder: Path, model, layer_shards: list[Path], options: dict[str,
                dtype: torch.dtype = torch.float16, max_shard_bytes: int | None = None) -> dict:
     """Write the checkpoint into `folder` (the staging folder: the caller renames it into place) from
     the per-layer shards the quantize sweep wrote (`layer_tensors`, one file per decoder layer, in
-    order). Up to `max_shard_bytes` one `model.safetensors` with its tensors in sorted order (a
-    resumed compile writes the same bytes); above, `model-0000k-of-0000n.safetensors` files of whole
-    layers and `model.safetensors.index.json`, as transformers saves big models, reading one layer
-    shard at a time. Returns the quantization_config written."""
-    from safetensors.torch import load_file
+    order). Up to `max_shard_bytes` one `model.safetensors`; above, `model-0000k-of-0000n.safetensors`
+    files of whole layers and `model.safetensors.index.json`, as transformers saves big models. Each
+    file is written one tensor at a time (tensorfile.write: the layers' tensors copied from their
+    shards by byte ranges, the others made one by one), so the export holds one tensor, not a
+    file's worth; the bytes are those safetensors' own writer gives (a resumed compile writes the
+    same bytes). Returns the quantization_config written."""
     max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    outside = outside_tensors(model, dtype)
-    sizes = [p.stat().st_size for p in layer_shards]
-    if sum(sizes) + sum(t.numel() * t.element_size() for t in outside.values()) <= max_shard_bytes:
-        tensors = dict(outside)
-        for p in layer_shards:
-            tensors.update(load_file(str(p)))
-        save_file(dict(sorted(tensors.items())), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    outside = outside_entries(model, dtype)
+    shards = [tensorfile.file_entries(p) for p in layer_shards]
+    sizes = [p.stat().st_size for p in layer_shards]         # with their headers, as the layout has been decided
+    meta = {"format": "pt"}
+    if sum(sizes) + sum(e.nbytes for e in outside.values()) <= max_shard_bytes:
+        entries = dict(outside)
+        for s in shards:
+            entries.update(s)
+        tensorfile.write(folder / "model.safetensors", entries, meta)
     else:
         groups, cur, size = [], [], 0
-        for p, n in zip(layer_shards, sizes):
+        for s, n in zip(shards, sizes):
             if cur and size + n > max_shard_bytes:
                 groups.append(cur)
                 cur, size = [], 0
-            cur.append(p)
+            cur.append(s)
             size += n
         groups.append(cur)
         total, weight_map, nbytes = len(groups) + 1, {}, 0
-        for k, group in enumerate([None] + groups, 1):
+        for k, group in enumerate([[outside]] + groups, 1):
             name = f"model-{k:05d}-of-{total:05d}.safetensors"
-            tensors = outside if group is None else {}
-            for p in group or []:
-                tensors.update(load_file(str(p)))
-            save_file(dict(sorted(tensors.items())), str(folder / name), metadata={"format": "pt"})
-            weight_map.update({key: name for key in tensors})
-            nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors
+            entries = {key: e for s in group for key, e in s.items()}
+            nbytes += tensorfile.write(folder / name, entries, meta)
+            weight_map.update({key: name for key in entries})
         index = {"metadata": {"total_size": nbytes},        # tensor bytes, as transformers writes it
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
