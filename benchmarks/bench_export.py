@@ -7,8 +7,8 @@ The export assembles the checkpoint from the per-layer shards the quantize sweep
 are synthetic: `--layers` decoder layers at Llama-3-8B's width (hidden 4096, intermediate 14336, 32/8
 heads) quantized at 4-bit g128 (qweight, qzeros, scales, g_idx per linear, random codes; both norms in
 fp16), written once to benchmarks/work/. The embeddings and the untied head come from bench_memory_8b's
-2-layer model (49,152 × 4096 each, read lazily and written in fp16), so 32 layers make the file sizes of
-a Llama-3-8B checkpoint with a 49k vocabulary: above transformers' 5 GB, an index and two shards.
+2-layer model (49,152 × 4096 each, read lazily and written in fp16), so 32 layers make a checkpoint of a
+Llama-3-8B's size with a 49k vocabulary (4.4 GB: one file, under transformers' 5 GB).
 Each export runs alone in its own process (peak RSS = its ru_maxrss, the libraries included), with
 the code it measures first on sys.path: this checkout, and `--baseline` in a temporary git worktree.
 The outputs are compared byte for byte (SHA-256 of every file written).
@@ -148,8 +148,10 @@ def write(res: dict, layers: int, base: str, cmd: str) -> None:
     lines = ["## Peak memory of the export at Llama-3-8B's width (synthetic layer shards, CPU)", "",
              f"Command: `{cmd}`. write_gptq assembles the checkpoint from {layers} layer shards at Llama-3-8B's width "
              f"(4-bit g128, {res['shards']['bytes'] / 2**30:.2f} GiB on disk) and the 2-layer model's embeddings and "
-             "untied head (49,152 × 4096 each, written in fp16). Each export ran alone in its own process, one after the "
-             "other in one run; peak RSS is the process's ru_maxrss, the libraries included.", "",
+             "untied head (49,152 × 4096 each, written in fp16). Each export ran in its own process, one after the "
+             "other in one run; peak RSS is the process's ru_maxrss, the libraries included. Both processes hold the "
+             "loaded model's fp32 embeddings and head (1.5 GiB; a compile releases them before sweep 2 and reads "
+             "them again one at a time).", "",
              "| code | peak RSS GiB | seconds | bytes written GiB | files |",
              "|---|---|---|---|---|"]
     for label, r in ((f"{base} (before)", old), ("this code", this)):

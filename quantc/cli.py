@@ -214,7 +214,15 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     t = time.perf_counter()
     preflight(cfg, budget_key="--avg-bits" if avg_bits is not None else "--memory" if memory else None,
               calibrate=True)
-    plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"])
+    import os
+    import shutil
+    # resources.offload_activations: the measurement's hidden states in unlinked files here (one folder
+    # per process of a torchrun run), removed when it ends
+    offload = Path(out).resolve().parent / f".{Path(out).name}.offload-{os.getpid()}"
+    try:
+        plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"], offload=offload)
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
     from .distributed import current, leave
     if not current().main:          # a distributed run's other ranks: rank 0 writes the plan
         leave()

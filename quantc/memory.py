@@ -82,7 +82,8 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
       they stay where the activations live, so offloading does not remove them);
     - measure (sweep 1, with a budget): its calibration activations in/out, the held-out streams
       (fisher: every layer's held-out input, one stream per solved option and the probes' gradients;
-      exact: every perturbed stream alive at the last layer), and the head's logits."""
+      exact: every perturbed stream alive at the last layer), and the head's logits; offloaded, only
+      the probes' gradients and the logits stay in memory."""
     hidden, inter, layers, vocab, attn = _shapes(mc)
     act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     offload = cfg.offload_activations if offload is None else offload
@@ -106,6 +107,8 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
             direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
             per_layer = 7 if cfg.units == "linear" else 4     # units per layer
             live = held * layers * (per_layer * (direct + 1) + 1)   # + α and LieQ streams
+        if offload:          # every hidden-state stream in files: the probes' gradients stay in memory
+            calib, live = 0, held * 2 * p.probes if p.predictor == "fisher" else 0
         # vocabulary-sized float32 arrays over the compared positions (every second one): the head's
         # reference z_ref and p (passes/measure.py Head), beside a comparison's logits (exact), or the
         # fisher probes' p, its float64 copy and float64 CDF (2 each)

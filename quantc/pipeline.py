@@ -108,8 +108,9 @@ def load_source(cfg: Config):
     return model, tokenizer
 
 
-def plan_only(cfg: Config, progress: bool = True):
-    """`quantc plan`: load → calibrate → measure (or read the cache) → allocate.
+def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None):
+    """`quantc plan`: load → calibrate → measure (or read the cache) → allocate. `offload`: where the
+    measurement's hidden states go with `resources.offload_activations`.
     Returns (plan, measurements, cached, solve seconds)."""
     from .calibration import calibration_tokens
     from .planning import budget_bytes, get_measurements, solve
@@ -119,7 +120,8 @@ def plan_only(cfg: Config, progress: bool = True):
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
     tokens = calibration_tokens(cfg.calibration, tokenizer, model)
     place = placement(cfg, model)
-    ms, cached = get_measurements(cfg, model, tokens, progress and place.world.main, place)
+    ms, cached = get_measurements(cfg, model, tokens, progress and place.world.main, place,
+                                  offload if cfg.offload_activations else None)
     t = time.perf_counter()
     plan = solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss, rotate.untied_head_bytes(model, cfg))
     return plan, ms, cached, time.perf_counter() - t
@@ -158,6 +160,9 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     place = placement(cfg, model)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
 
+    offload = None                 # both sweeps' hidden states in files: every rank its own rows, rank 0
+    if cfg.offload_activations:    # in its staging folder, the others beside -o
+        offload = tmp / "offload" if world.main else out.resolve().parent / f".{out.name}.offload-rank{world.rank}"
     plan = None
     chosen = None
     tokens = None
@@ -168,7 +173,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         else:
             t = time.perf_counter()
             tokens = calibration_tokens(cfg.calibration, tokenizer, model)
-            plan = make_plan(cfg, model, tokens, progress=progress, place=place)
+            plan = make_plan(cfg, model, tokens, progress=progress, place=place, offload=offload)
             timings["plan_s"] = time.perf_counter() - t
             traffic["plan"] = distributed.TRAFFIC.total()
         chosen = plan.module_options()
@@ -197,14 +202,11 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                 ckpt.save_state(i, hat, ref)
         fault_point(i, world.rank)
 
-    offload = None
     if cfg.method == "rtn":
         quantize_rtn(model, options, layer_done, progress=progress, place=place)
     else:
         bs = cfg.calibration.batch_size
         hidden, kwargs = capture_layer0_inputs(model, world.local_rows(tokens, bs), bs)   # this rank's batches
-        if cfg.offload_activations:    # every rank its own rows: rank 0 in its staging folder, others beside -o
-            offload = tmp / "offload" if world.main else out.resolve().parent / f".{out.name}.offload-rank{world.rank}"
         release_outside(model)
         start, ref = 0, None
         resumed = ckpt.load() if world.main else None

@@ -146,10 +146,13 @@ def measurement_key(cfg: Config, calib: torch.Tensor, hold: torch.Tensor, model,
 
 
 def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = True,
-                     place: Placement = CPU) -> tuple[Measurements, bool]:
+                     place: Placement = CPU, offload: Path | None = None) -> tuple[Measurements, bool]:
     """Measure (sweep 1), or read the cached measurement of the same model/calibration/options.
     The calibration tokens are split: the first `measure_samples` sequences give the Hessians,
-    the held-out `alpha_samples` give α (truncated to `alpha_seq_len` tokens)."""
+    the held-out `alpha_samples` give α (truncated to `alpha_seq_len` tokens). `offload`: a folder
+    for the sweep's hidden states (`resources.offload_activations`: the calibration's, every
+    held-out stream and every layer's held-out input, which the fisher predictor's backward sweep
+    reads back), as unlinked files."""
     p = cfg.plan
     n_measure = min(p.measure_samples, max(1, tokens.shape[0] - p.alpha_samples))
     if place.world.main and tokens.shape[0] <= p.alpha_samples:     # the held-out rows are then every row, the Hessians' too
@@ -177,7 +180,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     bs = cfg.calibration.batch_size
     hidden, kw = capture_layer0_inputs(model, world.local_rows(calib, bs), bs)   # this rank's batches
     hh, hkw = capture_layer0_inputs(model, hold, bs)
-    ms = measure(model, Activations(hidden, kw, bs, place=place), Activations(hh, hkw, bs, place=place), hold,
+    ms = measure(model, Activations(hidden, kw, bs, offload, place), Activations(hh, hkw, bs, offload, place), hold,
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
                  progress=progress, place=place, solve=p.solve)
@@ -445,7 +448,8 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
     return Plan(choices, {k: ms.units[k]["names"] for k in keys}, predicted, meta)
 
 
-def make_plan(cfg: Config, model, tokens: torch.Tensor, progress: bool = True, place: Placement = CPU) -> Plan:
+def make_plan(cfg: Config, model, tokens: torch.Tensor, progress: bool = True, place: Placement = CPU,
+              offload: Path | None = None) -> Plan:
     from .rotate import untied_head_bytes
-    ms, _ = get_measurements(cfg, model, tokens, progress, place)
+    ms, _ = get_measurements(cfg, model, tokens, progress, place, offload)
     return solve(ms, cfg, budget_bytes(cfg, ms), cfg.budget.max_delta_loss, untied_head_bytes(model, cfg))

@@ -94,6 +94,40 @@ def test_offloaded_activations_give_the_same_artifact(tmp_path, tiny_models, cal
     assert est[True] < est[False]
 
 
+def test_offloaded_activations_cover_the_measurement(tmp_path, tiny_models, calib_file, monkeypatch):
+    """With offload_activations a budgeted compile's sweep 1 keeps its hidden states in files too: the
+    calibration and held-out streams, and every layer's held-out input that the fisher backward sweep
+    reads back. The measurement and the artifact are the same as in memory, the estimate is lower, and
+    the files' folder is gone at the end."""
+    import quantc.passes.measure as qmeasure
+    seen = {}
+    real = qmeasure._fisher_diagonal
+
+    def spy(model, head, held_in, final, *a, **k):
+        seen.setdefault("held_in", []).append([h.untyped_storage().filename for h in held_in])
+        return real(model, head, held_in, final, *a, **k)
+
+    monkeypatch.setattr(qmeasure, "_fisher_diagonal", spy)
+    outs, plans = {}, {}
+    for off in (True, False):
+        monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / f"cache-{off}"))      # each run measures
+        r = raw(tiny_models["llama"], calib_file, True, qep_alpha=0.0)
+        r.update(budget={"avg_bits": 6.5}, quant={**r["quant"], "bits": [4, 8]},
+                 plan={"measure_samples": 6, "alpha_samples": 2, "alpha_seq_len": 32, "probes": 2})
+        r["resources"]["offload_activations"] = off
+        outs[off] = tmp_path / f"out-{off}"
+        compile_model(parse_config(r, "t"), outs[off], progress=False)
+        plans[off] = (outs[off] / "plan.yaml").read_text()
+    offloaded, in_memory = seen["held_in"]
+    assert offloaded and all(f and "offload" in f for f in offloaded)        # every layer's, in a file
+    assert not any(in_memory)
+    assert plans[True] == plans[False] and digest(outs[True]) == digest(outs[False])
+    assert not (outs[True] / "offload").exists()
+    est = {off: memory_estimate(parse_config({**r, "resources": {"offload_activations": off}}, "t"))["measurement"]
+           for off in (True, False)}
+    assert est[True] < est[False]
+
+
 @pytest.mark.parametrize("qep,off", [(0.0, False), (0.5, False), (0.5, True)])
 def test_the_first_layers_inputs_are_freed_after_it(tmp_path, tiny_models, calib_file, monkeypatch, qep, off):
     """Sweep 2 holds its live streams only: the layer-0 inputs the pipeline captured (and, offloaded,
