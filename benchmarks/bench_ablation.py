@@ -82,14 +82,15 @@ def what(name: str) -> str:
     return "; ".join(change(part)[1] for part in name.split("+"))
 
 
-def job_compile(cfg: str, name: str, out: str) -> dict:
+def job_compile(cfg: str, name: str, out: str, seed: str = "0") -> dict:
+    """Row `name` of config `cfg`, compiled into `out`; `seed` is the calibration's (bench_seeds varies it)."""
     from quantc.config import parse_config
     from quantc.pipeline import compile_model
     bits, gs, sym = CONFIGS[cfg]
     # the base is bench_gptq's quantc row (QEP off), so each row changes exactly one setting of plain GPTQ
     quant = {"bits": bits, "group_size": gs, "sym": sym, **QUANTC_GPTQ, "qep_alpha": 0.0, **settings(name)}
     raw = {"model": str(bench_model()), "quant": quant,
-           "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": 0}}
+           "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": int(seed)}}
     t = time.perf_counter()
     m = compile_model(parse_config(raw, "bench"), out, force=True, progress=False)
     return {"quantize_s": m["timings"]["quantize_s"], "total_s": time.perf_counter() - t, "settings": quant,

@@ -123,12 +123,12 @@ def main() -> None:
         ap.error(f"--baseline: {args.baseline!r} is not a commit of this repository")
     base = commit.stdout.strip()
     WORK.mkdir(parents=True, exist_ok=True)
-    names = [f"export-{args.layers}-shards", f"export-{args.layers}-this", f"export-{args.layers}-{base}"]
-    if args.fresh:
+    names = [f"export-{args.layers}-shards", f"export-{args.layers}-{base}"]
+    if args.fresh or len(list(shard_folder(args.layers).glob("layer-*.safetensors"))) != args.layers:
         for n in names:
             (WORK / f"{n}.json").unlink(missing_ok=True)
     res = {"shards": cached(names[0], lambda: make_shards(args.layers))}
-    res["this"] = cached(names[1], lambda: export(ROOT, args.layers, WORK / "export-out"))
+    res["this"] = export(ROOT, args.layers, WORK / "export-out")      # this checkout's code: measured every run
     with tempfile.TemporaryDirectory() as tmp:
         def baseline():
             wt = Path(tmp) / "baseline"
@@ -138,7 +138,7 @@ def main() -> None:
                 return export(wt, args.layers, WORK / "export-out")
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
-        res["base"] = cached(names[2], baseline)
+        res["base"] = cached(names[1], baseline)              # a commit's: cached under its hash
     write(res, args.layers, base, "python -m benchmarks.bench_export " + " ".join(sys.argv[1:]))
 
 

@@ -216,9 +216,9 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
               calibrate=True)
     import os
     import shutil
-    # resources.offload_activations: the measurement's hidden states in unlinked files here (one folder
-    # per process of a torchrun run), removed when it ends
-    offload = Path(out).resolve().parent / f".{Path(out).name}.offload-{os.getpid()}"
+    # resources.offload_activations: the measurement's hidden states in unlinked files inside the plan
+    # folder (checked writable above; one folder per process of a torchrun run), removed when it ends
+    offload = Path(out) / f".offload-{os.getpid()}"
     try:
         plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"], offload=offload)
     finally:

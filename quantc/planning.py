@@ -41,12 +41,19 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"quantc_plan": 1, "meta": self.meta, "predicted": self.predicted,
-                "units": {k: {"modules": self.unit_names[k], **o.to_dict()} for k, o in self.choices.items()}}
+                "units": {k: {"modules": self.unit_names[k], **_editable(o)} for k, o in self.choices.items()}}
 
     def save(self, path: Path) -> None:
         tmp = Path(f"{path}.{os.getpid()}.tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
         os.replace(tmp, path)
+
+
+def _editable(o: Option) -> dict:
+    """An option as a plan file writes it: without the fields a llama.cpp type fixes (config._FIXED_BY_TYPE),
+    so that an edit of `bits` alone gives the new type's groups."""
+    from .config import _FIXED_BY_TYPE
+    return {k: v for k, v in o.to_dict().items() if k not in _FIXED_BY_TYPE.get(o.grid, ())}
 
 
 def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option], dict[str, list[str]], dict]:
@@ -80,10 +87,11 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
         if grid == "gptq":              # a llama.cpp type fixes its own groups (16 or 32)
             _group(fields.get("group_size", Option.group_size), file, f"units.{key}.group_size")
         opt = _make_option(fields, file, f"units.{key}")
-        for k in _FIXED_BY_TYPE.get(grid, ()):       # a llama.cpp type sets these: an edit would be dropped
-            if k in fields and fields[k] != getattr(opt, k):
-                raise ConfigError(file, f"units.{key}.{k}", f"{fields[k]!r}, but {opt.label} (grid {grid}, bits "
-                                  f"{opt.bits}) fixes {k} to {getattr(opt, k)!r}; change bits, or use grid: gptq")
+        stale = [k for k in _FIXED_BY_TYPE.get(grid, ()) if k in fields and fields[k] != getattr(opt, k)]
+        if stale:          # the type sets these (an older plan file wrote them; bits may have been edited since)
+            log.warning("%s: units.%s: %s fixes %s; the file's %s ignored (remove %s, or use grid: gptq)", file, key,
+                        opt.label, ", ".join(f"{k} to {getattr(opt, k)!r}" for k in stale),
+                        ", ".join(f"{k}: {fields[k]!r}" for k in stale), "them" if len(stale) > 1 else "it")
         mods = entry.get("modules")
         listed[key] = [str(m) for m in mods] if isinstance(mods, list) else []
         choices[key] = opt
@@ -180,10 +188,13 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     bs = cfg.calibration.batch_size
     hidden, kw = capture_layer0_inputs(model, world.local_rows(calib, bs), bs)   # this rank's batches
     hh, hkw = capture_layer0_inputs(model, hold, bs)
-    ms = measure(model, Activations(hidden, kw, bs, offload, place), Activations(hh, hkw, bs, offload, place), hold,
+    acts, held = Activations(hidden, kw, bs, offload, place), Activations(hh, hkw, bs, offload, place)
+    del hidden, hh          # handed over: no name here keeps the layer-0 inputs (offloaded: their RAM copies go
+    #                         now), and measure releases them once layer 0 is done
+    ms = measure(model, acts, held, hold,
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
-                 progress=progress, place=place, solve=p.solve)
+                 progress=progress, place=place, solve=p.solve, release_inputs=True)
     ms.meta = {**ms.meta, "key": key, "model": cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     if not world.main:

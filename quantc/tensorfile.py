@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL"}
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+          torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16",
+          torch.uint8: "U8", torch.bool: "BOOL"}
 BY_NAME = {v: k for k, v in DTYPES.items()}
 COPY_CHUNK = 16 * 2**20          # bytes per read when a tensor is copied from another file
 
@@ -76,8 +77,9 @@ def _order(entries: dict[str, Entry]) -> list[str]:
 
 def write(path: str | Path, entries: dict[str, Entry], metadata: dict[str, str] | None = None) -> int:
     """Write `entries` as one safetensors file at `path` (through a temporary name, then renamed);
-    return the tensor bytes written."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
+    return the tensor bytes written. `metadata` of one key gives save_file's bytes (with several, the
+    order of its keys is this dict's, where save_file's follows a hash map)."""
+    header: dict = {"__metadata__": metadata} if metadata is not None else {}
     order, offset = _order(entries), 0
     for k in order:
         e = entries[k]
@@ -95,7 +97,7 @@ def write(path: str | Path, entries: dict[str, Entry], metadata: dict[str, str] 
             for k in order:
                 e = entries[k]
                 if e.make is not None:
-                    t = e.make().contiguous()
+                    t = e.make().cpu().contiguous()
                     if t.dtype != e.dtype or tuple(t.shape) != e.shape:
                         raise ValueError(f"tensor {k}: made {t.dtype} {tuple(t.shape)}, announced {e.dtype} {e.shape}")
                     out.write(t.reshape(-1).view(torch.uint8).numpy().data)   # the tensor's memory, not a copy

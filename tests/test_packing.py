@@ -107,6 +107,11 @@ def test_tensorfile_writes_safetensors_own_bytes_one_tensor_at_a_time(tmp_path, 
     header, start = tensorfile.read_header(tmp_path / "out.safetensors")
     assert header["__metadata__"] == {"format": "pt"} and start % 8 == 0
     assert all(torch.equal(load_file(str(tmp_path / "out.safetensors"))[k], v) for k, v in tensors.items())
+    for meta in (None, {}):                                   # no metadata, and an empty one, as save_file writes them
+        save_file(tensors, str(tmp_path / "ref2.safetensors"), metadata=meta)
+        made = {k: tensorfile.tensor_entry(lambda v=v: v, v.dtype, v.shape) for k, v in tensors.items()}
+        tensorfile.write(tmp_path / "out2.safetensors", made, meta)
+        assert (tmp_path / "out2.safetensors").read_bytes() == (tmp_path / "ref2.safetensors").read_bytes(), meta
     bad = {"x": tensorfile.tensor_entry(lambda: torch.zeros(3), torch.float32, (4,))}
     with pytest.raises(ValueError, match="announced"):
         tensorfile.write(tmp_path / "bad.safetensors", bad)

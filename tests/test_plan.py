@@ -158,12 +158,38 @@ def test_edited_plan_files_that_would_be_misread(tmp_path, tiny_models, calib_fi
         assert not (tmp_path / "o").exists()
 
     refused(lambda p: p.update(units={}), "`units`: empty")
-    refused(lambda p: p["units"]["0.down"].update(bits=4, grid="k", group_size=64),
-            "`units.0.down.group_size`: 64, but q4_k (grid k, bits 4) fixes group_size to 32")
     refused(lambda p: p["units"]["0.down"].update(modules=["model.layers.0.mlp.up_proj"]),
             "`units.0.down.modules`: lists ['model.layers.0.mlp.up_proj']", "cannot move between units")
     refused(lambda p: p["meta"].update(units_mode="linear"), "`meta.units_mode`: the plan was made with quant.units: "
             "linear")
+
+
+def test_editing_bits_of_a_llama_cpp_unit_gives_the_new_type(tmp_path, tiny_models, calib_file, cache, caplog):
+    """A plan on llama.cpp's K grid is written without the fields the type fixes, so an edit of `bits`
+    alone gives the new type's groups; an older file's stale group size is named and ignored."""
+    import logging
+    from quantc.config import load_config
+    from quantc.planning import read_plan_options
+    y = yaml_for(tmp_path, tiny_models["llama"], calib_file, "avg_bits: 7.0")
+    y.write_text(y.read_text().replace("quant: {bits: [2, 4, 8], group_size: 32}", "quant: {bits: [4, 6], grid: k}"))
+    r = run("-q", "plan", y, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    plan = yaml.safe_load((tmp_path / "p" / "plan.yaml").read_text())
+    unit = next(iter(plan["units"]))
+    assert plan["units"][unit]["grid"] == "k" and "group_size" not in plan["units"][unit]
+    cfg = load_config(y)
+    plan["units"][unit]["bits"] = 4 if plan["units"][unit]["bits"] == 6 else 6
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(plan))
+    choices, _, _ = read_plan_options(tmp_path / "e.yaml", cfg)
+    from quantc.options import Option
+    new = plan["units"][unit]["bits"]
+    assert choices[unit].bits == new and choices[unit].group_size == Option(new, grid="k").group_size != 128
+    plan["units"][unit].update(bits=4, group_size=64)
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(plan))
+    with caplog.at_level(logging.WARNING, logger="quantc"):
+        choices, _, _ = read_plan_options(tmp_path / "e.yaml", cfg)
+    assert choices[unit].group_size == 32 and f"units.{unit}: q4_k fixes group_size to 32; the file's group_size: 64 " \
+        "ignored" in caplog.text
 
 
 def test_qep_changes_the_fit(tmp_path, tiny_models, calib_file):

@@ -200,7 +200,7 @@ def test_allocator_offers_only_servable_options(tmp_path, tiny_models, calib_fil
     monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache"))
     raw = {"model": str(tiny_models["llama"]), "quant": {"bits": [2, 4, 8], "group_size": 32},
            "budget": {"avg_bits": 5.5}, "calibration": {"source": str(calib_file), "samples": 6, "seq_len": 32},
-           "plan": {"measure_samples": 4, "alpha_samples": 2, "alpha_seq_len": 32}}
+           "plan": {"measure_samples": 4, "alpha_samples": 2, "alpha_seq_len": 32, "direct_bits": 0}}
     cfg = parse_config(raw, "b.yaml")
     model = load_model(cfg.model)
     ms, _ = get_measurements(cfg, model, calibration_tokens(cfg.calibration, load_tokenizer(cfg.model), model),

@@ -228,7 +228,8 @@ def _swapped(mods: dict, weights: dict):
 def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torch.Tensor,
             candidates: list[Option], *, predictor: str = "fisher", probes: int = 8, unit_mode: str = "shared",
             method: str = "gptq", damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
-            progress: bool = True, place: Placement = CPU, solve: str = "anchors") -> Measurements:
+            progress: bool = True, place: Placement = CPU, solve: str = "anchors",
+            release_inputs: bool = False) -> Measurements:
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; one of {PREDICTORS}")
     n_layers = len(decoder_layers(model))
@@ -319,6 +320,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 with _swapped(mods, quantized[k]):
                     uniform[k] = xh.like(v).through(layer).hidden
             x, xh = x_next, xh.through(layer)
+            if release_inputs and i == 0:     # handed over: the layer-0 inputs are not needed again (the held-out
+                acts.release()                # ones live on as held_in[0]); the decorator's arguments hold
+                holdout.release()             # the two objects for the whole sweep, so their tensors go here
             # the layer's codes and Hessians go now, not when the next layer rebinds the names: the
             # next capture's float64 sums and the next solves would run beside them
             quantized = weights = ws = hess = None
