@@ -125,14 +125,19 @@ def main(ctx, verbose, quiet):
 
 
 def _terminate_like_ctrl_c() -> None:
-    """`kill PID` (SIGTERM) ends a command as Ctrl-C does: cleanup, the resume point named, exit 130."""
+    """`kill PID` (SIGTERM) ends a command as Ctrl-C does: cleanup, the resume point named, exit 130.
+    Both are counted (errors.note_interrupt), so that a read the signal broke inside a library is
+    reported as the interrupt, not as a damaged file."""
     import signal
     import threading
+    from .errors import note_interrupt
 
-    def on_term(signum, frame):
+    def on_signal(signum, frame):
+        note_interrupt()
         raise KeyboardInterrupt
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
 
 
 @main.command("compile")

@@ -182,7 +182,7 @@ def parse_size(value: Any, file: str, key: str) -> int:
                                          f"({', '.join(u for u in ['B', 'KiB', 'MiB', 'GiB', 'MB', 'GB'])})")
         n = float(m.group(1)) * _UNITS[m.group(2).lower() or "b"]
     if not 0 < n < float("inf"):                   # NaN and inf too
-        raise ConfigError(file, key, f"must be a positive, finite size, got {value!r}")
+        raise ConfigError(file, key, f"must be positive and finite, got {value!r}")
     return int(n)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import QuantcError
+from .errors import QuantcError, interrupts, reraise_interrupt
 from .family import family_of
 
 log = logging.getLogger("quantc")
@@ -28,11 +28,13 @@ class WeightSource:
         self.files = sorted(folder.glob("*.safetensors"))
         self.index: dict[str, Path] = {}
         for f in self.files:
+            before = interrupts()
             try:
                 with safe_open(str(f), framework="pt") as sf:
                     for k in sf.keys():
                         self.index[k] = f
             except Exception as e:
+                reraise_interrupt(e, before)
                 raise QuantcError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
 
     def get(self, key: str, dtype=torch.float32, check: bool = False) -> torch.Tensor:
@@ -40,10 +42,12 @@ class WeightSource:
         f = self.index.get(key)
         if f is None:
             raise QuantcError(f"{self.folder}: tensor {key} is missing from the model's safetensors files")
+        before = interrupts()
         try:    # opened per read: the mapping (and its resident pages) goes away with the handle
             with safe_open(str(f), framework="pt") as sf:
                 t = sf.get_tensor(key)
         except Exception as e:
+            reraise_interrupt(e, before)        # Ctrl-C or SIGTERM mid-read: not a damaged file
             raise QuantcError(f"{f}: cannot read {key} ({e}); the file is truncated or corrupt") from None
         t = t.to(dtype) if t.is_floating_point() else t
         if check and t.is_floating_point() and not torch.isfinite(t).all():

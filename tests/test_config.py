@@ -63,7 +63,7 @@ BAD = [
     ("model: {M}\nquant: {rotate: hadamard, rotate_seed: -1}\n", "`quant.rotate_seed`: must be a non-negative"),
     ("model: {M}\nplan: {solve: some}\n", "`plan.solve`: 'some'; allowed: anchors, all"),
     ("model: {M}\nplan: {predictor: exact, solve: anchors}\n", "`plan.solve`: anchors is the fisher predictor's"),
-    ("model: {M}\nbudget: {memory: .inf}\n", "`budget.memory`: must be a positive, finite size"),
+    ("model: {M}\nbudget: {memory: .inf}\n", "`budget.memory`: must be positive and finite, got inf"),
     ("model: {M}\ncandidates: 4\n", "`candidates`: expected list or str, got int 4; write it as `candidates: [{bits: 4}"),
     # a value of the wrong shape says how the section is written
     ("model: {M}\nbudget: 4.5\n", "`budget`: expected dict, got float 4.5; write it as `budget: {avg_bits: 4.5}"),

@@ -203,6 +203,39 @@ def test_ctrl_c_says_where_the_resume_point_is(tmp_path, tiny_tokenizer, calib_f
     assert ".lock" not in json.loads((tmp_path / "o" / "quantc.json").read_text())["files"]
 
 
+def test_a_signal_during_a_weight_read_is_an_interrupt_not_a_damaged_file(tiny_models, monkeypatch):
+    """A signal can land while safetensors runs Python code for a read; the library then raises its own
+    error. The lazy reader reports that as the interrupt (exit 130, the resume point named), not as a
+    truncated file (exit 2), whether the library chains the KeyboardInterrupt or not."""
+    import safetensors
+    from quantc import errors
+    from quantc.errors import QuantcError
+    from quantc.lazy import WeightSource
+    src = WeightSource(tiny_models["llama"])
+    key = next(iter(src.index))
+    real = safetensors.safe_open
+
+    def chained(*a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise TypeError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    def flagged(*a, **k):
+        errors.note_interrupt()            # what the CLI's handler does, before the library's own error
+        raise RuntimeError("broken read")
+
+    for fake in (chained, flagged):
+        monkeypatch.setattr(safetensors, "safe_open", fake)
+        with pytest.raises(KeyboardInterrupt):
+            src.get(key)
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad file")))
+    with pytest.raises(QuantcError, match="truncated or corrupt"):             # a real read error stays one
+        src.get(key)
+    monkeypatch.setattr(safetensors, "safe_open", real)
+    assert src.get(key) is not None
+
+
 def test_sigterm_ends_like_ctrl_c(tmp_path, tiny_tokenizer, calib_file):
     """`kill PID` mid-compile: the resume point is kept and named, the lock goes, exit 130; the same
     command then finishes the artifact."""
