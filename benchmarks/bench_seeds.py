@@ -133,8 +133,9 @@ def write(rows: dict, seeds: list[int], plan: dict, fp: dict, args, cmd: str) ->
              f"from the measurement on seed 0: units at 2/3/4/8 bits {mix}, predicted ΔKL {plan['delta_kl']:.4f}). "
              "The seed draws each calibration document's 512-token window, the same for both compiles of a seed; "
              "the plan is held fixed, so the spread is the compile's. Evaluation: WikiText-2, 80×512, float32 through "
-             f"`quantc.load` (fp32 model {fp['ppl']:.2f}). Each job ran alone, one after another, in one run, except "
-             "where the notes say otherwise.", "",
+             f"`quantc.load` (fp32 model {fp['ppl']:.2f}). Jobs are cached in benchmarks/work/, so a row may come from an "
+             "earlier run (seed 0's uniform compile is bench_ablation's job, from its own run); the session notes say "
+             "where jobs shared the cores, which makes their seconds no timings.", "",
              "| seed | uniform bytes | uniform compile s | uniform ppl | mixed bytes | mixed compile s | mixed ppl | "
              "mixed − uniform |", "|---|---|---|---|---|---|---|---|"]
     diffs, pts = [], {"uniform": [], "mixed": []}
