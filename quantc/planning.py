@@ -70,7 +70,7 @@ def read_plan_options(path: str | Path, cfg: Config) -> tuple[dict[str, Option],
         raise ConfigError(file, "units", "not a quantc plan (written by `quantc plan`)")
     if not raw["units"]:
         raise ConfigError(file, "units", "empty: the plan gives no unit an option; write it again with `quantc plan`")
-    made_with = (raw.get("meta") or {}).get("units_mode") if isinstance(raw.get("meta"), dict) else None
+    made_with = raw["meta"].get("units_mode") if isinstance(raw.get("meta"), dict) else None
     if made_with not in (None, cfg.units):
         raise ConfigError(file, "meta.units_mode", f"the plan was made with quant.units: {made_with}, and the budget "
                           f"file says {cfg.units}; set quant.units: {made_with}, or make the plan again")

@@ -12,7 +12,9 @@ and an export assembled this way is the file it was before. What `write` holds a
 made in memory, or one chunk of a tensor copied from another file."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -49,10 +51,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def file_entries(path: str | Path) -> dict[str, Entry]:
@@ -91,7 +90,8 @@ def write(path: str | Path, entries: dict[str, Entry], metadata: dict[str, str] 
     blob += b" " * (-len(blob) % 8)
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb") as out, contextlib.ExitStack() as stack:
+            sources: dict[str, object] = {}          # each source file opened once for all its tensors
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             for k in order:
@@ -103,15 +103,17 @@ def write(path: str | Path, entries: dict[str, Entry], metadata: dict[str, str] 
                     out.write(t.reshape(-1).view(torch.uint8).numpy().data)   # the tensor's memory, not a copy
                     del t
                 else:
-                    with open(e.path, "rb") as src:
-                        src.seek(e.begin)
-                        left = e.end - e.begin
-                        while left:
-                            chunk = src.read(min(COPY_CHUNK, left))
-                            if not chunk:
-                                raise ValueError(f"{e.path}: ends inside tensor {k}")
-                            out.write(chunk)
-                            left -= len(chunk)
+                    if e.path not in sources:
+                        sources[e.path] = stack.enter_context(open(e.path, "rb"))
+                    src = sources[e.path]
+                    src.seek(e.begin)
+                    left = e.end - e.begin
+                    while left:
+                        chunk = src.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise ValueError(f"{e.path}: ends inside tensor {k}")
+                        out.write(chunk)
+                        left -= len(chunk)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
