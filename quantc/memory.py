@@ -228,6 +228,21 @@ def check_memory(cfg: Config) -> None:
                 f"{one / 2**30:.2f} GiB each; start fewer with torchrun --nproc-per-node, or spread them with "
                 "--nnodes)") if local > 1 else ""
         raise QuantcError(f"{cfg.source_file}: the compile needs about {host / 2**30:.2f} GiB{many} but only "
-                          f"{avail / 2**30:.2f} GiB is available (calibration activations alone "
-                          f"{est['activations'] / 2**30:.2f} GiB); lower calibration.samples or "
-                          "calibration.seq_len, or free memory")
+                          f"{avail / 2**30:.2f} GiB is available (weights {est['weights'] / 2**30:.2f} GiB, "
+                          f"calibration activations {est['activations'] / 2**30:.2f} GiB, Hessians and solves "
+                          f"{est['layer'] / 2**30:.2f} GiB); {_advice(cfg, est)}")
+
+
+def _advice(cfg: Config, est: dict) -> str:
+    """The fix for the largest term of a refused estimate, in the configuration's own keys."""
+    if est["weights"] >= max(est["activations"], est["layer"]):
+        if cfg.calibration.source == "self":
+            return ("calibration.source: self samples text with the whole model in memory; give a calibration "
+                    "file (calibration.source: data.jsonl) and the decoder layers load one at a time")
+        if not cfg.lazy_load:
+            return "set resources.lazy_load: true and the decoder layers load one at a time"
+        return "free memory, or run on a host with more"
+    if est["activations"] >= est["layer"]:
+        off = "" if cfg.offload_activations else "set resources.offload_activations: true, or "
+        return f"{off}lower calibration.samples or calibration.seq_len, or free memory"
+    return "free memory, or run on a host with more (one layer's Hessians and solves do not shrink)"

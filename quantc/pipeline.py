@@ -115,6 +115,7 @@ def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None):
     from .calibration import calibration_tokens
     from .planning import budget_bytes, get_measurements, solve
     from .serve import check_modules, targets_for
+    check_memory(cfg)                        # the compile's estimate: the plan is made for that compile
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16

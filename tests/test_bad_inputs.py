@@ -137,6 +137,40 @@ def test_memory_estimate_refuses_what_cannot_fit(tmp_path, tiny_models, calib_fi
     check(r, "the compile needs about", "GiB is available", "lower calibration.samples")
 
 
+def test_memory_refusal_names_the_largest_term_and_its_fix_and_covers_quantc_plan(tmp_path, tiny_models, calib_file,
+                                                                                 monkeypatch):
+    """The plan's measurement is sweep 1 of the compile it plans: `quantc plan` is refused before any
+    work, like the compile. The message says which term is too big and which key shrinks it."""
+    import quantc.memory
+    from quantc.config import load_config
+    from quantc.memory import memory_estimate
+    model = tiny_models["llama"]
+    budget = "budget: {avg_bits: 4}\ncandidates: [{bits: 3}, {bits: 4}]\n"
+    self_sampled = write_yaml(tmp_path / "self.yaml", f"model: {model}\ncalibration: {{samples: 1, seq_len: 8}}\n{budget}")
+    real = quantc.memory.memory_estimate
+
+    def big_model(cfg, *a, **k):             # the tiny model's weights as a 7B model's: the largest term
+        e = real(cfg, *a, **k)
+        return {**e, "weights": e["weights"] * 10**5, "total": e["total"] + e["weights"] * (10**5 - 1)}
+    monkeypatch.setattr(quantc.memory, "memory_estimate", big_model)
+    est = big_model(load_config(self_sampled))
+    monkeypatch.setattr(quantc.memory, "available_memory", lambda: est["total"] // 2)
+    r = CliRunner().invoke(main, ["plan", str(self_sampled), "-o", str(tmp_path / "p")])
+    check(r, "self.yaml: the compile needs about", "calibration.source: self samples text with the whole model",
+          "calibration.source: data.jsonl")
+    assert not (tmp_path / "p").exists()
+
+    many = write_yaml(tmp_path / "many.yaml",
+                      f"model: {model}\ncalibration: {{source: {calib_file}, samples: 4096, seq_len: 512}}\n{budget}")
+    monkeypatch.setattr(quantc.memory, "memory_estimate", real)
+    est = memory_estimate(load_config(many))
+    assert est["activations"] > max(est["weights"], est["layer"])
+    monkeypatch.setattr(quantc.memory, "available_memory", lambda: est["total"] // 2)
+    r = CliRunner().invoke(main, ["plan", str(many), "-o", str(tmp_path / "p")])
+    check(r, "many.yaml: the compile needs about", "set resources.offload_activations: true", "lower calibration.samples")
+    assert not (tmp_path / "p").exists()
+
+
 def test_failed_compile_leaves_nothing_behind(tmp_path, tiny_models):
     """No empty `.out.partial/` and no parent folders created for the output remain after a failure."""
     m = copy_model(tiny_models["llama"], tmp_path / "m")

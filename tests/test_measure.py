@@ -305,3 +305,51 @@ def test_sweep_1_solves_the_largest_unit_first_and_frees_each_hessian(deep_llama
     gc.collect()
     if predictor == "fisher":
         assert all(r() is None for r in seen.values())        # none outlives its layer's solves
+
+
+def _whole_stream_diagnostics(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """The diagnostics' numbers from whole-stream copies: block influence, effective rank, top-k gain."""
+    from quantc.passes.measure import _effective_rank
+    xin, xout = x[:, :-1].reshape(-1, x.shape[-1]), y[:, :-1].reshape(-1, y.shape[-1])
+    step = max(1, xin.shape[0] // 2048)
+    erank, top_out = _effective_rank(xout[::step])
+    _, top_in = _effective_rank(xin[::step])
+    return float(1 - F.cosine_similarity(xin, xout, dim=-1).double().mean()), erank, top_out - top_in
+
+
+@pytest.mark.parametrize("batch", [1, 2, 6])
+def test_layer_diagnostics_read_the_streams_batch_by_batch(batch):
+    """Batches of 999 rows put the spectra's every-2nd-row grid at another offset in every batch: the
+    sampled rows are still the whole stream's."""
+    from quantc.passes.measure import _diagnostics
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1000, 64, generator=g)
+    y = x + 0.3 * torch.randn(6, 1000, 64, generator=g)
+    kw = [{}] * 6
+    lins = {"a": torch.nn.Linear(64, 64)}
+    d = _diagnostics(0, Activations(x, kw, batch), Activations(y, kw, batch), lins, Option(bits=4))
+    influence, erank, gain = _whole_stream_diagnostics(x, y)
+    assert d["block_influence"] == pytest.approx(influence, rel=1e-9)
+    assert d["effective_rank"] == erank and d["topk_energy_gain"] == gain      # the same rows, the same order
+
+
+def test_layer_diagnostics_do_not_copy_the_streams(tmp_path):
+    """Two 512 MiB streams in 32 batches: the diagnostics may add a batch's copies, the sampled rows and
+    the first call's library set-up (about 100 MiB measured), not a whole stream (the copies of
+    `hidden[:, :-1]` cost about five streams before)."""
+    import subprocess
+    import sys
+    script = (
+        "import resource, torch\n"
+        "from quantc.model import Activations\n"
+        "from quantc.options import Option\n"
+        "from quantc.passes.measure import _diagnostics\n"
+        "x = torch.ones(32, 4096, 1024); y = torch.full((32, 4096, 1024), 2.0)\n"
+        "lins = {'a': torch.nn.Linear(1024, 1024)}\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "_diagnostics(0, Activations(x, [{}] * 32, 1), Activations(y, [{}] * 32, 1), lins, Option(bits=4))\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    grown_mib = float(r.stdout.split()[-1])
+    assert grown_mib < 256, f"the diagnostics raised the peak by {grown_mib:.0f} MiB (a stream is 512 MiB)"

@@ -434,27 +434,40 @@ def _predicted(W: torch.Tensor, H: torch.Tensor, candidates: list[Option], ancho
 
 def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest: Option,
                  world: World = SOLO) -> dict:
-    """Importance diagnostics of block i (LieQ's ΔKL is filled in after the sweep). In a distributed
-    run each rank holds its own calibration rows: the sums behind them are all-reduced (float64), and
-    the spectra sample the same rows as one process (every step-th row of the whole set), so these
-    report-only numbers differ from one process's only in their last digits."""
-    hid = x.hidden.shape[-1]
-    xin = x.hidden[:, :-1].reshape(-1, hid).float()
-    xout = x_next.hidden[:, :-1].reshape(-1, hid).float()
+    """Importance diagnostics of block i (LieQ's ΔKL is filled in after the sweep). The streams are
+    read batch by batch, as the sweep reads them: they may live in offload files or on the host
+    while the layer runs on a GPU, and a whole-stream copy would cost two streams of memory (2 GiB at
+    8B width and the default 128×512) that the estimate does not count. The spectra sample every
+    step-th row of the whole row order (all ranks' rows, in rank order), as before. In a distributed run
+    the sums behind them are all-reduced (float64), so these report-only numbers differ from one
+    process's only in their last digits."""
+    n, t, hid = x.hidden.shape[0], x.hidden.shape[1] - 1, x.hidden.shape[-1]
+    rows = torch.zeros(max(world.size, 1), dtype=torch.float64)
+    rows[world.rank if world.active else 0] = n * t
     if world.active:
-        cos = F.cosine_similarity(xin, xout, dim=-1).double()
-        rows = torch.zeros(world.size, dtype=torch.float64, device=cos.device)
-        rows[world.rank] = cos.numel()
-        rows = world.all_reduce(rows)                    # every rank's row count (ranks hold rows in order)
-        influence = float(1 - world.all_reduce(cos.sum().reshape(1))[0] / rows.sum())
-        step = max(1, int(rows.sum()) // 2048)
-        first = (-int(rows[:world.rank].sum())) % step   # this rank's first row on the global step grid
-        grams = [world.all_reduce(h[first::step].double().t() @ h[first::step].double()) for h in (xout, xin)]
+        rows = world.all_reduce(rows)                     # every rank's row count (ranks hold rows in order)
+    step = max(1, int(rows.sum()) // 2048)
+    row = int(rows[:world.rank].sum()) if world.active else 0     # this rank's first row, globally
+    cos_sum = torch.zeros(1, dtype=torch.float64)
+    picked_in, picked_out = [], []
+    for (xb, _), (yb, _) in zip(x.batches(), x_next.batches()):
+        xin = xb[:, :-1].reshape(-1, hid).float()
+        xout = yb[:, :-1].reshape(-1, hid).float()
+        cos_sum += F.cosine_similarity(xin, xout, dim=-1).double().sum().cpu()
+        first = (-row) % step                             # this batch's first row on the global step grid
+        picked_in.append(xin[first::step].double().cpu())
+        picked_out.append(xout[first::step].double().cpu())
+        row += xin.shape[0]
+    none = torch.zeros(0, hid, dtype=torch.float64)              # a rank without a batch: no rows
+    xin, xout = torch.cat([none, *picked_in]), torch.cat([none, *picked_out])
+    if world.active:
+        influence = float(1 - world.all_reduce(cos_sum)[0] / rows.sum())
+        grams = [world.all_reduce(h.t() @ h) for h in (xout, xin)]
         (erank, topk_out), (_, topk_in) = _spectrum(grams[0]), _spectrum(grams[1])
     else:
-        influence = float(1 - F.cosine_similarity(xin, xout, dim=-1).mean())
-        erank, topk_out = _effective_rank(xout[:: max(1, xout.shape[0] // 2048)])
-        _, topk_in = _effective_rank(xin[:: max(1, xin.shape[0] // 2048)])
+        influence = float(1 - cos_sum[0] / rows.sum())
+        erank, topk_out = _effective_rank(xout)
+        _, topk_in = _effective_rank(xin)
     ws = [m.weight.data.abs() for m in lins.values()]
     outliers = sum(int((w > OUTLIER_K * w.mean()).sum()) for w in ws) / sum(w.numel() for w in ws)
     return {"layer": i, "block_influence": influence, "outlier_share": outliers, "lieq_kl": None,
