@@ -203,7 +203,6 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     from .config import Budget, load_config, parse_size
     from .pipeline import plan_only
     from .report import write_report
-    from .preflight import preflight
     from .staging import check_writable
     cfg = load_config(budget)
     check_writable(out, "plan folder")             # written after the measurement: check it now
@@ -217,15 +216,15 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
         raise QuantcError(f"{budget}: `budget` is missing; give budget.avg_bits, budget.memory or "
                           "budget.max_delta_loss (or --avg-bits/--memory)")
     t = time.perf_counter()
-    preflight(cfg, budget_key="--avg-bits" if avg_bits is not None else "--memory" if memory else None,
-              calibrate=True)
     import os
     import shutil
     # resources.offload_activations: the measurement's hidden states in unlinked files inside the plan
     # folder (checked writable above; one folder per process of a torchrun run), removed when it ends
     offload = Path(out) / f".offload-{os.getpid()}"
     try:
-        plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"], offload=offload)
+        plan, ms, cached, solve_s = plan_only(cfg, progress=ctx.obj["progress"], offload=offload,
+                                              budget_key="--avg-bits" if avg_bits is not None else
+                                              "--memory" if memory else None)
     finally:
         shutil.rmtree(offload, ignore_errors=True)
     from .distributed import current, leave

@@ -136,6 +136,7 @@ class Config:
     device: str = "auto"               # auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     compute_dtype: str = "float32"     # layer forwards; Hessians and GPTQ solves stay float32
     source_file: str = ""
+    hub: str | None = None             # the hub id the YAML named, once `model` is its downloaded folder
     serve: list[str] = field(default_factory=list)   # runtimes the plan must load in (serve.py)
 
     @property

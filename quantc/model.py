@@ -47,6 +47,31 @@ def read_model_type(path: str) -> str | None:
     return None
 
 
+# What a compile reads of a hub repository: config and tokenizer files and the safetensors weights
+# (pickled weights only when the YAML opts in, the model's own code only with trust_remote_code)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def fetch_model(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                allow_pickle: bool = False) -> str:
+    """The local folder of `path`: a local folder as it is; a hub id's files in the Hugging Face cache,
+    downloaded once (only what a compile reads) and read from there after, offline too
+    (HF_HUB_OFFLINE=1). Every later step reads that folder, so a hub model gets what a local one gets:
+    decoder layers streamed one at a time, the memory check and the estimate before any work."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else []) + (
+        [f"*{s}" for s in PICKLE_SUFFIXES] if allow_pickle else [])
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=patterns)
+    except Exception as e:     # network, authentication, unknown repository or revision: one clear line
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise QuantcError(f"{path}: cannot fetch the model from the Hugging Face hub ({type(e).__name__}: {msg}); "
+                          "check the name and model.revision, log in (hf auth login) for a gated model, or give a "
+                          "local folder") from None
+
+
 def source_identity(path: str, gguf_file: str | None, revision: str | None, model) -> str:
     """What tells the weights a run reads from others', for the keys of the measurement cache and the
     resume point: the model's config, the GGUF file and revision asked for and the hub commit loaded

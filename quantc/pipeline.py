@@ -6,6 +6,7 @@ the memory estimate in memory.py, the checks before heavy work in preflight.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,8 +21,8 @@ from . import __version__
 from . import distributed
 from .config import Config
 from .errors import QuantcError
-from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, keep_in_fp16,
-                    linear_names, resolve_device, source_identity)  # noqa: F401 (linear_names: re-exported)
+from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, fetch_model,
+                    keep_in_fp16, linear_names, resolve_device, source_identity)  # noqa: F401 (linear_names: re-exported)
 from .memory import activation_bytes, check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
 from .options import Option
 from .preflight import preflight
@@ -108,14 +109,24 @@ def load_source(cfg: Config):
     return model, tokenizer
 
 
-def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None):
-    """`quantc plan`: load → calibrate → measure (or read the cache) → allocate. `offload`: where the
-    measurement's hidden states go with `resources.offload_activations`.
+def fetched(cfg: Config) -> Config:
+    """The configuration with its model as a local folder (model.fetch_model): a hub id's files are
+    downloaded into the Hugging Face cache once, and `hub` keeps the name the YAML gave."""
+    folder = fetch_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.allow_pickle)
+    return cfg if folder == cfg.model else dataclasses.replace(cfg, model=folder, hub=cfg.model)
+
+
+def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, budget_key: str | None = None):
+    """`quantc plan`: fetch → check → load → calibrate → measure (or read the cache) → allocate.
+    `offload`: where the measurement's hidden states go with `resources.offload_activations`;
+    `budget_key`: the command-line option that set the budget, for messages.
     Returns (plan, measurements, cached, solve seconds)."""
     from .calibration import calibration_tokens
     from .planning import budget_bytes, get_measurements, solve
     from .serve import check_modules, targets_for
+    cfg = fetched(cfg)
     check_memory(cfg)                        # the compile's estimate: the plan is made for that compile
+    preflight(cfg, budget_key=budget_key, calibrate=True)
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
@@ -140,6 +151,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     from .serve import check_modules, targets_for
 
     out = Path(out)
+    cfg = fetched(cfg)
     if plan_file is not None:              # the plan's options against the targets, before any work
         from .planning import read_plan_options
         read_plan_options(plan_file, cfg)
@@ -259,7 +271,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     weights = sum(m["in"] * m["out"] for m in modules.values())
     manifest = {
         "quantc": __version__,
-        "source": {"model": cfg.model, "gguf_file": cfg.gguf_file},
+        "source": {"model": cfg.model, "gguf_file": cfg.gguf_file,
+                   **({"hub": cfg.hub, "revision": cfg.revision} if cfg.hub else {})},
         "config": cfg.to_dict(),
         "quantization_config": qc,
         "totals": {"quantized_linear_bytes": qbytes, "quantized_weights": weights,

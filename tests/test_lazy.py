@@ -172,3 +172,42 @@ def test_the_first_layers_inputs_are_freed_after_it(tmp_path, tiny_models, calib
          "resources": {"offload_activations": off}}
     compile_model(parse_config(r, "t"), tmp_path / "out", progress=False)
     assert alive and all(not any(v) for v in alive.values()), alive
+
+
+def test_a_hub_model_streams_from_its_cached_folder_like_a_local_one(tmp_path, tiny_models, calib_file):
+    """A hub id is read from its Hugging Face cache folder (offline here: a cache laid out as the hub
+    client writes it), so its layers load one at a time and the memory check runs, as for a local
+    folder: the same artifact, and the manifest keeps the id. An id the cache lacks is one clear line."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from conftest import write_yaml
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--quantc-test--tiny"
+    shutil.copytree(tiny_models["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "QUANTC_CACHE": str(tmp_path / "qcache")}
+    rest = f"calibration: {{source: {calib_file}, samples: 8, seq_len: 64, batch_size: 4}}\nquant: {{bits: 3, group_size: 32}}\n"
+    runs = {}
+    for name, model in (("hub", "quantc-test/tiny"), ("local", str(tiny_models["llama"]))):
+        y = write_yaml(tmp_path / f"{name}.yaml", f"model: {model}\n{rest}")
+        runs[name] = subprocess.run([sys.executable, "-m", "quantc", "-v", "compile", str(y), "-o", str(tmp_path / f"out-{name}")],
+                                    capture_output=True, text=True, env=env, timeout=600)
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    for name in ("hub", "local"):
+        assert "lazy loading: decoder layers are read from" in runs[name].stderr
+        assert "expected peak memory" in runs[name].stderr
+    assert digest(tmp_path / "out-hub") == digest(tmp_path / "out-local")
+    source = json.loads((tmp_path / "out-hub" / "quantc.json").read_text())["source"]
+    assert source["hub"] == "quantc-test/tiny" and source["model"].endswith(commit)
+
+    y = write_yaml(tmp_path / "absent.yaml", f"model: quantc-test/absent\n{rest}")
+    r = subprocess.run([sys.executable, "-m", "quantc", "compile", str(y), "-o", str(tmp_path / "absent")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    assert "quantc-test/absent: cannot fetch the model from the Hugging Face hub" in r.stderr + r.stdout
+    assert not (tmp_path / "absent").exists()
