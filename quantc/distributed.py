@@ -47,6 +47,23 @@ class Traffic:
         return sum(self.bytes.values())
 
 
+@dataclass
+class Solves:
+    """GPTQ solves this rank ran, by sweep (sweep 1: units, each at all its options; sweep 2: linears):
+    the manifest shows how the ranks split the work (`per_rank`)."""
+    count: dict = field(default_factory=dict)
+
+    def add(self, sweep: str) -> None:
+        self.count[sweep] = self.count.get(sweep, 0) + 1
+
+    def per_rank(self, world: "World", sweeps=("measure", "quantize")) -> dict[str, list[int]]:
+        """Every rank's counts (a collective: every rank calls it)."""
+        t = torch.zeros(world.size, len(sweeps), dtype=torch.float64)
+        t[world.rank] = torch.tensor([float(self.count.get(s, 0)) for s in sweeps], dtype=torch.float64)
+        t = world.all_reduce(t)
+        return {s: [int(v) for v in t[:, i]] for i, s in enumerate(sweeps)}
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -134,6 +151,7 @@ class World:
 
 SOLO = World()
 TRAFFIC = Traffic()
+SOLVES = Solves()
 
 
 def _on_host(obj):

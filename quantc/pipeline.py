@@ -163,6 +163,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         preflight(cfg, out, plan_file)      # seconds: patterns, budget from shapes, weights, calibration
     progress = progress and world.main
     timings, traffic = {}, {}             # traffic: bytes rank 0 sent/received in collectives, per sweep
+    distributed.SOLVES.count.clear()      # this compile's solves, per sweep (the manifest's split per rank)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
@@ -240,6 +241,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                       on_layer=layer_done, progress=progress, place=place, release_inputs=True)
     timings["quantize_s"] = time.perf_counter() - t
     traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
+    solves = distributed.SOLVES.per_rank(world) if world.active else None     # every rank: a collective
     if not world.main:
         if offload is not None:       # its files were unlinked at creation: only the folder is left
             shutil.rmtree(offload, ignore_errors=True)
@@ -281,7 +283,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "skipped": skipped,
         "rotation": rotate.rotation_record(model, dtype),
         "timings": timings,
-        "distributed": {"processes": world.size, "rank0_bytes": traffic} if world.active else None,
+        "distributed": {"processes": world.size, "rank0_bytes": traffic, "solves_per_rank": solves}
+        if world.active else None,
         "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},
     }
     (tmp / "quantc.json").write_text(json.dumps(manifest, indent=2))

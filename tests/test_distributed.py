@@ -61,6 +61,14 @@ def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib
     assert "bits: 2" in plan or "bits: 3" in plan            # a real mixed plan, not uniform 4-bit
     assert not list(tmp_path.glob("c2/measurements/*.tmp"))
     assert len(list((tmp_path / "c2" / "measurements").glob("*.json"))) == 1  # rank 0 alone wrote the measurement cache
+    # the ranks split the work: sweep 1's units and sweep 2's linears, each solved once, round-robin
+    # within a layer (sweep 2: 4 of a layer's 7 linears on rank 0, since o and down are groups of one)
+    units = json.loads(next((tmp_path / "c2" / "measurements").glob("*.json")).read_text())["units"]
+    manifest = json.loads((tmp_path / "two" / "quantc.json").read_text())
+    split = manifest["distributed"]["solves_per_rank"]
+    for sweep, total in (("measure", len(units)), ("quantize", manifest["totals"]["modules"])):
+        assert sum(split[sweep]) == total and min(split[sweep]) >= total // 3, (sweep, split, total)
+    assert json.loads((tmp_path / "one" / "quantc.json").read_text())["distributed"] is None
 
 
 def test_ranks_without_a_batch_still_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib_file):
@@ -190,3 +198,24 @@ def test_on_gpus_host_tensors_and_objects_go_through_gloo(monkeypatch):
     asked.clear()
     distributed.join(torch.device("cpu"))
     assert asked == ["gloo"]
+
+
+def test_a_run_stopped_under_torchrun_resumes_in_one_process(tmp_path, tiny_tokenizer, calib_file):
+    """'Run the same command again (with any number of processes)': a 2-rank compile killed after layer 1
+    finishes in a plain one-process compile, with the bits of an uninterrupted one. The resume point
+    holds only finished layers' shards and the rows every rank gathered to rank 0."""
+    y = _budget(tmp_path, tiny_tokenizer, calib_file, 0.5)
+    cache = str(tmp_path / "c")
+    one = ["-m", "quantc", "-q", "compile", str(y), "-o"]
+    r = subprocess.run([sys.executable, *one, str(tmp_path / "one")], capture_output=True, text=True,
+                       env=_env(QUANTC_CACHE=cache))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29545, QUANTC_CACHE=cache,
+                  QUANTC_FAULT_AFTER_LAYER="1", QUANTC_FAULT_RANK="1")
+    assert r.returncode != 0 and not (tmp_path / "two").exists()
+    assert json.loads((tmp_path / ".two.partial" / "resume" / "state.json").read_text())["next_layer"] >= 1
+    r = subprocess.run([sys.executable, "-m", "quantc", "compile", str(y), "-o", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=cache))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming after decoder layer" in r.stderr
+    _same_artifact(tmp_path / "one", tmp_path / "two")

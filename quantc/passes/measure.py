@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian
 from ..config import PREDICTORS
-from ..distributed import SOLO, World
+from ..distributed import SOLO, SOLVES, World
 from ..gptq import QuantResult, energy, iter_gptq_options, row_errors, rtn
 from ..family import family_of
 from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, final_norm, layer_linears,
@@ -292,6 +292,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 u = here[j - first]
                 solved[j] = _solve_unit(u, prefix, layer, mods, hess, candidates, method, damp,
                                         keep_sq=not exact, anchor=anchor, every=u.key in sample)
+                SOLVES.add("measure")
             if not exact:
                 hess.clear()
             for j, unit in enumerate(here, start=first):

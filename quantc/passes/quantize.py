@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.hessian import CaptureInput, Hessian, run_until
+from ..distributed import SOLVES
 from ..gptq import QuantResult, gptq, qep_target, rtn
 from ..lazy import trim_heap
 from ..family import Family, family_of
@@ -100,6 +101,7 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
                 if ref_in is not None:
                     W = qep_target(W, hess.H, hess.delta, qep_alpha, damp)
                 solved[n] = gptq(W, hess.H, options[name], percdamp=damp, blocksize=block_size, name=name)
+                SOLVES.add("quantize")
         for j, (n, m) in enumerate(group.items(), start=owned):
             res = world.broadcast(solved.get(n), world.owner(j))    # one process: its own result
             m.weight.data = res.weight.to(m.weight.device, m.weight.dtype)
