@@ -219,3 +219,24 @@ def test_a_run_stopped_under_torchrun_resumes_in_one_process(tmp_path, tiny_toke
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming after decoder layer" in r.stderr
     _same_artifact(tmp_path / "one", tmp_path / "two")
+
+
+def test_two_nodes_give_the_bits_of_one_process(tmp_path, tiny_tokenizer, calib_file):
+    """`torchrun --nnodes 2`: two launches (two "machines", here on one host, each its own torchrun
+    agent with one process and LOCAL_RANK 0) meet through the static rendezvous at --master-addr."""
+    y = _budget(tmp_path, tiny_tokenizer, calib_file, 0.5)
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", "29551",
+                               "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(QUANTC_CACHE=str(tmp_path / "c2")))
+             for k in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-3000:]
+    _same_artifact(tmp_path / "one", tmp_path / "two")
+    split = json.loads((tmp_path / "two" / "quantc.json").read_text())["distributed"]["solves_per_rank"]
+    assert all(min(v) > 0 for v in split.values()), split
