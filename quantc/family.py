@@ -42,6 +42,7 @@ class Family:
     groups: tuple[tuple[str, ...], ...]
     layers: str = "model.layers"          # the decoder layers' ModuleList
     embed: str = "model.embed_tokens"
+    head: str = "lm_head"                 # the output projection (tied families share the embeddings' tensor)
     # vLLM's fused linears (its packed_modules_mapping): fused name -> the checkpoint linears it loads
     vllm_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # linears fused in the source checkpoint itself: name -> the parts' roles, in row order (Phi-3's qkv_proj:
@@ -101,7 +102,7 @@ class Family:
         if n.attn_out or n.mlp_out or n.offset or self.checkpoint_fused:
             return None
         return {"layers": self.layers + ".", "embed": self.embed + ".weight", "final_norm": n.final + ".weight",
-                "head": "lm_head.weight",
+                "head": self.head + ".weight",
                 "norms": {n.attn_in: self.q_k_v, n.mlp_in: self.gate_up},
                 "writers": (self.attn_out, self.mlp_out), "value": self.q_k_v[2], "output": self.attn_out}
 

@@ -78,10 +78,11 @@ def load_lazy(path: str, trust_remote_code: bool = False, dtype=torch.float32):
         src.get(key, check=True)
     layers = decoder_layers(model)
     in_layers = {id(p) for p in layers.parameters()}
+    head = family_of(model).head + ".weight"
     for name, p in list(model.named_parameters()):
         if id(p) in in_layers:
             continue
-        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+        if name == head and getattr(config, "tie_word_embeddings", False):
             continue
         _set(model, name, src.get(name, dtype))
     if getattr(config, "tie_word_embeddings", False):

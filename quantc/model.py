@@ -200,6 +200,11 @@ def final_norm(model: nn.Module) -> nn.Module:
     return model.get_submodule(family_of(model).norms.final)
 
 
+def output_head(model: nn.Module) -> nn.Linear:
+    """The lm_head: the projection from the final norm's output to the logits."""
+    return model.get_submodule(family_of(model).head)
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Full names of every decoder linear, in execution order (model.layers.3.self_attn.q_proj, ...)."""
     fam = family_of(model)

@@ -212,7 +212,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = Tru
         detail = str(e).split("\n\t", 1)[-1].splitlines()[0]
         raise QuantcError(f"{folder}: checkpoint does not match its config ({detail}); run `quantc verify`") from None
     tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    from .family import BY_TYPE       # a checkpoint of a family quantc does not compile: transformers' name
+    head = getattr(BY_TYPE.get(getattr(config, "model_type", None)), "head", "lm_head") + ".weight"
+    missing = [k for k in missing if not (tied and k == head)]
     if missing or unexpected:
         raise QuantcError(f"{folder}: checkpoint does not match its config (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")

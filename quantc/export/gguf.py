@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from .. import ggml
 from ..errors import QuantcError
-from ..family import FAMILIES
+from ..family import FAMILIES, family_for
 from ..staging import cleans_up_output
 from ..packing import unpack_cols, unpack_rows
 
@@ -166,13 +166,15 @@ def head_types(folder: Path, cfg: dict, qc: dict, t: dict) -> dict[str, "ggml.GG
         return {}
     hidden = cfg["hidden_size"]
     out = {}
-    head = "lm_head.weight" if "lm_head.weight" in t else "model.embed_tokens.weight"   # tied: one tensor
+    fam = family_for(cfg.get("model_type"))
+    output, embed = fam.head + ".weight", fam.embed + ".weight"
+    head = output if output in t else embed                # tied: one tensor
     main = ggml.main_type(*max(named, key=named.get))
     out[head] = ggml.TYPES["Q8_0" if main.name == "Q8_0" or hidden % 256 else "Q6_K"]
-    if head == "lm_head.weight" and "model.embed_tokens.weight" in t:
+    if head == output and embed in t:
         grid, bits, sym = max(named, key=named.get)
         try:
-            out["model.embed_tokens.weight"] = ggml.type_for(grid, bits, sym, hidden)
+            out[embed] = ggml.type_for(grid, bits, sym, hidden)
         except QuantcError:             # no type fits its rows: llama.cpp keeps it in 16-bit too
             pass
     return out

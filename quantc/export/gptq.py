@@ -148,10 +148,11 @@ def outside_entries(model, dtype: torch.dtype) -> dict[str, tensorfile.Entry]:
     `dtype` when it is written (tensorfile.write: one at a time)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = model.state_dict()
-    layers = family_of(model).layers + "."
+    fam = family_of(model)
+    layers, head = fam.layers + ".", fam.head + ".weight"
     out = {}
     for key, v in state.items():
-        if key.startswith(layers) or (tied and key == "lm_head.weight"):
+        if key.startswith(layers) or (tied and key == head):
             continue                     # layers come from their shards; a tied lm_head is re-tied by readers
         out[key] = tensorfile.tensor_entry(lambda key=key: _export(lazy_tensor(model, key, state), dtype),
                                            dtype if v.is_floating_point() else v.dtype, v.shape)

@@ -368,8 +368,9 @@ class _Export:
                 y = self.rmsnorm(y, p + nm.mlp_out + ".weight")
             h = g.op("Add", [h, y])
         h = self.rmsnorm(h, nm.final + ".weight")
-        if "lm_head.weight" in self.t or "lm_head.qweight" in self.t:
-            logits = self.linear(h, "lm_head")
+        head = self.fam.head
+        if head + ".weight" in self.t or head + ".qweight" in self.t:
+            logits = self.linear(h, head)
         else:  # tied: Gemm with transB reuses the embedding matrix instead of storing its transpose
             flat = g.op("Reshape", [h, g.ints("shape_2d", [-1, H])])
             logits2d = g.op("Gemm", [flat, embed], transB=1)

@@ -50,7 +50,7 @@ from ..distributed import SOLO, SOLVES, World
 from ..gptq import QuantResult, energy, iter_gptq_options, row_errors, rtn
 from ..family import family_of
 from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, final_norm, layer_linears,
-                     layer_prefix, run_layer, source_weight, units)
+                     layer_prefix, output_head, run_layer, source_weight, units)
 from ..options import Option
 from .quantize import input_groups
 
@@ -127,7 +127,7 @@ class Head:
         if self.place.is_default or self._placed:
             yield
             return
-        mods = (final_norm(self.model), self.model.lm_head)
+        mods = (final_norm(self.model), output_head(self.model))
         for m in mods:
             m.to(self.place.device)
         self._placed = True
@@ -139,8 +139,9 @@ class Head:
                 m.to("cpu")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = final_norm(self.model)(h[:, :-1:self.every].to(self.model.lm_head.weight.dtype))
-        return self.model.lm_head(h).float()                  # a subset of positions: the lm_head is the costly part
+        head = output_head(self.model)
+        h = final_norm(self.model)(h[:, :-1:self.every].to(head.weight.dtype))
+        return head(h).float()                  # a subset of positions: the lm_head is the costly part
 
     def targets(self) -> torch.Tensor:
         return self.tokens[:, 1::self.every]
@@ -508,13 +509,14 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
     the probes ℓ w.r.t. its output, summed over held-out positions and probes, / probes, per channel."""
     g_next = []                         # [batch][probe]: ∂ℓ/∂(hidden states leaving the current layer)
     with head.on_device(), torch.enable_grad():
-        head_w = model.lm_head.weight
+        lm_head = output_head(model)
+        head_w = lm_head.weight
         head_f = head_w.float()
         for xb, _ in final.batches():
             h = xb.detach().requires_grad_()
             hn = final_norm(model)(h[:, :-1:head.every].to(head_w.dtype))
             with torch.no_grad():
-                p = model.lm_head(hn).float().softmax(-1)
+                p = lm_head(hn).float().softmax(-1)
                 pw = p @ head_f                       # shared by every probe: (onehot(y) − p)·W = W[y] − p·W
             cdf = p.double().cumsum(-1)          # y ~ p by inverse CDF: one cumsum for every probe
             per = []
