@@ -134,7 +134,8 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
     try:
-        lazy = cfg.lazy_load and not cfg.gguf_file and cfg.calibration.source != "self"   # `self` samples: every layer
+        # `self`: the sampling process (rank 0, which gathers) holds every layer (pipeline.calibrate)
+        lazy = cfg.lazy_load and not cfg.gguf_file and not (cfg.calibration.source == "self" and gathers)
         n = _param_count(folder, lazy) if folder.is_dir() else None
         mc = json.loads(cfgp.read_text()) if cfgp.is_file() else None
     except (OSError, ValueError, KeyError):   # unreadable files: the model loader reports them clearly

@@ -116,12 +116,21 @@ def fetched(cfg: Config) -> Config:
     return cfg if folder == cfg.model else dataclasses.replace(cfg, model=folder, hub=cfg.model)
 
 
+def calibrate(cfg: Config, tokenizer, model, world) -> torch.Tensor:
+    """The calibration tokens. Sampled from the model (`calibration.source: self`, which needs the whole
+    model in memory), rank 0 alone samples and sends them: the other ranks of a torchrun run keep one
+    decoder layer at a time (memory.memory_estimate counts the whole model for rank 0 only)."""
+    from .calibration import calibration_tokens
+    if world.active and cfg.calibration.source == "self":
+        return world.broadcast(calibration_tokens(cfg.calibration, tokenizer, model) if world.main else None, 0)
+    return calibration_tokens(cfg.calibration, tokenizer, model)
+
+
 def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, budget_key: str | None = None):
     """`quantc plan`: fetch → check → load → calibrate → measure (or read the cache) → allocate.
     `offload`: where the measurement's hidden states go with `resources.offload_activations`;
     `budget_key`: the command-line option that set the budget, for messages.
     Returns (plan, measurements, cached, solve seconds)."""
-    from .calibration import calibration_tokens
     from .planning import budget_bytes, get_measurements, solve
     from .serve import check_modules, targets_for
     cfg = fetched(cfg)
@@ -130,7 +139,7 @@ def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, b
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
-    tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+    tokens = calibrate(cfg, tokenizer, model, distributed.join(resolve_device(cfg.device)))
     place = placement(cfg, model)
     ms, cached = get_measurements(cfg, model, tokens, progress and place.world.main, place,
                                   offload if cfg.offload_activations else None)
@@ -144,7 +153,6 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                   progress: bool = True) -> dict | None:
     """Run the whole compile; return the manifest written to out/quantc.json (None on the ranks other
     than 0 of a distributed run: rank 0 alone writes)."""
-    from .calibration import calibration_tokens
     from .export.gptq import layer_tensors, write_gptq
     from .resume import Checkpoint
     from .passes.quantize import quantize_gptq, quantize_rtn
@@ -186,7 +194,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
             plan = read_plan(plan_file, model, cfg)
         else:
             t = time.perf_counter()
-            tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+            tokens = calibrate(cfg, tokenizer, model, world)
             plan = make_plan(cfg, model, tokens, progress=progress, place=place, offload=offload)
             timings["plan_s"] = time.perf_counter() - t
             traffic["plan"] = distributed.TRAFFIC.total()
@@ -201,7 +209,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     same = {k: v for k, v in cfg.to_dict().items() if k != "resources"}   # memory settings: same bytes ...
     same["compute"] = [place.device.type, str(place.dtype)]                # ... devices and dtypes: not
     if tokens is None and cfg.method != "rtn":
-        tokens = calibration_tokens(cfg.calibration, tokenizer, model)
+        tokens = calibrate(cfg, tokenizer, model, world)
     key = hashlib.sha256(json.dumps([same, {n: o.to_dict() for n, o in options.items()}], sort_keys=True,
                                     default=str).encode() + (tokens.numpy().tobytes() if tokens is not None else b"")
                          + source_identity(cfg.model, cfg.gguf_file, cfg.revision, model).encode())   # the weights

@@ -240,3 +240,26 @@ def test_two_nodes_give_the_bits_of_one_process(tmp_path, tiny_tokenizer, calib_
     _same_artifact(tmp_path / "one", tmp_path / "two")
     split = json.loads((tmp_path / "two" / "quantc.json").read_text())["distributed"]["solves_per_rank"]
     assert all(min(v) > 0 for v in split.values()), split
+
+
+def test_rank_0_alone_samples_self_calibration_and_sends_it(tmp_path, tiny_tokenizer):
+    """`calibration.source: self` needs the whole model in memory: rank 0 samples and broadcasts the
+    tokens, so the other ranks hold one layer at a time (and the memory check counts them so). The
+    artifact is one process's."""
+    from quantc.config import load_config
+    from quantc.memory import memory_estimate
+    model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=2, seed=5)
+    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
+quant: {{group_size: 32}}
+calibration: {{source: self, samples: 4, seq_len: 24, batch_size: 2}}
+""")
+    cfg = load_config(y)
+    assert memory_estimate(cfg, 2, gathers=False)["weights"] < memory_estimate(cfg, 2)["weights"]
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29561)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("sampling calibration text:   0%") == 1, r.stderr[-3000:]     # one process sampled
+    for f in ("model.safetensors", "config.json", "quantize_config.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
