@@ -110,15 +110,17 @@ class World:
             TRAFFIC.add("all_reduce", t.numel() * t.element_size())
         return t
 
-    def broadcast(self, obj, src: int):
-        """`obj` of rank `src` on every rank (pickled by torch; tensors travel as bytes)."""
+    def broadcast(self, obj, src: int, patient: bool = False):
+        """`obj` of rank `src` on every rank (pickled by torch; tensors travel as bytes). `patient`: the
+        sender may work for hours before it sends (rank 0 sampling calibration text), so the others wait
+        in a group without QUANTC_DIST_TIMEOUT_S, which is there to catch a dead rank, not a busy one."""
         if not self.active:
             return obj
         import torch.distributed as dist
         # a pickled CUDA tensor would come back on the sender's GPU index: send host tensors, and
         # each receiver moves what it uses to its own device
         box = [_on_host(obj) if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=_patient_group() if patient else None)
         TRAFFIC.add("broadcast", _nbytes(box[0]))
         return box[0]
 
@@ -200,6 +202,18 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+_PATIENT = None
+
+
+def _patient_group():
+    """A gloo group of every rank that waits up to a week (created once, by every rank at the same call)."""
+    global _PATIENT
+    if _PATIENT is None:
+        import torch.distributed as dist
+        _PATIENT = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    return _PATIENT
+
+
 def join(device: torch.device) -> World:
     """The process group of this run (created once from torchrun's environment): gloo on CPUs; on
     GPUs nccl for CUDA tensors, gloo for host ones. One process without a launcher: SOLO, and
@@ -238,3 +252,5 @@ def leave() -> None:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+    global _PATIENT
+    _PATIENT = None

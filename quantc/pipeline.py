@@ -122,7 +122,8 @@ def calibrate(cfg: Config, tokenizer, model, world) -> torch.Tensor:
     decoder layer at a time (memory.memory_estimate counts the whole model for rank 0 only)."""
     from .calibration import calibration_tokens
     if world.active and cfg.calibration.source == "self":
-        return world.broadcast(calibration_tokens(cfg.calibration, tokenizer, model) if world.main else None, 0)
+        return world.broadcast(calibration_tokens(cfg.calibration, tokenizer, model) if world.main else None, 0,
+                               patient=True)
     return calibration_tokens(cfg.calibration, tokenizer, model)
 
 
