@@ -150,7 +150,7 @@ class Config:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "gguf_file": self.gguf_file, "revision": self.revision,
+            "model": self.hub or self.model, "gguf_file": self.gguf_file, "revision": self.revision,
             "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle, "method": self.method,
             "damp": self.damp,
             "qep_alpha": self.qep_alpha, "units": self.units, "true_sequential": self.true_sequential,

@@ -49,8 +49,8 @@ class Traffic:
 
 @dataclass
 class Solves:
-    """GPTQ solves this rank ran, by sweep (sweep 1: units, each at all its options; sweep 2: linears):
-    the manifest shows how the ranks split the work (`per_rank`)."""
+    """Solves this rank ran, by sweep (sweep 1: units, each at all its options; sweep 2: linears): the
+    manifest shows how the ranks split the work (`per_rank`)."""
     count: dict = field(default_factory=dict)
 
     def add(self, sweep: str) -> None:

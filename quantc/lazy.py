@@ -25,7 +25,8 @@ class WeightSource:
     def __init__(self, folder: Path):
         from safetensors import safe_open
         self.folder = folder
-        self.files = sorted(folder.glob("*.safetensors"))
+        from .model import weight_files
+        self.files = weight_files(folder)
         self.index: dict[str, Path] = {}
         for f in self.files:
             before = interrupts()

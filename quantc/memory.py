@@ -17,8 +17,9 @@ def _param_count(folder: Path, lazy: bool = False) -> int | None:
     """Parameters of a local safetensors model, from the file headers only (no tensor is read).
     With `lazy`: those held at once when decoder layers are loaded one at a time (everything outside
     the layers plus the largest layer)."""
+    from .model import weight_files
     from .tensorfile import read_header
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         return None
     from .family import BY_TYPE, FAMILIES
@@ -237,11 +238,16 @@ def check_memory(cfg: Config) -> None:
 def _advice(cfg: Config, est: dict) -> str:
     """The fix for the largest term of a refused estimate, in the configuration's own keys."""
     if est["weights"] >= max(est["activations"], est["layer"]):
+        whole = []           # what holds the whole model (memory_estimate's `lazy`)
         if cfg.calibration.source == "self":
-            return ("calibration.source: self samples text with the whole model in memory; give a calibration "
-                    "file (calibration.source: data.jsonl) and the decoder layers load one at a time")
+            whole.append("give a calibration file (calibration.source: data.jsonl): self-sampling holds the "
+                         "whole model")
         if not cfg.lazy_load:
-            return "set resources.lazy_load: true and the decoder layers load one at a time"
+            whole.append("set resources.lazy_load: true")
+        if cfg.gguf_file:
+            whole.append("give the model as a safetensors folder (a GGUF file loads whole)")
+        if whole:
+            return "; ".join(whole) + "; then the decoder layers load one at a time"
         return "free memory, or run on a host with more"
     if est["activations"] >= est["layer"]:
         off = "" if cfg.offload_activations else "set resources.offload_activations: true, or "

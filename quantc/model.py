@@ -47,29 +47,64 @@ def read_model_type(path: str) -> str | None:
     return None
 
 
-# What a compile reads of a hub repository: config and tokenizer files and the safetensors weights
-# (pickled weights only when the YAML opts in, the model's own code only with trust_remote_code)
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+# What a compile reads of a hub repository besides the weights: config, index and tokenizer files
+HUB_SMALL_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: those its index names where it has one (a repository
+    may ship other formats' files beside them, such as Mistral's consolidated.safetensors), else every
+    *.safetensors."""
+    index = folder / SAFETENSORS_INDEX
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise QuantcError(f"{index}: not a safetensors index (no weight_map of tensor → file: {e})") from None
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise QuantcError(f"{index} names {', '.join(missing[:3])}, which {'is' if len(missing) == 1 else 'are'} not in "
+                          f"{folder}; copy the whole model folder")
+    return [folder / n for n in names]
 
 
 def fetch_model(path: str, revision: str | None = None, trust_remote_code: bool = False,
                 allow_pickle: bool = False) -> str:
     """The local folder of `path`: a local folder as it is; a hub id's files in the Hugging Face cache,
-    downloaded once (only what a compile reads) and read from there after, offline too
-    (HF_HUB_OFFLINE=1). Every later step reads that folder, so a hub model gets what a local one gets:
-    decoder layers streamed one at a time, the memory check and the estimate before any work."""
+    downloaded once and read from there after, offline too (HF_HUB_OFFLINE=1). Only what a compile
+    reads: the config, index and tokenizer files, then the weight files the index names (or
+    model.safetensors; pickled weights only where there are no safetensors and the YAML opts in; the
+    model's own code only with trust_remote_code). Every later step reads that folder, so a hub model
+    gets what a local one gets: layers streamed one at a time and the memory check first."""
     if Path(path).is_dir():
         return path
-    from huggingface_hub import snapshot_download
-    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else []) + (
-        [f"*{s}" for s in PICKLE_SUFFIXES] if allow_pickle else [])
-    try:
-        return snapshot_download(path, revision=revision, allow_patterns=patterns)
-    except Exception as e:     # network, authentication, unknown repository or revision: one clear line
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise QuantcError(f"{path}: cannot fetch the model from the Hugging Face hub ({type(e).__name__}: {msg}); "
-                          "check the name and model.revision, log in (hf auth login) for a gated model, or give a "
-                          "local folder") from None
+
+    def get(patterns: list[str]) -> Path:
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(path, revision=revision, allow_patterns=patterns))
+        except Exception as e:     # network, authentication, unknown repository or revision: one clear line
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise QuantcError(f"{path}: cannot fetch the model from the Hugging Face hub ({type(e).__name__}: "
+                              f"{msg}); check the name and model.revision, log in (hf auth login) for a gated "
+                              "model, or give a local folder") from None
+
+    folder = get(HUB_SMALL_FILES + (["*.py"] if trust_remote_code else []))
+    index = folder / SAFETENSORS_INDEX
+    names = (sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())) if index.is_file()
+             else ["model.safetensors"])
+    folder = get(names)
+    if not index.is_file() and not (folder / "model.safetensors").is_file():
+        folder = get(["*.safetensors"])                 # a single file under another name
+        if not any(folder.glob("*.safetensors")) and allow_pickle:
+            folder = get([f"*{s}" for s in PICKLE_SUFFIXES])
+    missing = [n for n in names if index.is_file() and not (folder / n).is_file()]
+    if missing:
+        raise QuantcError(f"{path}: the Hugging Face cache ({folder}) lacks {', '.join(missing[:3])}: an interrupted "
+                          "or offline download (HF_HUB_OFFLINE); run once with network access")
+    return str(folder)
 
 
 def source_identity(path: str, gguf_file: str | None, revision: str | None, model) -> str:

@@ -134,9 +134,11 @@ def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, b
     Returns (plan, measurements, cached, solve seconds)."""
     from .planning import budget_bytes, get_measurements, solve
     from .serve import check_modules, targets_for
-    cfg = fetched(cfg)
     check_memory(cfg)                        # the compile's estimate: the plan is made for that compile
-    preflight(cfg, budget_key=budget_key, calibrate=True)
+    preflight(cfg, budget_key=budget_key, calibrate=True)     # a hub id: its config and tokenizer alone
+    cfg = fetched(cfg)
+    if cfg.hub:                              # a hub model's estimate needs its downloaded files
+        check_memory(cfg)
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
@@ -160,7 +162,6 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     from .serve import check_modules, targets_for
 
     out = Path(out)
-    cfg = fetched(cfg)
     if plan_file is not None:              # the plan's options against the targets, before any work
         from .planning import read_plan_options
         read_plan_options(plan_file, cfg)
@@ -170,6 +171,9 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     if world.main:                          # rank 0 alone stages, checks the output and writes
         tmp = prepare_output(out, force)
         preflight(cfg, out, plan_file)      # seconds: patterns, budget from shapes, weights, calibration
+    cfg = fetched(cfg)                      # a hub id: downloaded once the checks that need only its config passed
+    if cfg.hub:
+        check_memory(cfg)
     progress = progress and world.main
     timings, traffic = {}, {}             # traffic: bytes rank 0 sent/received in collectives, per sweep
     distributed.SOLVES.count.clear()      # this compile's solves, per sweep (the manifest's split per rank)
@@ -250,7 +254,10 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                       on_layer=layer_done, progress=progress, place=place, release_inputs=True)
     timings["quantize_s"] = time.perf_counter() - t
     traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
-    solves = distributed.SOLVES.per_rank(world) if world.active else None     # every rank: a collective
+    solves = None
+    if world.active:             # every rank: a collective. None: the sweep did not run here (a cached
+        solves = {k: v if sum(v) else None          # measurement, --plan, every layer resumed)
+                  for k, v in distributed.SOLVES.per_rank(world).items()}
     if not world.main:
         if offload is not None:       # its files were unlinked at creation: only the folder is left
             shutil.rmtree(offload, ignore_errors=True)
@@ -283,7 +290,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     manifest = {
         "quantc": __version__,
         "source": {"model": cfg.model, "gguf_file": cfg.gguf_file,
-                   **({"hub": cfg.hub, "revision": cfg.revision} if cfg.hub else {})},
+                   **({"hub": cfg.hub, "revision": cfg.revision, "commit": Path(cfg.model).name} if cfg.hub else {})},
         "config": cfg.to_dict(),
         "quantization_config": qc,
         "totals": {"quantized_linear_bytes": qbytes, "quantized_weights": weights,

@@ -195,7 +195,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
                  progress=progress, place=place, solve=p.solve, release_inputs=True)
-    ms.meta = {**ms.meta, "key": key, "model": cfg.model, "measure_samples": int(n_measure),
+    ms.meta = {**ms.meta, "key": key, "model": cfg.hub or cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     if not world.main:
         return ms, False
@@ -455,7 +455,7 @@ def solve(ms: Measurements, cfg: Config, budget: int | None = None, target: floa
                  "untied_head_bytes": head,
                  "budget_bytes": budget, "dp_quantum_bytes": sol.quantum, "min_bytes": lo + fixed + head,
                  "max_bytes": hi + fixed + head}
-    meta = {"model": cfg.model, "measurement": ms.meta.get("key"), "units_mode": cfg.units}
+    meta = {"model": cfg.hub or cfg.model, "measurement": ms.meta.get("key"), "units_mode": cfg.units}
     return Plan(choices, {k: ms.units[k]["names"] for k in keys}, predicted, meta)
 
 

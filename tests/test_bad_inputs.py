@@ -156,7 +156,7 @@ def test_memory_refusal_names_the_largest_term_and_its_fix_and_covers_quantc_pla
     est = big_model(load_config(self_sampled))
     monkeypatch.setattr(quantc.memory, "available_memory", lambda: est["total"] // 2)
     r = CliRunner().invoke(main, ["plan", str(self_sampled), "-o", str(tmp_path / "p")])
-    check(r, "self.yaml: the compile needs about", "calibration.source: self samples text with the whole model",
+    check(r, "self.yaml: the compile needs about", "self-sampling holds the whole model",
           "calibration.source: data.jsonl")
     assert not (tmp_path / "p").exists()
 

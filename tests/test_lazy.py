@@ -203,11 +203,70 @@ def test_a_hub_model_streams_from_its_cached_folder_like_a_local_one(tmp_path, t
         assert "expected peak memory" in runs[name].stderr
     assert digest(tmp_path / "out-hub") == digest(tmp_path / "out-local")
     source = json.loads((tmp_path / "out-hub" / "quantc.json").read_text())["source"]
-    assert source["hub"] == "quantc-test/tiny" and source["model"].endswith(commit)
+    assert source["hub"] == "quantc-test/tiny" and source["model"].endswith(commit) and source["commit"] == commit
 
     y = write_yaml(tmp_path / "absent.yaml", f"model: quantc-test/absent\n{rest}")
     r = subprocess.run([sys.executable, "-m", "quantc", "compile", str(y), "-o", str(tmp_path / "absent")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
-    assert "quantc-test/absent: cannot fetch the model from the Hugging Face hub" in r.stderr + r.stdout
+    assert "quantc-test/absent: cannot read the model config" in r.stderr + r.stdout     # preflight: before any download
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_hub_fetch_reads_only_the_indexed_weights(tmp_path, tiny_models, monkeypatch):
+    """The download takes the config, index and tokenizer files, then the files the index names: not a
+    repository's other weights (Mistral's consolidated.safetensors, pickles beside safetensors) nor
+    its code without trust_remote_code. A cache that lacks an indexed file is one clear line."""
+    import fnmatch
+    import json
+    import shutil
+    import huggingface_hub
+    from quantc.errors import QuantcError
+    from quantc.model import fetch_model, weight_files
+    from safetensors.torch import load_file, save_file
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_models["llama"], repo)
+    t = load_file(str(repo / "model.safetensors"))
+    (repo / "model.safetensors").unlink()
+    keys = sorted(t)
+    half = len(keys) // 2
+    for n, part in (("model-00001-of-00002.safetensors", keys[:half]), ("model-00002-of-00002.safetensors", keys[half:])):
+        save_file({k: t[k] for k in part}, str(repo / n), metadata={"format": "pt"})
+    (repo / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(keys)}}))
+    save_file({"whole": torch.zeros(3)}, str(repo / "consolidated.safetensors"))
+    (repo / "pytorch_model.bin").write_bytes(b"pickle")
+    (repo / "modeling_custom.py").write_text("raise SystemExit")
+    asked, cache = [], tmp_path / "cache"
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        asked.append(list(allow_patterns))
+        cache.mkdir(exist_ok=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, cache / f.name)
+        return str(cache)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = fetch_model("org/model", allow_pickle=True)
+    assert folder == str(cache)
+    assert sorted(f.name for f in cache.iterdir() if f.suffix in (".safetensors", ".bin", ".py")) == \
+        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert len(asked) == 2
+    # a local folder with the extra file reads the indexed ones only: the lazy loader and the estimate
+    assert [f.name for f in weight_files(repo)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert "whole" not in lazy.WeightSource(repo).index
+    from quantc.memory import _param_count
+    assert _param_count(repo) == sum(v.numel() for v in t.values())
+
+    (cache / "model-00002-of-00002.safetensors").unlink()         # offline with a partial cache
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, revision=None, allow_patterns=None, **kw: str(cache))
+    with pytest.raises(QuantcError, match="cache .* lacks model-00002-of-00002.safetensors: an interrupted or offline"):
+        fetch_model("org/model")
+
+    def unreachable(repo_id, **kw):
+        raise OSError("connection refused\nmore")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(QuantcError, match=r"org/model: cannot fetch the model from the Hugging Face hub \(OSError: "
+                                          r"connection refused\); check the name and model.revision"):
+        fetch_model("org/model")

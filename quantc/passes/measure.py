@@ -438,8 +438,9 @@ def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest
                  world: World = SOLO) -> dict:
     """Importance diagnostics of block i (LieQ's ΔKL is filled in after the sweep). The streams are
     read batch by batch, as the sweep reads them: they may live in offload files or on the host
-    while the layer runs on a GPU, and a whole-stream copy would cost two streams of memory (2 GiB at
-    8B width and the default 128×512) that the estimate does not count. The spectra sample every
+    while the layer runs on a GPU, and whole-stream copies cost about five streams of memory (2.5 GiB
+    for two 512 MiB streams: tests/test_measure.py) that the estimate does not count. The sums and the
+    sampled rows stay on the compute device, where the batches arrive. The spectra sample every
     step-th row of the whole row order (all ranks' rows, in rank order), as before. In a distributed run
     the sums behind them are all-reduced (float64), so these report-only numbers differ from one
     process's only in their last digits."""
@@ -450,24 +451,25 @@ def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest
         rows = world.all_reduce(rows)                     # every rank's row count (ranks hold rows in order)
     step = max(1, int(rows.sum()) // 2048)
     row = int(rows[:world.rank].sum()) if world.active else 0     # this rank's first row, globally
-    cos_sum = torch.zeros(1, dtype=torch.float64)
+    dev = x.place.device                                  # where the batches come to: the sums stay there
+    cos_sum = torch.zeros(1, dtype=torch.float64, device=dev)
     picked_in, picked_out = [], []
     for (xb, _), (yb, _) in zip(x.batches(), x_next.batches()):
         xin = xb[:, :-1].reshape(-1, hid).float()
         xout = yb[:, :-1].reshape(-1, hid).float()
-        cos_sum += F.cosine_similarity(xin, xout, dim=-1).double().sum().cpu()
+        cos_sum += F.cosine_similarity(xin, xout, dim=-1).double().sum()
         first = (-row) % step                             # this batch's first row on the global step grid
-        picked_in.append(xin[first::step].double().cpu())
-        picked_out.append(xout[first::step].double().cpu())
+        picked_in.append(xin[first::step].double())
+        picked_out.append(xout[first::step].double())
         row += xin.shape[0]
-    none = torch.zeros(0, hid, dtype=torch.float64)              # a rank without a batch: no rows
+    none = torch.zeros(0, hid, dtype=torch.float64, device=dev)  # a rank without a batch: no rows
     xin, xout = torch.cat([none, *picked_in]), torch.cat([none, *picked_out])
     if world.active:
-        influence = float(1 - world.all_reduce(cos_sum)[0] / rows.sum())
+        influence = float(1 - float(world.all_reduce(cos_sum)[0]) / rows.sum())
         grams = [world.all_reduce(h.t() @ h) for h in (xout, xin)]
         (erank, topk_out), (_, topk_in) = _spectrum(grams[0]), _spectrum(grams[1])
     else:
-        influence = float(1 - cos_sum[0] / rows.sum())
+        influence = float(1 - float(cos_sum[0]) / rows.sum())
         erank, topk_out = _effective_rank(xout)
         _, topk_in = _effective_rank(xin)
     ws = [m.weight.data.abs() for m in lins.values()]
