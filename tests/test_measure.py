@@ -353,3 +353,43 @@ def test_layer_diagnostics_do_not_copy_the_streams(tmp_path):
     assert r.returncode == 0, r.stderr
     grown_mib = float(r.stdout.split()[-1])
     assert grown_mib < 256, f"the diagnostics raised the peak by {grown_mib:.0f} MiB (a stream is 512 MiB)"
+
+
+def test_layer_diagnostics_of_two_ranks_are_one_process_s():
+    """Two ranks (threads summing through a barrier, as all_reduce does), each with its whole batches:
+    rank 1's first row (2997) is off the every-2nd-row grid, so it must start one row in. The numbers
+    equal one process's up to the order of the float64 sums."""
+    import threading
+    from quantc.passes.measure import _diagnostics
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1000, 64, generator=g)
+    y = x + 0.3 * torch.randn(6, 1000, 64, generator=g)
+    lins = {"a": torch.nn.Linear(64, 64)}
+    one = _diagnostics(0, Activations(x, [{}] * 6, 2), Activations(y, [{}] * 6, 2), lins, Option(bits=4))
+    bar, box, out = threading.Barrier(2), {}, {}
+
+    class Rank:
+        active, size = True, 2
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def all_reduce(self, t):
+            box[self.rank] = t.clone()
+            bar.wait()
+            total = box[0] + box[1]
+            bar.wait()
+            return t.copy_(total)
+
+    def run(r):
+        rows = slice(3 * r, 3 * r + 3)
+        out[r] = _diagnostics(0, Activations(x[rows], [{}] * 2, 2), Activations(y[rows], [{}] * 2, 2), lins,
+                              Option(bits=4), Rank(r))
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in (0, 1):
+        for k in ("block_influence", "effective_rank", "topk_energy_gain"):
+            assert out[r][k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), (r, k)
