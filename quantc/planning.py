@@ -191,10 +191,12 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     acts, held = Activations(hidden, kw, bs, offload, place), Activations(hh, hkw, bs, offload, place)
     del hidden, hh          # handed over: no name here keeps the layer-0 inputs (offloaded: their RAM copies go
     #                         now), and measure releases them once layer 0 is done
+    from .resume import MeasurePoint
+    point = MeasurePoint(cache_dir() / f"partial-{key}", world)    # each layer saved: an interrupted run resumes
     ms = measure(model, acts, held, hold,
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
-                 progress=progress, place=place, solve=p.solve, release_inputs=True)
+                 progress=progress, place=place, solve=p.solve, release_inputs=True, point=point)
     ms.meta = {**ms.meta, "key": key, "model": cfg.hub or cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     if not world.main:
@@ -202,6 +204,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, ms.to_dict())
     _write_about(key, base, ms.to_dict())
+    point.clear()                                  # the cache entry replaces the resume state
     return ms, False
 
 

@@ -1,4 +1,7 @@
-"""Resume state of the quantize sweep, inside the staging folder (`.OUT.partial/resume/`).
+"""Resume state of the two sweeps: the quantize sweep's (`Checkpoint`) and the measurement's
+(`MeasurePoint`).
+
+The quantize sweep's lives inside the staging folder (`.OUT.partial/resume/`).
 
 After every decoder layer: that layer's final checkpoint tensors as a shard (`layer-I.safetensors`,
 packed, in the export dtype: the exporter assembles the artifact from these, so the sweep keeps no
@@ -64,13 +67,79 @@ class Checkpoint:
                 old.unlink(missing_ok=True)
 
 
+class MeasurePoint:
+    """Resume state of the measurement (sweep 1), beside the measurement cache (`partial-KEY/`, KEY the
+    measurement's key: the same model files, calibration, candidates and settings). After every
+    decoder layer: that layer's own results in `layer-I.pt` (its units' entries and error diagonals,
+    its diagnostics, its held-out input), then `state.pt`, replaced in one step, with what the next
+    layer starts from (the calibration stream with every rank's rows, gathered by rank 0; the held-out
+    and perturbed streams; the random generator). A state names only layers whose files were written
+    before it. Rank 0 writes and reads; the other ranks get their part through the collectives, so
+    any number of processes resumes it. The cache entry, once written, replaces the folder."""
+
+    def __init__(self, folder: Path, world):
+        self.dir, self.world = folder, world
+
+    def save(self, i: int, layer: dict, state: dict, x) -> None:
+        """After layer i: its results, then the state (every rank calls it: `x`'s rows are gathered)."""
+        import torch
+        full = self.world.gather_rows(x)
+        if not self.world.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic(lambda p: torch.save(_cpu(layer), p), self.dir / f"layer-{i}.pt")
+        _atomic(lambda p: torch.save(_cpu({**state, "next_layer": i + 1, "format": FORMAT, "x": full}), p),
+                self.dir / "state.pt")
+
+    def load(self, batch_size: int):
+        """(next layer, [each finished layer's results], state with this rank's rows as `x`), or None
+        (every rank calls it)."""
+        import torch
+        found = None
+        if self.world.main and (self.dir / "state.pt").is_file():
+            try:
+                st = torch.load(self.dir / "state.pt", weights_only=True)
+                layers = [torch.load(self.dir / f"layer-{i}.pt", weights_only=True) for i in range(st["next_layer"])]
+                found = (st, layers) if st.get("format") == FORMAT else None
+            except Exception as e:      # an unreadable state is no reason to stop: measure from the start
+                log.warning("%s: cannot read the measurement's resume state (%s); measuring from the start",
+                            self.dir, e)
+        if not self.world.broadcast(found is not None, 0):
+            return None
+        st, layers = found if found else ({}, None)
+        x = self.world.scatter_rows(st.pop("x", None), batch_size)
+        st, layers = self.world.broadcast((st, layers) if self.world.main else None, 0)
+        if self.world.main:
+            log.warning("measurement: resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
+        return st["next_layer"], layers, {**st, "x": x}
+
+    def clear(self) -> None:
+        import shutil
+        if self.world.main:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _cpu(obj):
+    """`obj` with every tensor in it on the CPU (what torch.save writes and any device reads)."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
 FAULT_ENV, FAULT_RANK_ENV = "QUANTC_FAULT_AFTER_LAYER", "QUANTC_FAULT_RANK"
+MEASURE_FAULT_ENV = "QUANTC_FAULT_AFTER_MEASURED_LAYER"
 
 
-def fault_point(i: int, rank: int = 0) -> None:
+def fault_point(i: int, rank: int = 0, env: str = FAULT_ENV) -> None:
     """Fault injection for the resume tests: the process of rank QUANTC_FAULT_RANK (default 0) dies
-    as by SIGKILL once layer QUANTC_FAULT_AFTER_LAYER is done (no cleanup, as in a real crash)."""
-    if os.environ.get(FAULT_ENV) == str(i) and os.environ.get(FAULT_RANK_ENV, "0") == str(rank):
+    as by SIGKILL once layer QUANTC_FAULT_AFTER_LAYER (of the quantize sweep; of the measurement:
+    QUANTC_FAULT_AFTER_MEASURED_LAYER) is done (no cleanup, as in a real crash)."""
+    if os.environ.get(env) == str(i) and os.environ.get(FAULT_RANK_ENV, "0") == str(rank):
         os.kill(os.getpid(), 9)
 
 

@@ -264,3 +264,24 @@ calibration: {{source: self, samples: 128, seq_len: 256, batch_size: 16}}
     assert r.stderr.count("sampling calibration text:   0%") == 1, r.stderr[-3000:]     # one process sampled
     for f in ("model.safetensors", "config.json", "quantize_config.json"):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_a_measurement_stopped_under_torchrun_resumes_in_one_process(tmp_path, tiny_tokenizer, calib_file):
+    """Sweep 1's resume state holds every rank's calibration rows (gathered by rank 0): a 2-rank
+    `quantc plan` whose rank 1 dies after measured layer 1 finishes in one process, with the plan and
+    the measurement of an uninterrupted run."""
+    y = _budget(tmp_path, tiny_tokenizer, calib_file, 0.0)
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p1")],
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(2, ["plan", str(y), "-o", str(tmp_path / "p2")], 29581, QUANTC_CACHE=str(tmp_path / "c2"),
+                  QUANTC_FAULT_AFTER_MEASURED_LAYER="1", QUANTC_FAULT_RANK="1")
+    assert r.returncode != 0
+    r = subprocess.run([sys.executable, "-m", "quantc", "plan", str(y), "-o", str(tmp_path / "p2")],
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c2")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "measurement: resuming after decoder layer 1" in r.stderr
+    assert (tmp_path / "p1" / "plan.yaml").read_text() == (tmp_path / "p2" / "plan.yaml").read_text()
+    one, two = ({**json.loads(next((tmp_path / c / "measurements").glob("*.json")).read_text())["units"]}
+                for c in ("c1", "c2"))
+    assert one == two

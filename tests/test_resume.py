@@ -260,3 +260,47 @@ def test_sigterm_ends_like_ctrl_c(tmp_path, tiny_tokenizer, calib_file):
     assert not (tmp_path / ".o.partial" / ".lock").exists()
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "resuming after decoder layer" in r.stderr, r.stderr[-2000:]
+
+
+def _measurement(cache):
+    """The cached measurement, less its seconds (an interrupted run counts only its own)."""
+    files = list((cache / "measurements").glob("*.json"))
+    assert len(files) == 1, files
+    ms = json.loads(files[0].read_text())
+    ms["meta"].pop("seconds")
+    return ms
+
+
+@pytest.mark.parametrize("predictor", ["fisher", "exact"])
+def test_a_measurement_killed_mid_sweep_resumes_to_the_same_measurement(tmp_path, tiny_tokenizer, calib_file,
+                                                                          predictor):
+    """Sweep 1 saves each finished layer beside the measurement cache: `quantc plan` killed after
+    layer 1 (of 4), then run again, continues after it, and the measurement and the plan equal an
+    uninterrupted run's. The resume state goes once the cache entry is written."""
+    model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
+    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
+quant: {{group_size: 32}}
+candidates: [{{bits: 2, sym: false}}, {{bits: 3}}, {{bits: 4}}, {{bits: 8}}]
+budget: {{avg_bits: 3.5}}
+plan: {{predictor: {predictor}, measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
+calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
+""")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    plan = [sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o"]
+    r = subprocess.run(plan + [str(tmp_path / "p1")], env={**env, "QUANTC_CACHE": str(tmp_path / "c1")},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env2 = {**env, "QUANTC_CACHE": str(tmp_path / "c2")}
+    r = subprocess.run(plan + [str(tmp_path / "p2")], env={**env2, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "1"},
+                       capture_output=True, text=True)
+    assert r.returncode == -9
+    partial = list((tmp_path / "c2" / "measurements").glob("partial-*"))
+    assert len(partial) == 1 and sorted(f.name for f in partial[0].iterdir()) == ["layer-0.pt", "layer-1.pt", "state.pt"]
+    assert not list((tmp_path / "c2" / "measurements").glob("*.json"))
+    r = subprocess.run([sys.executable, "-m", "quantc", "plan", str(y), "-o", str(tmp_path / "p2")], env=env2,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "measurement: resuming after decoder layer 1" in r.stderr
+    assert _measurement(tmp_path / "c2") == _measurement(tmp_path / "c1")
+    assert (tmp_path / "p1" / "plan.yaml").read_text() == (tmp_path / "p2" / "plan.yaml").read_text()
+    assert not list((tmp_path / "c2" / "measurements").glob("partial-*"))

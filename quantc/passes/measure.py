@@ -52,6 +52,7 @@ from ..family import family_of
 from ..model import (CPU, Activations, Placement, Unit, decoder_layer, decoder_layers, final_norm, layer_linears,
                      layer_prefix, output_head, run_layer, source_weight, units)
 from ..options import Option
+from ..resume import MEASURE_FAULT_ENV, fault_point
 from .quantize import input_groups
 
 OUTLIER_K = 5.0          # a weight is an outlier when |w| > k · mean|w| of its matrix
@@ -230,7 +231,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             candidates: list[Option], *, predictor: str = "fisher", probes: int = 8, unit_mode: str = "shared",
             method: str = "gptq", damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
             progress: bool = True, place: Placement = CPU, solve: str = "anchors",
-            release_inputs: bool = False) -> Measurements:
+            release_inputs: bool = False, point=None) -> Measurements:
+    """Sweep 1 (see the module docstring). `point` (resume.MeasurePoint): where each finished layer is
+    saved, and the state an interrupted run of the same measurement continues from."""
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; one of {PREDICTORS}")
     n_layers = len(decoder_layers(model))
@@ -254,7 +257,25 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     sq_solved: dict[str, dict[str, torch.Tensor]] = {}   # the sample's predicted options, solved
     x, xh = acts, holdout
     world, owned = place.world, 0
-    for i in tqdm(range(n_layers), desc="measuring layers", disable=not progress):
+    start = 0
+    found = point.load(acts.batch_size) if point is not None else None
+    if found is not None:               # an interrupted run of the same measurement: its finished layers
+        start, done, st = found
+        for rec in done:
+            ms.units.update(rec["units"])
+            ms.layers.append(rec["diagnostics"])
+            sq.update(rec["sq"])
+            sq_solved.update(rec["sq_solved"])
+            if not exact:
+                held_in.append(rec["held_in"])
+        x, xh = acts.like(st["x"]), holdout.like(st["xh"])
+        streams, uniform, owned = st["streams"], st["uniform"], st["owned"]
+        gen.set_state(st["gen"])
+        if release_inputs:
+            acts.release()
+            holdout.release()
+    for i in tqdm(range(start, n_layers), initial=start, total=n_layers, desc="measuring layers",
+                  disable=not progress):
         with decoder_layer(model, i, place) as layer:
             lins = layer_linears(layer)
             prefix = layer_prefix(model, i)
@@ -328,6 +349,15 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             # the layer's codes and Hessians go now, not when the next layer rebinds the names: the
             # next capture's float64 sums and the next solves would run beside them
             quantized = weights = ws = hess = None
+        if point is not None:
+            names = [n for u in here for n in u.names]
+            point.save(i, {"units": {u.key: ms.units[u.key] for u in here}, "diagnostics": ms.layers[-1],
+                           "sq": {n: sq[n] for n in names if n in sq},
+                           "sq_solved": {n: sq_solved[n] for n in names if n in sq_solved},
+                           "held_in": None if exact else held_in[-1]},
+                       {"xh": xh.hidden, "streams": streams, "uniform": uniform, "owned": owned,
+                        "gen": gen.get_state()}, x.hidden)
+            fault_point(i, world.rank, MEASURE_FAULT_ENV)
 
     with head.on_device():                          # moved once for every comparison below
         head.set_reference(xh)
