@@ -124,6 +124,11 @@ class World:
         TRAFFIC.add("broadcast", _nbytes(box[0]))
         return box[0]
 
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+            dist.barrier()
+
     def gather_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """Every rank's rows of a tensor, concatenated in rank order on rank 0 (None elsewhere)."""
         if not self.active or t is None:
@@ -141,7 +146,8 @@ class World:
         import torch.distributed as dist
         parts = None
         if self.main and full is not None:
-            parts = [World(r, self.size).local_rows(full, batch_size) for r in range(self.size)]
+            # copies: a pickled view carries its whole storage, so each rank would receive every row
+            parts = [World(r, self.size).local_rows(full, batch_size).clone() for r in range(self.size)]
         have = self.broadcast(parts is not None, 0)
         if not have:
             return None

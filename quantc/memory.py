@@ -75,8 +75,8 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
     config.json's values. `ranks`: processes that split the calibration batches (each holds its
     share of whole batches; distributed.World.share); `offload`: whether they go to files (default
     `resources.offload_activations`); `gathers`: rank 0 of a distributed run, which gathers every
-    rank's rows of the resume point after each layer (in host memory: the parts, then their
-    concatenation, of x̂ and with QEP x).
+    rank's rows of the resume points after each layer (in host memory: the parts, then their
+    concatenation, of x̂ and with QEP x in sweep 2, of the calibration stream in sweep 1).
     - quantize (sweep 2): x̂ in/out, with QEP x in/out, one layer's cached attention/MLP inputs, and
       with QEP the original layer's input of every group (taken in one forward before the layer's
       weights change and held until that group's δ is summed: passes/quantize.py reference_inputs;
@@ -114,6 +114,8 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
         # reference z_ref and p (passes/measure.py Head), beside a comparison's logits (exact), or the
         # fisher probes' p, its float64 copy and float64 CDF (2 each)
         logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * (7 if p.predictor == "fisher" else 3)
+        if gathers and ranks > 1:      # rank 0 gathers every rank's calibration rows for the resume point
+            calib += 2 * _rank_rows(p.measure_samples, c.batch_size, 1) * c.seq_len * hidden * act_bytes
         measure = calib + live + logits
     return {"quantize": quantize, "measure": measure}
 

@@ -77,19 +77,28 @@ class MeasurePoint:
     before it. Rank 0 writes and reads; the other ranks get their part through the collectives, so
     any number of processes resumes it. The cache entry, once written, replaces the folder."""
 
+    FORMAT = 1       # of the files below; another format is measured from the start
+
     def __init__(self, folder: Path, world):
-        self.dir, self.world = folder, world
+        self.dir, self.world, self.broken = folder, world, False
 
     def save(self, i: int, layer: dict, state: dict, x) -> None:
-        """After layer i: its results, then the state (every rank calls it: `x`'s rows are gathered)."""
+        """After layer i: its results, then the state (every rank calls it: `x`'s rows are gathered,
+        None after the last layer, and every rank waits until rank 0 has written). A failed write
+        (a full disk) costs the resume point, not the measurement: rank 0 warns and stops saving."""
         import torch
         full = self.world.gather_rows(x)
-        if not self.world.main:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic(lambda p: torch.save(_cpu(layer), p), self.dir / f"layer-{i}.pt")
-        _atomic(lambda p: torch.save(_cpu({**state, "next_layer": i + 1, "format": FORMAT, "x": full}), p),
-                self.dir / "state.pt")
+        if self.world.main and not self.broken:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                _atomic(lambda p: torch.save(_cpu(layer), p), self.dir / f"layer-{i}.pt")
+                _atomic(lambda p: torch.save(_cpu({**state, "next_layer": i + 1, "format": self.FORMAT, "x": full}),
+                                             p), self.dir / "state.pt")
+            except OSError as e:
+                self.broken = True
+                log.warning("%s: cannot save the measurement's resume point (%s); measuring on without one",
+                            self.dir, e)
+        self.world.barrier()
 
     def load(self, batch_size: int):
         """(next layer, [each finished layer's results], state with this rank's rows as `x`), or None
@@ -99,8 +108,12 @@ class MeasurePoint:
         if self.world.main and (self.dir / "state.pt").is_file():
             try:
                 st = torch.load(self.dir / "state.pt", weights_only=True)
-                layers = [torch.load(self.dir / f"layer-{i}.pt", weights_only=True) for i in range(st["next_layer"])]
-                found = (st, layers) if st.get("format") == FORMAT else None
+                if st.get("format") == self.FORMAT:
+                    layers = [torch.load(self.dir / f"layer-{i}.pt", weights_only=True)
+                              for i in range(st["next_layer"])]
+                    need = {"units", "diagnostics", "sq", "sq_solved", "held_in"}
+                    if all(need <= set(rec) for rec in layers) and {"xh", "streams", "uniform", "owned", "gen"} <= set(st):
+                        found = (st, layers)
             except Exception as e:      # an unreadable state is no reason to stop: measure from the start
                 log.warning("%s: cannot read the measurement's resume state (%s); measuring from the start",
                             self.dir, e)
@@ -116,6 +129,7 @@ class MeasurePoint:
     def clear(self) -> None:
         import shutil
         if self.world.main:
+            (self.dir / "state.pt").unlink(missing_ok=True)      # first: a half-removed folder names nothing
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -144,6 +158,6 @@ def fault_point(i: int, rank: int = 0, env: str = FAULT_ENV) -> None:
 
 
 def _atomic(write, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")      # two runs of one measurement: their own files
     write(tmp)
     os.replace(tmp, path)

@@ -268,15 +268,17 @@ calibration: {{source: self, samples: 128, seq_len: 256, batch_size: 16}}
 
 def test_a_measurement_stopped_under_torchrun_resumes_in_one_process(tmp_path, tiny_tokenizer, calib_file):
     """Sweep 1's resume state holds every rank's calibration rows (gathered by rank 0): a 2-rank
-    `quantc plan` whose rank 1 dies after measured layer 1 finishes in one process, with the plan and
-    the measurement of an uninterrupted run."""
+    `quantc plan` whose rank 1 dies after measured layer 0 resumes under 2 ranks, dies again after
+    layer 1, and finishes in one process, with the plan and the measurement of an uninterrupted run."""
     y = _budget(tmp_path, tiny_tokenizer, calib_file, 0.0)
     r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p1")],
                        capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _torchrun(2, ["plan", str(y), "-o", str(tmp_path / "p2")], 29581, QUANTC_CACHE=str(tmp_path / "c2"),
-                  QUANTC_FAULT_AFTER_MEASURED_LAYER="1", QUANTC_FAULT_RANK="1")
-    assert r.returncode != 0
+    for port, layer in ((29581, "0"), (29582, "1")):
+        r = _torchrun(2, ["plan", str(y), "-o", str(tmp_path / "p2")], port, QUANTC_CACHE=str(tmp_path / "c2"),
+                      QUANTC_FAULT_AFTER_MEASURED_LAYER=layer, QUANTC_FAULT_RANK="1")
+        assert r.returncode != 0
+        assert (layer == "0") != ("measurement: resuming after decoder layer 0" in r.stderr)
     r = subprocess.run([sys.executable, "-m", "quantc", "plan", str(y), "-o", str(tmp_path / "p2")],
                        capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c2")))
     assert r.returncode == 0, r.stderr[-3000:]

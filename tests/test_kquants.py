@@ -217,13 +217,13 @@ def test_head_types_follow_llama_cpp():
     from quantc.export.gguf import head_types
     qc = {"bits": 4, "group_size": 32, "sym": False, "desc_act": False, "grid": "k"}
     blocks = {"model.layers.0.mlp.up_proj.qblocks": None, "model.embed_tokens.weight": None}
-    tied = head_types(None, {"hidden_size": 576}, qc, blocks)          # no lm_head: the embeddings are the output
+    tied = head_types(None, {"model_type": "llama", "hidden_size": 576}, qc, blocks)          # no lm_head: the embeddings are the output
     assert {k: v.name for k, v in tied.items()} == {"model.embed_tokens.weight": "Q8_0"}   # 576 % 256: Q8_0
-    untied = head_types(None, {"hidden_size": 576}, qc, {**blocks, "lm_head.weight": None})
+    untied = head_types(None, {"model_type": "llama", "hidden_size": 576}, qc, {**blocks, "lm_head.weight": None})
     assert {k: v.name for k, v in untied.items()} == {"lm_head.weight": "Q8_0", "model.embed_tokens.weight": "Q5_0"}
-    wide = head_types(None, {"hidden_size": 512}, qc, {**blocks, "lm_head.weight": None})
+    wide = head_types(None, {"model_type": "llama", "hidden_size": 512}, qc, {**blocks, "lm_head.weight": None})
     assert {k: v.name for k, v in wide.items()} == {"lm_head.weight": "Q6_K", "model.embed_tokens.weight": "Q4_K"}
-    assert head_types(None, {"hidden_size": 512}, {**qc, "grid": "gptq"}, {"model.embed_tokens.weight": None}) == {}
+    assert head_types(None, {"model_type": "llama", "hidden_size": 512}, {**qc, "grid": "gptq"}, {"model.embed_tokens.weight": None}) == {}
 
 
 def test_budget_over_k_quant_candidates_holds_in_gguf_bytes(tmp_path, wide_llama, calib_file, monkeypatch):

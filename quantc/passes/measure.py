@@ -268,7 +268,8 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             sq_solved.update(rec["sq_solved"])
             if not exact:
                 held_in.append(rec["held_in"])
-        x, xh = acts.like(st["x"]), holdout.like(st["xh"])
+        x = acts.like(st["x"]) if st["x"] is not None else None     # None: every layer was done
+        xh = holdout.like(st["xh"])
         streams, uniform, owned = st["streams"], st["uniform"], st["owned"]
         gen.set_state(st["gen"])
         if release_inputs:
@@ -356,7 +357,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                            "sq_solved": {n: sq_solved[n] for n in names if n in sq_solved},
                            "held_in": None if exact else held_in[-1]},
                        {"xh": xh.hidden, "streams": streams, "uniform": uniform, "owned": owned,
-                        "gen": gen.get_state()}, x.hidden)
+                        "gen": gen.get_state()}, x.hidden if i + 1 < n_layers else None)   # last: no next layer
             fault_point(i, world.rank, MEASURE_FAULT_ENV)
 
     with head.on_device():                          # moved once for every comparison below
@@ -641,7 +642,7 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
             near = min(good, key=lambda g: (abs(ms.options[g]["bits"] - ms.options[k]["bits"]),
                                             -ms.options[g]["bits"]), default=None)
             c["factor"], c["from"] = (cal[near]["factor"], near) if near else (1.0, None)
-    sample = {key for (_, key, _) in streams}
+    sample = sorted({key for (_, key, _) in streams})     # sorted: sums in one order in every process
     for k in ms.options:                               # predicted options: the anchor's factor, debiased
         if anchor[k] == k:
             continue
