@@ -486,13 +486,13 @@ def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest
     cos_sum = torch.zeros(1, dtype=torch.float64, device=dev)
     picked_in, picked_out = [], []
     for (xb, _), (yb, _) in zip(x.batches(), x_next.batches()):
-        xin = xb[:, :-1].reshape(-1, hid).float()
-        xout = yb[:, :-1].reshape(-1, hid).float()
-        cos_sum += F.cosine_similarity(xin, xout, dim=-1).double().sum()
-        first = (-row) % step                             # this batch's first row on the global step grid
-        picked_in.append(xin[first::step].double())
-        picked_out.append(xout[first::step].double())
-        row += xin.shape[0]
+        a, b = xb[:, :-1], yb[:, :-1]                     # views: the batch is not copied to flatten it
+        cos_sum += F.cosine_similarity(a.float(), b.float(), dim=-1).double().sum()
+        n_rows = a.shape[0] * a.shape[1]
+        idx = torch.arange((-row) % step, n_rows, step, device=a.device)   # on the global step grid
+        picked_in.append(a[idx // t, idx % t].double())
+        picked_out.append(b[idx // t, idx % t].double())
+        row += n_rows
     none = torch.zeros(0, hid, dtype=torch.float64, device=dev)  # a rank without a batch: no rows
     xin, xout = torch.cat([none, *picked_in]), torch.cat([none, *picked_out])
     if world.active:
