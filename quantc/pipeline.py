@@ -128,7 +128,7 @@ def calibrate(cfg: Config, tokenizer, model, world) -> torch.Tensor:
 
 
 def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, budget_key: str | None = None):
-    """`quantc plan`: fetch → check → load → calibrate → measure (or read the cache) → allocate.
+    """`quantc plan`: check → preflight → fetch → load → calibrate → measure (or read the cache) → allocate.
     `offload`: where the measurement's hidden states go with `resources.offload_activations`;
     `budget_key`: the command-line option that set the budget, for messages.
     Returns (plan, measurements, cached, solve seconds)."""
