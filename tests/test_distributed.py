@@ -245,21 +245,21 @@ def test_two_nodes_give_the_bits_of_one_process(tmp_path, tiny_tokenizer, calib_
 def test_rank_0_alone_samples_self_calibration_and_sends_it(tmp_path, tiny_tokenizer):
     """`calibration.source: self` needs the whole model in memory: rank 0 samples and broadcasts the
     tokens, so the other ranks hold one layer at a time (and the memory check counts them so). The
-    artifact is one process's. The others wait for the tokens past QUANTC_DIST_TIMEOUT_S (2 s here,
+    artifact is one process's. The others wait for the tokens past QUANTC_DIST_TIMEOUT_S (3 s here,
     half the sampling), which is there to catch a dead rank, not a busy one."""
     from quantc.config import load_config
     from quantc.memory import memory_estimate
     model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=2, seed=5)
     y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
 quant: {{group_size: 32}}
-calibration: {{source: self, samples: 128, seq_len: 256, batch_size: 16}}
+calibration: {{source: self, samples: 192, seq_len: 256, batch_size: 16}}
 """)
     cfg = load_config(y)
     assert memory_estimate(cfg, 2, gathers=False)["weights"] < memory_estimate(cfg, 2)["weights"]
     r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
                        capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29561, QUANTC_DIST_TIMEOUT_S="2")
+    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29561, QUANTC_DIST_TIMEOUT_S="3")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("sampling calibration text:   0%") == 1, r.stderr[-3000:]     # one process sampled
     for f in ("model.safetensors", "config.json", "quantize_config.json"):
