@@ -59,15 +59,20 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / SAFETENSORS_INDEX
     if not index.is_file():
         return sorted(folder.glob("*.safetensors"))
-    try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise QuantcError(f"{index}: not a safetensors index (no weight_map of tensor → file: {e})") from None
+    names = _indexed_files(index)
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise QuantcError(f"{index} names {', '.join(missing[:3])}, which {'is' if len(missing) == 1 else 'are'} not in "
                           f"{folder}; copy the whole model folder")
     return [folder / n for n in names]
+
+
+def _indexed_files(index: Path) -> list[str]:
+    """The weight files a safetensors index names."""
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise QuantcError(f"{index}: not a safetensors index (no weight_map of tensor → file: {e})") from None
 
 
 def fetch_model(path: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -93,8 +98,7 @@ def fetch_model(path: str, revision: str | None = None, trust_remote_code: bool 
 
     folder = get(HUB_SMALL_FILES + (["*.py"] if trust_remote_code else []))
     index = folder / SAFETENSORS_INDEX
-    names = (sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())) if index.is_file()
-             else ["model.safetensors"])
+    names = _indexed_files(index) if index.is_file() else ["model.safetensors"]
     folder = get(names)
     if not index.is_file() and not (folder / "model.safetensors").is_file():
         folder = get(["*.safetensors"])                 # a single file under another name

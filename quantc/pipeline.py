@@ -111,9 +111,14 @@ def load_source(cfg: Config):
 
 def fetched(cfg: Config) -> Config:
     """The configuration with its model as a local folder (model.fetch_model): a hub id's files are
-    downloaded into the Hugging Face cache once, and `hub` keeps the name the YAML gave."""
+    downloaded into the Hugging Face cache once, and `hub` keeps the name the YAML gave. A hub model's
+    memory check runs here, once its files are there to estimate from (a local one's ran before)."""
     folder = fetch_model(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.allow_pickle)
-    return cfg if folder == cfg.model else dataclasses.replace(cfg, model=folder, hub=cfg.model)
+    if folder == cfg.model:
+        return cfg
+    cfg = dataclasses.replace(cfg, model=folder, hub=cfg.model)
+    check_memory(cfg)
+    return cfg
 
 
 def calibrate(cfg: Config, tokenizer, model, world) -> torch.Tensor:
@@ -137,8 +142,6 @@ def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, b
     check_memory(cfg)                        # the compile's estimate: the plan is made for that compile
     preflight(cfg, budget_key=budget_key, calibrate=True)     # a hub id: its config and tokenizer alone
     cfg = fetched(cfg)
-    if cfg.hub:                              # a hub model's estimate needs its downloaded files
-        check_memory(cfg)
     torch.manual_seed(cfg.calibration.seed)
     model, tokenizer = load_source(cfg)
     check_modules(*resolve_options(model, cfg), targets_for(cfg), cfg.source_file)   # overrides, keep_fp16
@@ -172,8 +175,6 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         tmp = prepare_output(out, force)
         preflight(cfg, out, plan_file)      # seconds: patterns, budget from shapes, weights, calibration
     cfg = fetched(cfg)                      # a hub id: downloaded once the checks that need only its config passed
-    if cfg.hub:
-        check_memory(cfg)
     progress = progress and world.main
     timings, traffic = {}, {}             # traffic: bytes rank 0 sent/received in collectives, per sweep
     distributed.SOLVES.count.clear()      # this compile's solves, per sweep (the manifest's split per rank)

@@ -87,12 +87,13 @@ class MeasurePoint:
         None after the last layer, and every rank waits until rank 0 has written). A failed write
         (a full disk) costs the resume point, not the measurement: rank 0 warns and stops saving."""
         import torch
+        from .distributed import _on_host
         full = self.world.gather_rows(x)
         if self.world.main and not self.broken:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                _atomic(lambda p: torch.save(_cpu(layer), p), self.dir / f"layer-{i}.pt")
-                _atomic(lambda p: torch.save(_cpu({**state, "next_layer": i + 1, "format": self.FORMAT, "x": full}),
+                _atomic(lambda p: torch.save(_on_host(layer), p), self.dir / f"layer-{i}.pt")
+                _atomic(lambda p: torch.save(_on_host({**state, "next_layer": i + 1, "format": self.FORMAT, "x": full}),
                                              p), self.dir / "state.pt")
             except OSError as e:
                 self.broken = True
@@ -131,18 +132,6 @@ class MeasurePoint:
         if self.world.main:
             (self.dir / "state.pt").unlink(missing_ok=True)      # first: a half-removed folder names nothing
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _cpu(obj):
-    """`obj` with every tensor in it on the CPU (what torch.save writes and any device reads)."""
-    import torch
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
 
 
 FAULT_ENV, FAULT_RANK_ENV = "QUANTC_FAULT_AFTER_LAYER", "QUANTC_FAULT_RANK"

@@ -476,12 +476,11 @@ def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest
     the sums behind them are all-reduced (float64), so these report-only numbers differ from one
     process's only in their last digits."""
     n, t, hid = x.hidden.shape[0], x.hidden.shape[1] - 1, x.hidden.shape[-1]
-    rows = torch.zeros(max(world.size, 1), dtype=torch.float64)
-    rows[world.rank if world.active else 0] = n * t
-    if world.active:
-        rows = world.all_reduce(rows)                     # every rank's row count (ranks hold rows in order)
+    rows = torch.zeros(world.size, dtype=torch.float64)
+    rows[world.rank] = n * t
+    rows = world.all_reduce(rows)                         # every rank's row count (ranks hold rows in order)
     step = max(1, int(rows.sum()) // 2048)
-    row = int(rows[:world.rank].sum()) if world.active else 0     # this rank's first row, globally
+    row = int(rows[:world.rank].sum())                    # this rank's first row, globally
     dev = x.place.device                                  # where the batches come to: the sums stay there
     cos_sum = torch.zeros(1, dtype=torch.float64, device=dev)
     picked_in, picked_out = [], []
@@ -495,12 +494,11 @@ def _diagnostics(i: int, x: Activations, x_next: Activations, lins: dict, lowest
         row += n_rows
     none = torch.zeros(0, hid, dtype=torch.float64, device=dev)  # a rank without a batch: no rows
     xin, xout = torch.cat([none, *picked_in]), torch.cat([none, *picked_out])
+    influence = float(1 - float(world.all_reduce(cos_sum)[0]) / rows.sum())
     if world.active:
-        influence = float(1 - float(world.all_reduce(cos_sum)[0]) / rows.sum())
         grams = [world.all_reduce(h.t() @ h) for h in (xout, xin)]
         (erank, topk_out), (_, topk_in) = _spectrum(grams[0]), _spectrum(grams[1])
     else:
-        influence = float(1 - float(cos_sum[0]) / rows.sum())
         erank, topk_out = _effective_rank(xout)
         _, topk_in = _effective_rank(xin)
     ws = [m.weight.data.abs() for m in lins.values()]
