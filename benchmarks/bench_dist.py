@@ -90,6 +90,8 @@ def write(res: dict, args, budget: int, cmd: str) -> None:
              "other, each alone on the machine's 2 cores. torchrun gives each rank one thread.", "",
              "| run | threads per process | measure + plan s | quantize s | wall s (whole command) | rank 0 bytes/layer, sweep 1 | rank 0 bytes/layer, sweep 2 | artifact = 1 process, 1 thread? |",
              "|---|---|---|---|---|---|---|---|"]
+    split = (many.get("distributed") or {}).get("held_out_streams_per_rank")
+    streams = " / ".join(map(str, split)) if split else "not recorded (an older run)"
     for name, r in (("1 process", one), ("1 process", one1), (f"torchrun, {args.procs} gloo processes", many)):
         t = r["timings"]
         d = (r.get("distributed") or {}).get("rank0_bytes", {})
@@ -103,8 +105,10 @@ def write(res: dict, args, budget: int, cmd: str) -> None:
               f"WikiText-2 perplexity of the {args.procs}-process artifact: {res['eval']['ppl']:.2f}.",
               "Sweep 2's bytes are dominated by gathering every rank's activations to rank 0 for the resume "
               "point after each layer; sweep 1's by broadcasting each unit's codes (one byte per weight, with "
-              "their scales and zeros) at every solved option and its error terms. "
-              "The measurement's held-out slice runs on every rank (not split), so sweep 1 gains less."]
+              "their scales and zeros) at every solved option and its error terms, and by gathering every "
+              "rank's held-out streams to rank 0 for the resume point. The measurement's held-out streams are "
+              "split over the ranks (each carried and compared at the head by one rank), and so are the fisher "
+              f"probes' backward passes: held-out streams per rank {streams}."]
     write_section(MARK, lines)
 
 

@@ -49,8 +49,9 @@ class Traffic:
 
 @dataclass
 class Solves:
-    """Solves this rank ran, by sweep (sweep 1: units, each at all its options; sweep 2: linears): the
-    manifest shows how the ranks split the work (`per_rank`)."""
+    """Solves this rank ran, by sweep (sweep 1: units, each at all its options; sweep 2: linears), and
+    sweep 1's held-out streams it carried (`streams`): the manifest shows how the ranks split the work
+    (`per_rank`)."""
     count: dict = field(default_factory=dict)
 
     def add(self, sweep: str) -> None:
@@ -123,6 +124,26 @@ class World:
         dist.broadcast_object_list(box, src=src, group=_patient_group() if patient else None)
         TRAFFIC.add("broadcast", _nbytes(box[0]))
         return box[0]
+
+    def all_gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (pickled by torch; host tensors)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.size
+        dist.all_gather_object(out, _on_host(obj))
+        TRAFFIC.add("all_gather", sum(_nbytes(o) for o in out))
+        return out
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.size if self.main else None
+        dist.gather_object(_on_host(obj), out, dst=0)
+        TRAFFIC.add("gather", sum(_nbytes(o) for o in out) if self.main else _nbytes(obj))
+        return out
 
     def barrier(self) -> None:
         if self.active:

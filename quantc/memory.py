@@ -82,9 +82,10 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
       weights change and held until that group's δ is summed: passes/quantize.py reference_inputs;
       they stay where the activations live, so offloading does not remove them);
     - measure (sweep 1, with a budget): its calibration activations in/out, the held-out streams
-      (fisher: every layer's held-out input, one stream per solved option and the probes' gradients;
-      exact: every perturbed stream alive at the last layer), and the head's logits; offloaded, only
-      the probes' gradients and the logits stay in memory."""
+      (fisher: every layer's held-out input, the uniform plan's and each sample unit's stream per
+      solved option, and the probes' gradients; exact: every perturbed stream alive at the last
+      layer; a rank other than 0 holds its share of the streams and probes), and the head's logits;
+      offloaded, only the probes' gradients and the logits stay in memory."""
     hidden, inter, layers, vocab, attn = _shapes(mc)
     act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     offload = cfg.offload_activations if offload is None else offload
@@ -102,14 +103,21 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
         held = p.alpha_samples * p.alpha_seq_len * hidden * act_bytes
         calib = _rank_rows(p.measure_samples, c.batch_size, ranks) * c.seq_len * hidden * act_bytes * 2
         k = solved_options(cfg)
-        if p.predictor == "fisher":
-            live = held * (layers + k + 2 * p.probes)          # held-out inputs, a uniform stream per solved option
-        else:
+        per_layer = 7 if cfg.units == "linear" else 4         # units per layer
+        if p.predictor == "fisher":       # a uniform stream per solved option, the sample's units at each
+            from .passes.measure import CALIBRATION_UNITS
+            n_streams, inputs, probes = k * (1 + min(CALIBRATION_UNITS, per_layer * layers)), layers, p.probes
+        else:                             # every unit at each measured option, + α and LieQ streams
             direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
-            per_layer = 7 if cfg.units == "linear" else 4     # units per layer
-            live = held * layers * (per_layer * (direct + 1) + 1)   # + α and LieQ streams
-        if offload:          # every hidden-state stream in files: the probes' gradients stay in memory
-            calib, live = 0, held * 2 * p.probes if p.predictor == "fisher" else 0
+            n_streams, inputs, probes = layers * (per_layer * (direct + 1) + 1), 0, 0
+        # the streams and probes are split over the ranks; rank 0 also holds every rank's streams
+        # while it saves the resume point after each layer
+        share = n_streams if gathers or ranks == 1 else -(-n_streams // ranks)
+        grads = 2 * -(-probes // ranks)                        # a probe's gradient in and out of a layer
+        live = held * (inputs + share + grads)                 # + fisher: every layer's held-out input
+        if offload:          # every hidden-state stream in files: the probes' gradients stay in memory,
+            #                  and rank 0's copies of the other ranks' streams while it saves
+            calib, live = 0, held * (grads + (n_streams if gathers and ranks > 1 else 0))
         # vocabulary-sized float32 arrays over the compared positions (every second one): the head's
         # reference z_ref and p (passes/measure.py Head), beside a comparison's logits (exact), or the
         # fisher probes' p, its float64 copy and float64 CDF (2 each)

@@ -255,10 +255,11 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                       on_layer=layer_done, progress=progress, place=place, release_inputs=True)
     timings["quantize_s"] = time.perf_counter() - t
     traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
-    solves = None
+    solves = streams = None
     if world.active:             # every rank: a collective. None: the sweep did not run here (a cached
         solves = {k: v if sum(v) else None          # measurement, --plan, every layer resumed)
-                  for k, v in distributed.SOLVES.per_rank(world).items()}
+                  for k, v in distributed.SOLVES.per_rank(world, ("measure", "quantize", "streams")).items()}
+        streams = solves.pop("streams")
     if not world.main:
         if offload is not None:       # its files were unlinked at creation: only the folder is left
             shutil.rmtree(offload, ignore_errors=True)
@@ -300,7 +301,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "skipped": skipped,
         "rotation": rotate.rotation_record(model, dtype),
         "timings": timings,
-        "distributed": {"processes": world.size, "rank0_bytes": traffic, "solves_per_rank": solves}
+        "distributed": {"processes": world.size, "rank0_bytes": traffic, "solves_per_rank": solves,
+                        "held_out_streams_per_rank": streams}
         if world.active else None,
         "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in staged_files(tmp)},
     }

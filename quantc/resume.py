@@ -73,11 +73,12 @@ class MeasurePoint:
     decoder layer: that layer's own results in `layer-I.pt` (its units' entries and error diagonals,
     its diagnostics, its held-out input), then `state.pt`, replaced in one step, with what the next
     layer starts from (the calibration stream with every rank's rows, gathered by rank 0; the held-out
-    and perturbed streams; the random generator). A state names only layers whose files were written
+    and perturbed streams, every rank's, with their keys in the order made, which say each stream's
+    rank; the random generator). A state names only layers whose files were written
     before it. Rank 0 writes and reads; the other ranks get their part through the collectives, so
     any number of processes resumes it. The cache entry, once written, replaces the folder."""
 
-    FORMAT = 1       # of the files below; another format is measured from the start
+    FORMAT = 2       # of the files below; another format is measured from the start (2: the streams' keys)
 
     def __init__(self, folder: Path, world):
         self.dir, self.world, self.broken = folder, world, False
@@ -113,7 +114,7 @@ class MeasurePoint:
                     layers = [torch.load(self.dir / f"layer-{i}.pt", weights_only=True)
                               for i in range(st["next_layer"])]
                     need = {"units", "diagnostics", "sq", "sq_solved", "held_in"}
-                    if all(need <= set(rec) for rec in layers) and {"xh", "streams", "uniform", "owned", "gen"} <= set(st):
+                    if all(need <= set(rec) for rec in layers) and {"xh", "streams", "uniform", "keys", "owned", "gen"} <= set(st):
                         found = (st, layers)
             except Exception as e:      # an unreadable state is no reason to stop: measure from the start
                 log.warning("%s: cannot read the measurement's resume state (%s); measuring from the start",

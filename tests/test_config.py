@@ -392,6 +392,27 @@ def test_memory_estimate_counts_the_solved_options(tiny_models):
     assert solved_options(uni) == 4 and not memory_estimate(uni)["measurement"]
 
 
+def test_memory_estimate_counts_the_sample_streams_and_splits_them_over_ranks(tiny_models, monkeypatch):
+    """Sweep 1 carries a held-out stream for the uniform plan and for each fisher sample unit at every
+    solved option. One process holds them all; under torchrun a rank other than 0 holds its share
+    (rank 0 all of them, while it saves the resume point)."""
+    import quantc.passes.measure as qmeasure
+    from quantc.memory import activation_bytes
+    cfg = parse_config({"model": str(tiny_models["llama"]), "budget": {"avg_bits": 4},
+                        "candidates": [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]})
+    mc = json.loads((tiny_models["llama"] / "config.json").read_text())
+    held = cfg.plan.alpha_samples * cfg.plan.alpha_seq_len * mc["hidden_size"] * 4
+
+    def extra(**kw):        # the sample's share of the estimate: with 8 sample units against none
+        monkeypatch.setattr(qmeasure, "CALIBRATION_UNITS", 8)
+        with_sample = activation_bytes(cfg, mc, **kw)["measure"]
+        monkeypatch.setattr(qmeasure, "CALIBRATION_UNITS", 0)
+        return with_sample - activation_bytes(cfg, mc, **kw)["measure"]
+    assert extra() == held * 8 * 4                                   # 8 units × 4 solved options
+    assert extra(ranks=2, gathers=True) == held * 8 * 4
+    assert extra(ranks=2, gathers=False) == held * (-(-9 * 4 // 2) - -(-4 // 2))   # its half of 36 against of 4
+
+
 def test_error_propagation_is_the_gptq_default(tiny_models):
     """QEP α = 0.5 unless the YAML says otherwise; round to nearest has none, so its default is 0 and a
     YAML with `method: rtn` and no qep_alpha is not refused."""

@@ -29,13 +29,13 @@ def _torchrun(n, args, port, **env):
                           capture_output=True, text=True, env=_env(**env), timeout=600)
 
 
-def _budget(tmp_path, tiny_tokenizer, calib_file, qep):
+def _budget(tmp_path, tiny_tokenizer, calib_file, qep, predictor="fisher"):
     model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=3, seed=7)
     return write_yaml(tmp_path / "b.yaml", f"""model: {model}
 quant: {{group_size: 32, qep_alpha: {qep}}}
 candidates: [{{bits: 2, sym: false}}, {{bits: 3}}, {{bits: 4}}, {{bits: 8}}]
 budget: {{avg_bits: 3.5}}
-plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
+plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 3, predictor: {predictor}}}
 calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
 """)
 
@@ -45,15 +45,15 @@ def _same_artifact(a, b):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("qep", [0.0, 0.5])
-def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib_file, qep, monkeypatch):
-    # 7 samples in batches of 2: 4 batches, split 2/2 with an uneven last batch (1 row)
+@pytest.mark.parametrize("qep,predictor", [(0.0, "fisher"), (0.5, "fisher"), (0.0, "exact")])
+def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib_file, qep, predictor, monkeypatch):
+    # 7 samples in batches of 2: 4 batches, split 2/2 with an uneven last batch (1 row); 3 probes, 2/1
     monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache1"))
-    y = _budget(tmp_path, tiny_tokenizer, calib_file, qep)
+    y = _budget(tmp_path, tiny_tokenizer, calib_file, qep, predictor)
     r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
                        capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29511 + int(qep * 10),
+    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29511 + int(qep * 10) + 20 * (predictor == "exact"),
                   QUANTC_CACHE=str(tmp_path / "c2"))          # measured again, not read from a cache
     assert r.returncode == 0, r.stderr[-3000:]
     _same_artifact(tmp_path / "one", tmp_path / "two")
@@ -63,10 +63,11 @@ def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib
     assert len(list((tmp_path / "c2" / "measurements").glob("*.json"))) == 1  # rank 0 alone wrote the measurement cache
     # the ranks split the work: sweep 1's units and sweep 2's linears, each solved once, round-robin
     # within a layer (sweep 2: 4 of a layer's 7 linears on rank 0, since o and down are groups of one)
-    units = json.loads(next((tmp_path / "c2" / "measurements").glob("*.json")).read_text())["units"]
+    ms = json.loads(next((tmp_path / "c2" / "measurements").glob("*.json")).read_text())
     manifest = json.loads((tmp_path / "two" / "quantc.json").read_text())
-    split = manifest["distributed"]["solves_per_rank"]
-    for sweep, total in (("measure", len(units)), ("quantize", manifest["totals"]["modules"])):
+    split = {**manifest["distributed"]["solves_per_rank"], "streams": manifest["distributed"]["held_out_streams_per_rank"]}
+    for sweep, total in (("measure", len(ms["units"])), ("quantize", manifest["totals"]["modules"]),
+                         ("streams", ms["meta"]["held_out_streams"])):   # each perturbed held-out stream once
         assert sum(split[sweep]) == total and min(split[sweep]) >= total // 3, (sweep, split, total)
     assert json.loads((tmp_path / "one" / "quantc.json").read_text())["distributed"] is None
 

@@ -248,15 +248,28 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     anchor = (anchors(candidates) if solve == "anchors" and not exact and method == "gptq"
               else list(range(len(candidates))))
     anchor_keys = {option_key(o): option_key(candidates[a]) for o, a in zip(candidates, anchor)}
-    streams: dict[tuple, torch.Tensor] = {}        # perturbed held-out streams, from their layer on
-    uniform = {} if exact else {option_key(candidates[a]): holdout.hidden for a in sorted(set(anchor))}   # fisher:
-    #                                                one per option solved for every unit
+    world, owned = place.world, 0
+    # The held-out streams are split over the ranks: stream j (in the order made, the same on every
+    # rank) is carried and compared by rank world.owner(j) alone. Every rank still runs what the
+    # streams share (the unperturbed stream xh, the codes, the random draws), so each stream's numbers
+    # do not depend on where it runs.
+    keys: list[tuple] = []                          # every stream's key, on every rank
+
+    def own(key: tuple) -> bool:
+        keys.append(key)
+        if world.mine(len(keys) - 1):
+            SOLVES.add("streams")
+            return True
+        return False
+    streams: dict[tuple, torch.Tensor] = {}        # this rank's perturbed held-out streams, from their layer on
+    uniform = {} if exact else {k: holdout.hidden for k in (option_key(candidates[a]) for a in sorted(set(anchor)))
+                                if own(("uniform", k))}     # fisher: the uniform plan at each option solved
+    #                                                        for every unit (this rank's)
     sample = set() if exact else calibration_sample(by_layer, n_layers, CALIBRATION_UNITS)
     held_in: list[torch.Tensor] = []                # fisher: the held-out inputs of every layer
     sq: dict[str, dict[str, torch.Tensor]] = {}      # fisher: linear -> option -> diag(ΔW H ΔWᵀ)
     sq_solved: dict[str, dict[str, torch.Tensor]] = {}   # the sample's predicted options, solved
     x, xh = acts, holdout
-    world, owned = place.world, 0
     start = 0
     found = point.load(acts.batch_size) if point is not None else None
     if found is not None:               # an interrupted run of the same measurement: its finished layers
@@ -270,7 +283,11 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 held_in.append(rec["held_in"])
         x = acts.like(st["x"]) if st["x"] is not None else None     # None: every layer was done
         xh = holdout.like(st["xh"])
-        streams, uniform, owned = st["streams"], st["uniform"], st["owned"]
+        keys[:] = st["keys"]
+        mine = {k for j, k in enumerate(keys) if world.mine(j)}    # this world's split (any number of ranks)
+        streams = {k: v for k, v in st["streams"].items() if k in mine}
+        uniform = {k: v for k, v in st["uniform"].items() if ("uniform", k) in mine}
+        owned = st["owned"]
         gen.set_state(st["gen"])
         if release_inputs:
             acts.release()
@@ -330,14 +347,18 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                     k = option_key(o)
                     # measured with its own weights: the exact predictor's options; the fisher sample's
                     # solved-everywhere options (a predicted option's factor comes from its anchor's)
-                    if (exact and o.bits <= direct_bits) or (unit.key in sample and anchor[j_o] == j_o):
+                    if ((exact and o.bits <= direct_bits) or (unit.key in sample and anchor[j_o] == j_o)) \
+                            and own(("dkl", unit.key, k)):
                         with _swapped(mods, {n: quantized[k][n] for n in unit.names}):
                             streams[("dkl", unit.key, k)] = xh.through(layer).hidden
                 if exact:
-                    with _swapped(mods, _noisy(unit, mods, hess, gen, noise)):
-                        streams[("alpha", unit.key)] = xh.through(layer).hidden
+                    noisy = _noisy(unit, mods, hess, gen, noise)     # every rank: the generator moves alike
+                    if own(("alpha", unit.key)):
+                        with _swapped(mods, noisy):
+                            streams[("alpha", unit.key)] = xh.through(layer).hidden
+                    noisy = None
                 ms.units[unit.key] = entry
-            if exact:                                       # LieQ: this layer alone at the lowest option
+            if exact and own(("lieq", i)):                  # LieQ: this layer alone at the lowest option
                 with _swapped(mods, quantized[option_key(lowest)]):
                     streams[("lieq", i)] = xh.through(layer).hidden
             for k, v in uniform.items():                    # fisher: the uniform plan at each option
@@ -351,23 +372,30 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             # next capture's float64 sums and the next solves would run beside them
             quantized = weights = ws = hess = None
         if point is not None:
+            every = world.gather((streams, uniform))      # rank 0 saves every rank's streams, in the order made
+            if every is not None:
+                every = _in_order(keys, every)
             names = [n for u in here for n in u.names]
             point.save(i, {"units": {u.key: ms.units[u.key] for u in here}, "diagnostics": ms.layers[-1],
                            "sq": {n: sq[n] for n in names if n in sq},
                            "sq_solved": {n: sq_solved[n] for n in names if n in sq_solved},
                            "held_in": None if exact else held_in[-1]},
-                       {"xh": xh.hidden, "streams": streams, "uniform": uniform, "owned": owned,
-                        "gen": gen.get_state()}, x.hidden if i + 1 < n_layers else None)   # last: no next layer
+                       {"xh": xh.hidden, "streams": every and every[0], "uniform": every and every[1],
+                        "keys": keys, "owned": owned, "gen": gen.get_state()},
+                       x.hidden if i + 1 < n_layers else None)      # after the last layer: no next one
             fault_point(i, world.rank, MEASURE_FAULT_ENV)
 
     with head.on_device():                          # moved once for every comparison below
         head.set_reference(xh)
+        found = _compared(head, xh, {**streams, **{("uniform", k): v for k, v in uniform.items()}}, keys, world)
+        streams = uniform = None                    # compared: they go before the backward sweep
         if exact:
-            _exact_results(ms, head, xh, streams, noise)
+            _exact_results(ms, found, noise)
         else:
-            acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress)
-            _fisher_results(ms, head, xh, sq, acc, uniform, streams, sq_solved, anchor_keys)
-    ms.meta.update({"predictor": predictor, "probes": None if exact else probes, "anchors": anchor_keys})
+            acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress, world=world)
+            _fisher_results(ms, head.positions, sq, acc, found, sq_solved, anchor_keys)
+    ms.meta.update({"predictor": predictor, "probes": None if exact else probes, "anchors": anchor_keys,
+                    "held_out_streams": len(keys)})
     return ms
 
 
@@ -522,10 +550,29 @@ def _noisy(unit: Unit, mods, hess, gen, noise: float) -> dict[str, torch.Tensor]
     return {n: (mods[n].weight.data + scale * N).to(mods[n].weight.dtype) for n, N in noisy.items()}
 
 
-def _exact_results(ms: Measurements, head: Head, xh: Activations, streams: dict, noise: float) -> None:
+def _in_order(keys: list[tuple], parts: list) -> tuple[dict, dict]:
+    """Every rank's (streams, uniform streams), merged in the order the streams were made."""
+    streams, uniform = {}, {}
+    for s, u in parts:
+        streams.update(s)
+        uniform.update(u)
+    return ({k: streams[k] for k in keys if k in streams},
+            {k[1]: uniform[k[1]] for k in keys if k[0] == "uniform" and k[1] in uniform})
+
+
+def _compared(head: Head, xh: Activations, streams: dict, keys: list[tuple], world: World) -> dict:
+    """(ΔKL, Δloss) at the head of every stream, in the order made, on every rank: each rank compares
+    its own streams (a comparison depends only on its stream), and the results are exchanged."""
+    mine = {k: head.compare(xh.like(v)) for k, v in streams.items()}
+    found = {}
+    for part in world.all_gather(mine):
+        found.update(part)
+    return {k: found[k] for k in keys}
+
+
+def _exact_results(ms: Measurements, found: dict, noise: float) -> None:
     """Each perturbed stream's ΔKL at the head: dkl of unit × option, α of each unit, LieQ per layer."""
-    for key, hidden in streams.items():
-        kl, dloss = head.compare(xh.like(hidden))
+    for key, (kl, dloss) in found.items():
         if key[0] == "dkl":
             ms.units[key[1]]["options"][key[2]]["dkl"] = kl
         elif key[0] == "alpha":
@@ -535,9 +582,14 @@ def _exact_results(ms: Measurements, head: Head, xh: Activations, streams: dict,
 
 
 def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Activations, probes: int,
-                     gen: torch.Generator, place: Placement, progress: bool) -> dict[str, torch.Tensor]:
+                     gen: torch.Generator, place: Placement, progress: bool,
+                     world: World = SOLO) -> dict[str, torch.Tensor]:
     """Backward sweep, one layer at a time from the last: for every linear, the squared gradient of
-    the probes ℓ w.r.t. its output, summed over held-out positions and probes, / probes, per channel."""
+    the probes ℓ w.r.t. its output, summed over held-out positions and probes, / probes, per channel.
+    The probes are split over the ranks (probe k on rank world.owner(k); every rank draws every
+    probe's labels, so the generator moves alike): each layer's per-probe sums are exchanged and
+    added in one order, batch by batch and probe by probe, as one process adds them."""
+    mine = [k for k in range(probes) if world.mine(k)]
     g_next = []                         # [batch][probe]: ∂ℓ/∂(hidden states leaving the current layer)
     with head.on_device(), torch.enable_grad():
         lm_head = output_head(model)
@@ -550,13 +602,14 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
                 p = lm_head(hn).float().softmax(-1)
                 pw = p @ head_f                       # shared by every probe: (onehot(y) − p)·W = W[y] − p·W
             cdf = p.double().cumsum(-1)          # y ~ p by inverse CDF: one cumsum for every probe
-            per = []
+            per = [None] * probes       # another rank's probe: None here
             for k in range(probes):     # ∂ℓ/∂logits = r·(onehot(y) − p), y ~ p, r = ±1
                 u = torch.rand(p.shape[:-1], generator=gen, dtype=torch.float64).to(p.device) * cdf[..., -1]
                 y = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp(max=p.shape[-1] - 1)
                 r = (torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(p)
-                g_hn = r.unsqueeze(-1) * (head_f[y] - pw)
-                per.append(torch.autograd.grad(hn, h, g_hn.to(hn.dtype), retain_graph=k < probes - 1)[0].detach())
+                if k in mine:
+                    g_hn = r.unsqueeze(-1) * (head_f[y] - pw)
+                    per[k] = torch.autograd.grad(hn, h, g_hn.to(hn.dtype), retain_graph=k != mine[-1])[0].detach()
             g_next.append(per)
     acc: dict[str, torch.Tensor] = {}
     n_layers = len(held_in)
@@ -565,7 +618,10 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
         with decoder_layer(model, i, place) as layer:
             lins = layer_linears(layer)
             sums = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lins.items()}
+            parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}    # (batch, probe) -> linear -> sum
             for j, (xb, kw) in enumerate(final.like(held_in[i]).batches()):
+                if not mine:                                    # more ranks than probes: nothing to run here
+                    break
                 outs: dict[str, torch.Tensor] = {}
                 hooks = [m.register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
                          for n, m in lins.items()]
@@ -577,15 +633,20 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
                     for hk in hooks:
                         hk.remove()
                 names = list(outs)
-                for k in range(probes):
+                for k in mine:
                     with torch.enable_grad():
                         gs = torch.autograd.grad(y, [x] + [outs[n] for n in names], g_next[j][k].to(y.dtype),
-                                                 retain_graph=k < probes - 1, allow_unused=True)
+                                                 retain_graph=k != mine[-1], allow_unused=True)
                     g_next[j][k] = gs[0].detach()
-                    for n, g in zip(names, gs[1:]):
-                        if g is not None:
-                            sums[n] += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                    parts[(j, k)] = {n: g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                                     for n, g in zip(names, gs[1:]) if g is not None}
                 del y, outs
+            every = {}
+            for part in world.all_gather(parts):
+                every.update(part)
+            for jk in sorted(every):                        # batch by batch, probe by probe
+                for n, v in every[jk].items():
+                    sums[n] += v
             acc.update({layer_prefix(model, i) + n: v / probes for n, v in sums.items()})
     return acc
 
@@ -603,16 +664,16 @@ def calibration_sample(by_layer: dict[int, list[Unit]], n_layers: int, m: int) -
     return set(out)
 
 
-def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc: dict, uniform: dict,
-                    streams: dict, sq_solved: dict | None = None, anchor: dict | None = None) -> None:
+def _fisher_results(ms: Measurements, targets: int, sq: dict, acc: dict, found: dict,
+                    sq_solved: dict | None = None, anchor: dict | None = None) -> None:
     """Predicted ΔKL of every unit × option: the Fisher form, scaled per option by Σ measured / Σ
     Fisher over the calibration sample (units measured alone with their own weights, the regime the
     allocator adds up). Options without a usable sample (measured ΔKL not above float noise) take the
     factor of the nearest calibrated bit width. A predicted option (solve: anchors; `anchor` maps
     each option to its anchor) takes its anchor's factor times Σ solved / Σ predicted Fisher form over
     the sample, which takes out the prediction's mean bias. The uniform plans are measured too, as a
-    check of the whole-model prediction (meta.calibration)."""
-    targets = head.positions
+    check of the whole-model prediction (meta.calibration). `found`: each held-out stream's measured
+    (ΔKL, Δloss), in the order the streams were made (_compared); `targets`: the positions compared."""
     anchor = anchor or {k: k for k in ms.options}
     sq_solved = sq_solved or {}
     for u in ms.units.values():
@@ -622,8 +683,8 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
                 o["fisher_solved"] = sum(float((acc[n] * sq_solved[n][k]).sum()) for n in u["names"]) / (4 * targets)
     measured: dict[str, float] = {}
     fisher: dict[str, float] = {}
-    for (_, key, k), hidden in streams.items():        # the calibration sample, measured alone
-        kl, _ = head.compare(xh.like(hidden))
+    sample_runs = [(key[1], key[2], kl) for key, (kl, _) in found.items() if key[0] == "dkl"]
+    for key, k, kl in sample_runs:                     # the calibration sample, measured alone
         ms.units[key]["options"][k]["measured"] = kl
         measured[k] = measured.get(k, 0.0) + kl
         fisher[k] = fisher.get(k, 0.0) + ms.units[key]["options"][k]["fisher"]
@@ -640,7 +701,7 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
             near = min(good, key=lambda g: (abs(ms.options[g]["bits"] - ms.options[k]["bits"]),
                                             -ms.options[g]["bits"]), default=None)
             c["factor"], c["from"] = (cal[near]["factor"], near) if near else (1.0, None)
-    sample = sorted({key for (_, key, _) in streams})     # sorted: sums in one order in every process
+    sample = sorted({key for key, _, _ in sample_runs})   # sorted: sums in one order in every process
     for k in ms.options:                               # predicted options: the anchor's factor, debiased
         if anchor[k] == k:
             continue
@@ -653,15 +714,15 @@ def _fisher_results(ms: Measurements, head: Head, xh: Activations, sq: dict, acc
     for u in ms.units.values():
         for k, o in u["options"].items():
             o["dkl"] = cal[k]["factor"] * o["fisher"]
-    for k, hidden in uniform.items():                  # check: the whole model at one option
-        cal[k]["uniform_measured"] = head.compare(xh.like(hidden))[0]
+    for k in (key[1] for key in found if key[0] == "uniform"):   # check: the whole model at one option
+        cal[k]["uniform_measured"] = found[("uniform", k)][0]
         cal[k]["uniform_predicted"] = sum(u["options"][k]["dkl"] for u in ms.units.values())
     low = ms.layers[0]["lowest_option"] if ms.layers else None
     for layer in ms.layers:         # LieQ's layer importance, predicted: its units at the lowest option
         kl = sum(u["options"][low]["dkl"] for u in ms.units.values() if u["layer"] == layer["layer"])
         layer.update(lieq_kl=kl, lieq_dloss=None)     # predicted ΔKL; no Δloss without a measured stream
     ms.meta["calibration"] = cal
-    ms.meta["calibration_units"] = sorted({key for (_, key, _) in streams})
+    ms.meta["calibration_units"] = sample
 
 
 def unit_dkl(unit: dict, key: str) -> float:
