@@ -307,3 +307,49 @@ calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
         assert any("err_solved" in o for u in one["units"].values() for o in u["options"].values())
     assert (tmp_path / "p1" / "plan.yaml").read_text() == (tmp_path / "p2" / "plan.yaml").read_text()
     assert not list((tmp_path / "c2" / "measurements").glob("partial-*"))
+
+
+def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_tokenizer, calib_file, monkeypatch,
+                                                                 caplog):
+    """With resources.offload_activations, what a resumed measurement restores (every finished layer's
+    held-out input, which the fisher backward sweep reads, and the perturbed streams) goes back into
+    files, as in a measurement that was never stopped, and the measurement is the same."""
+    import quantc.passes.measure as qmeasure
+    from quantc.config import load_config
+    from quantc.pipeline import plan_only
+    model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
+    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
+quant: {{group_size: 32}}
+candidates: [{{bits: 2, sym: false}}, {{bits: 3}}, {{bits: 4}}, {{bits: 8}}]
+budget: {{avg_bits: 3.5}}
+plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
+calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
+resources: {{offload_activations: true}}
+""")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "QUANTC_CACHE": str(tmp_path / "c2")}
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p2")],
+                       env={**env, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "1"}, capture_output=True, text=True)
+    assert r.returncode == -9
+    seen = {}
+    real_fisher, real_compared = qmeasure._fisher_diagonal, qmeasure._compared
+
+    def fisher(model, head, held_in, *a, **k):
+        seen["held_in"] = [h.untyped_storage().filename for h in held_in]
+        return real_fisher(model, head, held_in, *a, **k)
+
+    def compared(head, xh, streams, *a, **k):
+        seen["streams"] = [v.untyped_storage().filename for v in streams.values()]
+        return real_compared(head, xh, streams, *a, **k)
+    monkeypatch.setattr(qmeasure, "_fisher_diagonal", fisher)
+    monkeypatch.setattr(qmeasure, "_compared", compared)
+    ms = {}
+    for cache in ("c2", "c1"):                    # resumed, then uninterrupted
+        monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / cache))
+        caplog.clear()
+        _, m, cached, _ = plan_only(load_config(y), progress=False, offload=tmp_path / f"offload-{cache}")
+        assert not cached
+        assert ("resuming after decoder layer 1" in caplog.text) == (cache == "c2")
+        ms[cache] = m.units
+        assert len(seen["held_in"]) == 4 and all(f and "offload" in f for f in seen["held_in"]), (cache, seen)
+        assert seen["streams"] and all(f and "offload" in f for f in seen["streams"]), (cache, seen)
+    assert ms["c1"] == ms["c2"]

@@ -279,16 +279,17 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             ms.layers.append(rec["diagnostics"])
             sq.update(rec["sq"])
             sq_solved.update(rec["sq_solved"])
-            if not exact:
-                held_in.append(rec["held_in"])
+            if not exact:              # where a measured layer keeps it: offloaded, in a file
+                held_in.append(holdout.like(rec["held_in"]).hidden)
         x = acts.like(st["x"]) if st["x"] is not None else None     # None: every layer was done
         xh = holdout.like(st["xh"])
         keys[:] = st["keys"]
         mine = {k for j, k in enumerate(keys) if world.mine(j)}    # this world's split (any number of ranks)
-        streams = {k: v for k, v in st["streams"].items() if k in mine}
-        uniform = {k: v for k, v in st["uniform"].items() if ("uniform", k) in mine}
+        streams = {k: holdout.like(v).hidden for k, v in st["streams"].items() if k in mine}
+        uniform = {k: holdout.like(v).hidden for k, v in st["uniform"].items() if ("uniform", k) in mine}
         owned = st["owned"]
         gen.set_state(st["gen"])
+        found = st = done = rec = None  # the restored tensors live on only where they were placed above
         if release_inputs:
             acts.release()
             holdout.release()
