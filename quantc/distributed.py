@@ -13,8 +13,11 @@ What is split, and why the artifact is bit-identical to one process (at equal th
   round-robin over the layer's linears / the model's units. The owner solves, then broadcasts the
   result (torch's `broadcast_object_list`); a solve is a pure function of (W, H, option), the same
   on any rank.
-- The measurement's held-out slice (a few sequences) runs on every rank: the same computation
-  everywhere, so its streams, the backward sweep and the head need no communication.
+- The measurement's held-out streams (each a perturbed copy of a few held-out sequences) and the
+  fisher probes' backward passes: round-robin in the order made. Every rank runs what they share
+  (the unperturbed held-out stream, the random draws); the owner carries a stream to the head and
+  compares it there, and the results (floats, and per-probe float64 sums added in one order) are
+  exchanged with `all_gather_object`.
 - Rank 0 alone writes: the staging folder, the layer shards and resume state, the measurement cache
   and the artifact. The activations of the resume point are gathered to rank 0 after each layer and
   scattered back on resume, so a run resumes with any number of processes.
@@ -54,8 +57,8 @@ class Solves:
     (`per_rank`)."""
     count: dict = field(default_factory=dict)
 
-    def add(self, sweep: str) -> None:
-        self.count[sweep] = self.count.get(sweep, 0) + 1
+    def add(self, sweep: str, n: int = 1) -> None:
+        self.count[sweep] = self.count.get(sweep, 0) + n
 
     def per_rank(self, world: "World", sweeps=("measure", "quantize")) -> dict[str, list[int]]:
         """Every rank's counts (a collective: every rank calls it)."""
@@ -144,6 +147,16 @@ class World:
         dist.gather_object(_on_host(obj), out, dst=0)
         TRAFFIC.add("gather", sum(_nbytes(o) for o in out) if self.main else _nbytes(obj))
         return out
+
+    def scatter(self, parts: list | None) -> object:
+        """Rank 0's `parts[r]` on rank r (`parts` is read on rank 0 only)."""
+        if not self.active:
+            return parts[0]
+        import torch.distributed as dist
+        box = [None]
+        dist.scatter_object_list(box, [_on_host(p) for p in parts] if self.main else None, src=0)
+        TRAFFIC.add("scatter", _nbytes(box[0]))
+        return box[0]
 
     def barrier(self) -> None:
         if self.active:

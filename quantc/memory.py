@@ -111,13 +111,14 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
             direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
             n_streams, inputs, probes = layers * (per_layer * (direct + 1) + 1), 0, 0
         # the streams and probes are split over the ranks; rank 0 also holds every rank's streams
-        # while it saves the resume point after each layer
-        share = n_streams if gathers or ranks == 1 else -(-n_streams // ranks)
+        # while it saves the resume point after each layer (gather_object's byte buffer of them all,
+        # then the unpickled copies)
+        share = -(-n_streams // ranks) + (2 * n_streams if gathers and ranks > 1 else 0)
         grads = 2 * -(-probes // ranks)                        # a probe's gradient in and out of a layer
         live = held * (inputs + share + grads)                 # + fisher: every layer's held-out input
         if offload:          # every hidden-state stream in files: the probes' gradients stay in memory,
             #                  and rank 0's copies of the other ranks' streams while it saves
-            calib, live = 0, held * (grads + (n_streams if gathers and ranks > 1 else 0))
+            calib, live = 0, held * (grads + (2 * n_streams if gathers and ranks > 1 else 0))
         # vocabulary-sized float32 arrays over the compared positions (every second one): the head's
         # reference z_ref and p (passes/measure.py Head), beside a comparison's logits (exact), or the
         # fisher probes' p, its float64 copy and float64 CDF (2 each)

@@ -103,8 +103,9 @@ class MeasurePoint:
         self.world.barrier()
 
     def load(self, batch_size: int):
-        """(next layer, [each finished layer's results], state with this rank's rows as `x`), or None
-        (every rank calls it)."""
+        """(next layer, [each finished layer's results], state with this rank's rows as `x` and this
+        rank's held-out streams: stream j of `keys` belongs to rank World.owner(j)), or None (every
+        rank calls it)."""
         import torch
         found = None
         if self.world.main and (self.dir / "state.pt").is_file():
@@ -123,7 +124,9 @@ class MeasurePoint:
             return None
         st, layers = found if found else ({}, None)
         x = self.world.scatter_rows(st.pop("x", None), batch_size)
+        streams = self.world.scatter(_split_streams(st, self.world) if self.world.main else None)
         st, layers = self.world.broadcast((st, layers) if self.world.main else None, 0)
+        st["streams"], st["uniform"] = streams
         if self.world.main:
             log.warning("measurement: resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
         return st["next_layer"], layers, {**st, "x": x}
@@ -133,6 +136,20 @@ class MeasurePoint:
         if self.world.main:
             (self.dir / "state.pt").unlink(missing_ok=True)      # first: a half-removed folder names nothing
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _split_streams(st: dict, world) -> list[tuple[dict, dict]]:
+    """Each rank's (streams, uniform streams) of a saved state, taken out of it: stream j of
+    st["keys"] (a uniform one keyed ("uniform", option)) goes to rank world.owner(j)."""
+    streams, uniform = st.pop("streams"), st.pop("uniform")
+    parts = [({}, {}) for _ in range(world.size)]
+    for j, k in enumerate(st["keys"]):
+        s, u = parts[world.owner(j)]
+        if k[0] == "uniform":
+            u[k[1]] = uniform[k[1]]
+        else:
+            s[k] = streams[k]
+    return parts
 
 
 FAULT_ENV, FAULT_RANK_ENV = "QUANTC_FAULT_AFTER_LAYER", "QUANTC_FAULT_RANK"

@@ -40,6 +40,14 @@ calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
 """)
 
 
+def _diagnostics(ms):
+    """The layer diagnostics, with the spectra rounded: their Gram matrices are all-reduced in a
+    distributed run, so those two report-only numbers differ from one process's in the last digits
+    (passes/measure.py _diagnostics); the rest is exact."""
+    return [{k: round(v, 9) if k in ("effective_rank", "topk_energy_gain") else v for k, v in layer.items()}
+            for layer in ms["layers"]]
+
+
 def _same_artifact(a, b):
     for f in ("model.safetensors", "config.json", "quantize_config.json", "plan.yaml"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
@@ -53,7 +61,7 @@ def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib
     r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
                        capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29511 + int(qep * 10) + 20 * (predictor == "exact"),
+    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29511 + int(qep * 10) + 60 * (predictor == "exact"),
                   QUANTC_CACHE=str(tmp_path / "c2"))          # measured again, not read from a cache
     assert r.returncode == 0, r.stderr[-3000:]
     _same_artifact(tmp_path / "one", tmp_path / "two")
@@ -64,6 +72,10 @@ def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib
     # the ranks split the work: sweep 1's units and sweep 2's linears, each solved once, round-robin
     # within a layer (sweep 2: 4 of a layer's 7 linears on rank 0, since o and down are groups of one)
     ms = json.loads(next((tmp_path / "c2" / "measurements").glob("*.json")).read_text())
+    one = json.loads(next((tmp_path / "c1" / "measurements").glob("*.json")).read_text())
+    assert one["units"] == ms["units"]             # the measurement itself, to the last digit
+    assert _diagnostics(one) == _diagnostics(ms)
+    assert one["meta"].get("calibration") == ms["meta"].get("calibration")     # fisher: the sample, uniform plans
     manifest = json.loads((tmp_path / "two" / "quantc.json").read_text())
     split = {**manifest["distributed"]["solves_per_rank"], "streams": manifest["distributed"]["held_out_streams_per_rank"]}
     for sweep, total in (("measure", len(ms["units"])), ("quantize", manifest["totals"]["modules"]),
@@ -285,6 +297,7 @@ def test_a_measurement_stopped_under_torchrun_resumes_in_one_process(tmp_path, t
     assert r.returncode == 0, r.stderr[-3000:]
     assert "measurement: resuming after decoder layer 1" in r.stderr
     assert (tmp_path / "p1" / "plan.yaml").read_text() == (tmp_path / "p2" / "plan.yaml").read_text()
-    one, two = ({**json.loads(next((tmp_path / c / "measurements").glob("*.json")).read_text())["units"]}
-                for c in ("c1", "c2"))
-    assert one == two
+    one, two = (json.loads(next((tmp_path / c / "measurements").glob("*.json")).read_text()) for c in ("c1", "c2"))
+    assert one["units"] == two["units"]
+    assert _diagnostics(one) == _diagnostics(two)
+    assert one["meta"]["calibration"] == two["meta"]["calibration"]     # the restored sample and uniform streams

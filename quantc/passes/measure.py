@@ -257,10 +257,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
 
     def own(key: tuple) -> bool:
         keys.append(key)
-        if world.mine(len(keys) - 1):
-            SOLVES.add("streams")
-            return True
-        return False
+        return world.mine(len(keys) - 1)
     streams: dict[tuple, torch.Tensor] = {}        # this rank's perturbed held-out streams, from their layer on
     uniform = {} if exact else {k: holdout.hidden for k in (option_key(candidates[a]) for a in sorted(set(anchor)))
                                 if own(("uniform", k))}     # fisher: the uniform plan at each option solved
@@ -283,10 +280,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 held_in.append(holdout.like(rec["held_in"]).hidden)
         x = acts.like(st["x"]) if st["x"] is not None else None     # None: every layer was done
         xh = holdout.like(st["xh"])
-        keys[:] = st["keys"]
-        mine = {k for j, k in enumerate(keys) if world.mine(j)}    # this world's split (any number of ranks)
-        streams = {k: holdout.like(v).hidden for k, v in st["streams"].items() if k in mine}
-        uniform = {k: holdout.like(v).hidden for k, v in st["uniform"].items() if ("uniform", k) in mine}
+        keys[:] = st["keys"]                # the point's load hands each rank its own streams
+        streams = {k: holdout.like(v).hidden for k, v in st["streams"].items()}
+        uniform = {k: holdout.like(v).hidden for k, v in st["uniform"].items()}
         owned = st["owned"]
         gen.set_state(st["gen"])
         found = st = done = rec = None  # the restored tensors live on only where they were placed above
@@ -384,10 +380,12 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                        {"xh": xh.hidden, "streams": every and every[0], "uniform": every and every[1],
                         "keys": keys, "owned": owned, "gen": gen.get_state()},
                        x.hidden if i + 1 < n_layers else None)      # after the last layer: no next one
+            every = None            # rank 0's copies (one process: the last layer's streams themselves)
             fault_point(i, world.rank, MEASURE_FAULT_ENV)
 
     with head.on_device():                          # moved once for every comparison below
         head.set_reference(xh)
+        SOLVES.add("streams", len(streams) + len(uniform))     # the streams this rank carried to the head
         found = _compared(head, xh, {**streams, **{("uniform", k): v for k, v in uniform.items()}}, keys, world)
         streams = uniform = None                    # compared: they go before the backward sweep
         if exact:
