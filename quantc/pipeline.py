@@ -126,10 +126,11 @@ def calibrate(cfg: Config, tokenizer, model, world) -> torch.Tensor:
     model in memory), rank 0 alone samples and sends them: the other ranks of a torchrun run keep one
     decoder layer at a time (memory.memory_estimate counts the whole model for rank 0 only)."""
     from .calibration import calibration_tokens
+    device = resolve_device(cfg.device)          # `self` samples there when the model fits (sampling_device)
     if world.active and cfg.calibration.source == "self":
-        return world.broadcast(calibration_tokens(cfg.calibration, tokenizer, model) if world.main else None, 0,
-                               patient=True)
-    return calibration_tokens(cfg.calibration, tokenizer, model)
+        return world.broadcast(calibration_tokens(cfg.calibration, tokenizer, model, device) if world.main else None,
+                               0, patient=True)
+    return calibration_tokens(cfg.calibration, tokenizer, model, device)
 
 
 def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, budget_key: str | None = None):

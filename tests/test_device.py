@@ -114,3 +114,47 @@ def test_ranks_agree_on_where_the_activations_live(tiny_models, calib_file, monk
     for other, fits in others.items():        # the other rank's vote, added by the all-reduce
         monkeypatch.setattr(distributed.World, "all_reduce", lambda self, t, n=fits: t.add_(n))
         assert pipeline.placement(cfg, model).acts_on_device is (other == "room")
+
+
+def test_self_calibration_samples_on_the_gpu_only_when_the_model_fits(tiny_models, monkeypatch, caplog):
+    """calibration.source: self samples on a GPU compile's device when the whole model, the KV cache
+    and the logits fit in its free memory, else on the CPU with a warning that names the fix (the CUDA
+    memory query is stubbed: no GPU here)."""
+    from transformers import AutoModelForCausalLM
+    from quantc.calibration import data
+    from quantc.config import Calibration
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    cal = Calibration(source="self", samples=4, seq_len=32)
+    cuda = torch.device("cuda")
+    assert data.sampling_device(model, torch.device("cpu"), cal).type == "cpu"
+    assert data.sampling_device(model, None, cal).type == "cpu"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (weights + (2 << 30), 80 << 30))
+    assert data.sampling_device(model, cuda, cal) == cuda
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (weights, 80 << 30))     # no room for the rest
+    with caplog.at_level("WARNING", logger="quantc"):
+        assert data.sampling_device(model, cuda, cal).type == "cpu"
+    assert "sampling on the CPU" in caplog.text and "calibration.source" in caplog.text
+
+
+def test_self_calibration_is_sampled_where_the_compile_runs(tmp_path, tiny_models, monkeypatch):
+    """The compile hands its device to the sampling (here the CPU, the only device): the tokens are
+    those of sampling the model directly, with the model back on the CPU afterwards."""
+    from quantc.calibration import data
+    seen = []
+    real = data.sampling_device
+    monkeypatch.setattr(data, "sampling_device", lambda m, d, c: seen.append(d) or real(m, d, c))
+    r = {"model": str(tiny_models["llama"]), "quant": {"bits": 4, "group_size": 32, "qep_alpha": 0.0},
+         "calibration": {"source": "self", "samples": 2, "seq_len": 16, "batch_size": 2},
+         "resources": {"device": "cpu"}}
+    from quantc.pipeline import calibrate
+    from quantc.distributed import SOLO
+    from quantc.model import load_model, load_tokenizer
+    cfg = parse_config(r)
+    model = load_model(cfg.model)
+    tokens = calibrate(cfg, load_tokenizer(cfg.model), model, SOLO)
+    assert seen == [torch.device("cpu")]
+    from transformers import AutoModelForCausalLM
+    again = data.sample_from_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), 2, 16, cfg.calibration.seed)
+    assert torch.equal(tokens, again)
+    assert all(p.device.type in ("cpu", "meta") for p in model.parameters())

@@ -6,6 +6,7 @@ sequences sampled from the model itself, so a compile needs nothing but the mode
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -54,27 +55,29 @@ def check_source(cal) -> None:
         raise QuantcError(f"{path}: not a UTF-8 text file (byte {e.start}); save it as UTF-8") from None
 
 
-def calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
+def calibration_tokens(cal, tokenizer, model=None, device: torch.device | None = None) -> torch.Tensor:
     """int64 [samples, seq_len] calibration tokens for a `Calibration` config (a file's tokens are
-    remembered for the process: the preflight's early check costs the compile nothing)."""
+    remembered for the process: the preflight's early check costs the compile nothing). `device`:
+    the compile's device, where `self` samples when the model fits there (sampling_device)."""
     key = _memo_key(cal, tokenizer)
     if key is not None and key in _MEMO:
         return _MEMO[key].clone()
-    t = _calibration_tokens(cal, tokenizer, model)
+    t = _calibration_tokens(cal, tokenizer, model, device)
     if key is not None:
         _MEMO.clear()
         _MEMO[key] = t.clone()
     return t
 
 
-def _calibration_tokens(cal, tokenizer, model=None) -> torch.Tensor:
+def _calibration_tokens(cal, tokenizer, model=None, device: torch.device | None = None) -> torch.Tensor:
     if cal.source == "self":
         if model is None:
             raise QuantcError("calibration.source `self` needs the model")
         from ..lazy import materialize_all, release_all
         materialize_all(model)             # sampling runs the whole model (lazy models: all layers)
         try:
-            return sample_from_model(model, cal.samples, cal.seq_len, cal.seed)
+            with _placed(model, sampling_device(model, device, cal)):
+                return sample_from_model(model, cal.samples, cal.seq_len, cal.seed)
         finally:
             release_all(model)
     if cal.source.startswith("hf:"):
@@ -155,22 +158,67 @@ def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: in
     return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.int64)
 
 
+SAMPLING_BATCH = 16          # sequences sampled together (sample_from_model)
+
+
+def sampling_device(model, device: torch.device | None, cal) -> torch.device:
+    """Where `calibration.source: self` samples: on a GPU compile, the GPU when the whole model (as
+    loaded, float32) and the sampling's KV cache and logits fit in its free memory; else the CPU,
+    with a warning, since one decode step per token of a 7B+ model on a CPU takes hours for the
+    default 128×512 tokens. The random draws stay on the CPU, so a device changes only the logits'
+    rounding."""
+    if device is None or device.type != "cuda":
+        return torch.device("cpu")
+    mc = model.config
+    heads = getattr(mc, "num_attention_heads", 1) or 1
+    kv = (getattr(mc, "num_key_value_heads", None) or heads) * (getattr(mc, "head_dim", None)
+                                                                 or mc.hidden_size // heads)
+    batch = min(SAMPLING_BATCH, cal.samples)
+    need = (sum(p.numel() * p.element_size() for p in model.parameters())
+            + 2 * batch * cal.seq_len * mc.num_hidden_layers * kv * 4            # keys and values, float32
+            + 4 * batch * mc.vocab_size * 4 + (1 << 30))                         # logits, softmax; 1 GiB slack
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        log.warning("calibration.source self: the model needs %.1f GiB on %s to sample its calibration text and "
+                    "%.1f GiB are free; sampling on the CPU (slow for large models: give a text file as "
+                    "calibration.source instead)", need / 2**30, device, free / 2**30)
+        return torch.device("cpu")
+    return device
+
+
+@contextlib.contextmanager
+def _placed(model, device: torch.device):
+    """The model on `device` for the with-block, back on the CPU after (the CPU: nothing moves)."""
+    if device.type == "cpu":
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+
+
 @torch.no_grad()
-def sample_from_model(model, samples: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
+def sample_from_model(model, samples: int, seq_len: int, seed: int,
+                      batch_size: int = SAMPLING_BATCH) -> torch.Tensor:
     """Data-free calibration (as in LLM-QAT): start from a random token, then sample the model's own
-    next-token distribution. Slow-ish (one decode step per token) but needs no data at all."""
+    next-token distribution. Slow-ish (one decode step per token) but needs no data at all. Runs where
+    the model is; the random draws run on the CPU (one generator, whatever the device)."""
     from tqdm.auto import tqdm
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
+    dev = next(model.parameters()).device
     out = []
     for b in tqdm(range(0, samples, batch_size), desc="sampling calibration text", leave=False):
         n = min(batch_size, samples - b)
         ids = torch.randint(0, vocab, (n, 1), generator=g)
         past = None
         for _ in range(seq_len - 1):
-            o = model(input_ids=ids[:, -1:] if past is not None else ids, past_key_values=past, use_cache=True)
+            o = model(input_ids=(ids[:, -1:] if past is not None else ids).to(dev), past_key_values=past,
+                      use_cache=True)
             past = o.past_key_values
-            probs = torch.softmax(o.logits[:, -1].float(), -1)
+            probs = torch.softmax(o.logits[:, -1].float(), -1).cpu()
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
         out.append(ids)
     return torch.cat(out)
