@@ -191,8 +191,11 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     acts, held = Activations(hidden, kw, bs, offload, place), Activations(hh, hkw, bs, offload, place)
     del hidden, hh          # handed over: no name here keeps the layer-0 inputs (offloaded: their RAM copies go
     #                         now), and measure releases them once layer 0 is done
-    from .resume import MeasurePoint
+    from .resume import MeasurePoint, other_points
     point = MeasurePoint(cache_dir() / f"partial-{key}", world)    # each layer saved: an interrupted run resumes
+    note = other_points(cache_dir(), key) if world.main else None
+    if note:
+        log.warning(note)
     ms = measure(model, acts, held, hold,
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,

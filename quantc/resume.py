@@ -138,6 +138,33 @@ class MeasurePoint:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def other_points(cache: Path, key: str) -> str | None:
+    """A note on the resume points of other measurements in the cache folder, or None. A measurement
+    stopped and then started with other settings leaves its point (the first settings may come back,
+    and another run may be using it), so it stays until deleted; the note gives their size and names
+    them."""
+    import time
+    others, size, oldest = [], 0, None
+    for d in sorted(cache.glob("partial-*")):
+        if d.name == f"partial-{key}" or not d.is_dir():
+            continue
+        try:
+            files = [f.stat() for f in d.iterdir() if f.is_file()]
+        except OSError:            # cleared by its own run meanwhile
+            continue
+        others.append(d)
+        size += sum(f.st_size for f in files)
+        t = max((f.st_mtime for f in files), default=None)
+        oldest = t if oldest is None or (t is not None and t < oldest) else oldest
+    if not others:
+        return None
+    when = time.strftime("%Y-%m-%d", time.localtime(oldest)) if oldest else "?"
+    names = " ".join(str(d) for d in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"{cache}: {len(others)} resume point(s) of measurements with other settings take {size / 2**20:.0f} MiB "
+            f"(the oldest last written {when}); each lets a stopped run with its settings continue. Delete them "
+            f"once no run needs them: rm -r {names}")
+
+
 def _split_streams(st: dict, world) -> list[tuple[dict, dict]]:
     """Each rank's (streams, uniform streams) of a saved state, taken out of it: stream j of
     st["keys"] (a uniform one keyed ("uniform", option)) goes to rank world.owner(j)."""

@@ -353,3 +353,36 @@ resources: {{offload_activations: true}}
         assert len(seen["held_in"]) == 4 and all(f and "offload" in f for f in seen["held_in"]), (cache, seen)
         assert seen["streams"] and all(f and "offload" in f for f in seen["streams"]), (cache, seen)
     assert ms["c1"] == ms["c2"]
+
+
+def test_a_new_measurement_names_the_resume_points_of_other_settings(tmp_path, tiny_tokenizer, calib_file,
+                                                                      monkeypatch, caplog):
+    """A measurement stopped, then started with other settings, leaves its resume point in the cache
+    (the first settings may come back). The next measurement says how much they take and names them
+    for deletion; its own point is not among them, and the folders are left as they are."""
+    from quantc.config import load_config
+    from quantc.pipeline import plan_only
+    model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=2, seed=3)
+    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
+quant: {{group_size: 32}}
+candidates: [{{bits: 2, sym: false}}, {{bits: 4}}]
+budget: {{avg_bits: 3.5}}
+plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
+calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
+""")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QUANTC_CACHE", str(cache))
+    old = cache / "measurements" / "partial-0123456789abcdef0123"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"x" * (3 << 20))
+    with caplog.at_level("WARNING", logger="quantc"):
+        plan_only(load_config(y), progress=False)
+    assert "1 resume point(s) of measurements with other settings take 3 MiB" in caplog.text
+    assert f"rm -r {old}" in caplog.text and old.is_dir()
+    caplog.clear()
+    (cache / "measurements" / "partial-0123456789abcdef0123" / "state.pt").unlink()
+    old.rmdir()
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache2"))      # nothing else in the cache: no note
+    with caplog.at_level("WARNING", logger="quantc"):
+        plan_only(load_config(y), progress=False)
+    assert "resume point" not in caplog.text
