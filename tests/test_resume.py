@@ -271,6 +271,17 @@ def _measurement(cache):
     return ms
 
 
+def _measured_budget(tmp_path, model, calib_file, candidates: str, plan: str = "", extra: str = ""):
+    """A budgeted config of a tiny model whose measurement takes seconds (`plan`: more plan keys)."""
+    return write_yaml(tmp_path / "b.yaml", f"""model: {model}
+quant: {{group_size: 32}}
+candidates: [{candidates}]
+budget: {{avg_bits: 3.5}}
+plan: {{{plan}measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
+calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
+{extra}""")
+
+
 @pytest.mark.parametrize("predictor", ["fisher", "exact"])
 def test_a_measurement_killed_mid_sweep_resumes_to_the_same_measurement(tmp_path, tiny_tokenizer, calib_file,
                                                                           predictor):
@@ -278,13 +289,8 @@ def test_a_measurement_killed_mid_sweep_resumes_to_the_same_measurement(tmp_path
     layer 1 (of 4), then run again, continues after it, and the measurement and the plan equal an
     uninterrupted run's. The resume state goes once the cache entry is written."""
     model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
-    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
-quant: {{group_size: 32}}
-candidates: [{{bits: 2, sym: false}}, {{bits: 3}}, {{bits: 4}}, {{bits: 4, sym: false}}, {{bits: 8}}]
-budget: {{avg_bits: 3.5}}
-plan: {{predictor: {predictor}, measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
-calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
-""")
+    y = _measured_budget(tmp_path, model, calib_file, "{bits: 2, sym: false}, {bits: 3}, {bits: 4}, "
+                         "{bits: 4, sym: false}, {bits: 8}", f"predictor: {predictor}, ")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     plan = [sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o"]
     r = subprocess.run(plan + [str(tmp_path / "p1")], env={**env, "QUANTC_CACHE": str(tmp_path / "c1")},
@@ -318,14 +324,8 @@ def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_t
     from quantc.config import load_config
     from quantc.pipeline import plan_only
     model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
-    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
-quant: {{group_size: 32}}
-candidates: [{{bits: 2, sym: false}}, {{bits: 3}}, {{bits: 4}}, {{bits: 8}}]
-budget: {{avg_bits: 3.5}}
-plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
-calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
-resources: {{offload_activations: true}}
-""")
+    y = _measured_budget(tmp_path, model, calib_file, "{bits: 2, sym: false}, {bits: 3}, {bits: 4}, {bits: 8}",
+                         extra="resources: {offload_activations: true}\n")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "QUANTC_CACHE": str(tmp_path / "c2")}
     r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p2")],
                        env={**env, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "1"}, capture_output=True, text=True)
@@ -363,13 +363,7 @@ def test_a_new_measurement_names_the_resume_points_of_other_settings(tmp_path, t
     from quantc.config import load_config
     from quantc.pipeline import plan_only
     model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=2, seed=3)
-    y = write_yaml(tmp_path / "b.yaml", f"""model: {model}
-quant: {{group_size: 32}}
-candidates: [{{bits: 2, sym: false}}, {{bits: 4}}]
-budget: {{avg_bits: 3.5}}
-plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 2}}
-calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
-""")
+    y = _measured_budget(tmp_path, model, calib_file, "{bits: 2, sym: false}, {bits: 4}")
     cache = tmp_path / "cache"
     monkeypatch.setenv("QUANTC_CACHE", str(cache))
     old = cache / "measurements" / "partial-0123456789abcdef0123"
