@@ -52,6 +52,18 @@ def solved_options(cfg) -> int:
     return len(cfg.candidates)
 
 
+def held_out_streams(cfg, layers: int) -> int:
+    """The perturbed held-out streams sweep 1 carries to the head (passes/measure.py; the manifest's
+    meta.held_out_streams): fisher, a uniform plan per solved option and each sample unit at each;
+    exact, every unit at each measured option, its α probe, and one LieQ stream per layer."""
+    per_layer = 7 if cfg.units == "linear" else 4         # units per layer (a Llama-shaped layer)
+    if cfg.plan.predictor == "fisher":
+        from .passes.measure import CALIBRATION_UNITS
+        return solved_options(cfg) * (1 + min(CALIBRATION_UNITS, per_layer * layers))
+    direct = sum(1 for o in cfg.candidates if o.bits <= cfg.plan.direct_bits)
+    return layers * (per_layer * (direct + 1) + 1)
+
+
 def _shapes(mc: dict) -> tuple[int, int, int, int, int]:
     """(hidden, intermediate, layers, vocab, attention width) from config.json's values."""
     hidden, inter = mc.get("hidden_size", 0), mc.get("intermediate_size", 0)
@@ -102,14 +114,8 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
         p = cfg.plan
         held = p.alpha_samples * p.alpha_seq_len * hidden * act_bytes
         calib = _rank_rows(p.measure_samples, c.batch_size, ranks) * c.seq_len * hidden * act_bytes * 2
-        k = solved_options(cfg)
-        per_layer = 7 if cfg.units == "linear" else 4         # units per layer
-        if p.predictor == "fisher":       # a uniform stream per solved option, the sample's units at each
-            from .passes.measure import CALIBRATION_UNITS
-            n_streams, inputs, probes = k * (1 + min(CALIBRATION_UNITS, per_layer * layers)), layers, p.probes
-        else:                             # every unit at each measured option, + α and LieQ streams
-            direct = sum(1 for o in cfg.candidates if o.bits <= p.direct_bits)
-            n_streams, inputs, probes = layers * (per_layer * (direct + 1) + 1), 0, 0
+        n_streams = held_out_streams(cfg, layers)
+        inputs, probes = (layers, p.probes) if p.predictor == "fisher" else (0, 0)
         # the streams and probes are split over the ranks; rank 0 also holds every rank's streams
         # while it saves the resume point after each layer (gather_object's byte buffer of them all,
         # then the unpickled copies)

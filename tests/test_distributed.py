@@ -81,6 +81,9 @@ def test_two_gloo_processes_give_the_bits_of_one(tmp_path, tiny_tokenizer, calib
     for sweep, total in (("measure", len(ms["units"])), ("quantize", manifest["totals"]["modules"]),
                          ("streams", ms["meta"]["held_out_streams"])):   # each perturbed held-out stream once
         assert sum(split[sweep]) == total and min(split[sweep]) >= total // 3, (sweep, split, total)
+    from quantc.config import load_config
+    from quantc.memory import held_out_streams
+    assert held_out_streams(load_config(y), 3) == ms["meta"]["held_out_streams"]     # what the estimate counts
     assert json.loads((tmp_path / "one" / "quantc.json").read_text())["distributed"] is None
 
 
