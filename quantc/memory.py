@@ -116,15 +116,18 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
         calib = _rank_rows(p.measure_samples, c.batch_size, ranks) * c.seq_len * hidden * act_bytes * 2
         n_streams = held_out_streams(cfg, layers)
         inputs, probes = (layers, p.probes) if p.predictor == "fisher" else (0, 0)
-        # the streams and probes are split over the ranks; rank 0 also holds every rank's streams
-        # while it saves the resume point after each layer (gather_object's byte buffer of them all,
-        # then the unpickled copies)
-        share = -(-n_streams // ranks) + (2 * n_streams if gathers and ranks > 1 else 0)
+        # the streams and probes are split over the ranks; each rank pickles its share for the resume
+        # point's gather after each layer, and rank 0 then holds every rank's streams (gather_object's
+        # byte buffer of them all, then the unpickled copies)
+        mine = -(-n_streams // ranks)
+        sent = mine if ranks > 1 else 0
+        kept = 2 * n_streams if gathers and ranks > 1 else 0
+        share = mine + sent + kept
         grads = 2 * -(-probes // ranks)                        # a probe's gradient in and out of a layer
         live = held * (inputs + share + grads)                 # + fisher: every layer's held-out input
         if offload:          # every hidden-state stream in files: the probes' gradients stay in memory,
             #                  and rank 0's copies of the other ranks' streams while it saves
-            calib, live = 0, held * (grads + (2 * n_streams if gathers and ranks > 1 else 0))
+            calib, live = 0, held * (grads + sent + kept)
         # vocabulary-sized float32 arrays over the compared positions (every second one): the head's
         # reference z_ref and p (passes/measure.py Head), beside a comparison's logits (exact), or the
         # fisher probes' p, its float64 copy and float64 CDF (2 each)

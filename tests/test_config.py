@@ -409,9 +409,10 @@ def test_memory_estimate_counts_the_sample_streams_and_splits_them_over_ranks(ti
         monkeypatch.setattr(qmeasure, "CALIBRATION_UNITS", 0)
         return with_sample - activation_bytes(cfg, mc, **kw)["measure"]
     assert extra() == held * 8 * 4                                   # 8 units × 4 solved options
-    assert extra(ranks=2, gathers=False) == held * (-(-9 * 4 // 2) - -(-4 // 2))   # its half of 36 against of 4
+    # its half of 36 streams against of 4, and its pickled copy of them for the resume point's gather
+    assert extra(ranks=2, gathers=False) == held * 2 * (-(-9 * 4 // 2) - -(-4 // 2))
     # rank 0 besides: every rank's streams while it saves the resume point (gather buffer and copies)
-    assert extra(ranks=2, gathers=True) == held * (-(-9 * 4 // 2) - -(-4 // 2) + 2 * 8 * 4)
+    assert extra(ranks=2, gathers=True) == held * (2 * (-(-9 * 4 // 2) - -(-4 // 2)) + 2 * 8 * 4)
 
 
 def test_error_propagation_is_the_gptq_default(tiny_models):

@@ -308,7 +308,8 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             h = None                                        # the loop's last Hessian: only `hess` holds them
             ms.layers.append(_diagnostics(i, x, x_next, lins, lowest, world))
             # older streams: through the original layer i
-            streams = {k: xh.like(v).through(layer).hidden for k, v in streams.items()}
+            for k in list(streams):     # in place: each old stream goes as its successor comes
+                streams[k] = xh.like(streams[k]).through(layer).hidden
             if not exact:
                 held_in.append(xh.hidden)
 
