@@ -78,11 +78,10 @@ def placement(cfg: Config, model) -> Placement:
     that device (else they stay in host memory, moved batch by batch)."""
     device = resolve_device(cfg.device)
     world = distributed.join(device)
-    if world.active and device.type == "cuda":         # each rank its own GPU (torchrun's LOCAL_RANK)
-        if device.index is not None and device.index != world.local_rank:
-            log.warning("resources.device %s: under torchrun each rank uses its LOCAL_RANK GPU; rank %d uses "
-                        "cuda:%d", device, world.rank, world.local_rank)
-        device = torch.device("cuda", world.local_rank)
+    if world.active and device.type == "cuda" and device.index not in (None, world.local_rank):
+        log.warning("resources.device %s: under torchrun each rank uses its LOCAL_RANK GPU; rank %d uses "
+                    "cuda:%d", device, world.rank, world.local_rank)
+    device = compute_device(cfg, world)
     dtype = TORCH_DTYPES[cfg.compute_dtype]
     on_device = True
     if device.type == "cuda":
@@ -121,16 +120,29 @@ def fetched(cfg: Config) -> Config:
     return cfg
 
 
+def compute_device(cfg: Config, world) -> torch.device:
+    """This process's compute device: `resources.device`, and under torchrun on GPUs the rank's own
+    (LOCAL_RANK)."""
+    device = resolve_device(cfg.device)
+    return torch.device("cuda", world.local_rank) if world.active and device.type == "cuda" else device
+
+
 def calibrate(cfg: Config, tokenizer, model, world) -> torch.Tensor:
     """The calibration tokens. Sampled from the model (`calibration.source: self`, which needs the whole
     model in memory), rank 0 alone samples and sends them: the other ranks of a torchrun run keep one
     decoder layer at a time (memory.memory_estimate counts the whole model for rank 0 only)."""
     from .calibration import calibration_tokens
-    device = resolve_device(cfg.device)          # `self` samples there when the model fits (sampling_device)
-    if world.active and cfg.calibration.source == "self":
-        return world.broadcast(calibration_tokens(cfg.calibration, tokenizer, model, device) if world.main else None,
-                               0, patient=True)
-    return calibration_tokens(cfg.calibration, tokenizer, model, device)
+    from .calibration.data import self_tokens
+    from .planning import cache_dir
+    if cfg.calibration.source != "self":
+        return calibration_tokens(cfg.calibration, tokenizer, model)
+
+    def sample():         # once per model and settings: kept beside the measurement cache
+        return self_tokens(cfg.calibration, tokenizer, model, compute_device(cfg, world),
+                           source_identity(cfg.model, cfg.gguf_file, cfg.revision, model),
+                           cache_dir().parent / "calibration")
+    return world.broadcast(sample() if world.main else None, 0, patient=True) if world.active else sample()
+
 
 
 def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, budget_key: str | None = None):

@@ -137,10 +137,13 @@ def test_self_calibration_samples_on_the_gpu_only_when_the_model_fits(tiny_model
     assert "sampling on the CPU" in caplog.text and "calibration.source" in caplog.text
 
 
-def test_self_calibration_is_sampled_where_the_compile_runs(tmp_path, tiny_models, monkeypatch):
+def test_self_calibration_is_sampled_where_the_compile_runs_and_once(tmp_path, tiny_models, monkeypatch):
     """The compile hands its device to the sampling (here the CPU, the only device): the tokens are
-    those of sampling the model directly, with the model back on the CPU afterwards."""
+    those of sampling the model directly, with the model back on the CPU afterwards. They are kept
+    beside the measurement cache: a run again (a resume, whose keys hash the tokens) gets the same
+    tokens without sampling, whichever device sampled them; another seed samples anew."""
     from quantc.calibration import data
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "cache"))
     seen = []
     real = data.sampling_device
     monkeypatch.setattr(data, "sampling_device", lambda m, d, c: seen.append(d) or real(m, d, c))
@@ -158,3 +161,12 @@ def test_self_calibration_is_sampled_where_the_compile_runs(tmp_path, tiny_model
     again = data.sample_from_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]), 2, 16, cfg.calibration.seed)
     assert torch.equal(tokens, again)
     assert all(p.device.type in ("cpu", "meta") for p in model.parameters())
+    assert len(list((tmp_path / "cache" / "calibration").glob("self-*.pt"))) == 1
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled again")
+    monkeypatch.setattr(data, "sample_from_model", no_sampling)
+    assert torch.equal(calibrate(cfg, load_tokenizer(cfg.model), model, SOLO), tokens)
+    cfg.calibration.seed += 1
+    with pytest.raises(AssertionError, match="sampled again"):
+        calibrate(cfg, load_tokenizer(cfg.model), model, SOLO)

@@ -273,9 +273,10 @@ calibration: {{source: self, samples: 192, seq_len: 256, batch_size: 16}}
     cfg = load_config(y)
     assert memory_estimate(cfg, 2, gathers=False)["weights"] < memory_estimate(cfg, 2)["weights"]
     r = subprocess.run([sys.executable, "-m", "quantc", "-q", "compile", str(y), "-o", str(tmp_path / "one")],
-                       capture_output=True, text=True, env=_env())
+                       capture_output=True, text=True, env=_env(QUANTC_CACHE=str(tmp_path / "c1")))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29561, QUANTC_DIST_TIMEOUT_S="3")
+    r = _torchrun(2, ["compile", str(y), "-o", str(tmp_path / "two")], 29561, QUANTC_DIST_TIMEOUT_S="3",
+                  QUANTC_CACHE=str(tmp_path / "c2"))         # its own cache: sampled again, not read
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("sampling calibration text:   0%") == 1, r.stderr[-3000:]     # one process sampled
     for f in ("model.safetensors", "config.json", "quantize_config.json"):

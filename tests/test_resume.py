@@ -319,7 +319,8 @@ def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_t
                                                                  caplog):
     """With resources.offload_activations, what a resumed measurement restores (every finished layer's
     held-out input, which the fisher backward sweep reads, and the perturbed streams) goes back into
-    files, as in a measurement that was never stopped, and the measurement is the same."""
+    files, as in a measurement that was never stopped, and the measurement is the same. Stopped after
+    the last layer: the head compares the restored streams themselves."""
     import quantc.passes.measure as qmeasure
     from quantc.config import load_config
     from quantc.pipeline import plan_only
@@ -328,7 +329,7 @@ def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_t
                          extra="resources: {offload_activations: true}\n")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "QUANTC_CACHE": str(tmp_path / "c2")}
     r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p2")],
-                       env={**env, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "1"}, capture_output=True, text=True)
+                       env={**env, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "3"}, capture_output=True, text=True)
     assert r.returncode == -9
     seen = {}
     real_fisher, real_compared = qmeasure._fisher_diagonal, qmeasure._compared
@@ -348,7 +349,7 @@ def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_t
         caplog.clear()
         _, m, cached, _ = plan_only(load_config(y), progress=False, offload=tmp_path / f"offload-{cache}")
         assert not cached
-        assert ("resuming after decoder layer 1" in caplog.text) == (cache == "c2")
+        assert ("resuming after decoder layer 3" in caplog.text) == (cache == "c2")
         ms[cache] = m.units
         assert len(seen["held_in"]) == 4 and all(f and "offload" in f for f in seen["held_in"]), (cache, seen)
         assert seen["streams"] and all(f and "offload" in f for f in seen["streams"]), (cache, seen)
@@ -359,20 +360,27 @@ def test_a_new_measurement_names_the_resume_points_of_other_settings(tmp_path, t
                                                                       monkeypatch, caplog):
     """A measurement stopped, then started with other settings, leaves its resume point in the cache
     (the first settings may come back). The next measurement says how much they take and names them
-    for deletion; its own point is not among them, and the folders are left as they are."""
+    for deletion; its own point (here from a run stopped before) is not among them, and the folders
+    are left as they are."""
     from quantc.config import load_config
     from quantc.pipeline import plan_only
     model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=2, seed=3)
     y = _measured_budget(tmp_path, model, calib_file, "{bits: 2, sym: false}, {bits: 4}")
     cache = tmp_path / "cache"
     monkeypatch.setenv("QUANTC_CACHE", str(cache))
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p")],
+                       env={**os.environ, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "0"}, capture_output=True, text=True)
+    assert r.returncode == -9
+    own = list((cache / "measurements").glob("partial-*"))
+    assert len(own) == 1
     old = cache / "measurements" / "partial-0123456789abcdef0123"
     old.mkdir(parents=True)
     (old / "state.pt").write_bytes(b"x" * (3 << 20))
     with caplog.at_level("WARNING", logger="quantc"):
         plan_only(load_config(y), progress=False)
     assert "1 resume point(s) of measurements with other settings take 3 MiB" in caplog.text
-    assert f"rm -r {old}" in caplog.text and old.is_dir()
+    note = next(r.getMessage() for r in caplog.records if "resume point(s)" in r.getMessage())
+    assert note.endswith(f"rm -r {old}") and old.is_dir()        # its own (resumed, then cleared) is not named
     caplog.clear()
     (cache / "measurements" / "partial-0123456789abcdef0123" / "state.pt").unlink()
     old.rmdir()

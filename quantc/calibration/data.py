@@ -76,8 +76,16 @@ def _calibration_tokens(cal, tokenizer, model=None, device: torch.device | None 
         from ..lazy import materialize_all, release_all
         materialize_all(model)             # sampling runs the whole model (lazy models: all layers)
         try:
-            with _placed(model, sampling_device(model, device, cal)):
-                return sample_from_model(model, cal.samples, cal.seq_len, cal.seed)
+            where = sampling_device(model, device, cal)
+            try:
+                with _placed(model, where):
+                    return sample_from_model(model, cal.samples, cal.seq_len, cal.seed)
+            except torch.OutOfMemoryError:
+                if where.type == "cpu":
+                    raise
+                log.warning("calibration.source self: %s ran out of memory while sampling; sampling on the CPU "
+                            "(slow for large models: give a text file as calibration.source instead)", where)
+            return sample_from_model(model, cal.samples, cal.seq_len, cal.seed)
         finally:
             release_all(model)
     if cal.source.startswith("hf:"):
@@ -158,6 +166,33 @@ def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: in
     return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.int64)
 
 
+def self_tokens(cal, tokenizer, model, device: torch.device | None, identity: str, folder: Path) -> torch.Tensor:
+    """`calibration.source: self` tokens, sampled once per model (`identity`: model.source_identity)
+    and calibration settings and kept in `folder`: a run again (a resume, whose keys hash the tokens)
+    starts from the same tokens, whichever device sampled them, and does not pay for sampling twice."""
+    import hashlib
+    import os
+    key = hashlib.sha256(f"{identity}:{cal.samples}:{cal.seq_len}:{cal.seed}".encode()).hexdigest()[:20]
+    path = folder / f"self-{key}.pt"
+    if path.is_file():
+        try:
+            t = torch.load(path, weights_only=True)
+            if tuple(t.shape) == (cal.samples, cal.seq_len):
+                log.info("calibration: the tokens sampled from this model before (%s)", path)
+                return t
+        except Exception as e:         # unreadable: sample again
+            log.warning("%s: cannot read the sampled calibration tokens (%s); sampling again", path, e)
+    t = calibration_tokens(cal, tokenizer, model, device)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(t, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("%s: cannot keep the sampled calibration tokens (%s); a run again samples again", path, e)
+    return t
+
+
 SAMPLING_BATCH = 16          # sequences sampled together (sample_from_model)
 
 
@@ -188,15 +223,18 @@ def sampling_device(model, device: torch.device | None, cal) -> torch.device:
 
 @contextlib.contextmanager
 def _placed(model, device: torch.device):
-    """The model on `device` for the with-block, back on the CPU after (the CPU: nothing moves)."""
+    """The model on `device` for the with-block, back on the CPU after, and the device's cached
+    blocks returned (the measurement then sizes its activations by the free memory). The CPU: nothing
+    moves."""
     if device.type == "cpu":
         yield
         return
-    model.to(device)
     try:
+        model.to(device)
         yield
     finally:
         model.to("cpu")
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
