@@ -177,18 +177,12 @@ class World:
         """Rank 0's whole tensor, each rank receiving the rows of its batches."""
         if not self.active:
             return full
-        import torch.distributed as dist
         parts = None
         if self.main and full is not None:
             # copies: a pickled view carries its whole storage, so each rank would receive every row
             parts = [World(r, self.size).local_rows(full, batch_size).clone() for r in range(self.size)]
         have = self.broadcast(parts is not None, 0)
-        if not have:
-            return None
-        box = [None]
-        dist.scatter_object_list(box, parts, src=0)
-        TRAFFIC.add("scatter", box[0].numel() * box[0].element_size())
-        return box[0]
+        return self.scatter(parts) if have else None
 
 
 SOLO = World()
