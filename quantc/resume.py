@@ -103,33 +103,48 @@ class MeasurePoint:
         self.world.barrier()
 
     def load(self, batch_size: int):
-        """(next layer, [each finished layer's results], state with this rank's rows as `x` and this
+        """(next layer, each finished layer's results, state with this rank's rows as `x` and this
         rank's held-out streams: stream j of `keys` belongs to rank World.owner(j)), or None (every
-        rank calls it)."""
+        rank calls it). The finished layers come as an iterator that reads and sends one layer at a
+        time, so no process holds them all (at 8B width each holds a 16 MiB held-out input): every
+        rank must consume it whole, in step, before its next collective."""
         import torch
         found = None
         if self.world.main and (self.dir / "state.pt").is_file():
             try:
                 st = torch.load(self.dir / "state.pt", weights_only=True)
-                if st.get("format") == self.FORMAT:
-                    layers = [torch.load(self.dir / f"layer-{i}.pt", weights_only=True)
-                              for i in range(st["next_layer"])]
-                    need = {"units", "diagnostics", "sq", "sq_solved", "held_in"}
-                    if all(need <= set(rec) for rec in layers) and {"xh", "streams", "uniform", "keys", "owned", "gen"} <= set(st):
-                        found = (st, layers)
+                if st.get("format") == self.FORMAT and self._layers_readable(st["next_layer"]):
+                    if {"xh", "streams", "uniform", "keys", "owned", "gen"} <= set(st):
+                        found = st
             except Exception as e:      # an unreadable state is no reason to stop: measure from the start
                 log.warning("%s: cannot read the measurement's resume state (%s); measuring from the start",
                             self.dir, e)
         if not self.world.broadcast(found is not None, 0):
             return None
-        st, layers = found if found else ({}, None)
+        st = found or {}
         x = self.world.scatter_rows(st.pop("x", None), batch_size)
         streams = self.world.scatter(_split_streams(st, self.world) if self.world.main else None)
-        st, layers = self.world.broadcast((st, layers) if self.world.main else None, 0)
+        st = self.world.broadcast(st if self.world.main else None, 0)
         st["streams"], st["uniform"] = streams
         if self.world.main:
             log.warning("measurement: resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
-        return st["next_layer"], layers, {**st, "x": x}
+        return st["next_layer"], self._layers(st["next_layer"]), {**st, "x": x}
+
+    NEED = {"units", "diagnostics", "sq", "sq_solved", "held_in"}     # in every layer-I.pt
+
+    def _layers_readable(self, n: int) -> bool:
+        """Whether layers 0..n-1 are all there and whole (rank 0; each read and dropped in turn, so a
+        damaged file is found before the resume starts, not halfway through it)."""
+        import torch
+        return all(self.NEED <= set(torch.load(self.dir / f"layer-{i}.pt", weights_only=True))
+                   for i in range(n))
+
+    def _layers(self, n: int):
+        import torch
+        for i in range(n):
+            rec = torch.load(self.dir / f"layer-{i}.pt", weights_only=True) if self.world.main else None
+            yield self.world.broadcast(rec, 0)
+            rec = None          # rank 0's copy: gone before the next layer is read
 
     def clear(self) -> None:
         import shutil
