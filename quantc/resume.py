@@ -106,8 +106,10 @@ class MeasurePoint:
         """(next layer, each finished layer's results, state with this rank's rows as `x` and this
         rank's held-out streams: stream j of `keys` belongs to rank World.owner(j)), or None (every
         rank calls it). The finished layers come as an iterator that reads and sends one layer at a
-        time, so no process holds them all (at 8B width each holds a 16 MiB held-out input): every
-        rank must consume it whole, in step, before its next collective."""
+        time (each holds a held-out input: 16 MiB at 8B width), so rank 0 never loads them all and
+        no pickle of them all is made; where the caller puts each one in a file (offload_activations),
+        at most two are in memory. Every rank must consume it whole, in step, before its next
+        collective."""
         import torch
         found = None
         if self.world.main and (self.dir / "state.pt").is_file():
@@ -141,10 +143,23 @@ class MeasurePoint:
 
     def _layers(self, n: int):
         import torch
+
+        from .errors import QuantcError
         for i in range(n):
-            rec = torch.load(self.dir / f"layer-{i}.pt", weights_only=True) if self.world.main else None
-            yield self.world.broadcast(rec, 0)
-            rec = None          # rank 0's copy: gone before the next layer is read
+            rec = None
+            if self.world.main:
+                try:
+                    rec = torch.load(self.dir / f"layer-{i}.pt", weights_only=True)
+                except Exception as e:      # removed or damaged since load() checked it (another run of
+                    rec = str(e)            # this measurement finished and cleared it): every rank stops
+            rec = self.world.broadcast(rec, 0)
+            if isinstance(rec, str):
+                raise QuantcError(f"{self.dir / f'layer-{i}.pt'}: the measurement's resume point changed while "
+                                  f"it was being read ({rec}); another run of the same measurement may have "
+                                  f"finished it. Run the same command again: it uses that run's cached "
+                                  f"measurement, or measures from the start.")
+            yield rec
+            rec = None          # the generator's copy: gone before the next layer is read
 
     def clear(self) -> None:
         import shutil

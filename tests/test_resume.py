@@ -357,11 +357,13 @@ def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_t
 
 
 def test_a_resumed_measurement_reads_its_finished_layers_one_at_a_time(tmp_path, tiny_tokenizer, calib_file,
-                                                                       monkeypatch):
+                                                                       monkeypatch, caplog):
     """The resume point hands the finished layers over one at a time: with offload_activations, a
-    restored layer's held-out input goes into a file and its loaded copy is gone before the next layer
-    file is read, so no process holds every finished layer at once (at 8B width and 32 layers, 0.5 GiB
-    of held-out inputs, and as much again pickled for the other ranks). The measurement is the same."""
+    restored layer's held-out input goes into a file, and when the next layer file is read only the
+    record being restored is still in memory, so no process loads every finished layer at once (at 8B
+    width and 32 layers, 0.5 GiB of held-out inputs, and as much again pickled for the other ranks).
+    The measurement is the same. A layer file removed after the check stops the run with one clear
+    error."""
     import weakref
     from pathlib import Path
 
@@ -388,12 +390,32 @@ def test_a_resumed_measurement_reads_its_finished_layers_one_at_a_time(tmp_path,
     ms = {}
     for cache in ("c2", "c1"):                    # resumed, then uninterrupted
         monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / cache))
+        caplog.clear()
         _, m, cached, _ = plan_only(load_config(y), progress=False, offload=tmp_path / f"offload-{cache}")
         assert not cached
         ms[cache] = m.units
-        if cache == "c2":
-            assert len(most) >= 4 and max(most) <= 1, most      # the one the measurement is restoring
+        if cache == "c2":       # 4 files checked, then 4 restored, each with only the last one's copy alive
+            assert "resuming after decoder layer 3" in caplog.text
+            assert len(most) == 8 and max(most) <= 1, most
     assert ms["c1"] == ms["c2"]
+
+    from quantc.errors import QuantcError
+    from quantc.resume import MeasurePoint
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p3")],
+                       env={**env, "QUANTC_CACHE": str(tmp_path / "c3"), "QUANTC_FAULT_AFTER_MEASURED_LAYER": "1"},
+                       capture_output=True, text=True)
+    assert r.returncode == -9
+    real_check = MeasurePoint._layers_readable
+
+    def check_then_lose(self, n):               # another run finishes the measurement and clears the point
+        ok = real_check(self, n)
+        (self.dir / "layer-1.pt").unlink()
+        return ok
+    monkeypatch.setattr(MeasurePoint, "_layers_readable", check_then_lose)
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "c3"))
+    with pytest.raises(QuantcError, match=r"layer-1\.pt: the measurement's resume point changed .* Run the same "
+                                           r"command again"):
+        plan_only(load_config(y), progress=False, offload=tmp_path / "offload-c3")
 
 
 def test_a_new_measurement_names_the_resume_points_of_other_settings(tmp_path, tiny_tokenizer, calib_file,
