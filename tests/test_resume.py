@@ -315,22 +315,40 @@ def test_a_measurement_killed_mid_sweep_resumes_to_the_same_measurement(tmp_path
     assert not list((tmp_path / "c2" / "measurements").glob("partial-*"))
 
 
+def _offloaded_measurement(tmp_path, tiny_tokenizer, calib_file, candidates):
+    """A budget with offload_activations over a 4-layer model whose measurement (cache c2) was killed
+    after its last layer."""
+    model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
+    y = _measured_budget(tmp_path, model, calib_file, candidates, extra="resources: {offload_activations: true}\n")
+    _plan_killed_after(y, tmp_path / "c2", 3)
+    return y
+
+
+def _plan_killed_after(y, cache, layer: int) -> None:
+    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(cache) + "-plan"],
+                       env={**os.environ, "PYTHONWARNINGS": "ignore", "QUANTC_CACHE": str(cache),
+                            "QUANTC_FAULT_AFTER_MEASURED_LAYER": str(layer)}, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+
+
 def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_tokenizer, calib_file, monkeypatch,
                                                                  caplog):
     """With resources.offload_activations, what a resumed measurement restores (every finished layer's
     held-out input, which the fisher backward sweep reads, and the perturbed streams) goes back into
     files, as in a measurement that was never stopped, and the measurement is the same. Stopped after
-    the last layer: the head compares the restored streams themselves."""
+    the last layer: the head compares the restored streams themselves. The finished layers are handed
+    over one at a time: when the next layer file is read, only the record being restored is still in
+    memory, so no process loads every finished layer at once (at 8B width and 32 layers, 0.5 GiB of
+    held-out inputs, and as much again pickled for the other ranks)."""
+    import weakref
+    from pathlib import Path
+
+    import torch
+
     import quantc.passes.measure as qmeasure
     from quantc.config import load_config
     from quantc.pipeline import plan_only
-    model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
-    y = _measured_budget(tmp_path, model, calib_file, "{bits: 2, sym: false}, {bits: 3}, {bits: 4}, {bits: 8}",
-                         extra="resources: {offload_activations: true}\n")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "QUANTC_CACHE": str(tmp_path / "c2")}
-    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p2")],
-                       env={**env, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "3"}, capture_output=True, text=True)
-    assert r.returncode == -9
+    y = _offloaded_measurement(tmp_path, tiny_tokenizer, calib_file, "{bits: 2, sym: false}, {bits: 3}, {bits: 4}, {bits: 8}")
     seen = {}
     real_fisher, real_compared = qmeasure._fisher_diagonal, qmeasure._compared
 
@@ -343,41 +361,6 @@ def test_a_resumed_measurement_keeps_offloaded_streams_in_files(tmp_path, tiny_t
         return real_compared(head, xh, streams, *a, **k)
     monkeypatch.setattr(qmeasure, "_fisher_diagonal", fisher)
     monkeypatch.setattr(qmeasure, "_compared", compared)
-    ms = {}
-    for cache in ("c2", "c1"):                    # resumed, then uninterrupted
-        monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / cache))
-        caplog.clear()
-        _, m, cached, _ = plan_only(load_config(y), progress=False, offload=tmp_path / f"offload-{cache}")
-        assert not cached
-        assert ("resuming after decoder layer 3" in caplog.text) == (cache == "c2")
-        ms[cache] = m.units
-        assert len(seen["held_in"]) == 4 and all(f and "offload" in f for f in seen["held_in"]), (cache, seen)
-        assert seen["streams"] and all(f and "offload" in f for f in seen["streams"]), (cache, seen)
-    assert ms["c1"] == ms["c2"]
-
-
-def test_a_resumed_measurement_reads_its_finished_layers_one_at_a_time(tmp_path, tiny_tokenizer, calib_file,
-                                                                       monkeypatch, caplog):
-    """The resume point hands the finished layers over one at a time: with offload_activations, a
-    restored layer's held-out input goes into a file, and when the next layer file is read only the
-    record being restored is still in memory, so no process loads every finished layer at once (at 8B
-    width and 32 layers, 0.5 GiB of held-out inputs, and as much again pickled for the other ranks).
-    The measurement is the same. A layer file removed after the check stops the run with one clear
-    error."""
-    import weakref
-    from pathlib import Path
-
-    import torch
-
-    from quantc.config import load_config
-    from quantc.pipeline import plan_only
-    model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
-    y = _measured_budget(tmp_path, model, calib_file, "{bits: 2, sym: false}, {bits: 4}, {bits: 8}",
-                         extra="resources: {offload_activations: true}\n")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "QUANTC_CACHE": str(tmp_path / "c2")}
-    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p2")],
-                       env={**env, "QUANTC_FAULT_AFTER_MEASURED_LAYER": "3"}, capture_output=True, text=True)
-    assert r.returncode == -9
     real_load, loaded, most = torch.load, [], []
 
     def load(f, *a, **k):
@@ -393,29 +376,37 @@ def test_a_resumed_measurement_reads_its_finished_layers_one_at_a_time(tmp_path,
         caplog.clear()
         _, m, cached, _ = plan_only(load_config(y), progress=False, offload=tmp_path / f"offload-{cache}")
         assert not cached
+        assert ("resuming after decoder layer 3" in caplog.text) == (cache == "c2")
+        assert len(most) == 8 and max(most) <= 1, most    # 4 files checked, then 4 restored in turn
         ms[cache] = m.units
-        if cache == "c2":       # 4 files checked, then 4 restored, each with only the last one's copy alive
-            assert "resuming after decoder layer 3" in caplog.text
-            assert len(most) == 8 and max(most) <= 1, most
+        assert len(seen["held_in"]) == 4 and all(f and "offload" in f for f in seen["held_in"]), (cache, seen)
+        assert seen["streams"] and all(f and "offload" in f for f in seen["streams"]), (cache, seen)
     assert ms["c1"] == ms["c2"]
 
+
+def test_a_layer_file_lost_during_a_resume_stops_the_run_with_one_clear_error(tmp_path, tiny_tokenizer,
+                                                                              calib_file, monkeypatch):
+    """The finished layers are read one at a time after the resume point was checked: a layer file
+    removed in between (another run of the measurement finished and cleared it) stops every rank
+    together with one error that says to run again, not a crash in one process and a hang in the others."""
+    from quantc.config import load_config
     from quantc.errors import QuantcError
+    from quantc.pipeline import plan_only
     from quantc.resume import MeasurePoint
-    r = subprocess.run([sys.executable, "-m", "quantc", "-q", "plan", str(y), "-o", str(tmp_path / "p3")],
-                       env={**env, "QUANTC_CACHE": str(tmp_path / "c3"), "QUANTC_FAULT_AFTER_MEASURED_LAYER": "1"},
-                       capture_output=True, text=True)
-    assert r.returncode == -9
+    model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=3, seed=3)
+    y = _measured_budget(tmp_path, model, calib_file, "{bits: 2, sym: false}, {bits: 4}")
+    _plan_killed_after(y, tmp_path / "c", 1)
     real_check = MeasurePoint._layers_readable
 
-    def check_then_lose(self, n):               # another run finishes the measurement and clears the point
+    def check_then_lose(self, n):
         ok = real_check(self, n)
         (self.dir / "layer-1.pt").unlink()
         return ok
     monkeypatch.setattr(MeasurePoint, "_layers_readable", check_then_lose)
-    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "c3"))
+    monkeypatch.setenv("QUANTC_CACHE", str(tmp_path / "c"))
     with pytest.raises(QuantcError, match=r"layer-1\.pt: the measurement's resume point changed .* Run the same "
                                            r"command again"):
-        plan_only(load_config(y), progress=False, offload=tmp_path / "offload-c3")
+        plan_only(load_config(y), progress=False)
 
 
 def test_a_new_measurement_names_the_resume_points_of_other_settings(tmp_path, tiny_tokenizer, calib_file,
