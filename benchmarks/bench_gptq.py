@@ -200,6 +200,18 @@ def run_kl(name: str, folder: Path) -> dict:
     return cached(name, lambda: subprocess_job(["kl", str(folder)]))
 
 
+def prepare(model: str | None, fresh: str | None) -> None:
+    """The start of a benchmark run: the work folder, `model` (its --model) selected, the selected
+    model's cached results matching `fresh` forgotten (its --fresh; None keeps them), and the
+    calibration file."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    select(model)
+    if fresh:
+        for p in own_results(fresh):
+            p.unlink()
+    write_calibration_file()
+
+
 def write_calibration_file() -> None:
     """The protocol's calibration windows as text-free token lists quantc can read (.jsonl of text
     would be re-tokenized; we store the decoded windows and check they re-tokenize identically)."""
@@ -273,12 +285,7 @@ def main() -> None:
     if args.job:
         run_job(args.job)
         return
-    WORK.mkdir(parents=True, exist_ok=True)
-    select(args.model)
-    if args.fresh:
-        for p in own_results("*"):
-            p.unlink()
-    write_calibration_file()
+    prepare(args.model, "*" if args.fresh else None)
     cmd = "python -m benchmarks.bench_gptq " + shlex.join(sys.argv[1:])      # as a shell reads it back
     rows = [{"config": "fp32", "tool": "—", "bytes": None}]
     plan = []

@@ -27,8 +27,8 @@ import json
 import statistics
 import sys
 
-from benchmarks.bench_gptq import WORK, cached, run_uniform, subprocess_job, write_calibration_file, write_section
-from benchmarks.models import bench_model, mark, own_results, select, title
+from benchmarks.bench_gptq import cached, prepare, run_uniform, subprocess_job, write_section
+from benchmarks.models import bench_model, mark, title
 
 QEP = 0.5          # the uniform checkpoint's QEP α: quantc's default (bench_ablation's qep-0.5 row)
 SLICES = (4, 16)   # slice sizes whose spread is reported: the default alpha_samples, and 4× that
@@ -81,12 +81,7 @@ def main() -> None:
         return
     if args.windows < max(SLICES):
         ap.error(f"--windows: {args.windows} is fewer than {max(SLICES)}, the largest slice whose spread is reported")
-    select(args.model)
-    WORK.mkdir(parents=True, exist_ok=True)
-    if args.fresh:
-        for p in own_results("heldout-*"):
-            p.unlink()
-    write_calibration_file()
+    prepare(args.model, "heldout-*" if args.fresh else None)
     _, _, folder = run_uniform("4b", QEP)
     r = cached(f"heldout-kl-{args.windows}", lambda: subprocess_job(["kl", str(folder), str(args.windows)],
                                                                    "benchmarks.bench_heldout"))

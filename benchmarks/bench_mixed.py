@@ -31,10 +31,9 @@ import sys
 import time
 
 from benchmarks.bench_gptq import (KL_WINDOWS, write_section, QUANTC_GPTQ, RESULTS, WORK, cached, linear_bytes,
-                                   peak_rss_mb, run_kl, run_uniform, subprocess_job, uniform_job,
-                                   write_calibration_file)
+                                   peak_rss_mb, prepare, run_kl, run_uniform, subprocess_job, uniform_job)
 from benchmarks.common import ROOT, save_plot
-from benchmarks.models import bench_model, keyed, mark, own_results, select, title
+from benchmarks.models import bench_model, keyed, mark, title
 
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
 VARIANTS = {   # name: (candidates, extra quant settings, what the table says)
@@ -173,12 +172,7 @@ def main() -> None:
             job_compile(int(args.job[1]), float(args.job[2]), args.job[3], args.job[4], args.job[5])
         print("RESULT " + json.dumps(res), flush=True)
         return
-    WORK.mkdir(parents=True, exist_ok=True)
-    select(args.model)
-    if args.fresh:
-        for p in own_results("mixed-*"):
-            p.unlink()
-    write_calibration_file()
+    prepare(args.model, "mixed-*" if args.fresh else None)
     sizes = budget_sizes()
     budgets = {b: sizes[b] for b in args.budgets.split(",")}
     predictors = args.predictors.split(",")

@@ -25,11 +25,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.bench_gptq import (CONFIGS, WORK, cached, linear_bytes, peak_rss_mb, subprocess_job, uniform_job,
-                                   write_calibration_file, write_section)
+from benchmarks.bench_gptq import (CONFIGS, WORK, cached, linear_bytes, peak_rss_mb, prepare, subprocess_job,
+                                   uniform_job, write_section)
 from benchmarks.bench_mixed import VARIANTS, budget_sizes, raw_config
 from benchmarks.common import ROOT, save_plot
-from benchmarks.models import keyed, mark, own_results, select, title
+from benchmarks.models import keyed, mark, title
 
 
 def job_plan(variant: str, budget: int, qep: float, path: str) -> dict:
@@ -94,12 +94,7 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2")
-    select(args.model)
-    WORK.mkdir(parents=True, exist_ok=True)
-    if args.fresh:
-        for p in own_results("seeds-*"):
-            p.unlink()
-    write_calibration_file()
+    prepare(args.model, "seeds-*" if args.fresh else None)
     budget = budget_sizes()[args.budget]
     cmd = "python -m benchmarks.bench_seeds " + " ".join(sys.argv[1:])
     plan_file = WORK / keyed(f"seeds-{args.variant}-{args.budget}-plan.yaml")
