@@ -60,27 +60,27 @@ def _codes(qweight, qzeros, scales, g_idx, bits: int, name: str):
 
 
 def gguf_blocks(qweight, qzeros, scales, g_idx, bits: int, name: str = "linear"):
-    """One GPTQ linear → (GGML type, uint8 rows [N, K/32 · block bytes])."""
+    """One GPTQ linear → (GGML type, uint8 rows [N, K/32 · block bytes]). Only the mapping from GPTQ's
+    (scale, zero) to the type's fields lives here; the block bytes are ggml.pack's (their one home)."""
     from gguf import GGMLQuantizationType as T
     q, z, s = _codes(qweight, qzeros, scales, g_idx, bits, name)
     N, K = q.shape
-    q = q.reshape(N, K // BLOCK, BLOCK)
-    d = s.reshape(N, K // BLOCK, 1).view(np.uint8)               # fp16 bytes [N, B, 2]
     mid = 2 ** (bits - 1)
+    fields = {"d": torch.from_numpy(s)}                      # fp16 scales [N, K/32]
     if bits == 4:
-        nib = q[..., :16] | (q[..., 16:] << 4)                  # llama.cpp: j | (j + 16) << 4
         if np.all(z == mid):
-            qtype, parts = T.Q4_0, [d, nib]
+            t = ggml.TYPES["Q4_0"]                           # value = d·(q − 8)
         else:
-            m = (-(s.astype(np.float32) * z.astype(np.float32))).astype(np.float16)
-            qtype, parts = T.Q4_1, [d, m.reshape(N, K // BLOCK, 1).view(np.uint8), nib]
+            t = ggml.TYPES["Q4_1"]                           # value = d·q + m, m = −scale·zero (fp16)
+            fields["m"] = torch.from_numpy(-(s.astype(np.float32) * z.astype(np.float32)))
     elif bits == 8:
         if not np.all(z == mid):
             raise QuantcError(f"{name}: asymmetric 8-bit has no GGUF type (Q8_0 is symmetric)")
-        qtype, parts = T.Q8_0, [d, (q.astype(np.int16) - mid).astype(np.int8).view(np.uint8)]
+        t = ggml.TYPES["Q8_0"]                               # value = d·(q − 128)
     else:
         raise QuantcError(f"{name}: {bits}-bit has no native GGUF type at group 32 (Q4_0, Q4_1, Q8_0)")
-    return qtype, np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(N, -1))
+    blocks = ggml.pack(t, torch.from_numpy(q), fields)
+    return T[t.name], np.ascontiguousarray(blocks.reshape(N, -1).numpy())
 
 
 def _rope_rows(n: int, heads: int) -> np.ndarray:
@@ -200,7 +200,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
     final, out = out, prepare_output(out, force, marker="gguf_export.json")   # checked and locked first
     qc = cfg.get("quantization_config") or {}
     t = read_tensors(folder)
-    arch = ARCH[mt]
+    arch, fam = ARCH[mt], family_for(mt)
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -241,7 +241,8 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
             qtype = gguf.GGMLQuantizationType[gt.name]
             gname = _gguf_name(names, f"{base}.weight")
             rows = blocks.reshape(blocks.shape[0], -1).numpy()
-            w.add_tensor(gname, np.ascontiguousarray(_permute(rows, base, arch, heads, kv_heads)), raw_dtype=qtype)
+            w.add_tensor(gname, np.ascontiguousarray(_permute(rows, base, arch, heads, kv_heads, fam)),
+                         raw_dtype=qtype)
             report[gname] = qtype.name
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
             continue
@@ -252,7 +253,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
             qtype, rows = gguf_blocks(t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"],
                                       t[f"{base}.g_idx"], int(opt["bits"]), base)
             gname = _gguf_name(names, f"{base}.weight")
-            w.add_tensor(gname, _permute(rows, base, arch, heads, kv_heads), raw_dtype=qtype)
+            w.add_tensor(gname, _permute(rows, base, arch, heads, kv_heads, fam), raw_dtype=qtype)
             report[gname] = qtype.name
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
             continue
@@ -273,7 +274,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
         # norms (1-D) in F32, 16-bit matrices as they are stored (F16), anything else in F32
         arr = value.numpy() if value.dim() == 2 and value.dtype == torch.float16 else value.float().numpy()
         gname = _gguf_name(names, key)
-        w.add_tensor(gname, np.ascontiguousarray(_permute(arr, base, arch, heads, kv_heads)))
+        w.add_tensor(gname, np.ascontiguousarray(_permute(arr, base, arch, heads, kv_heads, fam)))
         report[gname] = "F16" if arr.dtype == np.float16 else "F32"
     main = max(counts, key=counts.get) if counts else None
     if main:
@@ -317,12 +318,12 @@ def _gguf_name(names, key: str) -> str:
     return g
 
 
-def _permute(arr: np.ndarray, base: str, arch: str, heads: int, kv_heads: int) -> np.ndarray:
+def _permute(arr: np.ndarray, base: str, arch: str, heads: int, kv_heads: int, fam) -> np.ndarray:
     if arch != "llama":
         return arr
-    leaf = base.rsplit(".", 1)[-1]
-    if leaf == "q_proj":
+    q, k, _ = fam.q_k_v                                     # the family's q and k linears (family.py)
+    if base.endswith("." + q):
         return arr[_rope_rows(arr.shape[0], heads)]
-    if leaf == "k_proj":
+    if base.endswith("." + k):
         return arr[_rope_rows(arr.shape[0], kv_heads)]
     return arr
