@@ -1,7 +1,8 @@
 """Benchmark: mixed-precision allocation on SmolLM2-135M (or `--model qwen`, or a model folder; the
 protocol of bench_gptq).
 
-    python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact] [--qep 0.5]
+    python -m benchmarks.bench_mixed [--model qwen] [--predictors fisher,exact,fisher-qd1] [--qep 0.5]
+                                     [--qep-predictors fisher,fisher-qd1]
                                      [--budgets 3b,3.5b,4b] [--qep-budgets 3b,wide:4b] [--qep-variants bits,wide-rot]
                                      [--plain-variants bits]
                                      [--variants bits,wide,wide-rot,vllm] [--references 3b,4b]
@@ -9,9 +10,10 @@ protocol of bench_gptq).
 
 For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
 `wide-rot`: the wide set with `quant.rotate: hadamard`; `vllm`: `serve: [vllm]`, what vLLM's GPTQ-Marlin
-runs, at the 4-bit size only) and each predictor (plan.predictor): measures
+runs, at the 4-bit size only) and each predictor (plan.predictor; `fisher-qdR` = fisher with
+`plan.qep_discount: R`, measured for the QEP α of --qep): measures
 once (sweep 1, cached), re-plans from the cache for each budget, compiles each plan (QEP rows: the
-first predictor, for --qep-variants, by default the first variant), and evaluates every checkpoint through `quantc.load` in float32 on
+first predictor, or --qep-predictors, for --qep-variants, by default the first variant), and evaluates every checkpoint through `quantc.load` in float32 on
 WikiText-2.
 `--qep-references` compiles the uniform references with QEP too (else their QEP rows appear where
 bench_ablation's qep job has run); `--section NAME` writes a section of its own (its own plots), for a
@@ -56,6 +58,18 @@ SERVE = {"vllm": ["vllm"]}                 # variant -> serve targets of its YAM
 REACHABLE = {"vllm": ("4b",)}
 
 
+def plan_settings(predictor: str) -> dict:
+    """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R."""
+    name, _, discount = predictor.partition("-qd")
+    return {"predictor": name, **({"qep_discount": float(discount)} if discount else {})}
+
+
+def plan_qep(predictor: str, qep: float) -> float:
+    """The QEP α a predictor's measurement is made for: only a QEP discount reads it (the others'
+    measurements, and their cached jobs, are those of α = 0)."""
+    return qep if "qep_discount" in plan_settings(predictor) else 0.0
+
+
 def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher", variant: str = "bits") -> dict:
     candidates, quant, _ = VARIANTS[variant]
     return {"model": str(bench_model()),
@@ -63,7 +77,7 @@ def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher", 
             "budget": {"memory": budget_bytes} if budget_bytes else {},
             "quant": {"qep_alpha": qep, **QUANTC_GPTQ, **quant},
             "candidates": candidates,
-            "plan": {"predictor": predictor},
+            "plan": plan_settings(predictor),
             "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": 0}}
 
 
@@ -81,7 +95,7 @@ def uniform_bytes(bits: int) -> int:
     return sum(Option(bits, 128).bytes_for(mods[n].in_features, mods[n].out_features) for n in linear_names(model))
 
 
-def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits") -> dict:
+def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits", qep: float = 0.0) -> dict:
     """Measure (timed), then re-plan from the cache for every budget (timed). Budgets that no plan fits
     (the compile's preflight would refuse them) are recorded as such; with none left, nothing is measured."""
     from quantc.calibration import calibration_tokens
@@ -91,7 +105,7 @@ def job_plan(budgets: dict[str, int], predictor: str, variant: str = "bits") -> 
     from quantc.pipeline import load_source
     from quantc.planning import check_budget, get_measurements, shape_units, solve
     from quantc.rotate import untied_head_bytes
-    cfg = parse_config(raw_config(None, 0.0, predictor, variant), "bench")
+    cfg = parse_config(raw_config(None, qep, predictor, variant), "bench")
     model, tok = load_source(cfg)        # as the compile loads it (lazily; rotated when the variant says so)
     head = untied_head_bytes(model, cfg)         # a rotated tied model pays for its untied lm_head
     infeasible, shapes = {}, shape_units(model, cfg)
@@ -151,6 +165,8 @@ def main() -> None:
     ap.add_argument("--qep-budgets", default="3b",
                     help="budgets compiled with QEP: BUDGET for every QEP variant, or VARIANT:BUDGET for one")
     ap.add_argument("--qep-variants", help="variants compiled with QEP too (default: the first of --variants)")
+    ap.add_argument("--qep-predictors", help="predictors whose plans are compiled with QEP (default: the first of "
+                                             "--predictors)")
     ap.add_argument("--variants", default="bits", help=f"candidate variants: {', '.join(VARIANTS)}")
     ap.add_argument("--plain-variants", help="variants compiled without QEP (default: every one of --variants)")
     ap.add_argument("--references", default="3b,4b",
@@ -168,7 +184,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.job:
         kind = args.job[0]
-        res = job_plan(json.loads(args.job[1]), args.job[2], args.job[3]) if kind == "plan" else \
+        res = job_plan(json.loads(args.job[1]), args.job[2], args.job[3], float(args.job[4])) if kind == "plan" else \
             job_compile(int(args.job[1]), float(args.job[2]), args.job[3], args.job[4], args.job[5])
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -183,6 +199,10 @@ def main() -> None:
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
     qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
     plain_variants = args.plain_variants.split(",") if args.plain_variants is not None else variants
+    qep_predictors = args.qep_predictors.split(",") if args.qep_predictors else predictors[:1]
+    for p in qep_predictors:
+        if p not in predictors:
+            ap.error(f"--qep-predictors: {p!r} is not one of --predictors ({args.predictors})")
     for flag, vs in (("--qep-variants", qep_variants), ("--plain-variants", plain_variants)):
         for v in filter(None, vs):
             if v not in variants:
@@ -201,7 +221,7 @@ def main() -> None:
     def reach(v: str) -> dict:
         return {b: n for b, n in budgets.items() if b in REACHABLE.get(v, budgets)}
 
-    plans = {(v, p): run_plan(v, p, reach(v)) for v in variants for p in predictors}
+    plans = {(v, p): run_plan(v, p, reach(v), plan_qep(p, args.qep)) for v in variants for p in predictors}
     fp = cached("eval-fp32", lambda: subprocess_job(["eval", "-"]))
     for c in filter(None, args.qep_references.split(",")):   # compiled before the plans' checkpoints
         if not args.cached_only:
@@ -221,7 +241,7 @@ def main() -> None:
         return [b for b in reach(v) if "infeasible" not in plans[(v, p)]["plans"][b]]
 
     runs = [(v, p, b, 0.0) for v in variants if v in plain_variants for p in predictors for b in feasible(v, p)] + \
-           [(v, predictors[0], b, args.qep) for v in qep_variants for b in feasible(v, predictors[0]) if qep_budget(v, b)]
+           [(v, p, b, args.qep) for v in qep_variants for p in qep_predictors for b in feasible(v, p) if qep_budget(v, b)]
     # the run's command: --cached-only rewrites the section of a run from its jobs, with that run's command
     cmd = "python -m benchmarks.bench_mixed " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
     kl_file = lambda key: WORK / f"{keyed(f'{key}-kl')}.json"     # noqa: E731
@@ -252,9 +272,9 @@ def checkpoint_name(v: str, p: str, b: str, qep: float):
     return key, WORK / keyed(key)
 
 
-def run_plan(v: str, p: str, budgets: dict[str, int]) -> dict:
+def run_plan(v: str, p: str, budgets: dict[str, int], qep: float = 0.0) -> dict:
     """Variant v's measurement and its plans for `budgets` (job_plan), from the cache or run now."""
-    return cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v]))
+    return cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v, str(qep)]))
 
 
 def run_compile(v: str, p: str, b: str, qep: float, budget: int) -> dict:
@@ -318,7 +338,11 @@ def write(rows, plans, fp, sizes, cmd) -> None:
              "once (8 sampled-label "
              "probes), ΔKL ≈ Σ_c b_c·(ΔW H ΔWᵀ)_cc / 4T scaled per option by 8 units measured exactly; "
              "*exact* = every unit's ΔKL measured with its own quantized weights at each ≤4-bit option (+ α·err "
-             "for 8-bit), all perturbed streams carried forward together (O(layers²) compute).", "",
+             "for 8-bit), all perturbed streams carried forward together (O(layers²) compute)."
+             + ("".join(f" *{p}* = fisher with `plan.qep_discount: {plan_settings(p)['qep_discount']:g}`: the backward "
+                        "sweep scales the gradient into every linear's input by 1 − α·ρ (α the QEP of its rows), so an "
+                        "error is weighted by what error propagation leaves of it."
+                        for p in dict.fromkeys(p for _, p in plans) if "qep_discount" in plan_settings(p))), "",
              "| candidates | predictor | measurement (sweep 1) | × bits' | re-plan from the cache | peak RSS |",
              "|---|---|---|---|---|---|"]
     for (v, p), plan in plans.items():

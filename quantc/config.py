@@ -54,7 +54,7 @@ CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_
 EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str}
 RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
-             "direct_bits": int, "predictor": str, "probes": int, "solve": str}
+             "direct_bits": int, "predictor": str, "probes": int, "solve": str, "qep_discount": (int, float)}
 PREDICTORS = ("fisher", "exact")          # see passes/measure.py
 SOLVES = ("anchors", "all")               # fisher: which options GPTQ solves for every unit (passes/measure.py)
 
@@ -87,6 +87,9 @@ class PlanSettings:
     predictor: str = "fisher"      # fisher: O(L) backward-sweep estimate, calibrated; exact: measured tails, O(L²)
     probes: int = 8                # fisher: sampled-label probes of the backward sweep
     solve: str = "anchors"         # fisher: GPTQ solves one option per bit width, the others are predicted; all: every option
+    qep_discount: float = 0.0      # fisher: ρ, the share of an error's effect through each later linear that QEP
+    #                                removes; the backward sweep scales the gradient into every linear by 1 − α·ρ
+    #                                (α = quant.qep_alpha). 0: the measurement ignores QEP, as before
 
 
 @dataclass
@@ -549,7 +552,13 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if cfg.plan.predictor == "exact" and pl.get("solve") == "anchors":
         raise ConfigError(file, "plan.solve", "anchors is the fisher predictor's; the exact predictor measures every "
                           "option with its own weights: remove plan.solve or set plan.predictor: fisher")
-    other = {"fisher": ("noise", "direct_bits"), "exact": ("probes",)}[cfg.plan.predictor]
+    if not 0 <= cfg.plan.qep_discount <= 1:
+        raise ConfigError(file, "plan.qep_discount", f"must be in [0, 1] (0 = the measurement ignores QEP), got "
+                          f"{cfg.plan.qep_discount}")
+    if cfg.plan.qep_discount > 0 and cfg.qep_alpha == 0:
+        log.warning("%s: plan.qep_discount has no effect with quant.qep_alpha: 0 (no error propagation to discount)",
+                    file)
+    other = {"fisher": ("noise", "direct_bits"), "exact": ("probes", "qep_discount")}[cfg.plan.predictor]
     for k in other:            # kept for a switch back to the other predictor (the exact one validates): said, not refused
         if k in pl:
             log.warning("%s: plan.%s has no effect with plan.predictor: %s (it is the %s predictor's)", file, k,

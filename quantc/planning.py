@@ -148,9 +148,19 @@ def measurement_key(cfg: Config, calib: torch.Tensor, hold: torch.Tensor, model,
         own += f":solve:anchors:{PROXY_STEPS}:{str(PROXY_DTYPE).removeprefix('torch.')}"     # only where some option is predicted: solve: all and
         #                                           one-option-per-bits sets measure as before, under their keys
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
+    if qep_beta(cfg) != 1.0:        # another Fisher weighting (only then: keys without it stay as they were)
+        h.update(f"qep_beta:{qep_beta(cfg)!r}".encode())
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
         h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())
     return h.hexdigest()[:20]
+
+
+def qep_beta(cfg: Config) -> float:
+    """The fisher backward sweep's factor on the gradient into every linear: 1 − α·ρ (quant.qep_alpha,
+    plan.qep_discount); 1 where either is 0 or the exact predictor measures."""
+    if cfg.plan.predictor != "fisher" or cfg.method != "gptq":
+        return 1.0
+    return 1.0 - cfg.qep_alpha * cfg.plan.qep_discount
 
 
 def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = True,
@@ -199,7 +209,8 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     ms = measure(model, acts, held, hold,
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
-                 progress=progress, place=place, solve=p.solve, release_inputs=True, point=point)
+                 progress=progress, place=place, solve=p.solve, release_inputs=True, point=point,
+                 qep_beta=qep_beta(cfg))
     ms.meta = {**ms.meta, "key": key, "model": cfg.hub or cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     if not world.main:

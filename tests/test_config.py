@@ -63,6 +63,7 @@ BAD = [
     ("model: {M}\nquant: {rotate: hadamard, rotate_seed: -1}\n", "`quant.rotate_seed`: must be a non-negative"),
     ("model: {M}\nplan: {solve: some}\n", "`plan.solve`: 'some'; allowed: anchors, all"),
     ("model: {M}\nplan: {predictor: exact, solve: anchors}\n", "`plan.solve`: anchors is the fisher predictor's"),
+    ("model: {M}\nplan: {qep_discount: 1.5}\n", "`plan.qep_discount`: must be in [0, 1] (0 = the measurement ignores QEP)"),
     ("model: {M}\nbudget: {memory: .inf}\n", "`budget.memory`: must be positive and finite, got inf"),
     ("model: {M}\ncandidates: 4\n", "`candidates`: expected list or str, got int 4; write it as `candidates: [{bits: 4}"),
     # a value of the wrong shape says how the section is written
@@ -176,6 +177,24 @@ def test_the_other_predictors_settings_are_named(tiny_models, caplog):
     with caplog.at_level("WARNING", logger="quantc"):
         parse_config({"model": str(tiny_models["llama"]), "plan": {"predictor": "exact", "probes": 4}}, "b.yaml")
     assert "plan.probes has no effect with plan.predictor: exact (it is the fisher predictor's)" in caplog.text
+
+
+def test_the_qep_discount_reads_the_compiles_alpha(tiny_models, caplog):
+    """plan.qep_discount discounts what QEP removes, so it scales with quant.qep_alpha, changes the
+    measurement's cache key only where it changes the measurement, and is named where it does nothing."""
+    from quantc.planning import qep_beta
+    m = str(tiny_models["llama"])
+    cfg = lambda q, p: parse_config({"model": m, "quant": q, "plan": p}, "b.yaml")
+    assert qep_beta(cfg({}, {})) == 1.0                                    # off by default
+    assert qep_beta(cfg({}, {"qep_discount": 0.5})) == 0.75                # 1 − 0.5 (the default α) · 0.5
+    assert qep_beta(cfg({"qep_alpha": 1.0}, {"qep_discount": 1})) == 0.0
+    with caplog.at_level("WARNING", logger="quantc"):
+        assert qep_beta(cfg({"qep_alpha": 0}, {"qep_discount": 0.5})) == 1.0
+    assert "b.yaml: plan.qep_discount has no effect with quant.qep_alpha: 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quantc"):
+        assert qep_beta(cfg({}, {"predictor": "exact", "qep_discount": 0.5})) == 1.0
+    assert "plan.qep_discount has no effect with plan.predictor: exact" in caplog.text
 
 
 def test_several_candidates_without_a_budget_warn(tmp_path, tiny_models, caplog):

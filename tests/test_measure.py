@@ -394,3 +394,37 @@ def test_layer_diagnostics_of_two_ranks_are_one_process_s():
     for r in (0, 1):
         for k in ("block_influence", "effective_rank", "topk_energy_gain"):
             assert out[r][k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), (r, k)
+
+
+def test_qep_discount_weights_each_error_by_what_reaches_the_head(deep_llama, monkeypatch):
+    """plan.qep_discount: the backward sweep scales the gradient into every linear's input by β. At
+    β = 0 only the residual stream carries an error to the head, so every layer's o_proj and down_proj
+    see the gradient of the last hidden state, and q/k/v and gate/up (whose errors reach the residual
+    only through o/down) see none; the last down_proj, with nothing but the head after it, keeps its
+    weight at any β."""
+    import quantc.passes.measure as M
+    seen = []
+    real = M._fisher_results
+
+    def spy(ms, targets, sq, acc, *a, **kw):
+        seen.append(acc)
+        return real(ms, targets, sq, acc, *a, **kw)
+    monkeypatch.setattr(M, "_fisher_results", spy)
+    model = load_model(str(deep_llama))
+    vocab = model.config.vocab_size
+    calib, hold = _tokens(vocab, 8, 48, 0), _tokens(vocab, 4, 32, 1)
+    ms = {b: _measure(model, calib, hold, "fisher", qep_beta=b) for b in (1.0, 0.5, 0.0)}
+    whole, half, cut = seen
+    last = len(decoder_layers(model)) - 1
+    down = lambda i: f"model.layers.{i}.mlp.down_proj"
+    for i in range(last + 1):
+        p = f"model.layers.{i}."
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert float(cut[p + n].abs().max()) == 0.0, p + n
+            assert float(half[p + n].sum()) > 0, p + n
+        torch.testing.assert_close(cut[p + "self_attn.o_proj"], cut[down(last)], rtol=1e-5, atol=0)
+        torch.testing.assert_close(cut[down(i)], cut[down(last)], rtol=1e-5, atol=0)
+    for acc in (half, cut):
+        torch.testing.assert_close(acc[down(last)], whole[down(last)], rtol=1e-6, atol=0)
+    assert float(half[down(0)].sum()) != pytest.approx(float(whole[down(0)].sum()), rel=1e-3)   # it reweights
+    assert ms[0.5].meta["qep_beta"] == 0.5 and "qep_beta" not in ms[1.0].meta

@@ -233,3 +233,20 @@ plan: {{measure_samples: 6, alpha_samples: 4, alpha_seq_len: 32}}
         r = run("plan", y, "-o", tmp_path / "p")
     assert r.exit_code == 0, r.output
     assert "few.yaml" in caplog.text and "plan.alpha_samples (4)" in caplog.text and "calibration.samples to 10" in caplog.text
+
+
+def test_a_qep_discount_is_another_measurement(tmp_path, tiny_models, calib_file, cache):
+    """plan.qep_discount weights the Fisher form by what QEP leaves: another measurement; quant.qep_alpha
+    alone leaves the measurement (and its cache entry) as it was."""
+    text = yaml_for(tmp_path, tiny_models["llama"], calib_file).read_text()
+    variants = {"plain": text,
+                "no-qep": text.replace("group_size: 32}", "group_size: 32, qep_alpha: 0}"),
+                "discount": text.replace("alpha_seq_len: 32}", "alpha_seq_len: 32, qep_discount: 1}")}
+    said = {}
+    for name, t in variants.items():
+        r = run("plan", write_yaml(tmp_path / f"{name}.yaml", t), "-o", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        said[name] = "cached" if "cached" in r.output else "measured"
+    assert said == {"plain": "measured", "no-qep": "cached", "discount": "measured"}
+    betas = [json.loads(p.read_text())["meta"].get("qep_beta") for p in cache.rglob("*.json")]
+    assert sorted(betas, key=str) == [0.5, None]                       # 1 − α (0.5, the default) · ρ (1)

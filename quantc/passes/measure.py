@@ -231,9 +231,11 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             candidates: list[Option], *, predictor: str = "fisher", probes: int = 8, unit_mode: str = "shared",
             method: str = "gptq", damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
             progress: bool = True, place: Placement = CPU, solve: str = "anchors",
-            release_inputs: bool = False, point=None) -> Measurements:
+            release_inputs: bool = False, point=None, qep_beta: float = 1.0) -> Measurements:
     """Sweep 1 (see the module docstring). `point` (resume.MeasurePoint): where each finished layer is
-    saved, and the state an interrupted run of the same measurement continues from."""
+    saved, and the state an interrupted run of the same measurement continues from. `qep_beta` (fisher):
+    the factor on the gradient that enters every linear's input in the backward sweep (1 − α·ρ, see
+    `_fisher_diagonal`; 1: none)."""
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; one of {PREDICTORS}")
     n_layers = len(decoder_layers(model))
@@ -392,8 +394,11 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
         if exact:
             _exact_results(ms, found, noise)
         else:
-            acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress, world=world)
+            acc = _fisher_diagonal(model, head, held_in, xh, probes, gen, place, progress, world=world,
+                                   beta=qep_beta)
             _fisher_results(ms, head.positions, sq, acc, found, sq_solved, anchor_keys)
+    if not exact and qep_beta != 1.0:
+        ms.meta["qep_beta"] = qep_beta
     ms.meta.update({"predictor": predictor, "probes": None if exact else probes, "anchors": anchor_keys,
                     "held_out_streams": len(keys)})
     return ms
@@ -583,12 +588,19 @@ def _exact_results(ms: Measurements, found: dict, noise: float) -> None:
 
 def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Activations, probes: int,
                      gen: torch.Generator, place: Placement, progress: bool,
-                     world: World = SOLO) -> dict[str, torch.Tensor]:
+                     world: World = SOLO, beta: float = 1.0) -> dict[str, torch.Tensor]:
     """Backward sweep, one layer at a time from the last: for every linear, the squared gradient of
     the probes ℓ w.r.t. its output, summed over held-out positions and probes, / probes, per channel.
     The probes are split over the ranks (probe k on rank world.owner(k); every rank draws every
     probe's labels, so the generator moves alike): each layer's per-probe sums are exchanged and
-    added in one order, batch by batch and probe by probe, as one process adds them."""
+    added in one order, batch by batch and probe by probe, as one process adds them.
+
+    `beta` < 1 (plan.qep_discount): the gradient that enters any linear through its input is scaled
+    by β = 1 − α·ρ. Error propagation refits every later linear to map the quantized model's inputs
+    to the original outputs, which removes a share (α·ρ) of an upstream error's effect through that
+    linear; the residual stream and the head carry theirs whole. An error is then weighted by what
+    reaches the head in a QEP compile: q/k/v's and gate/up's through their own layer's o/down by β,
+    and every unit's through the later layers' blocks by β per linear on the path."""
     mine = [k for k in range(probes) if world.mine(k)]
     g_next = []                         # [batch][probe]: ∂ℓ/∂(hidden states leaving the current layer)
     with head.on_device(), torch.enable_grad():
@@ -625,6 +637,9 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
                 outs: dict[str, torch.Tensor] = {}
                 hooks = [m.register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
                          for n, m in lins.items()]
+                if beta != 1.0:
+                    hooks += [m.register_forward_pre_hook(lambda _m, a: (_scaled_grad(a[0], beta),) + a[1:])
+                              for m in lins.values()]
                 try:
                     with torch.enable_grad():                   # one forward, every probe backward through it
                         x = xb.detach().requires_grad_()
@@ -649,6 +664,15 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
                     sums[n] += v
             acc.update({layer_prefix(model, i) + n: v / probes for n, v in sums.items()})
     return acc
+
+
+def _scaled_grad(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """x itself in the forward; the gradient that flows back into x through this use is × beta (a
+    view, so x's other uses keep theirs)."""
+    v = x.view_as(x)
+    if v.requires_grad:
+        v.register_hook(lambda g: g * beta)
+    return v
 
 
 def calibration_sample(by_layer: dict[int, list[Unit]], n_layers: int, m: int) -> set[str]:
