@@ -111,7 +111,9 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
              f"Achievable sizes: {plan.predicted['min_bytes']:,} … {plan.predicted['max_bytes']:,} bytes  ",
              f"Measurement: {ms.meta.get('seconds', 0):.0f} s on {ms.meta.get('measure_samples')} sequences, "
              f"ΔKL on {ms.meta.get('alpha_tokens')} held-out tokens, predictor "
-             f"{ms.meta.get('predictor', 'exact')}", "",
+             f"{ms.meta.get('predictor', 'exact')}"
+             + (f", each error weighted by what QEP leaves of it (gradient into every linear × "
+                f"{ms.meta['qep_beta']:g}, plan.qep_discount)" if ms.meta.get("qep_beta") is not None else ""), "",
              "| layer | " + " | ".join(kinds) + " | block influence | outliers % | LieQ ΔKL |",
              "|---|" + "---|" * (len(kinds) + 3)]
     for i, x in zip(layers, ms.layers):

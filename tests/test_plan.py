@@ -250,3 +250,5 @@ def test_a_qep_discount_is_another_measurement(tmp_path, tiny_models, calib_file
     assert said == {"plain": "measured", "no-qep": "cached", "discount": "measured"}
     betas = [json.loads(p.read_text())["meta"].get("qep_beta") for p in cache.rglob("*.json")]
     assert sorted(betas, key=str) == [0.5, None]                       # 1 − α (0.5, the default) · ρ (1)
+    assert "gradient into every linear × 0.5" in (tmp_path / "discount" / "report.md").read_text()
+    assert "QEP leaves" not in (tmp_path / "plain" / "report.md").read_text()
