@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 
@@ -243,7 +244,7 @@ def main() -> None:
     runs = [(v, p, b, 0.0) for v in variants if v in plain_variants for p in predictors for b in feasible(v, p)] + \
            [(v, p, b, args.qep) for v in qep_variants for p in qep_predictors for b in feasible(v, p) if qep_budget(v, b)]
     # the run's command: --cached-only rewrites the section of a run from its jobs, with that run's command
-    cmd = "python -m benchmarks.bench_mixed " + " ".join(a for a in sys.argv[1:] if a != "--cached-only")
+    cmd = "python -m benchmarks.bench_mixed " + shlex.join(a for a in sys.argv[1:] if a != "--cached-only")
     kl_file = lambda key: WORK / f"{keyed(f'{key}-kl')}.json"     # noqa: E731
     for v, p, b, qep in runs:
         key, folder = checkpoint_name(v, p, b, qep)

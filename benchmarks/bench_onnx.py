@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -189,7 +190,7 @@ def main() -> None:
                   "ort-rtn-sym-acc4", str(fp), od / "ort-rtn-sym-acc4"),
                  ("quantc GPTQ 4-bit g128 sym, accuracy_level 4", f"{UNIFORM}-acc4", "quantc-acc4",
                   str(WORK / UNIFORM), od / f"{UNIFORM}-acc4")]
-    cmd = "python -m benchmarks.bench_onnx " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.bench_onnx " + shlex.join(sys.argv[1:])
     results = []
     for label, key, kind, src, out in rows:
         e = cached(f"onnx-{key}-export", lambda: job("export", kind, src, str(out)))

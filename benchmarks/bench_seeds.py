@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import shlex
 import sys
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def main() -> None:
         ap.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2")
     prepare(args.model, "seeds-*" if args.fresh else None)
     budget = budget_sizes()[args.budget]
-    cmd = "python -m benchmarks.bench_seeds " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.bench_seeds " + shlex.join(sys.argv[1:])
     plan_file = WORK / keyed(f"seeds-{args.variant}-{args.budget}-plan.yaml")
     plan = cached(f"seeds-{args.variant}-{args.budget}-plan", lambda: subprocess_job(
         ["plan", args.variant, str(budget), str(args.qep), str(plan_file)], "benchmarks.bench_seeds"))
