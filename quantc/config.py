@@ -89,7 +89,8 @@ class PlanSettings:
     solve: str = "anchors"         # fisher: GPTQ solves one option per bit width, the others are predicted; all: every option
     qep_discount: float = 0.0      # fisher: ρ, the share of an error's effect through each later linear that QEP
     #                                removes; the backward sweep scales the gradient into every linear by 1 − α·ρ
-    #                                (α = quant.qep_alpha). 0: the measurement ignores QEP, as before
+    #                                (α = quant.qep_alpha). 0: the measurement ignores QEP, as before.
+    #                                Experimental: on SmolLM2 every ρ > 0 tried gave worse plans (RESULTS.md)
 
 
 @dataclass
