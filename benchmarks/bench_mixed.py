@@ -200,6 +200,12 @@ def main() -> None:
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
     qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
     plain_variants = args.plain_variants.split(",") if args.plain_variants is not None else variants
+    from quantc.config import PREDICTORS
+    for p in predictors:
+        name, _, discount = p.partition("-qd")
+        if name not in PREDICTORS or (discount and not discount.replace(".", "", 1).isdigit()):
+            ap.error(f"--predictors: {p!r} is not one of {', '.join(PREDICTORS)}, or fisher-qdR with R a number "
+                     "(plan.qep_discount)")
     qep_predictors = args.qep_predictors.split(",") if args.qep_predictors else predictors[:1]
     for p in qep_predictors:
         if p not in predictors:
