@@ -37,6 +37,7 @@ from benchmarks.bench_gptq import (KL_WINDOWS, write_section, QUANTC_GPTQ, RESUL
                                    peak_rss_mb, prepare, run_kl, run_uniform, subprocess_job, uniform_job)
 from benchmarks.common import ROOT, save_plot
 from benchmarks.models import bench_model, keyed, mark, title
+from quantc.config import PREDICTORS
 
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
 VARIANTS = {   # name: (candidates, extra quant settings, what the table says)
@@ -63,6 +64,15 @@ def plan_settings(predictor: str) -> dict:
     """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R."""
     name, _, discount = predictor.partition("-qd")
     return {"predictor": name, **({"qep_discount": float(discount)} if discount else {})}
+
+
+def _plan_settings_or_none(predictor: str) -> dict | None:
+    """plan_settings, or None for a label that names no predictor (or no number after -qd)."""
+    try:
+        s = plan_settings(predictor)
+    except ValueError:
+        return None
+    return s if s["predictor"] in PREDICTORS else None
 
 
 def plan_qep(predictor: str, qep: float) -> float:
@@ -189,10 +199,14 @@ def main() -> None:
             job_compile(int(args.job[1]), float(args.job[2]), args.job[3], args.job[4], args.job[5])
         print("RESULT " + json.dumps(res), flush=True)
         return
+    predictors = args.predictors.split(",")
+    for p in predictors:                 # before any work: a label the plan jobs could not read
+        if _plan_settings_or_none(p) is None:
+            ap.error(f"--predictors: {p!r} is not one of {', '.join(PREDICTORS)}, or fisher-qdR with R a number "
+                     "(plan.qep_discount)")
     prepare(args.model, "mixed-*" if args.fresh else None)
     sizes = budget_sizes()
     budgets = {b: sizes[b] for b in args.budgets.split(",")}
-    predictors = args.predictors.split(",")
     variants = args.variants.split(",")
     for v in variants:
         if v not in VARIANTS:
@@ -200,12 +214,6 @@ def main() -> None:
     qep_budgets = args.qep_budgets.split(",") if args.qep > 0 else []
     qep_variants = args.qep_variants.split(",") if args.qep_variants else variants[:1]
     plain_variants = args.plain_variants.split(",") if args.plain_variants is not None else variants
-    from quantc.config import PREDICTORS
-    for p in predictors:
-        name, _, discount = p.partition("-qd")
-        if name not in PREDICTORS or (discount and not discount.replace(".", "", 1).isdigit()):
-            ap.error(f"--predictors: {p!r} is not one of {', '.join(PREDICTORS)}, or fisher-qdR with R a number "
-                     "(plan.qep_discount)")
     qep_predictors = args.qep_predictors.split(",") if args.qep_predictors else predictors[:1]
     for p in qep_predictors:
         if p not in predictors:

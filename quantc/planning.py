@@ -148,8 +148,9 @@ def measurement_key(cfg: Config, calib: torch.Tensor, hold: torch.Tensor, model,
         own += f":solve:anchors:{PROXY_STEPS}:{str(PROXY_DTYPE).removeprefix('torch.')}"     # only where some option is predicted: solve: all and
         #                                           one-option-per-bits sets measure as before, under their keys
     h.update(f"{cfg.method}:{cfg.damp}:{cfg.units}:{p.predictor}:{own}:{cfg.compute_dtype}:{MEASURE_VERSION}".encode())
-    if qep_beta(cfg) != 1.0:        # another Fisher weighting (only then: keys without it stay as they were)
-        h.update(f"qep_beta:{qep_beta(cfg)!r}".encode())
+    beta = qep_beta(cfg)
+    if beta != 1.0:                 # another Fisher weighting (only then: keys without it stay as they were)
+        h.update(f"qep_beta:{beta!r}".encode())
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
         h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())
     return h.hexdigest()[:20]
