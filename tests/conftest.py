@@ -19,6 +19,13 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly 
          "model layer weight bits group scale zero error budget memory token sequence").split()
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (setup.cfg runs one worker per core) each worker computes on one thread:
+    # workers that each took every core would fight over them instead of sharing them.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 def corpus(n_words: int = 4000, seed: int = 0) -> str:
     rng = random.Random(seed)
     lines = []

@@ -140,3 +140,26 @@ def test_dead_input_leaves_the_callers_hessian_untouched():
     before = H.clone()
     gptq(torch.randn(32, 128, generator=torch.Generator().manual_seed(2)), H, Option(4, 32))
     assert torch.equal(H, before)
+
+
+@pytest.mark.parametrize("dim", [48, 256, 300, 600])
+def test_hessian_from_its_upper_triangle_has_the_bits_of_the_whole_product(dim):
+    """Hessian.add forms only XᵀX's upper block triangle and mirrors it when H is read: H must equal
+    2·Σ_b X_bᵀX_b / n formed from the whole float32 products (the old code), bit for bit, and be
+    exactly symmetric; the cross term δ is unchanged."""
+    from quantc.calibration.hessian import GRAM_ROWS, Hessian
+    g = torch.Generator().manual_seed(dim)
+    scale = torch.rand(dim, generator=g) * 4
+    xs = [torch.randn(rows, dim, generator=g) * scale for rows in (1, 37, 2 * GRAM_ROWS + 5)]
+    refs = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
+    h = Hessian(dim, cross=True)
+    whole = torch.zeros(dim, dim, dtype=torch.float64)
+    cross = torch.zeros(dim, dim, dtype=torch.float64)
+    for x, xr in zip(xs, refs):
+        h.add(x, xr)
+        whole += x.t() @ x
+        cross += (xr - x).t() @ x
+    n = sum(x.shape[0] for x in xs)
+    assert torch.equal(h.H, whole.mul_(2 / n).float())
+    assert torch.equal(h.H, h.H.t())
+    assert torch.equal(h.delta, cross.mul_(2 / n).float())
