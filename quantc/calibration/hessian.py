@@ -3,12 +3,14 @@ term δ = 2·(X − X̂)X̂ᵀ/n between the original model's inputs X and the q
 the same tokens.
 
 Each batch's product X_bᵀX_b is computed in float32 and summed in float64; H is rounded to float32
-once, when it is read. XᵀX is symmetric, so only its upper block triangle is computed (about half
-the work: the Hessians are ~40% of a QEP compile) and mirrored once, when H is read. The BLAS forms
-each entry of a block as the same dot product as in the whole product, which is itself exactly
-symmetric, so H has the bits of the full product (tests/test_gptq.py checks it). The sum over batches then does not depend on how the batches are grouped,
+once, when it is read. The sum over batches then does not depend on how the batches are grouped,
 which is what lets ranks of a distributed run each sum their own batches and all-reduce the sums
 (quantc/distributed.py) and still produce the bits of one process.
+
+XᵀX is symmetric, so only its upper block triangle is formed and it is mirrored once, when H is read:
+half the products' work (the Hessians take a third or more of a QEP compile). The BLAS forms each entry of a
+block as the same dot product as the whole product does, and the whole product is itself exactly
+symmetric, so H keeps the bits of the whole product (tests/test_gptq.py checks it).
 
 Linears that read the same tensor (q/k/v, gate/up) share one accumulator: H is computed once."""
 from __future__ import annotations
