@@ -61,9 +61,11 @@ REACHABLE = {"vllm": ("4b",)}
 
 
 def plan_settings(predictor: str) -> dict:
-    """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R."""
+    """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R. Fisher
+    runs carry the uniform plans too (plan.check_uniform), for the table of the predictor's scale."""
     name, _, discount = predictor.partition("-qd")
-    return {"predictor": name, **({"qep_discount": float(discount)} if discount else {})}
+    return {"predictor": name, **({"qep_discount": float(discount)} if discount else {}),
+            **({"check_uniform": True} if name == "fisher" else {})}
 
 
 def _plan_settings_or_none(predictor: str) -> dict | None:

@@ -54,7 +54,8 @@ CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_
 EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str}
 RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
-             "direct_bits": int, "predictor": str, "probes": int, "solve": str, "qep_discount": (int, float)}
+             "direct_bits": int, "predictor": str, "probes": int, "solve": str, "qep_discount": (int, float),
+             "check_uniform": bool}
 PREDICTORS = ("fisher", "exact")          # see passes/measure.py
 SOLVES = ("anchors", "all")               # fisher: which options GPTQ solves for every unit (passes/measure.py)
 
@@ -91,6 +92,9 @@ class PlanSettings:
     #                                removes; the backward sweep scales the gradient into every linear by 1 − α·ρ
     #                                (α = quant.qep_alpha). 0: the measurement ignores QEP, as before.
     #                                Experimental: on SmolLM2 every ρ > 0 tried gave worse plans (RESULTS.md)
+    check_uniform: bool = False    # fisher: also carry the whole model at each solved option to the head and keep
+    #                                its measured ΔKL beside the predicted one (meta.calibration): a check of the
+    #                                predictor that no plan reads, at one held-out stream per option and layer
 
 
 @dataclass
@@ -559,7 +563,8 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if cfg.plan.qep_discount > 0 and cfg.qep_alpha == 0:
         log.warning("%s: plan.qep_discount has no effect with quant.qep_alpha: 0 (no error propagation to discount)",
                     file)
-    other = {"fisher": ("noise", "direct_bits"), "exact": ("probes", "qep_discount")}[cfg.plan.predictor]
+    other = {"fisher": ("noise", "direct_bits"),
+             "exact": ("probes", "qep_discount", "check_uniform")}[cfg.plan.predictor]
     for k in other:            # kept for a switch back to the other predictor (the exact one validates): said, not refused
         if k in pl:
             log.warning("%s: plan.%s has no effect with plan.predictor: %s (it is the %s predictor's)", file, k,

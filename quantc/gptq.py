@@ -185,16 +185,33 @@ def _one_thread(device: torch.device):
     """One intra-op thread on the CPU for the per-column updates: each is far below the size where
     threads pay, and with another process on the cores every op of a 2-thread pool waits at a barrier
     for a descheduled thread (measured: 4-5x slower GPTQ with one other busy process on 2 cores).
-    Outer products and element-wise ops give the same bits on any thread count."""
+    Outer products and element-wise ops give the same bits on any thread count. Yields the thread
+    count to restore (None: nothing was changed), for `_threads`."""
     if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
+        yield None
         return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield n
     finally:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """`n` intra-op threads for the with-block inside `_one_thread` (None: as they are). A group's
+    grid search inside the column loop (no static groups) is one large element-wise pass per shrink
+    factor, |x − q|^2.4 over rows × group: threads pay there (same bits: each row is reduced whole by
+    one thread, in one order)."""
+    if n is None:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, opt: Option, percdamp: float = 0.01,
@@ -307,7 +324,7 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        with _one_thread(W.device):     # the column loop is many tiny ops: threads only add barriers
+        with _one_thread(W.device) as n_threads:     # the column loop is many tiny ops: threads only add barriers
             for i in range(i2 - i1):
                 col = i1 + i
                 if static is not None:
@@ -318,7 +335,8 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
                     # grid from the weights as already updated by the errors of earlier columns
                     g = col // gs
                     cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
-                    scale, zero = params(cur)
+                    with _threads(n_threads):
+                        scale, zero = params(cur)
                     scales[g], zeros[g] = scale, zero
                 g_idx[col] = g
                 w = W1[:, i]
@@ -390,12 +408,13 @@ def _gptq_ggml(W, H, opt: Option, percdamp, blocksize, name, hinv: dict) -> Quan
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        with _one_thread(W.device):
+        with _one_thread(W.device) as n_threads:
             for i in range(i2 - i1):
                 col = i1 + i
                 if col % B == 0:
                     cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :B]
-                    fields, s, off = ggml.block_grid(t, cur, imp[col:col + B], opt.mse)
+                    with _threads(n_threads):
+                        fields, s, off = ggml.block_grid(t, cur, imp[col:col + B], opt.mse)
                     blocks.append(fields)
                 j = (col % B) // sub
                 w = W1[:, i]

@@ -151,6 +151,8 @@ def measurement_key(cfg: Config, calib: torch.Tensor, hold: torch.Tensor, model,
     beta = qep_beta(cfg)
     if beta != 1.0:                 # another Fisher weighting (only then: keys without it stay as they were)
         h.update(f"qep_beta:{beta!r}".encode())
+    if p.check_uniform and p.predictor == "fisher":     # more in meta (only then: keys without it stay as they were)
+        h.update(b"check_uniform")
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
         h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())
     return h.hexdigest()[:20]
@@ -211,7 +213,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
                  cfg.candidates, predictor=p.predictor, probes=p.probes, unit_mode=cfg.units, method=cfg.method,
                  damp=cfg.damp, seed=cfg.calibration.seed, noise=p.noise, direct_bits=p.direct_bits,
                  progress=progress, place=place, solve=p.solve, release_inputs=True, point=point,
-                 qep_beta=qep_beta(cfg))
+                 qep_beta=qep_beta(cfg), check_uniform=p.check_uniform)
     ms.meta = {**ms.meta, "key": key, "model": cfg.hub or cfg.model, "measure_samples": int(n_measure),
                "alpha_tokens": int(hold.numel()), "seconds": time.perf_counter() - t, "method": cfg.method}
     if not world.main:

@@ -394,8 +394,8 @@ def test_memory_estimate_hessians_follow_head_dim_and_true_sequential(tmp_path, 
 
 
 def test_memory_estimate_counts_the_solved_options(tiny_models):
-    """Sweep 1 keeps the codes of, and carries a uniform stream for, the options it solves for every
-    unit: one per bit width with plan.solve: anchors, every candidate with solve: all. A uniform
+    """Sweep 1 keeps the codes of, and carries the sample units' streams at, the options it solves for
+    every unit: one per bit width with plan.solve: anchors, every candidate with solve: all. A uniform
     compile solves one option whatever the candidate list."""
     from quantc.memory import memory_estimate, solved_options
     base = {"model": str(tiny_models["llama"]), "candidates": "wide", "budget": {"avg_bits": 4}}
@@ -406,21 +406,24 @@ def test_memory_estimate_counts_the_solved_options(tiny_models):
     h, i = mc["hidden_size"], mc["intermediate_size"]
     attn = mc["num_attention_heads"] * (mc.get("head_dim") or h // mc["num_attention_heads"])
     assert ee["solve"] - ea["solve"] == 14 * (4 * h * attn + 3 * h * i)     # 14 more options' one-byte codes
-    assert ee["measurement"] > ea["measurement"]                             # 14 more uniform streams
+    assert ee["measurement"] > ea["measurement"]                             # 14 more streams per sample unit
     uni = parse_config({"model": str(tiny_models["llama"]), "candidates": "wide"})
     assert solved_options(uni) == 4 and not memory_estimate(uni)["measurement"]
 
 
-def test_memory_estimate_counts_the_sample_streams_and_splits_them_over_ranks(tiny_models, monkeypatch):
-    """Sweep 1 carries a held-out stream for the uniform plan and for each fisher sample unit at every
-    solved option. One process holds them all; under torchrun a rank other than 0 holds its share
-    (rank 0 all of them, while it saves the resume point)."""
+@pytest.mark.parametrize("check", [False, True])
+def test_memory_estimate_counts_the_sample_streams_and_splits_them_over_ranks(tiny_models, monkeypatch, check):
+    """Sweep 1 carries a held-out stream for each fisher sample unit at every solved option, and with
+    plan.check_uniform one for the uniform plan at each. One process holds them all; under torchrun a
+    rank other than 0 holds its share (rank 0 all of them, while it saves the resume point)."""
     import quantc.passes.measure as qmeasure
     from quantc.memory import activation_bytes
     cfg = parse_config({"model": str(tiny_models["llama"]), "budget": {"avg_bits": 4},
-                        "candidates": [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]})
+                        "candidates": [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}],
+                        "plan": {"check_uniform": check}})
     mc = json.loads((tiny_models["llama"] / "config.json").read_text())
     held = cfg.plan.alpha_samples * cfg.plan.alpha_seq_len * mc["hidden_size"] * 4
+    uni = 4 if check else 0                  # the uniform plans' streams, one per solved option
 
     def extra(**kw):        # the sample's share of the estimate: with 8 sample units against none
         monkeypatch.setattr(qmeasure, "CALIBRATION_UNITS", 8)
@@ -428,10 +431,13 @@ def test_memory_estimate_counts_the_sample_streams_and_splits_them_over_ranks(ti
         monkeypatch.setattr(qmeasure, "CALIBRATION_UNITS", 0)
         return with_sample - activation_bytes(cfg, mc, **kw)["measure"]
     assert extra() == held * 8 * 4                                   # 8 units × 4 solved options
-    # its half of 36 streams against of 4, and its pickled copy of them for the resume point's gather
-    assert extra(ranks=2, gathers=False) == held * 2 * (-(-9 * 4 // 2) - -(-4 // 2))
+    # its half of 32 (+ 4) streams against of 0 (4), and its pickled copy of them for the resume point's gather
+    assert extra(ranks=2, gathers=False) == held * 2 * (-(-(8 * 4 + uni) // 2) - -(-uni // 2))
     # rank 0 besides: every rank's streams while it saves the resume point (gather buffer and copies)
-    assert extra(ranks=2, gathers=True) == held * (2 * (-(-9 * 4 // 2) - -(-4 // 2)) + 2 * 8 * 4)
+    assert extra(ranks=2, gathers=True) == held * (2 * (-(-(8 * 4 + uni) // 2) - -(-uni // 2)) + 2 * 8 * 4)
+    streams = activation_bytes(cfg, mc)["measure"]
+    cfg.plan.check_uniform = not check
+    assert activation_bytes(cfg, mc)["measure"] - streams == (held * 4 if not check else -held * 4)
 
 
 def test_error_propagation_is_the_gptq_default(tiny_models):

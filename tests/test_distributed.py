@@ -31,11 +31,13 @@ def _torchrun(n, args, port, **env):
 
 def _budget(tmp_path, tiny_tokenizer, calib_file, qep, predictor="fisher"):
     model = build_tiny("llama", tmp_path / "m", tiny_tokenizer, layers=3, seed=7)
+    # fisher without QEP also carries the uniform plans' streams (over the ranks, and in the resume state)
+    check = ", check_uniform: true" if predictor == "fisher" and qep == 0.0 else ""
     return write_yaml(tmp_path / "b.yaml", f"""model: {model}
 quant: {{group_size: 32, qep_alpha: {qep}}}
 candidates: [{{bits: 2, sym: false}}, {{bits: 3}}, {{bits: 4}}, {{bits: 8}}]
 budget: {{avg_bits: 3.5}}
-plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 3, predictor: {predictor}}}
+plan: {{measure_samples: 5, alpha_samples: 2, alpha_seq_len: 32, probes: 3, predictor: {predictor}{check}}}
 calibration: {{source: {calib_file}, samples: 7, seq_len: 48, batch_size: 2}}
 """)
 
@@ -305,3 +307,4 @@ def test_a_measurement_stopped_under_torchrun_resumes_in_one_process(tmp_path, t
     assert one["units"] == two["units"]
     assert _diagnostics(one) == _diagnostics(two)
     assert one["meta"]["calibration"] == two["meta"]["calibration"]     # the restored sample and uniform streams
+    assert all("uniform_measured" in c for c in two["meta"]["calibration"].values())

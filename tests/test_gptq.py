@@ -163,3 +163,33 @@ def test_hessian_from_its_upper_triangle_has_the_bits_of_the_whole_product(dim):
     assert torch.equal(h.H, whole.mul_(2 / n).float())
     assert torch.equal(h.H, h.H.t())
     assert torch.equal(h.delta, cross.mul_(2 / n).float())
+
+
+@pytest.mark.parametrize("opt", [Option(4, 32, True, mse=True), Option(2, 32, False, mse=True, act_order=True),
+                                 Option(4, 256, False, mse=True, grid="k")])
+def test_grid_search_on_all_threads_gives_the_bits_of_one(opt, monkeypatch):
+    """Inside the column loop (no static groups) each group's clipped-grid search runs on every
+    intra-op thread, the per-column updates on one: the result is that of the search on one thread,
+    bit for bit (both at 2 threads: the blocks' GEMM updates may round differently on another count)."""
+    import contextlib
+    import quantc.gptq as G
+    X = correlated_inputs(d=256)
+    W = torch.randn(160, 256, generator=torch.Generator().manual_seed(2))
+    H = hessian(X)
+    n = torch.get_num_threads()
+    seen = []
+    real = G._threads
+
+    def spy(k):
+        seen.append(k)
+        return real(k)
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(G, "_threads", spy)
+        wide = gptq(W, H, opt)
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 2    # given back after the loop
+        monkeypatch.setattr(G, "_threads", lambda k: contextlib.nullcontext())   # the search on one thread
+        one = gptq(W, H, opt)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one.q, wide.q) and torch.equal(one.weight, wide.weight)

@@ -169,6 +169,22 @@ WIDE = [Option(4, 32), Option(4, 64), Option(4, 64, sym=False), Option(2, 32, sy
         Option(2, 64, sym=False), Option(8, 32), Option(8, 64)]
 
 
+def test_the_uniform_check_changes_no_prediction(deep_llama):
+    """plan.check_uniform carries the whole model at each solved option to the head beside the sample
+    units' streams: it adds the measured uniform ΔKL to meta.calibration and changes no other number."""
+    model = load_model(str(deep_llama))
+    vocab = model.config.vocab_size
+    calib, hold = _tokens(vocab, 8, 48, 0), _tokens(vocab, 4, 32, 1)
+    plain = _measure(model, calib, hold, "fisher", probes=4)
+    check = _measure(model, calib, hold, "fisher", probes=4, check_uniform=True)
+    assert plain.units == check.units and plain.layers == check.layers
+    assert check.meta["held_out_streams"] == plain.meta["held_out_streams"] + len(CANDIDATES)
+    for k, c in check.meta["calibration"].items():
+        assert c.pop("uniform_measured") > 0 and c.pop("uniform_predicted") > 0
+        assert c == plain.meta["calibration"][k]
+    assert not any("uniform_measured" in c for c in plain.meta["calibration"].values())
+
+
 def test_anchors_are_one_option_per_bit_width():
     from quantc.config import CANDIDATE_SETS
     from quantc.passes.measure import anchors
@@ -193,7 +209,7 @@ def test_anchor_solves_predict_the_other_options(deep_llama, monkeypatch):
     h, k = capture_layer0_inputs(model, calib, 4)
     hh, hk = capture_layer0_inputs(model, hold, 4)
     run = lambda solve: measure(model, Activations(h, k, 4), Activations(hh, hk, 4), hold, WIDE, progress=False,
-                                solve=solve)
+                                solve=solve, check_uniform=True)
     full = run("all")
     solved: list[int] = []
     real = M.iter_gptq_options

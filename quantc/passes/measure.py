@@ -14,8 +14,8 @@ sweep (`model.decoder_layer`), so memory holds one layer whatever the depth. Two
   drop how errors of one channel or position add up coherently downstream, so the prediction is
   then scaled per option by Σ measured / Σ predicted over a fixed sample of 8 units (spread over the
   depth and the unit kinds) measured alone with their own weights at every solved option: a constant number
-  of held-out streams carried through the same forward sweep, so still O(L). The uniform plan at each
-  option is carried too, as a check of the whole-model prediction.
+  of held-out streams carried through the same forward sweep, so still O(L). With `plan.check_uniform`,
+  the uniform plan at each option is carried too, as a check of the whole-model prediction.
   With `solve: anchors` (the default), GPTQ solves one option per bit width and grid (the anchor:
   symmetric g128 where offered; "bit width" means bits with the same grid and solver settings) for
   every unit; each other option's diag(ΔW H ΔWᵀ) is predicted per output row as its round-to-
@@ -231,11 +231,13 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             candidates: list[Option], *, predictor: str = "fisher", probes: int = 8, unit_mode: str = "shared",
             method: str = "gptq", damp: float = 0.01, seed: int = 0, noise: float = 0.01, direct_bits: int = 4,
             progress: bool = True, place: Placement = CPU, solve: str = "anchors",
-            release_inputs: bool = False, point=None, qep_beta: float = 1.0) -> Measurements:
+            release_inputs: bool = False, point=None, qep_beta: float = 1.0,
+            check_uniform: bool = False) -> Measurements:
     """Sweep 1 (see the module docstring). `point` (resume.MeasurePoint): where each finished layer is
     saved, and the state an interrupted run of the same measurement continues from. `qep_beta` (fisher):
     the factor on the gradient that enters every linear's input in the backward sweep (1 − α·ρ, see
-    `_fisher_diagonal`; 1: none)."""
+    `_fisher_diagonal`; 1: none). `check_uniform` (fisher): also carry the uniform plan at each solved
+    option to the head, as a check of the whole-model prediction (meta.calibration; no plan reads it)."""
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; one of {PREDICTORS}")
     n_layers = len(decoder_layers(model))
@@ -261,9 +263,9 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
         keys.append(key)
         return world.mine(len(keys) - 1)
     streams: dict[tuple, torch.Tensor] = {}        # this rank's perturbed held-out streams, from their layer on
-    uniform = {} if exact else {k: holdout.hidden for k in (option_key(candidates[a]) for a in sorted(set(anchor)))
-                                if own(("uniform", k))}     # fisher: the uniform plan at each option solved
-    #                                                        for every unit (this rank's)
+    uniform = ({} if exact or not check_uniform else      # fisher, as a check: the uniform plan at each option
+               {k: holdout.hidden for k in (option_key(candidates[a]) for a in sorted(set(anchor)))   # solved for
+                if own(("uniform", k))})                                                          # every unit
     sample = set() if exact else calibration_sample(by_layer, n_layers, CALIBRATION_UNITS)
     held_in: list[torch.Tensor] = []                # fisher: the held-out inputs of every layer
     sq: dict[str, dict[str, torch.Tensor]] = {}      # fisher: linear -> option -> diag(ΔW H ΔWᵀ)
