@@ -5,7 +5,8 @@
 Synthetic Llama models with random weights (hidden 512, intermediate 1536, 8/4 heads, SmolLM2's
 tokenizer and vocabulary), written as safetensors in benchmarks/work/ (no download). For each depth:
 the measurement of today's code at git revision BASE (run from a worktree of it), the streaming
-`fisher` predictor (the default) and the streaming `exact` predictor, and one uniform 4-bit compile
+`fisher` predictor (the default; also with the candidates at quantc's quant defaults, what a budgeted
+`quantc compile` measures) and the streaming `exact` predictor, and one uniform 4-bit compile
 (quantize sweep) for scale. Candidates 2-bit asym / 3 / 4 / 8 g128; 32×256 C4 calibration tokens
 for the Hessians, 4×256 held out. Each job runs alone in its own process. Writes RESULTS.md's section
 with the growth exponent of each (slope of log time against log layers) and a PNG.
@@ -56,7 +57,10 @@ def job(kind: str, folder: str, calib: str, predictor: str) -> dict:
         return {"seconds": time.perf_counter() - t, "quantize_s": m["timings"]["quantize_s"],
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     from quantc.planning import get_measurements
-    cfg = parse_config(raw(Path(folder), Path(calib), None if predictor == "today" else predictor))
+    r = raw(Path(folder), Path(calib), None if predictor == "today" else predictor.removesuffix("-defaults"))
+    if predictor.endswith("-defaults"):         # the candidates at quantc's quant defaults (act-order + static
+        r["quant"] = {"group_size": 128}        # groups, clipped grid): the measurement `quantc compile` runs
+    cfg = parse_config(r)
     model = load_model(cfg.model)
     tokens = calibration_tokens(cfg.calibration, load_tokenizer(cfg.model))
     t = time.perf_counter()
@@ -129,7 +133,7 @@ def main() -> None:
     for n in depths:
         folder = build(n, WORK)
         for variant, src in (("compile", ROOT), ("compile-defaults", ROOT), ("today", base), ("fisher", ROOT),
-                             ("exact", ROOT)):
+                             ("exact", ROOT), ("fisher-defaults", ROOT)):
             key = f"{n}-{variant}"
             if key not in res:
                 print(f"[bench] {key} ...", flush=True)
@@ -140,7 +144,8 @@ def main() -> None:
 
 
 def write(res, depths, cmd, write_section) -> None:
-    names = {"today": f"today's code ({BASE})", "fisher": "fisher (default)", "exact": "exact (streaming)"}
+    names = {"today": f"today's code ({BASE})", "fisher": "fisher (default)", "exact": "exact (streaming)",
+             "fisher-defaults": "fisher at defaults"}
     lines = [MARK, "## Measurement cost against depth (synthetic Llama, hidden 512)", "",
              f"Command: `{cmd}`. Random-weight Llama models (hidden 512, intermediate 1536, 8/4 heads, SmolLM2's "
              "49,152-token vocabulary) with 4, 8 and 16 layers; candidates 2-bit asym / 3 / 4 / 8, g128; Hessians "
@@ -148,16 +153,19 @@ def write(res, depths, cmd, write_section) -> None:
              "in one run. *uniform compile* = one uniform 4-bit g128 compile of the same model (36×256 "
              "calibration) with the measurement's GPTQ settings (no act-order, QEP off); *at "
              "defaults* = the same compile at quantc's quant defaults (act-order + static groups, clipped grid, "
-             "QEP α 0.5), what `quantc compile` runs without a budget. A budgeted compile is the measurement plus "
-             "such a compile.", "",
+             "QEP α 0.5), what `quantc compile` runs without a budget. The measurements run with the compile's "
+             "GPTQ settings (no act-order), except *fisher at defaults*: the same candidates at quantc's quant "
+             "defaults (act-order + static groups, clipped grid), the measurement a budgeted `quantc compile` runs "
+             "before such a compile. The fisher columns run without the uniform-plan check (`plan.check_uniform`, "
+             "off by default).", "",
              "| layers | uniform compile s | at defaults s | " + " | ".join(f"{names[v]} s" for v in names)
-             + " | fisher / compile | fisher / at defaults | today / compile |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + " | fisher / compile | fisher at defaults / at defaults | today / compile |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n in depths:
         c, d = res[f"{n}-compile"]["seconds"], res[f"{n}-compile-defaults"]["seconds"]
-        f = res[f"{n}-fisher"]["seconds"]
+        f, fd = res[f"{n}-fisher"]["seconds"], res[f"{n}-fisher-defaults"]["seconds"]
         lines.append(f"| {n} | {c:.0f} | {d:.0f} | " + " | ".join(f"{res[f'{n}-{v}']['seconds']:.0f}" for v in names)
-                     + f" | {f / c:.2f}× | {f / d:.2f}× | {res[f'{n}-today']['seconds'] / c:.2f}× |")
+                     + f" | {f / c:.2f}× | {fd / d:.2f}× | {res[f'{n}-today']['seconds'] / c:.2f}× |")
     labels = {"compile": "uniform compile", "compile-defaults": "at defaults", **names}
     lines += ["", "Growth exponent (slope of log seconds against log layers; 1 = linear, 2 = quadratic): "
               + ", ".join(f"{label} {slope(depths, [res[f'{n}-{v}']['seconds'] for n in depths]):.2f}"

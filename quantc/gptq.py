@@ -315,7 +315,13 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
     qint = torch.zeros_like(W)
     scales = torch.zeros(math.ceil(cols / gs), R, device=W.device)
     zeros = torch.zeros_like(scales)
-    g_idx = torch.zeros(cols, dtype=torch.int32, device=W.device)   # in permuted order; un-permuted at the end
+    # each column's group, in permuted order (un-permuted at the end): static groups are the original
+    # contiguous ones; otherwise a group is gs consecutive columns of the quantization order
+    g_idx = ((perm if static is not None else torch.arange(cols, device=W.device)) // gs).to(torch.int32)
+    if static is not None:                     # every group's grid is known before the loop
+        for g, (scale, zero) in enumerate(static):
+            scales[g], zeros[g] = scale, zero
+    col_group = g_idx.tolist()
 
     scale = zero = None
     for i1 in range(0, cols, blocksize):
@@ -328,17 +334,14 @@ def _gptq_stacked(W, H, opts: list[Option], percdamp, blocksize, name, hinv: dic
             for i in range(i2 - i1):
                 col = i1 + i
                 if static is not None:
-                    g = int(perm[col]) // gs
-                    scale, zero = static[g]
-                    scales[g], zeros[g] = scale, zero
+                    scale, zero = static[col_group[col]]
                 elif col % gs == 0:
                     # grid from the weights as already updated by the errors of earlier columns
-                    g = col // gs
+                    g = col_group[col]
                     cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs]
                     with _threads(n_threads):
                         scale, zero = params(cur)
                     scales[g], zeros[g] = scale, zero
-                g_idx[col] = g
                 w = W1[:, i]
                 d = Hinv1[i, i]
                 qi = _int(w, scale, zero, maxq)
