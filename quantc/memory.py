@@ -55,7 +55,8 @@ def solved_options(cfg) -> int:
 def held_out_streams(cfg, layers: int) -> int:
     """The perturbed held-out streams sweep 1 carries to the head (passes/measure.py; the manifest's
     meta.held_out_streams): fisher, each sample unit at each solved option, and with
-    plan.check_uniform a uniform plan per solved option; exact, every unit at each measured option, its α probe, and one LieQ stream per layer."""
+    plan.check_uniform a uniform plan per solved option; exact, every unit at each measured option,
+    its α probe, and one LieQ stream per layer."""
     per_layer = 7 if cfg.units == "linear" else 4         # units per layer (a Llama-shaped layer)
     if cfg.plan.predictor == "fisher":
         from .passes.measure import CALIBRATION_UNITS
@@ -95,9 +96,9 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
       they stay where the activations live, so offloading does not remove them);
     - measure (sweep 1, with a budget): its calibration activations in/out, the held-out streams
       (fisher: every layer's held-out input, each sample unit's stream per solved option and with
-      plan.check_uniform the uniform plan's, and the probes' gradients; exact: every perturbed stream alive at the last
-      layer; a rank other than 0 holds its share of the streams and probes), and the head's logits;
-      offloaded, only the probes' gradients and the logits stay in memory."""
+      plan.check_uniform the uniform plan's, and the probes' gradients; exact: every perturbed stream
+      alive at the last layer; a rank other than 0 holds its share of the streams and probes), and the
+      head's logits; offloaded, only the probes' gradients and the logits stay in memory."""
     hidden, inter, layers, vocab, attn = _shapes(mc)
     act_bytes = 2 if cfg.compute_dtype in ("bfloat16", "float16") else 4
     offload = cfg.offload_activations if offload is None else offload
