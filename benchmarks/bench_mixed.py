@@ -60,12 +60,13 @@ SERVE = {"vllm": ["vllm"]}                 # variant -> serve targets of its YAM
 REACHABLE = {"vllm": ("4b",)}
 
 
-def plan_settings(predictor: str) -> dict:
-    """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R. Fisher
-    runs carry the uniform plans too (plan.check_uniform), for the table of the predictor's scale."""
+def plan_settings(predictor: str, check: bool = True) -> dict:
+    """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R. With
+    `check`, fisher runs carry the uniform plans too (plan.check_uniform), for the table of the
+    predictor's scale."""
     name, _, discount = predictor.partition("-qd")
     return {"predictor": name, **({"qep_discount": float(discount)} if discount else {}),
-            **({"check_uniform": True} if name == "fisher" else {})}
+            **({"check_uniform": True} if check and name == "fisher" else {})}
 
 
 def _plan_settings_or_none(predictor: str) -> dict | None:
@@ -83,14 +84,16 @@ def plan_qep(predictor: str, qep: float) -> float:
     return qep if "qep_discount" in plan_settings(predictor) else 0.0
 
 
-def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher", variant: str = "bits") -> dict:
+def raw_config(budget_bytes: int | None, qep: float, predictor: str = "fisher", variant: str = "bits",
+               check: bool = True) -> dict:
+    """bench_mixed's budget YAML; `check`: with the predictor's uniform-plan check (plan_settings)."""
     candidates, quant, _ = VARIANTS[variant]
     return {"model": str(bench_model()),
             **({"serve": SERVE[variant]} if variant in SERVE else {}),
             "budget": {"memory": budget_bytes} if budget_bytes else {},
             "quant": {"qep_alpha": qep, **QUANTC_GPTQ, **quant},
             "candidates": candidates,
-            "plan": plan_settings(predictor),
+            "plan": plan_settings(predictor, check),
             "calibration": {"source": str(WORK / "c4-calib.jsonl"), "samples": 128, "seq_len": 512, "seed": 0}}
 
 
