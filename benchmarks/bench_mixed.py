@@ -343,6 +343,12 @@ def _uniform(bits: int, qep: float = 0.0, job: str = "eval") -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _check(folder) -> dict | None:
+    """The compile's own held-out check (quantc.json's `check`), where the checkpoint has one."""
+    p = folder / "quantc.json"
+    return json.loads(p.read_text()).get("check") if p.is_file() else None
+
+
 def write(rows, plans, fp, sizes, cmd) -> None:
     u3, u4 = _uniform(3), _uniform(4)
     lines = [f"## Mixed precision: allocation under a memory budget ({title()}){', ' + SECTION if SECTION else ''}", "",
@@ -430,27 +436,31 @@ def write(rows, plans, fp, sizes, cmd) -> None:
               "Predicted ΔKL (sum over units) against what was measured: Δloss on WikiText-2 (ln ppl − ln ppl_fp32, "
               f"the protocol's 80 windows), and the KL check: KL(fp32 ‖ checkpoint) per token on {KL_WINDOWS} fresh "
               "C4 windows (documents after the calibration's, never calibrated on: the distribution the "
-              f"predictor measures on) and on the first {KL_WINDOWS} WikiText-2 windows. Each ratio is measured / "
-              "predicted.", "",
+              f"predictor measures on) and on the first {KL_WINDOWS} WikiText-2 windows; and the compile's own "
+              "held-out check (quantc.json's `check`: KL(original ‖ checkpoint) on the calibration.check_samples "
+              "documents after the calibration's, the first of the fresh C4 windows, every second position, "
+              "measured inside the quantize sweep). Each ratio is measured / predicted.", "",
               "| plan | candidates | predictor | predicted ΔKL | Δloss WikiText-2 | ratio | KL fresh C4 | ratio | "
-              "KL WikiText-2 | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "KL WikiText-2 | ratio | compile's check | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pts = []
     for (v, p), plan in plans.items():
         if VARIANTS[v][1].get("rotate"):     # the uniform references are compiles of the unrotated model
             continue
-        pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u, _uniform(b, job="kl")) for b, u in ((3, u3), (4, u4))
-                if f"uniform{b}_pred" in plan]
-        pts += [(f"uniform {b}-bit QEP {q:g}", v, p, plan[f"uniform{b}_pred"], _uniform(b, q), _uniform(b, q, "kl"))
+        pts += [(f"uniform {b}-bit", v, p, plan[f"uniform{b}_pred"], u, _uniform(b, job="kl"),
+                 _check(uniform_job(f"{b}b")["folder"])) for b, u in ((3, u3), (4, u4)) if f"uniform{b}_pred" in plan]
+        pts += [(f"uniform {b}-bit QEP {q:g}", v, p, plan[f"uniform{b}_pred"], _uniform(b, q), _uniform(b, q, "kl"),
+                 _check(uniform_job(f"{b}b", q)["folder"]))
                 for q in sorted({r["qep"] for r in rows} - {0}) for b in (3, 4)
                 if f"uniform{b}_pred" in plan and _uniform(b, q)]
-    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"], r["kl"])
-            for r in rows]
-    for name, v, pred_kind, pred, ev, kl in pts:
+    pts += [(f"{r['budget']} QEP {r['qep']:g}", r["variant"], r["predictor"], r["pred"], r["eval"], r["kl"],
+             _check(checkpoint_name(r["variant"], r["predictor"], r["budget"], r["qep"])[1])) for r in rows]
+    for name, v, pred_kind, pred, ev, kl, own in pts:
         if ev:
             d = math.log(ev["ppl"]) - math.log(fp["ppl"])
             checks = " | ".join(f"{kl[t]['kl']:.4f} | {kl[t]['kl'] / pred:.2f}" if kl else "— | —"
                                 for t in ("c4", "wikitext"))
+            checks += f" | {own['kl']:.4f} | {own['kl'] / pred:.2f}" if own else " | — | —"
             lines.append(f"| {name} | {v} | {pred_kind} | {pred:.4f} | {d:.4f} | {d / pred:.2f} | {checks} |")
     cal = plans.get((next(iter(plans))[0], "fisher"), {}).get("calibration")
     if cal:

@@ -175,6 +175,15 @@ def _rotation_line(rot: dict) -> str:
     return f"{rot['kind']} (seed {rot['seed']}, R1 {rot['r1']}, R2 {rot['r2']}){untied}"
 
 
+def _check_line(c: dict) -> str:
+    line = (f"KL to the original model {c['kl']:.4f} nats/token, Δloss {c['delta_loss']:+.4f} "
+            f"({c['sequences']} held-out sequences, {c['positions']:,} positions)")
+    if c.get("predicted_delta_kl"):
+        line += f"; the plan predicted ΔKL {c['predicted_delta_kl']:.4f} (measured / predicted " \
+                f"{c['kl'] / c['predicted_delta_kl']:.2f})"
+    return line
+
+
 def _print_summary(m: dict, out) -> None:
     t = m["totals"]
     table = Table(title=f"quantc compile → {out}", show_header=False)
@@ -184,6 +193,8 @@ def _print_summary(m: dict, out) -> None:
     table.add_row("average bits/weight", f"{t['avg_bits']:.3f}")
     if m.get("rotation"):
         table.add_row("rotation", _rotation_line(m["rotation"]))
+    if m.get("check"):
+        table.add_row("held-out check", _check_line(m["check"]))
     for k, v in m["timings"].items():
         table.add_row(k, f"{v:.1f} s")
     console.print(table)

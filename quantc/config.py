@@ -50,7 +50,7 @@ QUANT_KEYS = {"bits": (int, list), "group_size": (int, list), "sym": bool, "act_
 OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "static_groups": bool,
                "mse": bool, "grid": str}
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
-              "batch_size": int}
+              "batch_size": int, "check_samples": int}
 EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str}
 RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
@@ -112,6 +112,9 @@ class Calibration:
     seed: int = 0
     text_field: str = "text"
     batch_size: int = 8
+    check_samples: int = 4             # held-out sequences after the calibration's, which no pass calibrates on:
+    #                                    the compile measures its checkpoint's KL to the original model on them
+    #                                    (passes/quantize.py HeldOut); 0: no check
 
 
 @dataclass
@@ -506,6 +509,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     for k in ("samples", "seq_len", "batch_size"):
         if getattr(cal, k) < 1:
             raise ConfigError(file, f"calibration.{k}", f"must be a positive integer, got {getattr(cal, k)}")
+    if cal.check_samples < 0:
+        raise ConfigError(file, "calibration.check_samples", f"must be 0 (no check) or a positive integer, got "
+                          f"{cal.check_samples}")
     if cal.source not in ("self",) and not cal.source.startswith("hf:"):
         src = Path(cal.source).expanduser()
         if base is not None and not src.is_absolute():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -286,5 +287,24 @@ def leave() -> None:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+            import atexit
+            atexit.register(_exit_without_finalizing)
     global _PATIENT
     _PATIENT = None
+
+
+def _exit_without_finalizing() -> None:
+    """The last step of a torchrun process whose run succeeded and whose group is torn down: flush
+    and leave without the interpreter's and C++'s teardown. Gloo's worker threads can still hold
+    work objects then, and their release during that teardown aborts the process (pytorch/pytorch
+    #179291); here a finished rank died so twice under a loaded test suite ("terminate called without
+    an active exception", SIGABRT), which torchrun reports as a failed run. Registered by `leave`
+    last, so it runs first of the exit handlers; the logging handlers and stdio are flushed here."""
+    import logging
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)

@@ -7,6 +7,7 @@ quantize sweep is then about one layer's weights plus the calibration activation
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -179,6 +180,35 @@ def release_outside(model) -> None:
             outside += [m for n, m in parent.named_children() if n != path[depth]]
         for mod in outside:
             mod.to("meta")
+
+
+@contextlib.contextmanager
+def head_loaded(model):
+    """The final norm and lm_head, which release_outside sent back to disk, read again for the
+    with-block (the compile's check at the head), then released: the modules get back the very
+    parameters they had, so a tied lm_head stays tied to the embeddings. A tied lm_head reads the
+    embeddings' tensor (its own key is not in the files). Nothing to do for an ordinary model."""
+    if not is_lazy(model):
+        yield
+        return
+    fam = family_of(model)
+    src = model._quantc_source
+    kept = []
+    try:
+        for path in (fam.norms.final, fam.head):
+            mod = model.get_submodule(path)
+            for leaf, p in list(mod._parameters.items()):
+                if p is None or not p.is_meta:
+                    continue
+                key = f"{path}.{leaf}"
+                read = key if key in src.index or path != fam.head else fam.embed + ".weight"
+                kept.append((mod, leaf, p))
+                mod._parameters[leaf] = nn.Parameter(src.get(read), requires_grad=False)
+        yield
+    finally:
+        for mod, leaf, p in kept:
+            mod._parameters[leaf] = p
+        trim_heap()
 
 
 def materialize_all(model) -> None:

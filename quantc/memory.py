@@ -90,7 +90,8 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
     `resources.offload_activations`); `gathers`: rank 0 of a distributed run, which gathers every
     rank's rows of the resume points after each layer (in host memory: the parts, then their
     concatenation, of x̂ and with QEP x in sweep 2, of the calibration stream in sweep 1).
-    - quantize (sweep 2): x̂ in/out, with QEP x in/out, one layer's cached attention/MLP inputs, and
+    - quantize (sweep 2): x̂ in/out, with QEP x in/out, one layer's cached attention/MLP inputs, rank 0's
+      held-out check streams (through the original and the quantized layers, in/out), and
       with QEP the original layer's input of every group (taken in one forward before the layer's
       weights change and held until that group's δ is summed: passes/quantize.py reference_inputs;
       they stay where the activations live, so offloading does not remove them);
@@ -110,6 +111,9 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
         quantize += tokens * (hidden + attn + hidden + inter) * act_bytes   # q/k/v, o, gate/up, down inputs
     if gathers and ranks > 1 and cfg.method != "rtn":
         quantize += 2 * c.samples * c.seq_len * hidden * act_bytes * (2 if cfg.qep_alpha > 0 else 1)
+    if (gathers or ranks == 1) and cfg.method != "rtn" and not offload:
+        # rank 0's held-out check (passes/quantize.py HeldOut): its two streams, each in and out of a layer
+        quantize += 4 * c.check_samples * c.seq_len * hidden * act_bytes
     measure = 0
     if not cfg.uniform:
         p = cfg.plan

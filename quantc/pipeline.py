@@ -144,6 +144,31 @@ def calibrate(cfg: Config, tokenizer, model, world) -> torch.Tensor:
     return world.broadcast(sample() if world.main else None, 0, patient=True) if world.active else sample()
 
 
+def held_out(cfg: Config, tokenizer, model, place: Placement, offload: Path | None):
+    """The compile's check (passes/quantize.py HeldOut): `calibration.check_samples` sequences that no
+    pass calibrates on, as the first decoder layer's inputs (taken before release_outside sends the
+    embeddings back to disk), or None when the source has no text left after the calibration's.
+    Sampled from the model (`self`), they are kept beside the calibration's sample like it."""
+    from .calibration.data import check_tokens, self_tokens
+    from .passes.quantize import HeldOut
+    from .planning import cache_dir
+    cal = cfg.calibration
+    if cal.source == "self":
+        toks = self_tokens(dataclasses.replace(cal, samples=cal.check_samples, seed=cal.seed + 1), tokenizer, model,
+                           place.device, source_identity(cfg.model, cfg.gguf_file, cfg.revision, model),
+                           cache_dir().parent / "calibration")
+    else:
+        toks = check_tokens(cal, tokenizer, model)
+    if toks.shape[0] == 0:
+        log.warning("%s: calibration.source has no document left after the calibration's %d; the compile has "
+                    "no held-out check (add text, or lower calibration.samples)", cfg.source_file or "config",
+                    cal.samples)
+        return None
+    hidden, kwargs = capture_layer0_inputs(model, toks, cfg.calibration.batch_size)
+    acts = Activations(hidden, kwargs, cfg.calibration.batch_size, offload, place)
+    return HeldOut(toks, acts, acts.like(acts.hidden))
+
+
 
 def plan_only(cfg: Config, progress: bool = True, offload: Path | None = None, budget_key: str | None = None):
     """`quantc plan`: check → preflight → fetch → load → calibrate → measure (or read the cache) → allocate.
@@ -207,6 +232,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     plan = None
     chosen = None
     tokens = None
+    check = None                   # the held-out check's streams (rank 0, GPTQ compiles)
     if plan_file is not None or not cfg.uniform:
         from .planning import make_plan, read_plan
         if plan_file is not None:
@@ -234,13 +260,13 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
                          + source_identity(cfg.model, cfg.gguf_file, cfg.revision, model).encode())   # the weights
     ckpt = Checkpoint(tmp, key.hexdigest()[:24]) if world.main else None
 
-    def layer_done(i, results, x_hat=None, x_ref=None):   # the layer's shard, then the resume point
+    def layer_done(i, results, x_hat=None, x_ref=None, check=None):   # the layer's shard, then the resume point
         hat = world.gather_rows(x_hat.hidden) if x_hat is not None else None   # every rank's rows, on rank 0
         ref = world.gather_rows(x_ref.hidden) if x_ref is not None else None
         if world.main:
             ckpt.save_layer(i, layer_tensors(model, i, results, options, dtype))
             if hat is not None:
-                ckpt.save_state(i, hat, ref)
+                ckpt.save_state(i, hat, ref, (check.ref.hidden, check.hat.hidden) if check is not None else None)
         fault_point(i, world.rank)
 
     if cfg.method == "rtn":
@@ -248,6 +274,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
     else:
         bs = cfg.calibration.batch_size
         hidden, kwargs = capture_layer0_inputs(model, world.local_rows(tokens, bs), bs)   # this rank's batches
+        if world.main and cfg.calibration.check_samples:
+            check = held_out(cfg, tokenizer, model, place, offload)
         release_outside(model)
         start, ref = 0, None
         resumed = ckpt.load() if world.main else None
@@ -257,6 +285,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
             ref_hidden = world.scatter_rows(resumed[2] if resumed else None, bs)
             ref = Activations(ref_hidden, kwargs, bs, offload, place) if ref_hidden is not None else None
             del ref_hidden
+            if check is not None and resumed[3] is not None:     # the held-out streams where they were
+                check.ref, check.hat = (check.ref.like(t) for t in resumed[3])
         del resumed
         acts = Activations(hidden, kwargs, bs, offload, place)
         # handed over: no name here keeps the first layer's inputs (nor, offloaded, their RAM copy)
@@ -265,8 +295,19 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         quantize_gptq(model, acts, options, damp=cfg.damp,
                       qep_alpha=cfg.qep_alpha, true_sequential=cfg.true_sequential,
                       block_size=cfg.block_size, start_layer=start, ref_acts=ref,
-                      on_layer=layer_done, progress=progress, place=place, release_inputs=True)
+                      on_layer=layer_done, progress=progress, place=place, release_inputs=True, check=check)
     timings["quantize_s"] = time.perf_counter() - t
+    checked = None
+    if check is not None:               # the checkpoint against the original model, on text no pass saw
+        from .lazy import head_loaded
+        from .passes.measure import divergence
+        t = time.perf_counter()
+        with head_loaded(model):
+            checked = divergence(model, check.tokens, check.ref, check.hat, place)
+        check = None
+        if plan is not None:
+            checked["predicted_delta_kl"] = plan.predicted.get("delta_kl")
+        timings["check_s"] = time.perf_counter() - t
     traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
     solves = streams = None
     if world.active:             # every rank: a collective. None: the sweep did not run here (a cached
@@ -313,6 +354,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         "modules": modules,
         "skipped": skipped,
         "rotation": rotate.rotation_record(model, dtype),
+        "check": checked,
         "timings": timings,
         "distributed": {"processes": world.size, "rank0_bytes": traffic, "solves_per_rank": solves,
                         "held_out_streams_per_rank": streams}

@@ -6,7 +6,8 @@ The quantize sweep's lives inside the staging folder (`.OUT.partial/resume/`).
 After every decoder layer: that layer's final checkpoint tensors as a shard (`layer-I.safetensors`,
 packed, in the export dtype: the exporter assembles the artifact from these, so the sweep keeps no
 layer's codes in memory), the activations entering the next layer (`acts-I.safetensors`, I the next
-layer), and `state.json` with the compile's key, the next layer and its activations file. A rerun of
+layer), and `state.json` with the compile's key, the next layer and its activations file; with the compile's check (passes/quantize.py HeldOut) the activations
+file also holds the held-out streams through the original and the quantized layers. A rerun of
 the same compile (same model files, config, plan, calibration and compute placement: `key`) continues
 after the last finished layer.
 
@@ -23,7 +24,8 @@ import os
 from pathlib import Path
 
 log = logging.getLogger("quantc")
-FORMAT = 3          # 3: state.json names its activations file (2: one acts.safetensors; 1: raw codes)
+FORMAT = 4          # 4: the check's held-out streams beside x̂ and x; 3: state.json names its activations
+#                     file (2: one acts.safetensors; 1: raw codes)
 
 
 class Checkpoint:
@@ -34,7 +36,8 @@ class Checkpoint:
         return self.dir / f"layer-{i}.safetensors"
 
     def load(self):
-        """(next layer, x̂, x or None) of an interrupted run of the same compile, else None."""
+        """(next layer, x̂, x or None, the check's (original, quantized) streams or None) of an interrupted
+        run of the same compile, else None."""
         from safetensors.torch import load_file
         state = self.dir / "state.json"
         if not state.is_file():
@@ -45,19 +48,23 @@ class Checkpoint:
             return None
         acts = load_file(str(self.dir / st["acts"]))
         log.warning("resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
-        return st["next_layer"], acts["x_hat"], acts.get("x_ref")
+        check = (acts["check_ref"], acts["check_hat"]) if "check_ref" in acts else None
+        return st["next_layer"], acts["x_hat"], acts.get("x_ref"), check
 
     def save_layer(self, i: int, tensors: dict) -> None:
         from safetensors.torch import save_file
         self.dir.mkdir(exist_ok=True)
         _atomic(lambda p: save_file(tensors, str(p), metadata={"format": "pt"}), self.shard(i))
 
-    def save_state(self, i: int, x_hat, x_ref) -> None:
-        """The inputs of layer i + 1 (x̂, and x for QEP: whole tensors, every rank's rows)."""
+    def save_state(self, i: int, x_hat, x_ref, check=None) -> None:
+        """The inputs of layer i + 1 (x̂, and x for QEP: whole tensors, every rank's rows; `check`: the
+        held-out streams' (original, quantized))."""
         from safetensors.torch import save_file
         acts = {"x_hat": x_hat.contiguous()}
         if x_ref is not None:
             acts["x_ref"] = x_ref.contiguous()
+        if check is not None:
+            acts["check_ref"], acts["check_hat"] = (t.contiguous() for t in check)
         name = f"acts-{i + 1}.safetensors"
         _atomic(lambda p: save_file({k: v.cpu() for k, v in acts.items()}, str(p)), self.dir / name)
         _atomic(lambda p: p.write_text(json.dumps({"key": self.key, "next_layer": i + 1, "acts": name})),

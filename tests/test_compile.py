@@ -175,7 +175,7 @@ def test_true_sequential_replay_matches_full_forward(tiny_models, calib_file):
         acts = Activations(hidden, kw, 4)
         seen = {}
         quantize_gptq(model, acts, {n: Option(3, 32) for n in linear_names(model)}, progress=False,
-                      on_layer=lambda i, r, xh, xr: seen.__setitem__(i, xh))
+                      on_layer=lambda i, r, xh, xr, chk: seen.__setitem__(i, xh))
         x = acts
         for i, layer in enumerate(decoder_layers(model)):
             x = x.through(layer)                     # plain forward of the quantized layer

@@ -172,7 +172,7 @@ def test_replay_matches_full_forward_and_layer_kinds(fam_models, calib_file, kin
     acts = Activations(hidden, kw, 4)
     seen = {}
     quantize_gptq(model, acts, {n: Option(3, 32) for n in linear_names(model)}, progress=False,
-                  on_layer=lambda i, r, xh, xr: seen.__setitem__(i, xh))
+                  on_layer=lambda i, r, xh, xr, chk: seen.__setitem__(i, xh))
     x = acts
     for i, layer in enumerate(layers):
         x = x.through(layer)

@@ -33,6 +33,8 @@ calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
     for f in ("model.safetensors", "config.json", "quantize_config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert not (tmp_path / ".b.partial").exists()
+    checks = [json.loads((tmp_path / d / "quantc.json").read_text())["check"] for d in "ab"]
+    assert checks[0]["kl"] > 0 and checks[0] == checks[1]      # the held-out streams resumed where they were
 
 
 def test_changed_config_does_not_resume(tmp_path, tiny_tokenizer, calib_file):
@@ -84,8 +86,8 @@ def test_a_death_between_the_resume_files_resumes_consistently(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         ck.save_state(1, torch.randn(2, 3, 4), None)
     monkeypatch.undo()
-    nxt, x_hat, x_ref = ck.load()
-    assert nxt == 1 and torch.equal(x_hat, first) and x_ref is None
+    nxt, x_hat, x_ref, check = ck.load()
+    assert nxt == 1 and torch.equal(x_hat, first) and x_ref is None and check is None
     ck.save_state(1, x_hat + 1, None)                   # the next point replaces it, and only one file stays
     assert ck.load()[0] == 2 and len(list(ck.dir.glob("acts-*.safetensors"))) == 1
 

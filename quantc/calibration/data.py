@@ -69,6 +69,35 @@ def calibration_tokens(cal, tokenizer, model=None, device: torch.device | None =
     return t
 
 
+def check_tokens(cal, tokenizer, model=None, device: torch.device | None = None) -> torch.Tensor:
+    """int64 [check_samples, seq_len]: the compile's held-out check sequences, which no pass calibrates
+    on (possibly fewer rows, or none, when the source runs out). From a document source (.jsonl, hf:),
+    the windows of the `check_samples` documents after the calibration's: the same draw with more
+    samples, whose first `samples` rows are the calibration's. From a .txt file, windows drawn the same
+    way, which may overlap the calibration's. From `self`, sequences the model samples with the next
+    seed (a draw of their own, so the calibration's tokens stay those of a compile without a check)."""
+    import dataclasses
+    if cal.check_samples < 1:
+        return torch.zeros(0, cal.seq_len, dtype=torch.int64)
+    if cal.source == "self":
+        return calibration_tokens(dataclasses.replace(cal, samples=cal.check_samples, seed=cal.seed + 1),
+                                  tokenizer, model, device)
+    more = dataclasses.replace(cal, samples=cal.samples + cal.check_samples)
+    with _quiet(log):                 # the calibration's own draw already warned of a short source
+        t = _calibration_tokens(more, tokenizer, model, device)
+    return t[cal.samples:]
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
 def _calibration_tokens(cal, tokenizer, model=None, device: torch.device | None = None) -> torch.Tensor:
     if cal.source == "self":
         if model is None:

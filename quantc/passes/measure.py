@@ -183,6 +183,24 @@ class Head:
         return kl / self.positions, dloss / self.positions
 
 
+@torch.no_grad()
+def divergence(model, tokens: torch.Tensor, ref: Activations, hat: Activations, place: Placement = CPU) -> dict:
+    """The compile's check at the head (passes/quantize.py HeldOut): KL(original ‖ quantized) and Δ of the
+    next-token loss per token, over every second position as the measurement's Head compares, from
+    the final hidden states of the original (`ref`) and the quantized (`hat`) model on `tokens`. One
+    sequence at a time, so only one sequence's vocabulary-sized arrays are alive."""
+    kl = dloss = 0.0
+    positions, bs = 0, ref.batch_size
+    for j, ((r, kw), (h, _)) in enumerate(zip(ref.batches(), hat.batches())):
+        for row in range(r.shape[0]):
+            head = Head(model, tokens[j * bs + row: j * bs + row + 1], place)
+            head.set_reference(Activations(r[row:row + 1], [kw], 1, None, place))
+            k, d = head.compare(Activations(h[row:row + 1], [kw], 1, None, place))
+            kl, dloss, positions = kl + k * head.positions, dloss + d * head.positions, positions + head.positions
+    return {"sequences": int(tokens.shape[0]), "positions": positions, "kl": kl / max(positions, 1),
+            "delta_loss": dloss / max(positions, 1)}
+
+
 def _effective_rank(h: torch.Tensor) -> tuple[float, float]:
     """Entropy effective rank of the token × hidden matrix, and its top-k energy share (singular values
     from the eigenvalues of the hidden × hidden Gram matrix: far cheaper than an SVD of the tokens)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -119,6 +120,19 @@ def _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha, true_seque
     return layer_results, x_hat, x_ref
 
 
+@dataclass
+class HeldOut:
+    """The compile's check (`calibration.check_samples`): held-out sequences that no pass calibrates on,
+    carried through every original decoder layer (`ref`, before the layer's weights change) and every
+    quantized one (`hat`). At the head they give the checkpoint's KL to the original model
+    (passes/measure.py divergence): the number the plan's predicted ΔKL stands for, measured on text
+    that neither the measurement nor GPTQ saw. Rank 0 alone carries them; they cost two forwards of a
+    few sequences per layer."""
+    tokens: torch.Tensor
+    ref: Activations
+    hat: Activations
+
+
 def _shrink(res: QuantResult) -> None:
     """Keep only what the exporter needs: the integers as uint8 (values < 256) on the CPU, no float copy."""
     res.weight = None
@@ -201,15 +215,16 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
                   qep_alpha: float = 0.0, true_sequential: bool = True, block_size: int = 128,
                   start_layer: int = 0, ref_acts: Activations | None = None,
                   on_layer: Callable | None = None, progress: bool = True, place: Placement = CPU,
-                  release_inputs: bool = False) -> None:
+                  release_inputs: bool = False, check: HeldOut | None = None) -> None:
     """Quantize every linear named in `options` in place (on the default CPU placement the weights
     are replaced by their dequantized values). `acts` are the quantized model's inputs of decoder
     layer `start_layer` (`ref_acts` the original model's, for QEP; the same at layer 0).
-    `on_layer(i, results, x_hat, x_ref)` takes each finished layer's {name: QuantResult} (on the CPU)
-    and the next layer's inputs, once the layer is released (the shard and resume point are written
+    `on_layer(i, results, x_hat, x_ref, check)` takes each finished layer's {name: QuantResult} (on the
+    CPU) and the next layer's inputs, once the layer is released (the shard and resume point are written
     there); nothing is kept here, so memory holds one layer's codes, not the model's. With
     `release_inputs` the caller hands `acts` and `ref_acts` over: their hidden states are released once
-    the first layer has read them, so the sweep holds its live streams only, not a stale one beside."""
+    the first layer has read them, so the sweep holds its live streams only, not a stale one beside.
+    `check`: the held-out streams, moved on through each layer as it was and as it is quantized."""
     layers = decoder_layers(model)
     fam = family_of(model)
     x_hat = acts
@@ -217,8 +232,12 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
     bar = tqdm(range(start_layer, len(layers)), desc="GPTQ layers", disable=not progress)
     for i in bar:
         with decoder_layer(model, i, place) as layer:       # lazy models: this layer's weights come from disk now
+            if check is not None:
+                check.ref = check.ref.through(layer)        # the original layer: no weight has changed yet
             layer_results, x_hat, x_ref = _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha,
                                                           true_sequential, block_size, place, fam)
+            if check is not None:
+                check.hat = check.hat.through(layer)        # the layer as its quantized weights make it
         if release_inputs:              # the first layer's inputs are read: the outputs replace them
             for a in (acts, ref_acts):
                 if a is not None and a is not x_hat and a is not x_ref:
@@ -228,5 +247,5 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
             res.cpu()
             res.weight = None           # the float copy (on the device) is not needed past here
         if on_layer is not None:
-            on_layer(i, layer_results, x_hat, x_ref)
+            on_layer(i, layer_results, x_hat, x_ref, check)
         del layer_results               # written to its shard: nothing of this layer stays
