@@ -56,7 +56,8 @@ def linear_bytes(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------- jobs (subprocess)
 
-def job_quantc(method: str, cfg: str, out: Path) -> dict:
+def job_quantc(method: str, cfg: str, out: Path, check_samples: int | None = None) -> dict:
+    """One quantc compile of the protocol (`check_samples`: the held-out check's size, else quantc's default)."""
     from quantc.config import parse_config
     from quantc.pipeline import compile_model
     bits, gs, sym = CONFIGS[cfg]
@@ -67,7 +68,8 @@ def job_quantc(method: str, cfg: str, out: Path) -> dict:
         # error propagation off: this row is GPTQ itself, as GPTQModel runs it (the QEP row is quantc's default)
         quant.update(QUANTC_GPTQ, qep_alpha=0.0)
     raw = {"model": str(model), "quant": quant,
-           "calibration": {"source": str(data), "samples": 128, "seq_len": 512, "seed": 0}}
+           "calibration": {"source": str(data), "samples": 128, "seq_len": 512, "seed": 0,
+                           **({"check_samples": check_samples} if check_samples is not None else {})}}
     t = time.perf_counter()
     m = compile_model(parse_config(raw, "bench"), out, force=True, progress=False)
     return {"quantize_s": m["timings"]["quantize_s"], "total_s": time.perf_counter() - t,
@@ -140,7 +142,7 @@ def job_kl(folder: str) -> dict:
 def run_job(argv: list[str]) -> None:
     kind = argv[0]
     if kind == "quantc":
-        res = job_quantc(argv[1], argv[2], Path(argv[3]))
+        res = job_quantc(argv[1], argv[2], Path(argv[3]), int(argv[4]) if len(argv) > 4 else None)
     elif kind == "gptqmodel":
         res = job_gptqmodel(argv[1], Path(argv[2]))
     elif kind == "kl":

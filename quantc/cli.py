@@ -255,7 +255,9 @@ def plan_cmd(ctx, budget, out, avg_bits, memory):
     # the measurement quantizes each unit alone on the original model's inputs: error propagation, which
     # corrects each layer for the error before it, is not in the prediction (RESULTS.md: bench_mixed's KL check)
     table.add_row("predicted ΔKL", f"{p['delta_kl']:.4f} nats/token"
-                  + (" (plain GPTQ's: QEP, quant.qep_alpha, usually lowers it)" if cfg.qep_alpha > 0 else ""))
+                  + (" (plain GPTQ's: QEP, quant.qep_alpha, usually lowers it)" if cfg.qep_alpha > 0 else "")
+                  + ("; the compile measures the real one on held-out text" if cfg.calibration.check_samples
+                     and cfg.method != "rtn" else ""))
     bits = {}
     for o in plan.choices.values():
         bits[o.bits] = bits.get(o.bits, 0) + 1
@@ -516,6 +518,8 @@ def inspect_cmd(artifact, modules):
                   f"from {m['source']['model']} in {m['timings'].get('total_s', 0):.0f} s")
     if isinstance(m.get("rotation"), dict):
         console.print(f"rotation: {_rotation_line(m['rotation'])}")
+    if isinstance(m.get("check"), dict):
+        console.print(f"held-out check: {_check_line(m['check'])}")
 
 
 @main.command("verify")

@@ -304,10 +304,11 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         t = time.perf_counter()
         with head_loaded(model):
             checked = divergence(model, check.tokens, check.ref, check.hat, place)
-        check = None
         if plan is not None:
             checked["predicted_delta_kl"] = plan.predicted.get("delta_kl")
+        timings["check_forward_s"] = check.seconds     # inside quantize_s (a resumed run: its own layers')
         timings["check_s"] = time.perf_counter() - t
+        check = None
     traffic["quantize"] = distributed.TRAFFIC.total() - traffic.get("plan", 0)
     solves = streams = None
     if world.active:             # every rank: a collective. None: the sweep did not run here (a cached

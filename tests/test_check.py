@@ -65,6 +65,7 @@ def test_the_check_changes_no_byte_of_the_checkpoint(tmp_path, tiny_models, docs
         outs[n] = compile_model(parse_config(raw(tiny_models["llama"], docs, check_samples=n), "t.yaml"),
                                 tmp_path / f"c{n}", progress=False)
     assert outs[0]["check"] is None and "check_s" not in outs[0]["timings"]
+    assert outs[2]["timings"]["check_forward_s"] > 0
     assert outs[2]["check"]["sequences"] == 2
     for f in ("model.safetensors", "config.json", "quantize_config.json"):
         assert (tmp_path / "c0" / f).read_bytes() == (tmp_path / "c2" / f).read_bytes(), f

@@ -146,6 +146,8 @@ calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
     assert "bits per module" in r.output and "quantc" in r.output
+    kl = json.loads((out / "quantc.json").read_text())["check"]["kl"]
+    assert f"held-out check: KL to the original model {kl:.4f} nats/token" in " ".join(r.output.split())
     lines = [ln for ln in r.output.splitlines() if ln.strip().startswith(("│ 0", "│ 1", "┃ 0", "┃ 1"))]
     assert any(" 8 " in ln for ln in lines) and any(" 4 " in ln for ln in lines)
 

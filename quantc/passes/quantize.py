@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -131,6 +132,7 @@ class HeldOut:
     tokens: torch.Tensor
     ref: Activations
     hat: Activations
+    seconds: float = 0.0          # spent on the two forwards per layer (the manifest's timings.check_forward_s)
 
 
 def _shrink(res: QuantResult) -> None:
@@ -233,11 +235,15 @@ def quantize_gptq(model: nn.Module, acts: Activations, options: dict[str, Option
     for i in bar:
         with decoder_layer(model, i, place) as layer:       # lazy models: this layer's weights come from disk now
             if check is not None:
+                t = time.perf_counter()
                 check.ref = check.ref.through(layer)        # the original layer: no weight has changed yet
+                check.seconds += time.perf_counter() - t
             layer_results, x_hat, x_ref = _quantize_layer(i, layer, x_hat, x_ref, options, damp, qep_alpha,
                                                           true_sequential, block_size, place, fam)
             if check is not None:
+                t = time.perf_counter()
                 check.hat = check.hat.through(layer)        # the layer as its quantized weights make it
+                check.seconds += time.perf_counter() - t
         if release_inputs:              # the first layer's inputs are read: the outputs replace them
             for a in (acts, ref_acts):
                 if a is not None and a is not x_hat and a is not x_ref:
