@@ -64,7 +64,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
     prepare(args.model, None)
-    cmd = "python -m benchmarks.bench_check " + shlex.join(sys.argv[1:])
+    cmd = " ".join(["python -m benchmarks.bench_check", shlex.join(sys.argv[1:])]).strip()
     rows = []
     for c in args.configs.split(","):
         for qep in (float(q) for q in args.qep.split(",")):
