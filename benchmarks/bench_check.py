@@ -106,8 +106,8 @@ def main() -> None:
                      f"{(o['kl'] - s['kl']) / s['kl']:+.2%} | {r['kl']['c4']['kl']:.4f} | "
                      f"{r['kl']['wikitext']['kl']:.4f} | {r['ppl']:.2f} |")
     if off:
-        lines += ["", "The same compile (QEP off) with `calibration.check_samples: 0`, run in this benchmark after the "
-                  "row above (same machine, one job at a time; seconds vary by a few % between runs):", "",
+        lines += ["", "The same compile (QEP off) with `calibration.check_samples: 0`, run by this benchmark on the same "
+                  "machine as the row above, one job at a time (seconds vary by a few % between runs):", "",
                   "| config | quantize s, check off | quantize s, check on (above) |", "|---|---|---|"]
         for c, q in off.items():
             on = next((r["quantize_s"] for r in rows if r["config"] == c and r["qep"] == 0), None)

@@ -149,13 +149,13 @@ def held_out(cfg: Config, tokenizer, model, place: Placement, offload: Path | No
     pass calibrates on, as the first decoder layer's inputs (taken before release_outside sends the
     embeddings back to disk), or None when the source has no text left after the calibration's.
     Sampled from the model (`self`), they are kept beside the calibration's sample like it."""
-    from .calibration.data import check_tokens, self_tokens
+    from .calibration.data import check_tokens, self_check, self_tokens
     from .passes.quantize import HeldOut
     from .planning import cache_dir
     cal = cfg.calibration
     if cal.source == "self":
-        toks = self_tokens(dataclasses.replace(cal, samples=cal.check_samples, seed=cal.seed + 1), tokenizer, model,
-                           place.device, source_identity(cfg.model, cfg.gguf_file, cfg.revision, model),
+        toks = self_tokens(self_check(cal), tokenizer, model, place.device,
+                           source_identity(cfg.model, cfg.gguf_file, cfg.revision, model),
                            cache_dir().parent / "calibration")
     else:
         toks = check_tokens(cal, tokenizer, model)

@@ -80,12 +80,17 @@ def check_tokens(cal, tokenizer, model=None, device: torch.device | None = None)
     if cal.check_samples < 1:
         return torch.zeros(0, cal.seq_len, dtype=torch.int64)
     if cal.source == "self":
-        return calibration_tokens(dataclasses.replace(cal, samples=cal.check_samples, seed=cal.seed + 1),
-                                  tokenizer, model, device)
+        return calibration_tokens(self_check(cal), tokenizer, model, device)
     more = dataclasses.replace(cal, samples=cal.samples + cal.check_samples)
     with _quiet(log):                 # the calibration's own draw already warned of a short source
         t = _calibration_tokens(more, tokenizer, model, device)
     return t[cal.samples:]
+
+
+def self_check(cal):
+    """The draw of a `self` calibration's check sequences: `check_samples` of them with the next seed."""
+    import dataclasses
+    return dataclasses.replace(cal, samples=cal.check_samples, seed=cal.seed + 1)
 
 
 @contextlib.contextmanager
