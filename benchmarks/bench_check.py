@@ -71,12 +71,12 @@ def main() -> None:
             j = uniform_job(c, qep)
             q, e, folder = run_uniform(c, qep)
             k = run_kl(j["kl"], folder)
-            own = json.loads((folder / "quantc.json").read_text()).get("check")
+            m = json.loads((folder / "quantc.json").read_text())
+            own = m.get("check")
             if own is None:
                 raise SystemExit(f"{folder}: its compile ran without the held-out check (an older cache entry): "
                                  f"delete {keyed(j['compile'])}.json in benchmarks/work and run again")
             same = cached(f"{j['compile']}-same", lambda: subprocess_job(["same", str(folder)], "benchmarks.bench_check"))
-            m = json.loads((folder / "quantc.json").read_text())
             rows.append({"config": c, "qep": qep, "quantize_s": m["timings"]["quantize_s"],
                          "check_s": m["timings"]["check_s"], "forward_s": m["timings"].get("check_forward_s"),
                          "own": own, "same": same, "kl": k, "ppl": e["ppl"]})
