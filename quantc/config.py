@@ -195,6 +195,8 @@ def parse_size(value: Any, file: str, key: str) -> int:
         n = float(m.group(1)) * _UNITS[m.group(2).lower() or "b"]
     if not 0 < n < float("inf"):                   # NaN and inf too
         raise ConfigError(file, key, f"must be positive and finite, got {value!r}")
+    if int(n) < 1:
+        raise ConfigError(file, key, f"{value!r} is less than one byte; give a size such as 48MiB")
     return int(n)
 
 
@@ -223,6 +225,8 @@ def _typed(d: dict, allowed: dict, file: str, prefix: str) -> dict:
                 raise ConfigError(file, key, f"{v!r} is a string, not a number; write it without quotes: {v.strip()}")
             if isinstance(v, str) and list in types and "," in v:        # `bits: 4, 8` (YAML reads one string)
                 raise ConfigError(file, key, f"{v!r} is one string; write a list: {k}: [{v.strip()}]")
+            if isinstance(v, float) and v.is_integer() and int in types:             # `samples: 128.0`
+                raise ConfigError(file, key, f"{v!r} is not an integer; write {int(v)}")
             if isinstance(v, int) and not isinstance(v, bool) and types == (str,):   # e.g. an all-digit commit hash
                 raise ConfigError(file, key, f"{v!r} was read as a number; write it in quotes: {k}: '{v}'")
             form = f"; write it as `{_SECTION_FORM[key]}`" if key in _SECTION_FORM else ""
@@ -394,7 +398,7 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     bits = [_bits(b, file, "quant.bits", grid) for b in _as_list(q.get("bits", 4))]
     groups = [_group(g, file, "quant.group_size") for g in _as_list(q.get("group_size", 128))]
     if not bits or not groups:
-        raise ConfigError(file, "quant.bits", "needs at least one candidate")
+        raise ConfigError(file, "quant.bits" if not bits else "quant.group_size", "needs at least one candidate")
     # quantc's defaults: act-order with static groups (g_idx stays i // group_size) and the clipped grid
     shared = {"act_order": True, "static_groups": True, "mse": True,
               **{k: q[k] for k in ("sym", "act_order", "static_groups", "mse") if k in q}}
@@ -509,6 +513,11 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     for k in ("samples", "seq_len", "batch_size"):
         if getattr(cal, k) < 1:
             raise ConfigError(file, f"calibration.{k}", f"must be a positive integer, got {getattr(cal, k)}")
+    if not 0 <= cal.seed < 2**63 - 1:               # torch.manual_seed's range, with `self`'s check at seed + 1
+        raise ConfigError(file, "calibration.seed", f"must be an integer from 0 to {2**63 - 2}, got {cal.seed}")
+    if "check_samples" in c and cfg.method == "rtn":
+        raise ConfigError(file, "calibration.check_samples", "has no effect with method: rtn (the held-out check "
+                          "runs in GPTQ's sweep); remove it, or use method: gptq")
     if cal.check_samples < 0:
         raise ConfigError(file, "calibration.check_samples", f"must be 0 (no check) or a positive integer, got "
                           f"{cal.check_samples}")
@@ -521,6 +530,9 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
                               "(field `text`) or .txt file, `hf:<dataset>[:config[:split]]`, or `self`")
         if src.suffix.lower() not in (".jsonl", ".txt", ".json"):
             raise ConfigError(file, "calibration.source", f"{cal.source!r}: expected a .jsonl, .json or .txt file")
+        if src.suffix.lower() == ".txt" and "text_field" in c:
+            raise ConfigError(file, "calibration.text_field", "has no effect: a .txt source is plain text, with no "
+                              "fields; remove text_field, or use a .jsonl source")
         cal.source = str(src)
     cfg.calibration = cal
 

@@ -141,7 +141,9 @@ def check_weight_files(path: str, gguf_file: str | None = None, allow_pickle: bo
         return
     pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
     if not pickles:
-        raise QuantcError(f"{path}: no weight files (*.safetensors) in the model folder")
+        ggufs = sorted(f.name for f in folder.glob("*.gguf"))
+        hint = f"; for the GGUF file, set model.gguf_file: {ggufs[0]}" if ggufs else ""
+        raise QuantcError(f"{path}: no weight files (*.safetensors) in the model folder{hint}")
     if not allow_pickle:
         raise QuantcError(
             f"{path}: the weights are pickled ({', '.join(pickles[:3])}) and quantc does not unpickle by default "

@@ -160,9 +160,10 @@ def held_out(cfg: Config, tokenizer, model, place: Placement, offload: Path | No
     else:
         toks = check_tokens(cal, tokenizer, model)
     if toks.shape[0] == 0:
-        log.warning("%s: calibration.source has no document left after the calibration's %d; the compile has "
+        room = " (a .txt source: no window's room between the calibration's)" if cal.source.endswith(".txt") else ""
+        log.warning("%s: calibration.source has no document left after the calibration's %d%s; the compile has "
                     "no held-out check (add text, or lower calibration.samples)", cfg.source_file or "config",
-                    cal.samples)
+                    cal.samples, room)
         return None
     hidden, kwargs = capture_layer0_inputs(model, toks, cfg.calibration.batch_size)
     acts = Activations(hidden, kwargs, cfg.calibration.batch_size, offload, place)

@@ -35,7 +35,11 @@ def skeleton(cfg: Config):
     try:
         config = AutoConfig.from_pretrained(cfg.model, **kw)
     except (OSError, ValueError) as e:
-        raise QuantcError(f"{cfg.model}: cannot read the model config: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        msg = f"{cfg.model}: cannot read the model config: {str(e).splitlines()[0] if str(e) else e!r}"
+        if not Path(cfg.model).exists():       # config.py took it for a hub id: perhaps a mistyped folder
+            msg += (f" (read as a Hugging Face hub id: no folder {cfg.model!r} exists beside "
+                    f"{cfg.source_file or 'the config'}; if you meant a local folder, check `model`)")
+        raise QuantcError(msg) from None
     check_supported(config.model_type, cfg.model)
     try:
         with torch.device("meta"):
@@ -74,13 +78,14 @@ def check_patterns(cfg: Config, model) -> None:
 
 
 def check_calibration(cfg: Config) -> None:
-    """The calibration source now: its format, then its tokens (remembered, so the compile does not
-    tokenize again): too short, no long-enough document, longer than the model's context."""
+    """The calibration source now: its format, then its tokens, the held-out check's included
+    (remembered, so the compile does not read, stream or tokenize again): too short, no long-enough
+    document, a bad line or row anywhere in what the compile will read."""
     from .calibration.data import calibration_tokens, check_source
     from .model import load_tokenizer
     cal = cfg.calibration
     check_source(cal)
-    if cal.source == "self" or cal.source.startswith("hf:"):
+    if cal.source == "self":
         return
     calibration_tokens(cal, load_tokenizer(cfg.model, cfg.gguf_file, cfg.trust_remote_code))
 

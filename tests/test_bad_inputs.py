@@ -453,3 +453,22 @@ def test_unexpected_errors_are_one_line_unless_verbose(tmp_path, tiny_models, mo
     assert "second line" not in r.output and not (tmp_path / ".out.partial").exists()
     r = CliRunner().invoke(main, ["-v", "compile", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "out")])
     assert isinstance(r.exception, RuntimeError)
+
+
+def test_a_mistyped_local_folder_read_as_a_hub_id_says_so(tmp_path, monkeypatch):
+    """`model: modles/x` looks like a hub id (org/name), so config.py takes it for one; when the hub has
+    no such model the error names the missing local folder and the key to check."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")             # fail at once, whatever the network
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    r = compile_(tmp_path, "model: modles/smollm2-135m-instruct\n")
+    check(r, "modles/smollm2-135m-instruct: cannot read the model config", "read as a Hugging Face hub id",
+          "if you meant a local folder, check `model`")
+
+
+def test_a_gguf_folder_without_gguf_file_names_the_key(tmp_path, tiny_models):
+    m = tmp_path / "m"
+    m.mkdir()
+    shutil.copy(tiny_models["llama"] / "config.json", m / "config.json")
+    (m / "tiny.Q4_0.gguf").write_bytes(b"GGUF")
+    r = compile_(tmp_path, f"model: {m}\n")
+    check(r, "no weight files (*.safetensors)", "set model.gguf_file: tiny.Q4_0.gguf")

@@ -83,3 +83,103 @@ def test_check_samples_must_not_be_negative(tiny_models, docs):
     from quantc.errors import ConfigError
     with pytest.raises(ConfigError, match=r"calibration\.check_samples.*0 \(no check\)"):
         parse_config(raw(tiny_models["llama"], docs, check_samples=-1), "t.yaml")
+
+
+def test_calibration_and_check_read_the_source_once(tiny_models, docs, monkeypatch, caplog):
+    """One draw gives both: a streamed `hf:` dataset is read once per process, not once for the
+    preflight, once for the calibration and once for the check; the calibration's rows are those of a
+    draw without a check, and a source that runs out only in the check's rows does not warn."""
+    import dataclasses
+    from quantc.calibration import data
+    texts = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
+    reads = []
+
+    def stream(source, field):
+        reads.append(source)
+        yield from texts
+    monkeypatch.setattr(data, "_hf_docs", stream)
+    tok = load_tokenizer(str(tiny_models["llama"]))
+    cal = parse_config(raw(tiny_models["llama"], docs, check_samples=3), "t.yaml").calibration
+    cal = dataclasses.replace(cal, source="hf:someone/text")
+    calib = calibration_tokens(cal, tok)
+    held = check_tokens(cal, tok)
+    assert torch.equal(calibration_tokens(cal, tok), calib)
+    assert reads == ["hf:someone/text"]
+    alone = calibration_tokens(dataclasses.replace(cal, check_samples=0), tok)
+    assert torch.equal(calib, alone) and held.shape == (3, 48)
+    assert not any(torch.equal(h, c) for h in held for c in calib)
+    # the last two documents left for a check of three: fewer rows, no warning
+    short = dataclasses.replace(cal, samples=len(texts) - 2)
+    with caplog.at_level("WARNING", logger="quantc"):
+        assert check_tokens(short, tok).shape == (2, 48)
+        assert calibration_tokens(short, tok).shape == (len(texts) - 2, 48)
+    assert "documents have" not in caplog.text
+
+
+def test_a_text_files_check_windows_overlap_no_calibration_window(tmp_path, tiny_models):
+    """A .txt source has no documents: its check windows are drawn on from the same generator, and
+    any that would share a token position with a calibration window is drawn again."""
+    from quantc.calibration.data import windows_from_text
+    tok = load_tokenizer(str(tiny_models["llama"]))
+    text = corpus(3000, seed=2)
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    calib = windows_from_text(text, tok, 20, 32, 0, "t")
+    both = windows_from_text(text, tok, 20, 32, 0, "t", more=4)
+    assert torch.equal(both[:20], calib) and both.shape == (24, 32)     # the calibration's rows unchanged
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    starts = {}
+    for row in both.tolist():      # each row's start in the text (rows are distinct windows of it)
+        starts.setdefault(tuple(row), [s for s in range(n - 31) if ids[s:s + 32] == row][0])
+    cal_starts = [starts[tuple(r)] for r in both[:20].tolist()]
+    for r in both[20:].tolist():
+        assert all(abs(starts[tuple(r)] - c) >= 32 for c in cal_starts)
+    # a text with no room left between the calibration's windows: no check rows, the calibration as before
+    short = " ".join(text.split()[:60])
+    full = windows_from_text(short, tok, 30, 32, 0, "t", more=4)
+    assert full.shape[0] < 34 and torch.equal(full[:30], windows_from_text(short, tok, 30, 32, 0, "t"))
+
+
+def test_a_json_file_may_hold_one_array_of_documents(tmp_path, tiny_models, docs):
+    texts = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
+    arr = tmp_path / "docs.json"
+    arr.write_text(json.dumps([{"text": t} for t in texts], indent=2))
+    tok = load_tokenizer(str(tiny_models["llama"]))
+    a = parse_config(raw(tiny_models["llama"], arr, check_samples=2), "t.yaml").calibration
+    b = parse_config(raw(tiny_models["llama"], docs, check_samples=2), "t.yaml").calibration
+    assert torch.equal(calibration_tokens(a, tok), calibration_tokens(b, tok))
+    assert torch.equal(check_tokens(a, tok), check_tokens(b, tok))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"text": texts[0]}, {"body": "x"}]))
+    from quantc.errors import QuantcError
+    with pytest.raises(QuantcError, match=r"bad.json: item 1 of the array has no string field 'text' \(it has "
+                                          r"'body'\); set calibration.text_field"):
+        calibration_tokens(parse_config(raw(tiny_models["llama"], bad), "t.yaml").calibration, tok)
+
+
+def test_the_preflight_reads_the_checks_documents_too(tmp_path, tiny_models, docs):
+    """A bad line among the check's documents stops the compile before the model loads, as one among
+    the calibration's does, not after the measurement."""
+    from quantc.errors import QuantcError
+    from quantc.preflight import check_calibration
+    lines = docs.read_text().splitlines()
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(lines[:8] + ["{not json"] + lines[8:]) + "\n")
+    ok = parse_config(raw(tiny_models["llama"], src, samples=6, check_samples=2), "t.yaml")
+    check_calibration(ok)                                   # rows 1-8 hold every document it reads
+    with pytest.raises(QuantcError, match=r"d.jsonl:9: not valid JSON"):
+        check_calibration(parse_config(raw(tiny_models["llama"], src, samples=6, check_samples=3), "t.yaml"))
+
+
+def test_an_hf_dataset_without_the_text_field_names_the_key(monkeypatch, tiny_models, docs):
+    import sys
+    import types
+    from quantc.errors import QuantcError
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config, split, streaming: iter([{"content": "a b c", "id": 1}])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    import dataclasses
+    cal = dataclasses.replace(parse_config(raw(tiny_models["llama"], docs), "t.yaml").calibration,
+                              source="hf:someone/code")
+    with pytest.raises(QuantcError, match=r"'hf:someone/code': row 0 has no string field 'text' \(it has "
+                                          r"'content', 'id'\); set calibration.text_field"):
+        calibration_tokens(cal, load_tokenizer(str(tiny_models["llama"])))

@@ -79,6 +79,12 @@ BAD = [
     ("model: {M}\nquant: {units: per_linear}\n", "`quant.units`: 'per_linear' is not known"),
     ("model: {M}\nbudget: {max_delta_loss: .nan}\n", "`budget.max_delta_loss`: must be a number ≥ 0"),
     ("model: {M}\noverrides: [{match: q_proj, skip: true, bits: 8}]\n", "`overrides[0]`: skip: true keeps"),
+    ("model: {M}\ncalibration: {seed: 99999999999999999999999}\n", "`calibration.seed`: must be an integer from 0"),
+    ("model: {M}\ncalibration: {seed: -1}\n", "`calibration.seed`: must be an integer from 0"),
+    ("model: {M}\nbudget: {memory: 0.5}\n", "`budget.memory`: 0.5 is less than one byte"),
+    ("model: {M}\nquant: {group_size: []}\n", "`quant.group_size`: needs at least one candidate"),
+    ("model: {M}\ncalibration: {samples: 128.0}\n", "`calibration.samples`: 128.0 is not an integer; write 128"),
+    ("model: {M}\nquant: {method: rtn}\ncalibration: {check_samples: 4}\n", "`calibration.check_samples`: has no effect"),
 ]
 
 
@@ -462,3 +468,10 @@ def test_the_largest_candidate_counts_per_channel_as_the_coarsest(tiny_models):
     assert cfg.default_option.group_size == 128
     assert cfg.default_option.bytes_for(256, 256) > Option(8, -1).bytes_for(256, 256)
     assert min(cfg.candidates, key=lambda o: o.size_order).group_size == -1
+
+
+def test_a_text_field_for_a_plain_text_source_is_refused(tmp_path, tiny_models, calib_file):
+    p = tmp_path / "budget.yaml"
+    p.write_text(f"model: {tiny_models['llama']}\ncalibration: {{source: {calib_file}, text_field: body}}\n")
+    with pytest.raises(ConfigError, match=r"`calibration.text_field`: has no effect: a .txt source is plain text"):
+        load_config(p)

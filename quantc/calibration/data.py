@@ -1,11 +1,13 @@
 """Calibration sequences: N windows of `seq_len` tokens, reproducible from a seed.
 
-Sources: a .jsonl file (one JSON object per line with a text field), a .txt file, a Hugging Face
+Sources: a .jsonl file (one JSON object per line with a text field; a .json file may also hold one
+array of such objects), a .txt file, a Hugging Face
 dataset (`hf:name[:config[:split]]`, needs the `datasets` package and network), or `self`:
 sequences sampled from the model itself, so a compile needs nothing but the model.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -19,23 +21,29 @@ from ..errors import QuantcError
 log = logging.getLogger("quantc")
 
 
-_MEMO: dict = {}     # tokens of a calibration file, by file identity, settings and tokenizer (see preflight)
+_MEMO: dict = {}     # the last draw of a text source (calibration rows + check rows), by identity and settings
 
 
 def _memo_key(cal, tokenizer):
-    if cal.source == "self" or cal.source.startswith("hf:"):
+    """A text source's draw is remembered for the process: the preflight's early read, the calibration
+    and the held-out check then cost one read of a file and one stream of an `hf:` dataset."""
+    if cal.source == "self":
         return None
-    try:
-        st = Path(cal.source).stat()
-    except OSError:
-        return None
-    return (cal.source, st.st_size, st.st_mtime_ns, cal.samples, cal.seq_len, cal.seed, cal.text_field,
-            type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    ident = (cal.source,)
+    if not cal.source.startswith("hf:"):
+        try:
+            st = Path(cal.source).stat()
+        except OSError:
+            return None
+        ident = (cal.source, st.st_size, st.st_mtime_ns)
+    return ident + (cal.samples, cal.check_samples, cal.seq_len, cal.seed, cal.text_field,
+                    type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
 
 
 def check_source(cal) -> None:
-    """The calibration source's format, read in full now (a second or two), not after the model has
-    loaded: an empty file, a line that is not JSON or lacks the text field, a file that is not UTF-8."""
+    """The calibration source's format now, not after the model has loaded: an empty file, a file that
+    is not UTF-8, a first document that is not JSON or lacks the text field (the preflight's draw
+    then reads every document the compile will use: preflight.check_calibration)."""
     if cal.source == "self":
         return
     if cal.source.startswith("hf:"):
@@ -46,7 +54,7 @@ def check_source(cal) -> None:
     path = Path(cal.source)
     try:
         if path.suffix.lower() in (".jsonl", ".json"):
-            if not any(text.strip() for text in _jsonl_docs(path, cal.text_field)):
+            if not any(text.strip() for text in _json_docs(path, cal.text_field)):
                 raise QuantcError(f"{path}: the calibration file has no text (empty, or every {cal.text_field!r} "
                                   "is empty); add documents or use calibration.source: self")
         elif not path.read_text(encoding="utf-8").strip():
@@ -56,35 +64,40 @@ def check_source(cal) -> None:
 
 
 def calibration_tokens(cal, tokenizer, model=None, device: torch.device | None = None) -> torch.Tensor:
-    """int64 [samples, seq_len] calibration tokens for a `Calibration` config (a file's tokens are
-    remembered for the process: the preflight's early check costs the compile nothing). `device`:
-    the compile's device, where `self` samples when the model fits there (sampling_device)."""
-    key = _memo_key(cal, tokenizer)
-    if key is not None and key in _MEMO:
-        return _MEMO[key].clone()
-    t = _calibration_tokens(cal, tokenizer, model, device)
-    if key is not None:
-        _MEMO.clear()
-        _MEMO[key] = t.clone()
-    return t
+    """int64 [samples, seq_len] calibration tokens for a `Calibration` config. `device`: the compile's
+    device, where `self` samples when the model fits there (sampling_device)."""
+    if cal.source == "self":
+        return _calibration_tokens(cal, tokenizer, model, device)
+    return _drawn(cal, tokenizer)[:cal.samples]
 
 
 def check_tokens(cal, tokenizer, model=None, device: torch.device | None = None) -> torch.Tensor:
     """int64 [check_samples, seq_len]: the compile's held-out check sequences, which no pass calibrates
     on (possibly fewer rows, or none, when the source runs out). From a document source (.jsonl, hf:),
     the windows of the `check_samples` documents after the calibration's: the same draw with more
-    samples, whose first `samples` rows are the calibration's. From a .txt file, windows drawn the same
-    way, which may overlap the calibration's. From `self`, sequences the model samples with the next
-    seed (a draw of their own, so the calibration's tokens stay those of a compile without a check)."""
-    import dataclasses
+    samples, whose first `samples` rows are the calibration's. From a .txt file, windows drawn on from
+    the same generator that overlap no calibration window. From `self`, sequences the model samples
+    with the next seed (a draw of their own, so the calibration's tokens stay those of a compile
+    without a check)."""
     if cal.check_samples < 1:
         return torch.zeros(0, cal.seq_len, dtype=torch.int64)
     if cal.source == "self":
         return calibration_tokens(self_check(cal), tokenizer, model, device)
-    more = dataclasses.replace(cal, samples=cal.samples + cal.check_samples)
-    with _quiet(log):                 # the calibration's own draw already warned of a short source
-        t = _calibration_tokens(more, tokenizer, model, device)
-    return t[cal.samples:]
+    return _drawn(cal, tokenizer)[cal.samples:]
+
+
+def _drawn(cal, tokenizer) -> torch.Tensor:
+    """A text source's one draw: the calibration's `samples` rows, then up to `check_samples` more (the
+    check's). Rows are drawn one after the other from one seeded generator, so the first `samples` are
+    those of a draw without a check."""
+    key = _memo_key(cal, tokenizer)
+    if key is not None and key in _MEMO:
+        return _MEMO[key].clone()
+    t = _calibration_tokens(cal, tokenizer, more=max(cal.check_samples, 0))
+    if key is not None:
+        _MEMO.clear()
+        _MEMO[key] = t.clone()
+    return t
 
 
 def self_check(cal):
@@ -93,17 +106,10 @@ def self_check(cal):
     return dataclasses.replace(cal, samples=cal.check_samples, seed=cal.seed + 1)
 
 
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger):
-    old = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
-def _calibration_tokens(cal, tokenizer, model=None, device: torch.device | None = None) -> torch.Tensor:
+def _calibration_tokens(cal, tokenizer, model=None, device: torch.device | None = None,
+                        more: int = 0) -> torch.Tensor:
+    """`cal.samples` rows (a text source: and up to `more` rows after them; a short source warns only
+    when the calibration's own rows run out)."""
     if cal.source == "self":
         if model is None:
             raise QuantcError("calibration.source `self` needs the model")
@@ -124,16 +130,41 @@ def _calibration_tokens(cal, tokenizer, model=None, device: torch.device | None 
             release_all(model)
     if cal.source.startswith("hf:"):
         docs = _hf_docs(cal.source, cal.text_field)
-        return windows_from_docs(docs, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.source)
+        return windows_from_docs(docs, tokenizer, cal.samples, cal.seq_len, cal.seed, cal.source, more)
     path = Path(cal.source)
     if path.suffix.lower() in (".jsonl", ".json"):
-        return windows_from_docs(_jsonl_docs(path, cal.text_field), tokenizer, cal.samples, cal.seq_len,
-                                 cal.seed, str(path))
+        return windows_from_docs(_json_docs(path, cal.text_field), tokenizer, cal.samples, cal.seq_len,
+                                 cal.seed, str(path), more)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise QuantcError(f"{path}: not a UTF-8 text file (byte {e.start}); save it as UTF-8") from None
-    return windows_from_text(text, tokenizer, cal.samples, cal.seq_len, cal.seed, str(path))
+    return windows_from_text(text, tokenizer, cal.samples, cal.seq_len, cal.seed, str(path), more)
+
+
+def _json_docs(path: Path, field: str):
+    """The text field of each object of a JSON Lines file, or of a .json file that holds one array."""
+    if path.suffix.lower() == ".json":
+        with path.open(encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("["):
+            yield from _json_array_docs(path, field)
+            return
+    yield from _jsonl_docs(path, field)
+
+
+def _json_array_docs(path: Path, field: str):
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise QuantcError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); calibration.source takes JSON Lines "
+                          f'or one array of objects such as [{{"{field}": "..."}}]') from None
+    for i, obj in enumerate(rows):
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            has = f" (it has {', '.join(map(repr, list(obj)[:5]))})" if isinstance(obj, dict) and obj else ""
+            raise QuantcError(f"{path}: item {i} of the array has no string field {field!r}{has}; "
+                              "set calibration.text_field")
+        yield obj[field]
 
 
 def _jsonl_docs(path: Path, field: str):
@@ -144,7 +175,8 @@ def _jsonl_docs(path: Path, field: str):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise QuantcError(f"{path}:{i}: not valid JSON ({e.msg}); expected one object per line") from None
+                raise QuantcError(f"{path}:{i}: not valid JSON ({e.msg}); calibration.source takes JSON Lines, "
+                                  "one object per line (or, in a .json file, one array of objects)") from None
             if isinstance(obj, list):
                 raise QuantcError(f"{path}:{i}: a JSON array; quantc reads JSON Lines: one object per line, "
                                   f'such as {{"{field}": "..."}}')
@@ -166,12 +198,18 @@ def _hf_docs(source: str, field: str):
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # network, unknown dataset: one clear message
         raise QuantcError(f"calibration.source {source!r}: cannot load the dataset ({e})") from None
-    for row in ds:
+    for i, row in enumerate(ds):
+        if not isinstance(row.get(field), str):
+            has = f" (it has {', '.join(map(repr, list(row)[:5]))})" if row else ""
+            raise QuantcError(f"calibration.source {source!r}: row {i} has no string field {field!r}{has}; "
+                              "set calibration.text_field")
         yield row[field]
 
 
-def windows_from_docs(docs, tokenizer, samples: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
-    """Documents with at least seq_len tokens, in order; one random window from each."""
+def windows_from_docs(docs, tokenizer, samples: int, seq_len: int, seed: int, where: str,
+                      more: int = 0) -> torch.Tensor:
+    """Documents with at least seq_len tokens, in order; one random window from each: `samples` of
+    them, and up to `more` after them while documents last (the held-out check's)."""
     rng = random.Random(seed)
     out = []
     for text in docs:
@@ -180,7 +218,7 @@ def windows_from_docs(docs, tokenizer, samples: int, seq_len: int, seed: int, wh
             continue
         start = rng.randint(0, len(ids) - seq_len)
         out.append(ids[start:start + seq_len])
-        if len(out) == samples:
+        if len(out) == samples + more:
             break
     if not out:
         raise QuantcError(f"{where}: no document has {seq_len} tokens; lower calibration.seq_len or add text")
@@ -190,14 +228,30 @@ def windows_from_docs(docs, tokenizer, samples: int, seq_len: int, seed: int, wh
     return torch.tensor(out, dtype=torch.int64)
 
 
-def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
+def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: int, where: str,
+                      more: int = 0) -> torch.Tensor:
+    """`samples` random windows of the text, then up to `more` (the held-out check's) that overlap none
+    of them, drawn on from the same generator: the first `samples` rows do not depend on `more`. A
+    text with no room left between the calibration's windows gives fewer check rows, or none."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < seq_len:
         raise QuantcError(f"{where}: the calibration text has {len(ids)} tokens, shorter than one sequence "
                           f"of {seq_len}; add text or lower calibration.seq_len")
     rng = random.Random(seed)
     starts = [rng.randint(0, len(ids) - seq_len) for _ in range(samples)]
-    return torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.int64)
+    taken = sorted(starts)
+    held = []
+    for _ in range(CHECK_TRIES * more):
+        if len(held) == more:
+            break
+        s = rng.randint(0, len(ids) - seq_len)
+        k = bisect.bisect(taken, s)          # the calibration windows starting nearest below and above s
+        if (k == 0 or s - taken[k - 1] >= seq_len) and (k == len(taken) or taken[k] - s >= seq_len):
+            held.append(s)
+    return torch.tensor([ids[s:s + seq_len] for s in starts + held], dtype=torch.int64).reshape(-1, seq_len)
+
+
+CHECK_TRIES = 64        # random starts tried per check window of a .txt source before it gives up
 
 
 def self_tokens(cal, tokenizer, model, device: torch.device | None, identity: str, folder: Path) -> torch.Tensor:
