@@ -11,7 +11,8 @@ protocol of bench_gptq).
 For each candidate variant (`bits`: today's 2-asym/3/4/8 at g128; `wide`: `candidates: wide`;
 `wide-rot`: the wide set with `quant.rotate: hadamard`; `vllm`: `serve: [vllm]`, what vLLM's GPTQ-Marlin
 runs, at the 4-bit size only) and each predictor (plan.predictor; `fisher-qdR` = fisher with
-`plan.qep_discount: R`, measured for the QEP α of --qep): measures
+`plan.qep_discount: R`, measured for the QEP α of --qep; `fisher-hN` = fisher with a held-out slice of
+N sequences, `plan.alpha_samples: N`): measures
 once (sweep 1, cached), re-plans from the cache for each budget, compiles each plan (QEP rows: the
 first predictor, or --qep-predictors, for --qep-variants, by default the first variant), and evaluates every checkpoint through `quantc.load` in float32 on
 WikiText-2.
@@ -61,16 +62,24 @@ REACHABLE = {"vllm": ("4b",)}
 
 
 def plan_settings(predictor: str, check: bool = True) -> dict:
-    """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R. With
-    `check`, fisher runs carry the uniform plans too (plan.check_uniform), for the table of the
-    predictor's scale."""
-    name, _, discount = predictor.partition("-qd")
-    return {"predictor": name, **({"qep_discount": float(discount)} if discount else {}),
-            **({"check_uniform": True} if check and name == "fisher" else {})}
+    """A predictor label's `plan:` settings: `fisher-qdR` is fisher with plan.qep_discount R,
+    `fisher-hN` fisher with N held-out sequences (plan.alpha_samples); both may be given, as
+    `fisher-h16-qd0.4`. With `check`, fisher runs carry the uniform plans too (plan.check_uniform),
+    for the table of the predictor's scale."""
+    name, *mods = predictor.split("-")
+    s = {"predictor": name}
+    for m in mods:
+        if m.startswith("qd"):
+            s["qep_discount"] = float(m[2:])
+        elif m.startswith("h"):
+            s["alpha_samples"] = int(m[1:])
+        else:
+            raise ValueError(f"{m!r} in {predictor!r}")
+    return {**s, **({"check_uniform": True} if check and name == "fisher" else {})}
 
 
 def _plan_settings_or_none(predictor: str) -> dict | None:
-    """plan_settings, or None for a label that names no predictor (or no number after -qd)."""
+    """plan_settings, or None for a label that names no predictor (or no number after -qd or -h)."""
     try:
         s = plan_settings(predictor)
     except ValueError:
@@ -208,7 +217,7 @@ def main() -> None:
     for p in predictors:                 # before any work: a label the plan jobs could not read
         if _plan_settings_or_none(p) is None:
             ap.error(f"--predictors: {p!r} is not one of {', '.join(PREDICTORS)}, or fisher-qdR with R a number "
-                     "(plan.qep_discount)")
+                     "(plan.qep_discount), or fisher-hN with N an integer (plan.alpha_samples)")
     prepare(args.model, "mixed-*" if args.fresh else None)
     sizes = budget_sizes()
     budgets = {b: sizes[b] for b in args.budgets.split(",")}
@@ -368,7 +377,12 @@ def write(rows, plans, fp, sizes, cmd) -> None:
              + ("".join(f" *{p}* = fisher with `plan.qep_discount: {plan_settings(p)['qep_discount']:g}`: the backward "
                         "sweep scales the gradient into every linear's input by 1 − α·ρ (α the QEP of its rows), so an "
                         "error is weighted by what error propagation leaves of it."
-                        for p in dict.fromkeys(p for _, p in plans) if "qep_discount" in plan_settings(p))), "",
+                        for p in dict.fromkeys(p for _, p in plans) if "qep_discount" in plan_settings(p)))
+             + ("".join(f" *{p}* = fisher with a held-out slice of {plan_settings(p)['alpha_samples']} sequences "
+                        "(`plan.alpha_samples`; the default is 4): the slice on which the sample units' ΔKL, the "
+                        "probes and the head are measured, the last rows of the calibration draw, which sweep 1 "
+                        "does not calibrate on."
+                        for p in dict.fromkeys(p for _, p in plans) if "alpha_samples" in plan_settings(p))), "",
              "| candidates | predictor | measurement (sweep 1) | × bits' | re-plan from the cache | peak RSS |",
              "|---|---|---|---|---|---|"]
     for (v, p), plan in plans.items():

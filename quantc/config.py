@@ -513,9 +513,10 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     for k in ("samples", "seq_len", "batch_size"):
         if getattr(cal, k) < 1:
             raise ConfigError(file, f"calibration.{k}", f"must be a positive integer, got {getattr(cal, k)}")
-    if not 0 <= cal.seed < 2**63 - 1:               # torch.manual_seed's range, with `self`'s check at seed + 1
-        raise ConfigError(file, "calibration.seed", f"must be an integer from 0 to {2**63 - 2}, got {cal.seed}")
-    if "check_samples" in c and cfg.method == "rtn":
+    if not -2**63 <= cal.seed < 2**64 - 1:          # torch.manual_seed's range, with `self`'s check at seed + 1
+        raise ConfigError(file, "calibration.seed", f"must be an integer from {-2**63} to {2**64 - 2}, got "
+                          f"{cal.seed}")
+    if c.get("check_samples", 0) > 0 and cfg.method == "rtn":
         raise ConfigError(file, "calibration.check_samples", "has no effect with method: rtn (the held-out check "
                           "runs in GPTQ's sweep); remove it, or use method: gptq")
     if cal.check_samples < 0:
@@ -530,7 +531,7 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
                               "(field `text`) or .txt file, `hf:<dataset>[:config[:split]]`, or `self`")
         if src.suffix.lower() not in (".jsonl", ".txt", ".json"):
             raise ConfigError(file, "calibration.source", f"{cal.source!r}: expected a .jsonl, .json or .txt file")
-        if src.suffix.lower() == ".txt" and "text_field" in c:
+        if src.suffix.lower() == ".txt" and c.get("text_field", "text") != "text":
             raise ConfigError(file, "calibration.text_field", "has no effect: a .txt source is plain text, with no "
                               "fields; remove text_field, or use a .jsonl source")
         cal.source = str(src)

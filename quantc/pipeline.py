@@ -160,7 +160,7 @@ def held_out(cfg: Config, tokenizer, model, place: Placement, offload: Path | No
     else:
         toks = check_tokens(cal, tokenizer, model)
     if toks.shape[0] == 0:
-        room = " (a .txt source: no window's room between the calibration's)" if cal.source.endswith(".txt") else ""
+        room = " (a .txt source: no window's room between the calibration's)" if cal.source.lower().endswith(".txt") else ""
         log.warning("%s: calibration.source has no document left after the calibration's %d%s; the compile has "
                     "no held-out check (add text, or lower calibration.samples)", cfg.source_file or "config",
                     cal.samples, room)

@@ -458,8 +458,10 @@ def test_unexpected_errors_are_one_line_unless_verbose(tmp_path, tiny_models, mo
 def test_a_mistyped_local_folder_read_as_a_hub_id_says_so(tmp_path, monkeypatch):
     """`model: modles/x` looks like a hub id (org/name), so config.py takes it for one; when the hub has
     no such model the error names the missing local folder and the key to check."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")             # fail at once, whatever the network
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)       # fail at once, whatever the network (read at import,
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")              # so the module's constant, and the variable for later
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))   # readers)
     r = compile_(tmp_path, "model: modles/smollm2-135m-instruct\n")
     check(r, "modles/smollm2-135m-instruct: cannot read the model config", "read as a Hugging Face hub id",
           "if you meant a local folder, check `model`")

@@ -1,5 +1,6 @@
 """The compile's held-out check: the checkpoint's KL to the original model on sequences that no pass
 calibrates on, measured during the quantize sweep (passes/quantize.py HeldOut)."""
+import itertools
 import json
 
 import pytest
@@ -93,6 +94,7 @@ def test_calibration_and_check_read_the_source_once(tiny_models, docs, monkeypat
     from quantc.calibration import data
     texts = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
     reads = []
+    data._MEMO.clear()                  # a draw remembered by another test of this process
 
     def stream(source, field):
         reads.append(source)
@@ -114,6 +116,9 @@ def test_calibration_and_check_read_the_source_once(tiny_models, docs, monkeypat
         assert check_tokens(short, tok).shape == (2, 48)
         assert calibration_tokens(short, tok).shape == (len(texts) - 2, 48)
     assert "documents have" not in caplog.text
+    # and a source that runs out in the calibration's own rows does
+    calibration_tokens(dataclasses.replace(cal, samples=len(texts) + 1), tok)
+    assert f"only {len(texts)} documents have 48 tokens; calibrating on {len(texts)} samples" in caplog.text
 
 
 def test_a_text_files_check_windows_overlap_no_calibration_window(tmp_path, tiny_models):
@@ -133,16 +138,21 @@ def test_a_text_files_check_windows_overlap_no_calibration_window(tmp_path, tiny
     cal_starts = [starts[tuple(r)] for r in both[:20].tolist()]
     for r in both[20:].tolist():
         assert all(abs(starts[tuple(r)] - c) >= 32 for c in cal_starts)
-    # a text with no room left between the calibration's windows: no check rows, the calibration as before
-    short = " ".join(text.split()[:60])
+    for a, b in itertools.combinations([starts[tuple(r)] for r in both[20:].tolist()], 2):
+        assert abs(a - b) >= 32                                          # nor each other
+    # a text shorter than two windows: any two windows overlap, so no check rows; the calibration as before
+    words = text.split()
+    k = next(k for k in range(len(words)) if len(tok(" ".join(words[:k]), add_special_tokens=False)["input_ids"]) >= 40)
+    short = " ".join(words[:k])
+    assert len(tok(short, add_special_tokens=False)["input_ids"]) < 64
     full = windows_from_text(short, tok, 30, 32, 0, "t", more=4)
-    assert full.shape[0] < 34 and torch.equal(full[:30], windows_from_text(short, tok, 30, 32, 0, "t"))
+    assert torch.equal(full, windows_from_text(short, tok, 30, 32, 0, "t"))
 
 
 def test_a_json_file_may_hold_one_array_of_documents(tmp_path, tiny_models, docs):
     texts = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
     arr = tmp_path / "docs.json"
-    arr.write_text(json.dumps([{"text": t} for t in texts], indent=2))
+    arr.write_text("\ufeff" + json.dumps([{"text": t} for t in texts], indent=2), encoding="utf-8")   # a BOM too
     tok = load_tokenizer(str(tiny_models["llama"]))
     a = parse_config(raw(tiny_models["llama"], arr, check_samples=2), "t.yaml").calibration
     b = parse_config(raw(tiny_models["llama"], docs, check_samples=2), "t.yaml").calibration

@@ -36,8 +36,17 @@ def _memo_key(cal, tokenizer):
         except OSError:
             return None
         ident = (cal.source, st.st_size, st.st_mtime_ns)
-    return ident + (cal.samples, cal.check_samples, cal.seq_len, cal.seed, cal.text_field,
-                    type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    return ident + (cal.samples, cal.check_samples, cal.seq_len, cal.seed, cal.text_field, _vocab_key(tokenizer))
+
+
+def _vocab_key(tokenizer):
+    """The tokenizer by what it maps, not by where it was read: a hub model's tokenizer is read by its
+    id in the preflight and from its downloaded folder in the compile."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    return (type(tokenizer).__name__, len(tokenizer), hash(frozenset(vocab.items())))
 
 
 def check_source(cal) -> None:
@@ -145,7 +154,7 @@ def _calibration_tokens(cal, tokenizer, model=None, device: torch.device | None 
 def _json_docs(path: Path, field: str):
     """The text field of each object of a JSON Lines file, or of a .json file that holds one array."""
     if path.suffix.lower() == ".json":
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:      # -sig: a byte-order mark, as editors may write
             head = f.read(4096).lstrip()
         if head.startswith("["):
             yield from _json_array_docs(path, field)
@@ -155,7 +164,7 @@ def _json_docs(path: Path, field: str):
 
 def _json_array_docs(path: Path, field: str):
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise QuantcError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); calibration.source takes JSON Lines "
                           f'or one array of objects such as [{{"{field}": "..."}}]') from None
@@ -168,7 +177,7 @@ def _json_array_docs(path: Path, field: str):
 
 
 def _jsonl_docs(path: Path, field: str):
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -231,7 +240,7 @@ def windows_from_docs(docs, tokenizer, samples: int, seq_len: int, seed: int, wh
 def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: int, where: str,
                       more: int = 0) -> torch.Tensor:
     """`samples` random windows of the text, then up to `more` (the held-out check's) that overlap none
-    of them, drawn on from the same generator: the first `samples` rows do not depend on `more`. A
+    of them nor each other, drawn on from the same generator: the first `samples` rows do not depend on `more`. A
     text with no room left between the calibration's windows gives fewer check rows, or none."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < seq_len:
@@ -248,6 +257,7 @@ def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: in
         k = bisect.bisect(taken, s)          # the calibration windows starting nearest below and above s
         if (k == 0 or s - taken[k - 1] >= seq_len) and (k == len(taken) or taken[k] - s >= seq_len):
             held.append(s)
+            bisect.insort(taken, s)          # nor another check window
     return torch.tensor([ids[s:s + seq_len] for s in starts + held], dtype=torch.int64).reshape(-1, seq_len)
 
 
