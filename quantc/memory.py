@@ -155,8 +155,10 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
     plus the larger of the capture (the Hessians' sums — sweep 2: one input group's, every group's of a
     layer with true_sequential: false; sweep 1: a layer's — and a batch's forward buffers) and the
     solves (float32 Hessians, the Cholesky, one stack of options, sweep 1's codes of the units solved
-    before the current one), and the runtime. The export adds no term: it writes one tensor at a time
-    (tensorfile.write), the largest of which is one of the weights already counted."""
+    before the current one), and the runtime. After the sweeps, rank 0's held-out check compares one
+    sequence's logits at a time (`check`), in place of the sweep's working set when it is larger (a
+    large vocabulary beside a small calibration). The export adds no term: it writes one tensor at a
+    time (tensorfile.write), the largest of which is one of the weights already counted."""
     folder = Path(cfg.model)
     cfgp = folder / "config.json"
     try:
@@ -213,9 +215,14 @@ def memory_estimate(cfg: Config, ranks: int = 1, gathers: bool = True) -> dict |
         solve = max(4 * every + work(largest), 4 * kept + work(second) + k * layer_weights)
     layer = max(sums + max(batch, 4 * largest * qep), solve)
     runtime = RUNTIME_BYTES                                   # the process itself: torch, transformers, the skeleton
+    c = cfg.calibration
+    # the held-out check's comparison at the end of a GPTQ compile (rank 0), once the sweep's activations,
+    # layer and Hessians are gone: one sequence's vocabulary-sized float32 arrays over its compared
+    # positions (passes/measure.py Head: z_ref and p, then a comparison's logit shift)
+    check = 3 * (c.seq_len // 2) * vocab * 4 if gathers and cfg.method != "rtn" and c.check_samples > 0 else 0
     return {"weights": n * 4, "activations": acts, "measurement": measure, "quantize": quantize,
             "hessians": hess, "working": batch, "solve": solve, "layer": layer, "runtime": runtime,
-            "total": n * 4 + acts + layer + runtime}
+            "check": check, "total": n * 4 + max(acts + layer, check) + runtime}
 
 
 RUNTIME_BYTES = 500 * 2**20     # measured: python + torch + transformers + a meta skeleton ≈ 474 MiB
@@ -250,6 +257,8 @@ def check_memory(cfg: Config) -> None:
              est["layer"] / 2**30, est["runtime"] / 2**30, per,
              f"{avail / 2**30:.2f} GiB" if avail else "unknown")
     if avail is not None and host > avail:
+        check = (f"; then, in place of the last two, the held-out check's comparison {est['check'] / 2**30:.2f} GiB"
+                 if est["check"] > est["activations"] + est["layer"] else "")
         rank0 = f"rank 0 {est['total'] / 2**30:.2f} GiB, the others " if has_rank0 else ""
         many = (f" ({local} processes on this host: {rank0}"
                 f"{one / 2**30:.2f} GiB each; start fewer with torchrun --nproc-per-node, or spread them with "
@@ -257,7 +266,7 @@ def check_memory(cfg: Config) -> None:
         raise QuantcError(f"{cfg.source_file}: the compile needs about {host / 2**30:.2f} GiB{many} but only "
                           f"{avail / 2**30:.2f} GiB is available (weights {est['weights'] / 2**30:.2f} GiB, "
                           f"calibration activations {est['activations'] / 2**30:.2f} GiB, Hessians and solves "
-                          f"{est['layer'] / 2**30:.2f} GiB); {_advice(cfg, est)}")
+                          f"{est['layer'] / 2**30:.2f} GiB{check}); {_advice(cfg, est)}")
 
 
 def _advice(cfg: Config, est: dict) -> str:
@@ -274,6 +283,9 @@ def _advice(cfg: Config, est: dict) -> str:
         if whole:
             return "; ".join(whole) + "; then the decoder layers load one at a time"
         return "free memory, or run on a host with more"
+    if est["check"] > est["activations"] + est["layer"]:
+        return ("set calibration.check_samples: 0 (the held-out check compares one sequence's logits over the "
+                "vocabulary at the end), or lower calibration.seq_len, or free memory")
     if est["activations"] >= est["layer"]:
         off = "" if cfg.offload_activations else "set resources.offload_activations: true, or "
         return f"{off}lower calibration.samples or calibration.seq_len, or free memory"

@@ -475,3 +475,34 @@ def test_a_text_field_for_a_plain_text_source_is_refused(tmp_path, tiny_models, 
     p.write_text(f"model: {tiny_models['llama']}\ncalibration: {{source: {calib_file}, text_field: body}}\n")
     with pytest.raises(ConfigError, match=r"`calibration.text_field`: has no effect: a .txt source is plain text"):
         load_config(p)
+
+
+def test_memory_estimate_counts_the_checks_comparison_where_it_is_the_peak(tmp_path, tiny_models, monkeypatch):
+    """After the sweeps, rank 0 compares the held-out check's logits one sequence at a time: with a
+    large vocabulary beside a small calibration that is the compile's peak, and the estimate says so,
+    as does a refusal's advice. RTN compiles and check_samples: 0 run no check."""
+    import quantc.memory
+    from quantc.errors import QuantcError
+    from quantc.memory import check_memory, memory_estimate
+    src, m = tiny_models["llama"], tmp_path / "m"
+    m.mkdir()
+    (m / "model.safetensors").symlink_to(src / "model.safetensors")      # the estimate reads its header only
+    mc = json.loads((src / "config.json").read_text())
+    mc.update(vocab_size=400_000)
+    (m / "config.json").write_text(json.dumps(mc))
+
+    def est(**cal):
+        return memory_estimate(parse_config({"model": str(m), "calibration": {"samples": 2, "seq_len": 512, **cal}}))
+    on, off = est(), est(check_samples=0)
+    assert on["check"] == 3 * 256 * 400_000 * 4 > off["activations"] + off["layer"]
+    assert off["check"] == 0
+    assert on["total"] - off["total"] == on["check"] - (off["activations"] + off["layer"])
+    rtn = memory_estimate(parse_config({"model": str(m), "quant": {"method": "rtn"},
+                                        "calibration": {"samples": 2, "seq_len": 512}}))
+    assert rtn["check"] == 0
+    monkeypatch.setattr(quantc.memory, "available_memory", lambda: on["total"] - 1)
+    cfg = parse_config({"model": str(m), "calibration": {"samples": 2, "seq_len": 512}}, "b.yaml")
+    with pytest.raises(QuantcError, match=r"the held-out check's comparison .* set calibration.check_samples: 0"):
+        check_memory(cfg)
+    check_memory(parse_config({"model": str(m), "calibration": {"samples": 2, "seq_len": 512, "check_samples": 0}},
+                              "b.yaml"))
