@@ -3,6 +3,9 @@ model whole, and against GPTQModel 7.6.0 on the same calibration.
 
     python -m benchmarks.bench_memory [--samples 32] [--gptqmodel] [--fresh]
 
+It also measures the held-out check's comparison of one sequence (the compile's last step) against the
+estimate's term for it.
+
 Every compile runs in its own process; its peak RSS is that process's ru_maxrss. The baseline row is a
 process that only imports torch, transformers and quantc (the floor any Python compile pays).
 Calibration: the protocol's C4 windows (Random(0)), `--samples` × 512 tokens.
@@ -51,6 +54,35 @@ def job_quantc(mode: str, samples: str, out: str) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def job_check_head(seq_len: str) -> dict:
+    """The held-out check's comparison at the end of a compile (passes/measure.py divergence), for one
+    sequence of `seq_len` tokens, on the whole float32 model: the peak RSS it adds above its start (the
+    kernel's high-water mark, reset just before), beside memory.py's `check` term."""
+    import re
+    import torch
+    from quantc.config import parse_config
+    from quantc.memory import memory_estimate
+    from quantc.model import Activations, load_model
+    from quantc.passes.measure import divergence
+    n = int(seq_len)
+    model = load_model(str(prepared_model()))
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (1, n), generator=g)
+    ref = Activations(torch.randn(1, n, hidden, generator=g), [{}], 1)
+    hat = Activations(ref.hidden + 0.01 * torch.randn(1, n, hidden, generator=g), [{}], 1)
+    divergence(model, tokens, ref, hat)          # once before: the kernels' own first-call allocations
+
+    def status(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    Path("/proc/self/clear_refs").write_text("5")      # reset the high-water mark to the current RSS
+    start = status("VmRSS")
+    divergence(model, tokens, ref, hat)
+    cfg = parse_config({"model": str(prepared_model()), "calibration": {"seq_len": n}}, "bench")
+    return {"above_start_mb": (status("VmHWM") - start) / 2**20, "vocab": vocab,
+            "estimate_mb": memory_estimate(cfg)["check"] / 2**20}
+
+
 def job_gptqmodel(samples: str, out: str) -> dict:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
@@ -87,7 +119,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.job:
         kind, rest = args.job[0], args.job[1:]
-        res = {"baseline": job_baseline, "quantc": job_quantc, "gptqmodel": job_gptqmodel}[kind](*rest)
+        res = {"baseline": job_baseline, "quantc": job_quantc, "gptqmodel": job_gptqmodel,
+               "check-head": job_check_head}[kind](*rest)
         print("RESULT " + json.dumps(res), flush=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
@@ -100,12 +133,13 @@ def main() -> None:
     rows = {"baseline": cached("mem-baseline", lambda: job("baseline"))}
     for mode in MODES:
         rows[mode] = cached(f"mem-quantc-{mode}-{n}", lambda: job("quantc", mode, str(n), str(WORK / f"mem-{mode}")))
+    check = cached("mem-check-head-512", lambda: job("check-head", "512"))
     if args.gptqmodel:
         rows["gptqmodel"] = cached(f"mem-gptqmodel-{n}", lambda: job("gptqmodel", str(n), str(WORK / "mem-gptqmodel")))
-    write(rows, n, "python -m benchmarks.bench_memory " + " ".join(sys.argv[1:]))
+    write(rows, n, "python -m benchmarks.bench_memory " + " ".join(sys.argv[1:]), check)
 
 
-def write(rows: dict, n: int, cmd: str) -> None:
+def write(rows: dict, n: int, cmd: str, check: dict | None = None) -> None:
     folder = prepared_model()
     fp32_mb = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
     acts_mb = n * 512 * 576 * 4 / 2**20          # one stream of hidden states, float32
@@ -129,6 +163,11 @@ def write(rows: dict, n: int, cmd: str) -> None:
         lines += ["", f"Lazy / whole: {rows['lazy']['peak_rss_mb'] / rows['eager']['peak_rss_mb']:.2f} of the peak "
                   f"({(rows['lazy']['peak_rss_mb'] - base) / (rows['eager']['peak_rss_mb'] - base):.2f} above the "
                   "import baseline)."]
+    if check is not None:
+        lines += ["", f"The held-out check's comparison at the end of a compile, one sequence of 512 tokens (256 compared "
+                  f"positions × {check['vocab']:,} logits), in a process of its own: **{check['above_start_mb']:.1f} MiB** "
+                  f"above its start, against the estimate's check term {check['estimate_mb']:.1f} MiB (three "
+                  "vocabulary-sized float32 arrays; memory.py counts it where it exceeds the sweep's working set)."]
     write_section(MARK, lines[1:])
     print("\n".join(lines))
 
