@@ -170,10 +170,14 @@ def _json_array_docs(path: Path, field: str):
                           f'or one array of objects such as [{{"{field}": "..."}}]') from None
     for i, obj in enumerate(rows):
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-            has = f" (it has {', '.join(map(repr, list(obj)[:5]))})" if isinstance(obj, dict) and obj else ""
-            raise QuantcError(f"{path}: item {i} of the array has no string field {field!r}{has}; "
-                              "set calibration.text_field")
+            raise _no_field(f"{path}: item {i} of the array has", obj, field)
         yield obj[field]
+
+
+def _no_field(where: str, obj, field: str) -> QuantcError:
+    """A document without the text field: what it has instead, and the key that names the field."""
+    has = f" (it has {', '.join(map(repr, list(obj)[:5]))})" if isinstance(obj, dict) and obj else ""
+    return QuantcError(f"{where} no string field {field!r}{has}; set calibration.text_field")
 
 
 def _jsonl_docs(path: Path, field: str):
@@ -190,8 +194,7 @@ def _jsonl_docs(path: Path, field: str):
                 raise QuantcError(f"{path}:{i}: a JSON array; quantc reads JSON Lines: one object per line, "
                                   f'such as {{"{field}": "..."}}')
             if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                has = f" (it has {', '.join(map(repr, list(obj)[:5]))})" if isinstance(obj, dict) and obj else ""
-                raise QuantcError(f"{path}:{i}: no string field {field!r}{has}; set calibration.text_field")
+                raise _no_field(f"{path}:{i}:", obj, field)
             yield obj[field]
 
 
@@ -209,9 +212,7 @@ def _hf_docs(source: str, field: str):
         raise QuantcError(f"calibration.source {source!r}: cannot load the dataset ({e})") from None
     for i, row in enumerate(ds):
         if not isinstance(row.get(field), str):
-            has = f" (it has {', '.join(map(repr, list(row)[:5]))})" if row else ""
-            raise QuantcError(f"calibration.source {source!r}: row {i} has no string field {field!r}{has}; "
-                              "set calibration.text_field")
+            raise _no_field(f"calibration.source {source!r}: row {i} has", row, field)
         yield row[field]
 
 
