@@ -133,10 +133,15 @@ def activation_bytes(cfg: Config, mc: dict, ranks: int = 1, offload: bool | None
         if offload:          # every hidden-state stream in files: the probes' gradients stay in memory,
             #                  and rank 0's copies of the other ranks' streams while it saves
             calib, live = 0, held * (grads + sent + kept)
-        # vocabulary-sized float32 arrays over the compared positions (every second one): the head's
-        # reference z_ref and p (passes/measure.py Head), beside a comparison's logits (exact), or the
-        # fisher probes' p, its float64 copy and float64 CDF (2 each)
-        logits = p.alpha_samples * (p.alpha_seq_len // 2) * vocab * 4 * (7 if p.predictor == "fisher" else 3)
+        # vocabulary-sized float32 arrays over the compared positions (every second one), per sequence:
+        # the comparisons hold the head's reference z_ref and p for the whole slice beside one batch's
+        # logit shift (passes/measure.py Head); the fisher probes then hold one batch's logits and p,
+        # or p beside one sequence's float64 copy and CDF (2 each), the reference dropped
+        seq = (p.alpha_seq_len // 2) * vocab * 4
+        batch = min(c.batch_size, p.alpha_samples) * seq
+        logits = 2 * p.alpha_samples * seq + batch
+        if p.predictor == "fisher":
+            logits = max(logits, 2 * batch, batch + 4 * seq)
         if gathers and ranks > 1:      # rank 0 gathers every rank's calibration rows for the resume point
             calib += 2 * _rank_rows(p.measure_samples, c.batch_size, 1) * c.seq_len * hidden * act_bytes
         measure = calib + live + logits

@@ -444,3 +444,28 @@ def test_qep_discount_weights_each_error_by_what_reaches_the_head(deep_llama, mo
         torch.testing.assert_close(acc[down(last)], whole[down(last)], rtol=1e-6, atol=0)
     assert float(half[down(0)].sum()) != pytest.approx(float(whole[down(0)].sum()), rel=1e-3)   # it reweights
     assert ms[0.5].meta["qep_beta"] == 0.5 and "qep_beta" not in ms[1.0].meta
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 40), (1, 7, 3)])
+def test_probe_labels_are_the_whole_batch_draw(shape):
+    """The probes' labels come from one sequence's CDF at a time (the batch's float64 CDF was four
+    vocabulary-sized arrays per sequence): they equal the whole-batch inverse-CDF draw that made
+    every earlier measurement, label for label and sign for sign, and the generator ends where it did."""
+    from quantc.passes.measure import probe_labels
+    g = torch.Generator().manual_seed(7)
+    p = torch.randn(shape, generator=g).mul_(3).softmax(-1)
+    p[0, 0] = 0
+    p[0, 0, -1] = 1                       # all mass on the last label: the clamp's edge
+    ref_gen, gen = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    cdf = p.double().cumsum(-1)
+    want = []
+    for _ in range(4):
+        u = torch.rand(p.shape[:-1], generator=ref_gen, dtype=torch.float64) * cdf[..., -1]
+        y = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp(max=p.shape[-1] - 1)
+        want.append((y, (torch.randint(0, 2, y.shape, generator=ref_gen) * 2 - 1).to(p)))
+    got = probe_labels(p, 4, gen)
+    for (y, r), (wy, wr) in zip(got, want):
+        assert torch.equal(y, wy) and torch.equal(r, wr)
+    assert bool((got[0][0][0, 0] == shape[-1] - 1).all())
+    assert torch.equal(gen.get_state(), ref_gen.get_state())
+    assert len({tuple(y.flatten().tolist()) for y, _ in got}) > 1      # the probes draw apart

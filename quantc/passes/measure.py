@@ -120,6 +120,7 @@ class Head:
     def __init__(self, model, tokens: torch.Tensor, place: Placement, every: int = 2):
         self.model, self.tokens, self.every, self.place = model, tokens, every, place
         self.ref_z = self.ref_p = None
+        self.positions = 0
         self._placed = False
 
     @contextlib.contextmanager
@@ -147,11 +148,6 @@ class Head:
     def targets(self) -> torch.Tensor:
         return self.tokens[:, 1::self.every]
 
-    @property
-    def positions(self) -> int:
-        """Positions every comparison averages over (sequences × compared positions)."""
-        return self.ref_z.shape[0] * self.ref_z.shape[1]
-
     def set_reference(self, acts: Activations) -> None:
         """The unperturbed logits z_ref and p = softmax(z_ref), renormalised so that Σ p = 1 to float32
         rounding (the shift form below takes it as exact). Both stay for every comparison: two
@@ -160,6 +156,12 @@ class Head:
             z = torch.cat([self.logits(xb) for xb, _ in acts.batches()])
         p = (z - torch.logsumexp(z, -1, keepdim=True)).exp_()
         self.ref_z, self.ref_p = z, p.div_(p.sum(-1, keepdim=True))
+        self.positions = z.shape[0] * z.shape[1]     # every comparison averages over these
+
+    def drop_reference(self) -> None:
+        """Free z_ref and p once every comparison is done (`positions` stays): the fisher probes'
+        backward sweep runs after the comparisons and needs neither."""
+        self.ref_z = self.ref_p = None
 
     def compare(self, acts: Activations) -> tuple[float, float]:
         """(KL(original ‖ perturbed), Δ next-token loss), means over the compared positions. Per
@@ -410,7 +412,8 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
         head.set_reference(xh)
         SOLVES.add("streams", len(streams) + len(uniform))     # the streams this rank carried to the head
         found = _compared(head, xh, {**streams, **{("uniform", k): v for k, v in uniform.items()}}, keys, world)
-        streams = uniform = None                    # compared: they go before the backward sweep
+        streams = uniform = None                    # compared: they go before the backward sweep,
+        head.drop_reference()                       # and so do the reference logits
         if exact:
             _exact_results(ms, found, noise)
         else:
@@ -633,15 +636,13 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
             with torch.no_grad():
                 p = lm_head(hn).float().softmax(-1)
                 pw = p @ head_f                       # shared by every probe: (onehot(y) − p)·W = W[y] − p·W
-            cdf = p.double().cumsum(-1)          # y ~ p by inverse CDF: one cumsum for every probe
+            labels = probe_labels(p, probes, gen)
+            p = None
             per = [None] * probes       # another rank's probe: None here
-            for k in range(probes):     # ∂ℓ/∂logits = r·(onehot(y) − p), y ~ p, r = ±1
-                u = torch.rand(p.shape[:-1], generator=gen, dtype=torch.float64).to(p.device) * cdf[..., -1]
-                y = torch.searchsorted(cdf, u.unsqueeze(-1)).squeeze(-1).clamp(max=p.shape[-1] - 1)
-                r = (torch.randint(0, 2, y.shape, generator=gen) * 2 - 1).to(p)
-                if k in mine:
-                    g_hn = r.unsqueeze(-1) * (head_f[y] - pw)
-                    per[k] = torch.autograd.grad(hn, h, g_hn.to(hn.dtype), retain_graph=k != mine[-1])[0].detach()
+            for k in mine:              # ∂ℓ/∂logits = r·(onehot(y) − p), y ~ p, r = ±1
+                y, r = labels[k]
+                g_hn = r.unsqueeze(-1) * (head_f[y] - pw)
+                per[k] = torch.autograd.grad(hn, h, g_hn.to(hn.dtype), retain_graph=k != mine[-1])[0].detach()
             g_next.append(per)
     acc: dict[str, torch.Tensor] = {}
     n_layers = len(held_in)
@@ -684,6 +685,22 @@ def _fisher_diagonal(model, head: Head, held_in: list[torch.Tensor], final: Acti
                     sums[n] += v
             acc.update({layer_prefix(model, i) + n: v / probes for n, v in sums.items()})
     return acc
+
+
+def probe_labels(p: torch.Tensor, probes: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each probe's sampled labels y ~ p (inverse CDF in float64) and signs r = ±1, for a batch of
+    next-token distributions p (sequences × positions × vocabulary). The draws are made first, in
+    the order one loop over the probes makes them (u, then r, per probe); the CDF is then built one
+    sequence at a time, because a batch's float64 copy and CDF are four vocabulary-sized float32
+    arrays per sequence (151,936 entries per position for Qwen2.5). Every probe shares the CDF."""
+    draws = [(torch.rand(p.shape[:-1], generator=gen, dtype=torch.float64).to(p.device),
+              (torch.randint(0, 2, p.shape[:-1], generator=gen) * 2 - 1).to(p)) for _ in range(probes)]
+    ys = [torch.empty(p.shape[:-1], dtype=torch.long, device=p.device) for _ in range(probes)]
+    for s in range(p.shape[0]):
+        cdf = p[s].double().cumsum(-1)
+        for k, (u, _) in enumerate(draws):
+            ys[k][s] = torch.searchsorted(cdf, (u[s] * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+    return [(y.clamp_(max=p.shape[-1] - 1), r) for y, (_, r) in zip(ys, draws)]
 
 
 def _scaled_grad(x: torch.Tensor, beta: float) -> torch.Tensor:
