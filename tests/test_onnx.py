@@ -254,3 +254,36 @@ def test_attention_wider_than_hidden(tmp_path, tiny_tokenizer, calib_file):
     with torch.no_grad():
         lt = quantc.load(out)(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.linalg.norm(lo - lt) / np.linalg.norm(lt) < 1e-4
+
+
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_length_dependent_rope_is_exported_up_to_where_its_tables_hold(tmp_path, tiny_tokenizer, rope):
+    """longrope (Phi-3 128k) switches every position to its long factors once a call passes the
+    original context, and dynamic NTK rescales there; fixed tables built for longer sequences would
+    rotate a short prompt wrongly. The exporter caps max_length at that context (the logits then
+    match transformers) and refuses a longer --max-length, naming it."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    cfg = tiny_config("phi3" if rope == "longrope" else "llama", tiny_tokenizer)
+    half = cfg.hidden_size // cfg.num_attention_heads // 2
+    if rope == "longrope":
+        cfg.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                               "partial_rotary_factor": 1.0,
+                               "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                               "long_factor": [2.0 + 0.5 * i for i in range(half)]}
+        cfg.original_max_position_embeddings = 64
+    else:
+        cfg.max_position_embeddings = 64
+        cfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+    save_random(cfg, tmp_path / "m", tiny_tokenizer)
+    info = export_onnx(tmp_path / "m", tmp_path / "o")
+    assert info["max_length"] == 64
+    ids = ids_for(tiny_tokenizer)
+    lo, _ = OrtModel(tmp_path / "o").forward(ids)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        lt = ref(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.linalg.norm(lo - lt) / np.linalg.norm(lt) < 1e-5
+    with pytest.raises(QuantcError, match=r"config.json: .*past 64 tokens.*--max-length 64 or less"):
+        export_onnx(tmp_path / "m", tmp_path / "o2", max_length=128)
+    assert export_onnx(tmp_path / "m", tmp_path / "o3", max_length=32)["max_length"] == 32

@@ -230,3 +230,19 @@ calibration: {{source: {calib_file}, samples: 4, seq_len: 32}}
     r = CliRunner().invoke(main, ["plan", str(y), "-o", str(tmp_path / "p")])
     assert r.exit_code == 2, r.output
     assert "model.layers.0.mlp.up_proj (8-bit sym, group 32) cannot be served by vllm" in r.output
+
+
+def test_the_fused_name_is_written_only_for_an_entry_holding_all_its_members():
+    """units: linear can give q/k/v (or gate/up) different options. vLLM asks once with the fused name
+    and builds every member with the answer, so an entry for q alone must not name qkv_proj (k/v
+    would be built at q's width); an entry that holds all members names it."""
+    n = _names(0)
+    options = {n["q_proj"]: E8, n["k_proj"]: D, n["v_proj"]: D, n["o_proj"]: D,
+               n["gate_proj"]: E8, n["up_proj"]: E8, n["down_proj"]: D}
+    dyn = quantization_config(options, [], 0.01, True)["dynamic"]
+    assert list(dyn) == [r"+:^model\.layers\.0\.self_attn\.q_proj$",
+                         r"+:^model\.layers\.0\.mlp\.(gate_proj|up_proj|gate_up_proj)$"]
+    options[n["up_proj"]] = D
+    dyn = quantization_config(options, [n["down_proj"]], 0.01, True)["dynamic"]
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in dyn), dyn
+    assert r"-:^model\.layers\.0\.mlp\.down_proj$" in dyn

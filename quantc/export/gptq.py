@@ -43,11 +43,14 @@ def _fields(o: Option) -> dict:
 
 
 def _pattern(names: list[str]) -> str:
-    """One anchored regex for linears under one sub-module prefix: their own names and, for members of
-    a linear vLLM fuses (q/k/v → qkv_proj, gate/up → gate_up_proj), the fused name too."""
+    """One anchored regex for linears under one sub-module prefix: their own names and, where every
+    member of a linear vLLM fuses (q/k/v → qkv_proj, gate/up → gate_up_proj) is among them, the fused
+    name too. vLLM asks with the fused name and applies the answer to every member, so a fused name
+    written for some members only would give the others a width their tensors do not have."""
     prefix = names[0].rsplit(".", 1)[0]
     own = [n.rsplit(".", 1)[1] for n in names]
-    alts = list(dict.fromkeys(own + [FUSED_OF[s][1] for s in own if s in FUSED_OF]))
+    alts = list(dict.fromkeys(own + [FUSED_OF[s][1] for s in own
+                                     if s in FUSED_OF and set(FUSED_OF[s][0]) <= set(own)]))
     body = alts[0] if len(alts) == 1 else "(" + "|".join(alts) + ")"
     return "^" + re.escape(prefix) + r"\." + body + "$"
 
@@ -55,8 +58,8 @@ def _pattern(names: list[str]) -> str:
 def dynamic_field(options: dict[str, Option], skipped: list[str], default: Option) -> dict:
     """GPTQModel/vLLM `dynamic`: "+:regex" overrides the default option, "-:regex" leaves a module
     unquantized; the first matching entry wins. Linears of the same sub-module prefix (self_attn, mlp)
-    with the same option share one entry, and every entry also names vLLM's fused linear of its
-    members, so vLLM (which asks with qkv_proj / gate_up_proj) finds the same option."""
+    with the same option share one entry, and an entry that holds all members of one of vLLM's fused
+    linears also names it, so vLLM (which asks with qkv_proj / gate_up_proj) finds the same option."""
     groups: dict[tuple, list[str]] = {}
     for name, opt in options.items():
         if opt != default:
