@@ -421,8 +421,9 @@ def export_gguf_cmd(artifact, out, force, heads):
     manifest = _manifest(artifact)
     src = manifest.get("source", {})
     source = str(Path(src["model"]) / src["gguf_file"]) if src.get("model") and src.get("gguf_file") else None
-    heads = heads or ((manifest.get("config") or {}).get("export") or {}).get("gguf_heads", "llama")
-    info = export_gguf(artifact, out, source_gguf=source, force=force, heads=heads)
+    saved = (manifest.get("config") or {}).get("export") or {}
+    heads = heads or saved.get("gguf_heads", "llama")
+    info = export_gguf(artifact, out, source_gguf=source, force=force, heads=heads, pre=saved.get("gguf_pre"))
     table = Table(title=f"quantc export gguf → {out}", show_header=False)
     table.add_row("quantized tensors", ", ".join(f"{t}: {n}" for t, n in sorted(info["types"].items())) or "none")
     table.add_row("file", str(Path(out) / info["file"]))

@@ -51,7 +51,7 @@ OPTION_KEYS = {"bits": int, "group_size": int, "sym": bool, "act_order": bool, "
                "mse": bool, "grid": str}
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str,
               "batch_size": int, "check_samples": int}
-EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str}
+EXPORT_KEYS = {"targets": (list, str), "dtype": str, "gguf_heads": str, "gguf_pre": str}
 RESOURCE_KEYS = {"lazy_load": bool, "offload_activations": bool, "device": str, "compute_dtype": str}
 PLAN_KEYS = {"measure_samples": int, "alpha_samples": int, "alpha_seq_len": int, "noise": (int, float),
              "direct_bits": int, "predictor": str, "probes": int, "solve": str, "qep_discount": (int, float),
@@ -141,6 +141,7 @@ class Config:
     export_targets: list[str] = field(default_factory=lambda: ["gptq"])
     export_dtype: str = "float16"
     gguf_heads: str = "llama"          # GGUF embeddings/output: llama.cpp's quantizer types, or f16 (export/gguf.py)
+    gguf_pre: str | None = None        # GGUF tokenizer.ggml.pre, where quantc cannot name it (export/gguf.py)
     plan: PlanSettings = field(default_factory=PlanSettings)
     lazy_load: bool = True             # decoder layers read from disk one at a time (local safetensors)
     offload_activations: bool = False  # calibration hidden states in files beside the output, not in RAM
@@ -172,7 +173,8 @@ class Config:
                                                               "dtype": self.export_dtype,
                                                               # only when changed: older records stay as they were
                                                               **({"gguf_heads": self.gguf_heads}
-                                                                 if self.gguf_heads != "llama" else {})},
+                                                                 if self.gguf_heads != "llama" else {}),
+                                                              **({"gguf_pre": self.gguf_pre} if self.gguf_pre else {})},
             "plan": vars(self.plan), "resources": {"lazy_load": self.lazy_load,
                                                                "offload_activations": self.offload_activations,
                                                                "device": self.device,
@@ -549,6 +551,10 @@ def parse_config(raw: Any, file: str = "<budget>", base: Path | None = None) -> 
     if cfg.gguf_heads not in HEADS:
         raise ConfigError(file, "export.gguf_heads", f"{cfg.gguf_heads!r}; allowed: llama (embeddings and output "
                           "typed as llama.cpp's quantizer does, when the linears are on llama.cpp grids), f16")
+    cfg.gguf_pre = e.get("gguf_pre")
+    if cfg.gguf_pre is not None and not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", cfg.gguf_pre):
+        raise ConfigError(file, "export.gguf_pre", f"{cfg.gguf_pre!r} is not a llama.cpp pre-tokenizer name; write "
+                          "the name convert_hf_to_gguf.py gives the model (lower case, such as llama-bpe or qwen2)")
 
     res = _typed(raw.get("resources", {}) or {}, RESOURCE_KEYS, file, "resources")
     cfg.lazy_load = res.get("lazy_load", True)

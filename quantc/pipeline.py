@@ -338,7 +338,7 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         from .export.gguf import export_gguf
         t = time.perf_counter()
         source = str(Path(cfg.model) / cfg.gguf_file) if cfg.gguf_file else None
-        export_gguf(tmp, tmp / "gguf", source_gguf=source, heads=cfg.gguf_heads)
+        export_gguf(tmp, tmp / "gguf", source_gguf=source, heads=cfg.gguf_heads, pre=cfg.gguf_pre)
         timings["export_gguf_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 

@@ -112,7 +112,8 @@ def check_export(cfg: Config) -> None:
         import json
         from .export.gguf import check_source
         try:
-            check_source(folder, json.loads((folder / "config.json").read_text()))
+            source = str(folder / cfg.gguf_file) if cfg.gguf_file else None
+            check_source(folder, json.loads((folder / "config.json").read_text()), source, cfg.gguf_pre)
         except QuantcError as e:
             raise ConfigError(cfg.source_file, "export.targets", f"gguf: {e}") from None
 

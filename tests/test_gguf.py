@@ -134,3 +134,60 @@ def test_a_refused_gguf_export_leaves_nothing_behind(tmp_path, tiny_models):
     r = CliRunner().invoke(main, ["export", "gguf", str(out)])
     assert r.exit_code != 0 and "need group size 32" in r.output, r.output
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+
+
+def _split_then_bytes(regex: str) -> dict:
+    """A tokenizer.json pre_tokenizer as Qwen2's and Llama 3's are written: one regex split, then bytes."""
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def test_llama_cpp_is_told_the_pre_tokenizer_of_the_tokenizer():
+    """Without tokenizer.ggml.pre (or with a name it does not know) llama.cpp splits text its own default
+    way, which is not these tokenizers': Qwen2's, Llama 3's and GPT-2's splits get the names llama.cpp's
+    converter writes for them; the source GGUF's name and export.gguf_pre win; an unknown split is refused,
+    naming the key."""
+    from quantc.errors import QuantcError
+    from quantc.export.gguf import pre_tokenizer
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert pre_tokenizer({"pre_tokenizer": _split_then_bytes(QWEN2_SPLIT)}, "t") == "qwen2"
+    llama3 = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+    assert pre_tokenizer({"pre_tokenizer": _split_then_bytes(llama3)}, "t") == "llama-bpe"
+    assert pre_tokenizer({"pre_tokenizer": byte_level}, "t") == "gpt-2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert pre_tokenizer({"pre_tokenizer": digits}, "t") == "smollm"
+    assert pre_tokenizer({"pre_tokenizer": byte_level}, "t", source_pre="smollm") == "smollm"
+    assert pre_tokenizer({"pre_tokenizer": byte_level}, "t", "smollm", override="gpt-2") == "gpt-2"
+    other = _split_then_bytes(QWEN2_SPLIT.replace(r"\p{N}", r"\p{N}+"))
+    with pytest.raises(QuantcError, match=r"^t: llama.cpp needs .*set export.gguf_pre"):
+        pre_tokenizer({"pre_tokenizer": other}, "t")
+    assert pre_tokenizer({"pre_tokenizer": other}, "t", override="deepseek-llm") == "deepseek-llm"
+
+
+def test_the_gguf_names_the_pre_tokenizer_and_an_unknown_one_stops_the_compile_first(tmp_path, tiny_models,
+                                                                                      calib_file):
+    """A compile from a Hugging Face folder writes the tokenizer's name (the tiny models' byte-level
+    BPE: gpt-2), not llama.cpp's fallback; a tokenizer whose split quantc cannot name stops the compile
+    in the preflight, and export.gguf_pre lets it through with that name."""
+    from gguf import GGUFReader
+    out = _compile(tmp_path, tiny_models["mistral"], calib_file, "ck")
+    field = GGUFReader(str(out / "gguf" / "model.gguf")).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "gpt-2"
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], model)
+    tj = json.loads((model / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = _split_then_bytes(r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+")
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    raw = {"model": str(model), "quant": {"bits": 4, "group_size": 32}, "export": {"targets": ["gptq", "gguf"]}}
+    from quantc.preflight import check_export
+    with pytest.raises(ConfigError, match=r"`export.targets`: gguf: .*tokenizer.json: llama.cpp needs"):
+        check_export(parse_config(raw, "b.yaml"))
+    check_export(parse_config({**raw, "export": {**raw["export"], "gguf_pre": "gpt-2"}}, "b.yaml"))
+    with pytest.raises(ConfigError, match=r"`export.gguf_pre`: 'GPT 2' is not a llama.cpp pre-tokenizer name"):
+        parse_config({**raw, "export": {**raw["export"], "gguf_pre": "GPT 2"}}, "b.yaml")

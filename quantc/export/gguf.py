@@ -135,14 +135,65 @@ def _tokenizer(writer, folder: Path, vocab_size: int, pre: str) -> None:
     special.add_to_gguf(writer)           # merges, bos/eos/unk/pad ids, add_bos flag, chat template
 
 
-def _source_pre(source_gguf: str | None) -> str:
+def _source_pre(source_gguf: str | None) -> str | None:
+    """The source GGUF's tokenizer.ggml.pre, when the model came from one that names it."""
     if not source_gguf or not Path(source_gguf).is_file():
-        return "default"
+        return None
     from gguf import GGUFReader
     field = GGUFReader(source_gguf).fields.get("tokenizer.ggml.pre")
     if field is None:
-        return "default"
+        return None
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+# llama.cpp picks its pre-tokenizer (the regexes that split text before BPE) by the name in
+# tokenizer.ggml.pre; an unknown or missing name falls back to a default split that differs from
+# these tokenizers', silently (llama-vocab.cpp). The name follows from tokenizer.json's pre_tokenizer:
+# its split regexes, in order (ByteLevel with use_regex adds GPT-2's, Digits with individual_digits
+# adds \p{N}). Each entry: the regexes -> the name llama.cpp's converter writes for that split.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    (_GPT2_SPLIT,): "gpt-2",                                   # GPT-2's byte-level split alone (SmolLM2)
+    (r"\p{N}", _GPT2_SPLIT): "smollm",                        # digits one by one, then GPT-2's
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+     r"|\s+(?!\S)|\s+",): "qwen2",                           # Qwen2 / Qwen2.5 / Qwen3
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+     r"|\s+(?!\S)|\s+",): "llama-bpe",                       # Llama 3
+}
+
+
+def _splits(pre: dict | None) -> tuple[str, ...] | None:
+    """The split regexes of a tokenizer.json pre_tokenizer, in order; None where a step is not a
+    plain split (so no name can be inferred)."""
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]
+    out = []
+    for st in steps or []:
+        kind = (st or {}).get("type")
+        if kind == "Split" and st.get("behavior") == "Isolated" and not st.get("invert") \
+                and "Regex" in (st.get("pattern") or {}):
+            out.append(st["pattern"]["Regex"])
+        elif kind == "Digits" and st.get("individual_digits"):
+            out.append(r"\p{N}")
+        elif kind == "ByteLevel":
+            if st.get("use_regex", True):
+                out.append(_GPT2_SPLIT)
+        else:
+            return None
+    return tuple(out)
+
+
+def pre_tokenizer(tj: dict, where: str, source_pre: str | None = None, override: str | None = None) -> str:
+    """tokenizer.ggml.pre for this tokenizer: `override` (export.gguf_pre), else the source GGUF's,
+    else the name of its pre_tokenizer's splits (PRE_TOKENIZERS); an unknown split is an error, not
+    llama.cpp's silent default."""
+    name = override or source_pre or PRE_TOKENIZERS.get(_splits(tj.get("pre_tokenizer")))
+    if name is None:
+        raise QuantcError(f"{where}: llama.cpp needs the name of this tokenizer's pre-tokenizer "
+                          f"(tokenizer.ggml.pre), and quantc does not know its split "
+                          f"({json.dumps(tj.get('pre_tokenizer'))[:300]}); set export.gguf_pre to the name llama.cpp's "
+                          f"convert_hf_to_gguf.py gives this model, or compile from the model's own GGUF "
+                          f"(model.gguf_file), whose name is carried over")
+    return name
 
 
 HEADS = ("llama", "f16")     # export.gguf_heads: embeddings/output as llama.cpp's quantizer types them, or F16
@@ -182,10 +233,11 @@ def head_types(folder: Path, cfg: dict, qc: dict, t: dict) -> dict[str, "ggml.GG
 
 @cleans_up_output
 def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = None, force: bool = False,
-                heads: str = "llama") -> dict:
+                heads: str = "llama", pre: str | None = None) -> dict:
     """Write out/model.gguf from the GPTQ checkpoint folder `src`; returns what was written per tensor.
     `heads`: "llama" gives the embeddings and output head the types llama.cpp's quantizer would (when
-    the linears are on llama.cpp grids: `head_types`), "f16" keeps them as the checkpoint has them."""
+    the linears are on llama.cpp grids: `head_types`), "f16" keeps them as the checkpoint has them.
+    `pre`: tokenizer.ggml.pre (export.gguf_pre), else the source GGUF's or the tokenizer's (pre_tokenizer)."""
     if heads not in HEADS:
         raise QuantcError(f"GGUF heads {heads!r}; allowed: {', '.join(HEADS)}")
     head_mode = heads
@@ -195,7 +247,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
     folder, out = Path(src), Path(out)
     cfg = json.loads((folder / "config.json").read_text())
     mt = cfg.get("model_type")
-    check_source(folder, cfg)
+    pre = check_source(folder, cfg, source_gguf, pre)
     from ..staging import finalize_output, prepare_output
     final, out = out, prepare_output(out, force, marker="gguf_export.json")   # checked and locked first
     qc = cfg.get("quantization_config") or {}
@@ -280,7 +332,7 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
     if main:
         w.add_file_type(gguf.LlamaFileType[FILE_TYPES[main]])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer(w, folder, cfg["vocab_size"], _source_pre(source_gguf))
+    _tokenizer(w, folder, cfg["vocab_size"], pre)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -291,9 +343,10 @@ def export_gguf(src: str | Path, out: str | Path, *, source_gguf: str | None = N
     return info
 
 
-def check_source(folder: Path, cfg: dict) -> None:
+def check_source(folder: Path, cfg: dict, source_gguf: str | None = None, pre: str | None = None) -> str:
     """What the GGUF writer needs from a model folder, checked before any work (the compile's preflight
-    calls this on the source): the gguf package, plain RoPE, a byte-level BPE tokenizer.json."""
+    calls this on the source): the gguf package, plain RoPE, a byte-level BPE tokenizer.json whose
+    pre-tokenizer llama.cpp can be told (its name is returned: `pre_tokenizer`)."""
     import importlib.util
     mt = cfg.get("model_type")
     if mt not in ARCH:
@@ -309,6 +362,7 @@ def check_source(folder: Path, cfg: dict) -> None:
     if (tj.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
         raise QuantcError(f"{tj_path}: GGUF export writes byte-level BPE tokenizers (GGUF 'gpt2') only; "
                           f"this one is {(tj.get('model') or {}).get('type')!r}")
+    return pre_tokenizer(tj, str(tj_path), _source_pre(source_gguf), pre)
 
 
 def _gguf_name(names, key: str) -> str:
