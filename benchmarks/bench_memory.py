@@ -1,10 +1,10 @@
 """Benchmark: peak RSS of compiling SmolLM2-135M (GPTQ 4-bit g128), lazy loading against loading the
 model whole, and against GPTQModel 7.6.0 on the same calibration.
 
-    python -m benchmarks.bench_memory [--samples 32] [--gptqmodel] [--fresh]
+    python -m benchmarks.bench_memory [--samples 32] [--gptqmodel] [--measure fisher,fisher-h16] [--fresh]
 
 It also measures the held-out check's comparison of one sequence (the compile's last step) against the
-estimate's term for it.
+estimate's term for it, and with --measure sweep 1 alone (the measurement) against the estimate.
 
 Every compile runs in its own process; its peak RSS is that process's ru_maxrss. The baseline row is a
 process that only imports torch, transformers and quantc (the floor any Python compile pays).
@@ -83,6 +83,39 @@ def job_check_head(seq_len: str) -> dict:
             "estimate_mb": memory_estimate(cfg)["check"] / 2**20}
 
 
+def job_measure(predictor: str) -> dict:
+    """Sweep 1 alone (the measurement of bench_mixed's `wide` rows, predictor label `predictor`:
+    fisher, or fisher-hN with N held-out sequences), measured afresh in an empty measurement cache:
+    peak RSS beside the printed estimate, and whether the measurement equals the one cached earlier
+    under the same key (made by older code, where the cache holds one)."""
+    import shutil
+    import tempfile
+    from benchmarks.bench_mixed import raw_config
+    from quantc.calibration import calibration_tokens
+    from quantc.config import parse_config
+    from quantc.memory import memory_estimate
+    from quantc.pipeline import load_source
+    from quantc.planning import cache_dir, get_measurements
+    earlier = cache_dir()
+    fresh = Path(tempfile.mkdtemp(prefix="mem-measure-", dir=WORK))
+    os.environ["QUANTC_CACHE"] = str(fresh)
+    try:
+        cfg = parse_config(raw_config(None, 0.0, predictor, "wide"), "bench")
+        model, tok = load_source(cfg)
+        tokens = calibration_tokens(cfg.calibration, tok)
+        t = time.perf_counter()
+        get_measurements(cfg, model, tokens, progress=False)
+        seconds = time.perf_counter() - t
+        (made,) = (fresh / "measurements").glob("*.json")
+        old = earlier / made.name
+        same = json.loads(old.read_text())["units"] == json.loads(made.read_text())["units"] if old.is_file() else None
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    est = memory_estimate(cfg)
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "estimate_mb": est["total"] / 2**20,
+            "alpha_samples": cfg.plan.alpha_samples, "same_as_cached": same}
+
+
 def job_gptqmodel(samples: str, out: str) -> dict:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
@@ -116,11 +149,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--gptqmodel", action="store_true", help="also run GPTQModel 7.6.0 (slow on 2 cores)")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--measure", default="",
+                    help="also measure sweep 1 alone for these predictor labels (bench_mixed's, e.g. fisher,fisher-h16)")
     args = ap.parse_args()
     if args.job:
         kind, rest = args.job[0], args.job[1:]
         res = {"baseline": job_baseline, "quantc": job_quantc, "gptqmodel": job_gptqmodel,
-               "check-head": job_check_head}[kind](*rest)
+               "check-head": job_check_head, "measure": job_measure}[kind](*rest)
         print("RESULT " + json.dumps(res), flush=True)
         return
     WORK.mkdir(parents=True, exist_ok=True)
@@ -136,10 +171,11 @@ def main() -> None:
     check = cached("mem-check-head-512", lambda: job("check-head", "512"))
     if args.gptqmodel:
         rows["gptqmodel"] = cached(f"mem-gptqmodel-{n}", lambda: job("gptqmodel", str(n), str(WORK / "mem-gptqmodel")))
-    write(rows, n, "python -m benchmarks.bench_memory " + " ".join(sys.argv[1:]), check)
+    measure = {p: cached(f"mem-measure-{p}", lambda: job("measure", p)) for p in args.measure.split(",") if p}
+    write(rows, n, "python -m benchmarks.bench_memory " + " ".join(sys.argv[1:]), check, measure)
 
 
-def write(rows: dict, n: int, cmd: str, check: dict | None = None) -> None:
+def write(rows: dict, n: int, cmd: str, check: dict | None = None, measure: dict | None = None) -> None:
     folder = prepared_model()
     fp32_mb = sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
     acts_mb = n * 512 * 576 * 4 / 2**20          # one stream of hidden states, float32
@@ -168,6 +204,17 @@ def write(rows: dict, n: int, cmd: str, check: dict | None = None) -> None:
                   f"positions × {check['vocab']:,} logits), in a process of its own: **{check['above_start_mb']:.1f} MiB** "
                   f"above its start, against the estimate's check term {check['estimate_mb']:.1f} MiB (three "
                   "vocabulary-sized float32 arrays; memory.py counts it where it exceeds the sweep's working set)."]
+    if measure:
+        lines += ["", "Sweep 1 alone (the measurement of bench_mixed's *wide* rows: 18 candidates, 128×512 C4 calibration, "
+                  "32 sequences for the Hessians, fisher predictor with the uniform-plan check), each in a process of its "
+                  "own with an empty measurement cache; *same as the cached one*: its per-unit results equal the "
+                  "measurement cached earlier under the same key (by older code), bit for bit.", "",
+                  "| held-out sequences (`plan.alpha_samples`) | peak RSS MiB | quantc's printed estimate MiB | seconds "
+                  "| same as the cached one |", "|---|---|---|---|---|"]
+        for r in measure.values():
+            same = {True: "yes", False: "no", None: "— (none cached)"}[r["same_as_cached"]]
+            lines.append(f"| {r['alpha_samples']} | {r['peak_rss_mb']:.0f} | {r['estimate_mb']:.0f} | "
+                         f"{r['seconds']:.0f} | {same} |")
     write_section(MARK, lines[1:])
     print("\n".join(lines))
 

@@ -77,6 +77,15 @@ class Family:
     def linears(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g)
 
+    def vllm_in_block(self) -> tuple[str, ...] | None:
+        """A decoder layer's linears under the names vLLM builds them with, where the GPTQ export writes
+        other names (export_split: Phi-3's gate_up_proj as gate_proj + up_proj), else None. vLLM decides
+        whether a linear is quantized by finding an entry of `modules_in_block_to_quantize` inside its
+        name, and without that field it lists the quantized tensors' modules: for Phi-3 (whose packed
+        mapping is gate_up_proj -> [gate_up_proj]) none of those is inside `mlp.gate_up_proj`, so the
+        layer would be built unquantized and its GPTQ tensors fail to load."""
+        return self.linears() if self.export_split else None
+
     def prefix(self, i: int) -> str:
         """Full-name prefix of decoder layer i's modules: model.layers.3."""
         return f"{self.layers}.{i}."

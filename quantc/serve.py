@@ -13,7 +13,8 @@ What each table says, and where it comes from:
   quantized or not (`is_layer_gptq_quantized`). (The legacy exllama `--quantization gptq` path reads
   2/3-bit too, but it is not what vLLM chooses, and quantc does not target it.) Which linears it
   fuses is a family fact (quantc/family.py: Llama/Mistral/Qwen2/Qwen3/Gemma 3 fuse q/k/v and
-  gate/up; Phi-3's checkpoint already holds qkv_proj and gate_up_proj, loaded as they are).
+  gate/up; Phi-3's checkpoint holds qkv_proj and gate_up_proj, which vLLM maps to themselves, so its
+  export names them in modules_in_block_to_quantize: Family.vllm_in_block).
 - onnx: ONNX Runtime's `MatMulNBits` (quantc/export/onnx.py) runs 2, 4 and 8 bits, symmetric or
   not, at every group size quantc writes. 3-bit layers are exported in a 4-bit container: exact,
   but with the memory of 4-bit, so under a budget meant for ONNX Runtime a 3-bit option would

@@ -4,6 +4,7 @@ quantize sweep's replay, GPTQModel loading the artifact, ONNX Runtime parity, a 
 field read module by module as vLLM and GPTQModel read it; and the message for an unsupported family."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -304,3 +305,24 @@ def test_gguf_target_refused_before_the_compile_for_a_family_without_it(tmp_path
     with pytest.raises(ConfigError, match=r"`export.targets`: gguf: .*model_type 'phi3' is not supported by the "
                                           r"GGUF exporter; supported: llama, mistral, qwen2, qwen3"):
         _compile(tmp_path, fam_models["phi3"], calib_file, export={"targets": ["gptq", "gguf"]})
+
+
+def test_vllm_builds_every_quantized_phi3_linear_with_gptq(tmp_path, fam_models, calib_file):
+    """vLLM's Phi-3 maps its fused gate_up_proj to itself, so it finds gate_up quantized only through
+    an entry of modules_in_block_to_quantize inside that name; without the field it lists the modules of
+    the quantized tensors, and the checkpoint's gate_proj / up_proj are not inside `mlp.gate_up_proj`:
+    the layer would be built in 16-bit and its GPTQ tensors fail to load. Replayed with vLLM's rules
+    (tests/vllm_replay.py); a Llama-family checkpoint needs no such field and gets none."""
+    from vllm_replay import PACKED, vllm_quantized
+    out = _compile(tmp_path, fam_models["phi3"], calib_file, keep_fp16=["lm_head", "embed_tokens", r"layers\.1\.mlp\.gate"])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    names = list(read_tensors(out))
+    for i, leaf in ((0, "self_attn.qkv_proj"), (0, "self_attn.o_proj"), (0, "mlp.gate_up_proj"), (1, "mlp.down_proj")):
+        assert vllm_quantized(qc, f"model.layers.{i}.{leaf}", names, PACKED["phi3"]), leaf
+    # layer 1's gate/up is kept in 16-bit: the dynamic field's "-:" entry names the fused linear for vLLM
+    assert any(k.startswith("-:") and re.match(k[2:], "model.layers.1.mlp.gate_up_proj") for k in qc["dynamic"])
+    bare = {k: v for k, v in qc.items() if k != "modules_in_block_to_quantize"}
+    assert not vllm_quantized(bare, "model.layers.0.mlp.gate_up_proj", names, PACKED["phi3"])
+    assert vllm_quantized(bare, "model.layers.0.self_attn.qkv_proj", names, PACKED["phi3"])
+    llama = _compile(tmp_path, fam_models["gemma3_text"], calib_file, name="g")
+    assert "modules_in_block_to_quantize" not in json.loads((llama / "config.json").read_text())["quantization_config"]

@@ -76,6 +76,27 @@ def replay_vllm(qc: dict, expected: dict[str, dict | None], marlin: bool = False
     return got
 
 
+# vLLM's packed_modules_mapping by model: fused linear leaf -> the checkpoint leaves it loads. Phi-3's
+# (vllm/model_executor/models/phi3.py) maps each fused name to itself: its HF checkpoints hold them fused.
+PACKED = {"llama": FUSED, "phi3": {"qkv_proj": ("qkv_proj",), "gate_up_proj": ("gate_up_proj",)}}
+
+
+def vllm_quantized(qc: dict, prefix: str, tensor_names, packed: dict) -> bool:
+    """Whether vLLM builds linear `prefix` (its own name, fused or not) with the GPTQ method, by
+    is_layer_gptq_quantized after maybe_update_config: the quantized modules are the entries of
+    `modules_in_block_to_quantize`, or, without it, the modules of the checkpoint's tensors that are
+    not 16/32-bit floats (qweight, qzeros, g_idx); a linear is quantized when one of them lies inside
+    (is a substring of) the name of each of its shards, and its shards must agree."""
+    layers = [n for group in qc.get("modules_in_block_to_quantize") or [] for n in group]
+    if not layers:
+        layers = sorted({n.rsplit(".", 1)[0] for n in tensor_names if n.endswith((".qweight", ".qzeros", ".g_idx"))})
+    head, _, leaf = prefix.rpartition(".")
+    shards = [f"{head}.{s}" for s in packed.get(leaf, (leaf,))]
+    status = {s: any(layer in s for layer in layers) for s in shards}
+    assert len(set(status.values())) == 1, f"vLLM raises: {prefix}'s shards disagree on being quantized {status}"
+    return status[shards[0]]
+
+
 def replay_gptqmodel(qc: dict, expected: dict[str, dict | None]) -> None:
     """Read `dynamic` through GPTQModel's own parser for every module and compare with `expected`."""
     from gptqmodel.quantization.config import QuantizeConfig

@@ -72,7 +72,11 @@ def dynamic_field(options: dict[str, Option], skipped: list[str], default: Optio
     return dyn
 
 
-def quantization_config(options: dict[str, Option], skipped: list[str], damp: float, true_sequential: bool) -> dict:
+def quantization_config(options: dict[str, Option], skipped: list[str], damp: float, true_sequential: bool,
+                        in_block: tuple[str, ...] | None = None) -> dict:
+    """The GPTQ quantization_config. `in_block`: the linears of one decoder layer as vLLM builds them,
+    written as `modules_in_block_to_quantize` (family.Family.vllm_in_block: only where the checkpoint's
+    names differ from them)."""
     default = default_option(options)
     qc = {
         **_fields(default),
@@ -87,6 +91,8 @@ def quantization_config(options: dict[str, Option], skipped: list[str], damp: fl
     dyn = dynamic_field(options, skipped, default)
     if dyn:
         qc["dynamic"] = dyn
+    if in_block:
+        qc["modules_in_block_to_quantize"] = [[n] for n in in_block]
     return qc
 
 
@@ -204,7 +210,8 @@ def write_gptq(folder: Path, model, layer_shards: list[Path], options: dict[str,
 
     fam = family_of(model)            # `dynamic` names the modules as written (Phi-3: gate_proj, up_proj)
     qc = quantization_config({p: o for n, o in options.items() for p in fam.exported(n)},
-                             [p for n in skipped for p in fam.exported(n)], damp, true_sequential)
+                             [p for n in skipped for p in fam.exported(n)], damp, true_sequential,
+                             fam.vllm_in_block())
     config = model.config.to_dict()
     config["quantization_config"] = qc
     config["dtype"] = str(dtype).replace("torch.", "")
