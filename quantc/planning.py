@@ -304,8 +304,15 @@ def _allocatable(unit_entries: dict[str, dict], cfg: Config) -> tuple[list[str],
     return free, fixed
 
 
+def quantized_weights(unit_entries: dict[str, dict], cfg: Config) -> int:
+    """The weights of the modules that will be quantized: those keep_fp16 or a skip override keeps in
+    16-bit count neither in an avg_bits budget (bits per quantized weight) nor in its bits/weight."""
+    return sum(i * o for u in unit_entries.values() for n, (i, o) in zip(u["names"], u["shapes"])
+               if _pinned_option(n, cfg) is not None)
+
+
 def budget_bytes(cfg: Config, ms: Measurements) -> int | None:
-    return _budget_bytes(cfg, sum(u["weights"] for u in ms.units.values()))
+    return _budget_bytes(cfg, quantized_weights(ms.units, cfg))
 
 
 def _budget_bytes(cfg: Config, weights: int) -> int | None:
@@ -338,7 +345,7 @@ def size_bounds(unit_entries: dict[str, dict], cfg: Config, head: int = 0) -> di
     costs = [[sum(o.bytes_for(i, n) for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates] for k in free]
     lo, hi = size_range(costs)
     return {"min": lo + fixed + head, "max": hi + fixed + head, "fixed": fixed, "head": head, "free": len(free),
-            "weights": sum(u["weights"] for u in unit_entries.values()),
+            "weights": quantized_weights(unit_entries, cfg),
             "lowest": cfg.candidates[per_option.index(min(per_option))] if free else None,
             "largest": cfg.candidates[per_option.index(max(per_option))] if free else None}
 
@@ -369,12 +376,21 @@ def _advice(unit_entries, cfg: Config, budget: int, b: dict) -> str:
     raise_it = f"raise the budget to at least {b['min']:,} bytes ({bpw(b['min'])})"
     low = b["lowest"]
     changes = []                                    # (label, change) from the least to the most invasive
+    def option(**kw) -> Option | None:     # None: no such option on this grid (ggml has no 3-bit type)
+        try:
+            o = replace(low, **kw)
+        except (ValueError, QuantcError):
+            return None
+        return o if o.bytes_for(256, 256) != low.bytes_for(256, 256) else None   # a llama.cpp type fixes the group
+
     for bits in sorted((x for x in SUPPORTED_BITS if x < low.bits), reverse=True):
-        changes.append(("bits", f"add {bits}-bit to quant.bits", replace(low, bits=bits)))
+        if (o := option(bits=bits)) is not None:
+            changes.append(("bits", f"add {bits}-bit to quant.bits", o))
     if low.group_size > 0:
         for g in [g for g in (64, 128, 256, 512, 1024) if g > low.group_size] + [-1]:
             name = "-1 (per channel)" if g == -1 else str(g)
-            changes.append(("group", f"add group_size {name} (fewer scales)", replace(low, group_size=g)))
+            if (o := option(group_size=g)) is not None:
+                changes.append(("group", f"add group_size {name} (fewer scales)", o))
     pins = _pins(cfg)
     if b["fixed"] and pins:
         changes.append(("pins", f"drop {', '.join(pins)} (fixing {b['fixed']:,} bytes)", None))

@@ -123,7 +123,7 @@ def write_report(folder: Path, plan, ms: Measurements, cfg) -> list[Path]:
             cells.append(("fixed" if o is None else o.label if o.grid != "gptq" else f"{o.bits}b g{o.group_size}"))
         lines.append(f"| {i} | " + " | ".join(cells) +
                      f" | {x['block_influence']:.4f} | {100 * x['outlier_share']:.3f} | {x['lieq_kl']:.4f} |")
-    lines += ["", "| budget bytes | bits/weight | predicted ΔKL |", "|---|---|---|"]
+    lines += ["", "| plan bytes | bits/weight | predicted ΔKL |", "|---|---|---|"]
     lines += [f"| {p['bytes']:,} | {p['avg_bits']:.3f} | {p['delta_kl']:.4f} |" for p in pts]
     lines += ["", "![bits per layer](bits_per_layer.png)", "![importance](importance.png)",
               "![quality vs size](quality_vs_size.png)"]

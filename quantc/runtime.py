@@ -144,15 +144,23 @@ class GGMLLinear(nn.Module):
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
+    """Every tensor of the checkpoint's weight files (those its index names, where it has one: a stray
+    .safetensors beside them is not read). A tensor in two files is an error, not the last file's."""
+    from .model import weight_files
+    files = weight_files(folder)
     if not files:
         raise QuantcError(f"{folder}: no .safetensors file; is this a compiled checkpoint?")
-    out = {}
+    out, where = {}, {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
-                    out[k] = sf.get_tensor(k)
+                    if k in where:
+                        raise QuantcError(f"{folder}: tensor {k} is in both {where[k]} and {f.name}; remove the "
+                                          "file that does not belong to the checkpoint")
+                    out[k], where[k] = sf.get_tensor(k), f.name
+        except QuantcError:
+            raise
         except Exception as e:  # truncated or corrupt file: name it
             raise QuantcError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
     return out

@@ -1,6 +1,7 @@
 """`quantc verify`: check an artifact without trusting it. Reads safetensors and JSON only (never
-unpickles): the manifest's SHA-256 of every file, every quantized tensor's shape and dtype against
-config.json, and (when the source model is present) a short logits comparison against it."""
+unpickles): the manifest's SHA-256 of every file, no weight file the manifest does not list, every
+quantized tensor's shape and dtype against config.json, and (when the source model is present) a
+short logits comparison against it."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,10 @@ from safetensors import safe_open
 
 from .errors import QuantcError
 from .runtime import module_option
+
+
+# the GPTQ v1 tensors' dtypes as the exporter writes them (packing.pack_gptq) and runtimes read them
+EXPECTED_DTYPES = {"qweight": "I32", "qzeros": "I32", "scales": "F16", "g_idx": "I32"}
 
 
 def expected_shapes(in_f: int, out_f: int, bits: int, group_size: int) -> dict[str, tuple]:
@@ -49,6 +54,10 @@ def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool | No
             p = folder / name
             ok = p.is_file() and sha256(p) == digest
             rows.append((f"sha256 {name}", ok, "matches" if ok else ("missing" if not p.is_file() else "differs")))
+        stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in manifest["files"])
+        rows.append(("weight files", not stray, "every .safetensors is the manifest's" if not stray else
+                     f"not in the manifest: {', '.join(stray[:5])} (a file left from another checkpoint: a reader "
+                     "without the index would take its tensors)"))
 
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -59,7 +68,8 @@ def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool | No
         raise QuantcError(f"{folder}/config.json: no quantization_config")
     bad, count = [], 0
     shapes = (manifest or {}).get("modules") or {}
-    for f in sorted(folder.glob("*.safetensors")):
+    from .model import weight_files
+    for f in weight_files(folder):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 keys = set(sf.keys())
@@ -79,6 +89,8 @@ def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool | No
                         got = tuple(sf.get_slice(key).get_shape()) if key in keys else None
                         if got != shape:
                             bad.append(f"{key}: shape {got}, expected {shape}")
+                        elif (dt := sf.get_slice(key).get_dtype()) != EXPECTED_DTYPES[part]:
+                            bad.append(f"{key}: dtype {dt}, expected {EXPECTED_DTYPES[part]}")
                     count += 1
                 for qname in sorted(k[: -len(".qblocks")] for k in keys if k.endswith(".qblocks")):
                     opt, mod = module_option(qname, qc), shapes.get(qname)

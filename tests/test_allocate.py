@@ -101,3 +101,21 @@ def test_a_budget_above_the_largest_size_takes_each_units_best(seed):
     costs, values = instance(random.Random(seed), 6, 3)
     lo, hi = size_range(costs)
     assert allocate(costs, values, hi + 1).value == pytest.approx(brute(costs, values, hi)[0])
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_ties_in_value_take_the_fewest_bytes(seed):
+    """Options of equal value (an 8-bit option whose error is already nil, say): among the plans of
+    least value the solver returns one of the fewest bytes, not the first option found."""
+    assert allocate([[100, 50], [10, 20], [0, 1000]], [[0, 0], [1, 0], [0, .1]], 500).bytes == 70
+    rng = random.Random(500 + seed)
+    costs = [sorted(rng.sample(range(1, 60), 3)) for _ in range(rng.randint(2, 5))]
+    values = [[float(rng.randint(0, 2)) for _ in cs] for cs in costs]      # many exact ties
+    lo, hi = size_range(costs)
+    budget = rng.randint(lo, hi)
+    sol = allocate(costs, values, budget)
+    v, _ = brute(costs, values, budget)
+    fewest = min(sum(costs[u][o] for u, o in enumerate(p)) for p in itertools.product(*[range(3)] * len(costs))
+                 if sum(costs[u][o] for u, o in enumerate(p)) <= budget
+                 and sum(values[u][o] for u, o in enumerate(p)) == v)
+    assert sol.value == v and sol.bytes == fewest

@@ -128,6 +128,36 @@ def test_verify_detects_tampering(tmp_path, tiny_models, calib_file):
     check(CliRunner().invoke(main, ["eval", str(out), "--text", str(calib_file)]), "does not match its config")
 
 
+def test_a_stray_weight_file_is_flagged_and_not_read(tmp_path, tiny_models, calib_file):
+    """A .safetensors left beside the checkpoint's (another checkpoint's, a copy): verify names it, and
+    quantc.load does not take its tensors, where an index lists the checkpoint's files, and refuses
+    to guess between two copies of a tensor where none does; a dtype other than the GPTQ layout's
+    (fp32 scales) fails the shape and dtype check."""
+    y = f"model: {tiny_models['llama']}\nquant: {{bits: 4, group_size: 32}}\ncalibration: {{source: {calib_file}, samples: 4, seq_len: 64}}\n"
+    assert compile_(tmp_path, y).exit_code == 0
+    out = tmp_path / "out"
+    from quantc.errors import QuantcError
+    from quantc.runtime import read_tensors
+    from quantc.verify import verify
+    t = load_file(str(out / "model.safetensors"))
+    norm = "model.norm.weight"
+    save_file({norm: torch.zeros_like(t[norm])}, str(out / "zz-stray.safetensors"), metadata={"format": "pt"})
+    rows = {name: (ok, detail) for name, ok, detail in verify(out, logits=False)}
+    assert rows["weight files"][0] is False and "zz-stray.safetensors" in rows["weight files"][1]
+    with pytest.raises(QuantcError, match=f"tensor {norm} is in both model.safetensors and zz-stray.safetensors"):
+        read_tensors(out)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: "model.safetensors" for k in t}}))
+    assert torch.equal(read_tensors(out)[norm], t[norm])       # the index names the checkpoint's file
+    (out / "zz-stray.safetensors").unlink()
+    (out / "model.safetensors.index.json").unlink()
+    assert all(ok for _, ok, _ in verify(out, logits=False))
+    t["model.layers.0.mlp.down_proj.scales"] = t["model.layers.0.mlp.down_proj.scales"].float()
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    rows = {name: (ok, detail) for name, ok, detail in verify(out, logits=False)}
+    assert rows["tensor shapes"] == (False, "model.layers.0.mlp.down_proj.scales: dtype F32, expected F16")
+
+
 def test_memory_estimate_refuses_what_cannot_fit(tmp_path, tiny_models, calib_file):
     from quantc.config import parse_config
     from quantc.pipeline import memory_estimate

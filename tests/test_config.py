@@ -506,3 +506,23 @@ def test_memory_estimate_counts_the_checks_comparison_where_it_is_the_peak(tmp_p
         check_memory(cfg)
     check_memory(parse_config({"model": str(m), "calibration": {"samples": 2, "seq_len": 512, "check_samples": 0}},
                               "b.yaml"))
+
+
+def test_avg_bits_counts_only_the_weights_that_are_quantized(tiny_models):
+    """avg_bits is bits per quantized weight: linears kept in 16-bit (a skip override, keep_fp16) add no
+    bytes to the budget, else the free units would spend theirs. And an infeasible budget with
+    llama.cpp-grid candidates (ggml has no 3-bit type) gets its advice, not a crash."""
+    from quantc.planning import _budget_bytes, check_budget, shape_units, size_bounds
+    from quantc.preflight import skeleton
+    base = {"model": str(tiny_models["llama"]), "budget": {"avg_bits": 4}, "quant": {"bits": [2, 4, 8], "group_size": 32}}
+    cfg = parse_config({**base, "overrides": [{"match": r"mlp\.down_proj", "skip": True}]})
+    units = shape_units(skeleton(cfg), cfg)
+    every = sum(u["weights"] for u in units.values())
+    down = sum(u["weights"] for k, u in units.items() if k.endswith(".down"))
+    assert 0 < down < every and size_bounds(units, cfg)["weights"] == every - down
+    assert _budget_bytes(cfg, size_bounds(units, cfg)["weights"]) == 4 * (every - down) // 8
+    plain = parse_config(base)
+    assert size_bounds(shape_units(skeleton(plain), plain), plain)["weights"] == every
+    ggml = parse_config({**base, "budget": {"avg_bits": 1}, "quant": {"bits": [4, 8], "grid": "ggml"}})
+    with pytest.raises(ConfigError, match=r"`budget.avg_bits`: the budget of .* is infeasible.*raise the budget"):
+        check_budget(shape_units(skeleton(ggml), ggml), ggml)

@@ -8,6 +8,8 @@ leaves. When that grid would exceed `max_states` cells, the extra sizes are roun
 quantum: the answer then still fits the budget and is optimal for the rounded sizes (`quantum`). A
 budget of at least the largest achievable size binds nothing: every unit then takes its own least
 value, which is exact on any grid (rounding up could otherwise push the largest plans off it).
+Among the plans of least value, the one returned has the fewest bytes on the DP's grid (exactly the
+fewest when the quantum is the gcd): a tie in value never spends bytes for nothing.
 """
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ def allocate(costs: list[list[int]], values: list[list[float]], budget: int, max
         return _solution(costs, values, pick, 1)
     extra = _extra(costs)
     best, choices, q = _dp(extra, values, budget - lo, max_states)
-    return _solution(costs, values, _backtrack(extra, choices, len(best) - 1, q), q)
+    s = int(np.nonzero(best <= best[-1])[0][0])     # the least grid size that reaches the least value
+    return _solution(costs, values, _backtrack(extra, choices, s, q), q)
 
 
 def _extra(costs: list[list[int]]) -> list[list[int]]:
