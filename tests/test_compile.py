@@ -97,7 +97,9 @@ calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
         r"+:^model\.layers\.0\.mlp\.down_proj$": {"bits": 8, "group_size": 32, "sym": False, "desc_act": True},
         r"+:^model\.layers\.1\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)$":
             {"bits": 2, "group_size": 64, "sym": False, "desc_act": True},
-        r"-:^model\.layers\.1\.mlp\.(up_proj|gate_up_proj)$": {},    # vLLM's fused name too
+        # up_proj alone: not vLLM's gate_up_proj, whose other member (gate) is quantized; vLLM cannot build
+        # that layer either way (serve: [vllm] refuses such a plan), and a fused name would claim both
+        r"-:^model\.layers\.1\.mlp\.up_proj$": {},
     }
     assert m["skipped"] == ["model.layers.1.mlp.up_proj"]
     q = quantc.load(out)
