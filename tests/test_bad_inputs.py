@@ -149,6 +149,11 @@ def test_a_stray_weight_file_is_flagged_and_not_read(tmp_path, tiny_models, cali
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
         k: "model.safetensors" for k in t}}))
     assert torch.equal(read_tensors(out)[norm], t[norm])       # the index names the checkpoint's file
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    (out / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": {
+        **index["weight_map"], norm: "model-lost.safetensors"}}))
+    rows = {name: (ok, detail) for name, ok, detail in verify(out, logits=False)}   # reported, not raised
+    assert rows["weight index"][0] is False and "model-lost.safetensors" in rows["weight index"][1]
     (out / "zz-stray.safetensors").unlink()
     (out / "model.safetensors.index.json").unlink()
     assert all(ok for _, ok, _ in verify(out, logits=False))
