@@ -77,6 +77,11 @@ class Family:
     def linears(self) -> tuple[str, ...]:
         return tuple(n for g in self.groups for n in g)
 
+    def parts(self, name: str) -> int:
+        """How many linears the GPTQ export writes compiled module `name` as (its bytes count each one's
+        g_idx, scales and zeros: Option.bytes_for)."""
+        return len(self.exported(name))
+
     def vllm_in_block(self) -> tuple[str, ...] | None:
         """A decoder layer's linears under the names vLLM builds them with, where the GPTQ export writes
         other names (export_split: Phi-3's gate_up_proj as gate_proj + up_proj), else None. vLLM decides

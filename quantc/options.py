@@ -46,7 +46,11 @@ class Option:
         gs = "pc" if self.group_size <= 0 else f"g{self.group_size}"
         return f"{self.bits}b-{gs}-{'sym' if self.sym else 'asym'}"
 
-    def bytes_for(self, in_features: int, out_features: int) -> int:
+    def bytes_for(self, in_features: int, out_features: int, parts: int = 1) -> int:
+        """Bytes of the linear as written. `parts`: it is written as that many equal row blocks
+        (family.Family.export_split: Phi-3's gate_up_proj), each with its own g_idx, scales and zeros."""
+        if parts > 1:
+            return parts * self.bytes_for(in_features, out_features // parts)
         if self.grid != "gptq":
             return ggml.tensor_bytes(ggml.type_for(self.grid, self.bits, self.sym, in_features), in_features,
                                      out_features)

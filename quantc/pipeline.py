@@ -21,6 +21,7 @@ from . import __version__
 from . import distributed
 from .config import Config
 from .errors import QuantcError
+from .family import family_of
 from .model import (TORCH_DTYPES, Activations, Placement, capture_layer0_inputs, decoder_layers, fetch_model,
                     keep_in_fp16, linear_names, resolve_device, source_identity)  # noqa: F401 (linear_names: re-exported)
 from .memory import activation_bytes, check_memory, memory_estimate  # noqa: F401  (memory_estimate: re-exported)
@@ -67,9 +68,10 @@ def sha256(path: Path) -> str:
 
 
 def module_table(model, options: dict[str, Option]) -> dict[str, dict]:
-    mods = dict(model.named_modules())
+    mods, fam = dict(model.named_modules()), family_of(model)
     return {n: {**o.to_dict(), "in": mods[n].in_features, "out": mods[n].out_features,
-                "bytes": o.bytes_for(mods[n].in_features, mods[n].out_features)} for n, o in options.items()}
+                "bytes": o.bytes_for(mods[n].in_features, mods[n].out_features, fam.parts(n))}
+            for n, o in options.items()}
 
 
 def placement(cfg: Config, model) -> Placement:

@@ -20,6 +20,7 @@ import yaml
 
 from .config import Config
 from .errors import ConfigError, QuantcError
+from .family import family_of
 from .model import CPU, Activations, Placement, capture_layer0_inputs, keep_in_fp16, source_identity, units
 from .options import Option
 from .passes.allocate import allocate, least_bytes, size_range
@@ -298,10 +299,20 @@ def _allocatable(unit_entries: dict[str, dict], cfg: Config) -> tuple[list[str],
         if all(p is False for p in pinned):
             free.append(key)
             continue
-        for p, (i, o) in zip(pinned, u["shapes"]):
+        for p, (i, o), k in zip(pinned, u["shapes"], _parts(u)):
             opt = cfg.default_option if p is False else p
-            fixed += opt.bytes_for(i, o) if opt is not None else 0
+            fixed += opt.bytes_for(i, o, k) if opt is not None else 0
     return free, fixed
+
+
+def _parts(u: dict) -> list[int]:
+    """How many linears the export writes each of a unit's modules as (Family.parts; 1 where not kept)."""
+    return u.get("parts") or [1] * len(u["names"])
+
+
+def unit_bytes(u: dict, o: Option) -> int:
+    """The bytes a unit's modules take at option `o`, as written."""
+    return sum(o.bytes_for(i, n, k) for (i, n), k in zip(u["shapes"], _parts(u)))
 
 
 def quantized_weights(unit_entries: dict[str, dict], cfg: Config) -> int:
@@ -329,10 +340,13 @@ def shape_units(model, cfg: Config) -> dict[str, dict]:
     """Every unit's module names, shapes and weight count, like `Measurements.units` but from the
     module shapes alone: a meta-device skeleton (no weights, no calibration) is enough."""
     mods = dict(model.named_modules())
+    fam = family_of(model)
     out = {}
     for u in units(model, cfg.units):
         shapes = [[mods[n].in_features, mods[n].out_features] for n in u.names]
-        out[u.key] = {"names": list(u.names), "shapes": shapes, "weights": sum(i * o for i, o in shapes)}
+        parts = [fam.parts(n) for n in u.names]
+        out[u.key] = {"names": list(u.names), "shapes": shapes, "weights": sum(i * o for i, o in shapes),
+                      **({"parts": parts} if set(parts) != {1} else {})}
     return out
 
 
@@ -341,8 +355,8 @@ def size_bounds(unit_entries: dict[str, dict], cfg: Config, head: int = 0) -> di
     `head`: the lm_head a rotation unties, rotate.untied_head_bytes), the bytes the YAML fixes
     (keep_fp16/overrides), the head's, the weight count and the smallest/largest candidates."""
     free, fixed = _allocatable(unit_entries, cfg)
-    per_option = [sum(o.bytes_for(i, n) for k in free for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates]
-    costs = [[sum(o.bytes_for(i, n) for i, n in unit_entries[k]["shapes"]) for o in cfg.candidates] for k in free]
+    per_option = [sum(unit_bytes(unit_entries[k], o) for k in free) for o in cfg.candidates]
+    costs = [[unit_bytes(unit_entries[k], o) for o in cfg.candidates] for k in free]
     lo, hi = size_range(costs)
     return {"min": lo + fixed + head, "max": hi + fixed + head, "fixed": fixed, "head": head, "free": len(free),
             "weights": quantized_weights(unit_entries, cfg),

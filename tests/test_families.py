@@ -326,3 +326,26 @@ def test_vllm_builds_every_quantized_phi3_linear_with_gptq(tmp_path, fam_models,
     assert vllm_quantized(bare, "model.layers.0.self_attn.qkv_proj", names, PACKED["phi3"])
     llama = _compile(tmp_path, fam_models["gemma3_text"], calib_file, name="g")
     assert "modules_in_block_to_quantize" not in json.loads((llama / "config.json").read_text())["quantization_config"]
+
+
+def test_bytes_counted_are_the_bytes_written_for_phi3s_row_blocks(tmp_path, fam_models, calib_file):
+    """Phi-3's gate_up_proj is written as two row blocks, each with its own g_idx, scales and zeros: the
+    bytes the budget and the manifest count are those of the tensors written, module by module, and the
+    measurement's unit bytes agree with the shapes-only count the preflight uses."""
+    from quantc.family import BY_TYPE
+    from quantc.planning import shape_units, unit_bytes
+    from quantc.preflight import skeleton
+    out = _compile(tmp_path, fam_models["phi3"], calib_file)
+    m = json.loads((out / "quantc.json").read_text())
+    tensors = read_tensors(out)
+    fam = BY_TYPE["phi3"]
+    for name, mod in m["modules"].items():
+        written = sum(tensors[f"{p}.{part}"].numel() * tensors[f"{p}.{part}"].element_size()
+                      for p in fam.exported(name) for part in ("qweight", "qzeros", "scales", "g_idx"))
+        assert mod["bytes"] == written, name
+    gate_up = "model.layers.0.mlp.gate_up_proj"
+    assert fam.parts(gate_up) == 2 and fam.parts("model.layers.0.self_attn.qkv_proj") == 1
+    cfg = parse_config({"model": str(fam_models["phi3"]), "quant": {"bits": 4, "group_size": 32}})
+    entries = shape_units(skeleton(cfg), cfg)
+    assert entries["0.gate_up"]["parts"] == [2] and "parts" not in entries["0.qkv"]
+    assert unit_bytes(entries["0.gate_up"], cfg.candidates[0]) == m["modules"][gate_up]["bytes"]

@@ -353,7 +353,8 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                     _release_hessians(hess, [here[jj - first] for jj in order[n_done:]])
                 u = here[j - first]
                 solved[j] = _solve_unit(u, prefix, layer, mods, hess, candidates, method, damp,
-                                        keep_sq=not exact, anchor=anchor, every=u.key in sample)
+                                        keep_sq=not exact, anchor=anchor, every=u.key in sample,
+                                        parts={n: family_of(model).parts(n) for n in u.names})
                 SOLVES.add("measure")
             if not exact:
                 hess.clear()
@@ -441,20 +442,24 @@ def _release_hessians(hess: dict, pending: list[Unit]) -> None:
 
 
 def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidates: list[Option], method: str,
-                damp: float, keep_sq: bool, anchor: list[int] | None = None, every: bool = False):
+                damp: float, keep_sq: bool, anchor: list[int] | None = None, every: bool = False,
+                parts: dict[str, int] | None = None):
     """Every candidate option of one unit: (its measurement entry, {option key: {linear: quantized
     weight}}, {linear: {option key: diag(ΔW H ΔWᵀ)}} for the fisher predictor, {linear: {predicted
     option key: its solved diag}} for the calibration sample). A pure function of the unit's weights
     and Hessians: the same on whichever rank solves it. `anchor` (solve: anchors): each option's
     anchor; only anchors are solved, the other options' errors are predicted (_predicted), and only
     anchors' codes are kept. `every` (the calibration sample): every option is solved too, and a
-    predicted option's solved error is returned beside its prediction (and kept as err_solved)."""
+    predicted option's solved error is returned beside its prediction (and kept as err_solved). `parts`:
+    how many linears the export writes each one as (Family.parts; the entry keeps them where any is not 1)."""
     anchor = anchor if anchor is not None else list(range(len(candidates)))
+    parts = {n: (parts or {}).get(n, 1) for n in unit.names}
     predict = [j for j, a in enumerate(anchor) if a != j]
     solve = list(range(len(candidates))) if every else sorted(set(anchor))
     entry = {"layer": unit.layer, "names": list(unit.names), "options": {}, "alpha": None,
              "shapes": [[mods[n].in_features, mods[n].out_features] for n in unit.names],
-             "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names)}
+             "weights": sum(mods[n].in_features * mods[n].out_features for n in unit.names),
+             **({"parts": [parts[n] for n in unit.names]} if set(parts.values()) != {1} else {})}
     hinv: dict = {}                 # linears reading one input share its Hessian's Cholesky
     W = {n: source_weight(layer, n[len(prefix):]) for n in unit.names}   # float32 source values
     den = sum(energy(W[n], hess[n].H) for n in unit.names)
@@ -491,7 +496,7 @@ def _solve_unit(unit: Unit, prefix: str, layer, mods: dict, hess: dict, candidat
         k = option_key(o)
         entry["options"][k] = {
             "err": num[k] / max(den, 1e-30),
-            "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features) for n in unit.names)}
+            "bytes": sum(o.bytes_for(mods[n].in_features, mods[n].out_features, parts[n]) for n in unit.names)}
         if j in predict:
             entry["options"][k]["predicted_from"] = option_key(candidates[anchor[j]])
         if k in solved_num:
