@@ -156,6 +156,10 @@ def measurement_key(cfg: Config, calib: torch.Tensor, hold: torch.Tensor, model,
         h.update(b"check_uniform")
     if cfg.rotate != "none":        # another model's weights (only then: unrotated keys stay as they were)
         h.update(f"rotate:{cfg.rotate}:{cfg.rotate_seed}".encode())
+    if cfg.calibration.seed != 0:   # the probes' labels and the noise are drawn from it, and a source whose
+        #                             windows do not depend on it gives the same tokens (only then: seed-0 keys
+        #                             stay as they were)
+        h.update(f"seed:{cfg.calibration.seed}".encode())
     return h.hexdigest()[:20]
 
 

@@ -74,46 +74,49 @@ def verify(folder: str | Path, logits: bool = True) -> list[tuple[str, bool | No
     except QuantcError as e:          # an index naming a file that is gone, or no index at all: say so, go on
         rows.append(("weight index", False, str(e)))
         files = sorted(folder.glob("*.safetensors"))
-    for f in files:
+    meta: dict[str, tuple[tuple, str]] = {}       # every tensor's shape and dtype, from the headers alone:
+    for f in files:                                 # a module's tensors may lie in different shards
         try:
             with safe_open(str(f), framework="pt") as sf:
-                keys = set(sf.keys())
-                for qname in sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight")):
-                    opt = module_option(qname, qc)
-                    if opt is None:
-                        bad.append(f"{qname}: packed but excluded by `dynamic`")
-                        continue
-                    mod = shapes.get(qname)
-                    if mod is None:        # no manifest: take in/out from the g_idx and scales
-                        in_f = sf.get_slice(f"{qname}.g_idx").get_shape()[0]
-                        out_f = sf.get_slice(f"{qname}.scales").get_shape()[1]
-                    else:
-                        in_f, out_f = mod["in"], mod["out"]
-                    for part, shape in expected_shapes(in_f, out_f, int(opt["bits"]), int(opt["group_size"])).items():
-                        key = f"{qname}.{part}"
-                        got = tuple(sf.get_slice(key).get_shape()) if key in keys else None
-                        if got != shape:
-                            bad.append(f"{key}: shape {got}, expected {shape}")
-                        elif (dt := sf.get_slice(key).get_dtype()) != EXPECTED_DTYPES[part]:
-                            bad.append(f"{key}: dtype {dt}, expected {EXPECTED_DTYPES[part]}")
-                    count += 1
-                for qname in sorted(k[: -len(".qblocks")] for k in keys if k.endswith(".qblocks")):
-                    opt, mod = module_option(qname, qc), shapes.get(qname)
-                    got = tuple(sf.get_slice(f"{qname}.qblocks").get_shape())
-                    if opt is None or opt.get("grid", "gptq") == "gptq":
-                        bad.append(f"{qname}: llama.cpp blocks but no llama.cpp grid in config.json")
-                        continue
-                    if mod is not None:   # [out, in / block, block bytes] of the type the linear gets
-                        from .ggml import type_for
-                        t = type_for(opt["grid"], int(opt["bits"]), bool(opt["sym"]), mod["in"], qname)
-                        if got != (mod["out"], mod["in"] // t.block, t.size):
-                            bad.append(f"{qname}.qblocks: shape {got}, expected {t.name} blocks "
-                                       f"{(mod['out'], mod['in'] // t.block, t.size)}")
-                    count += 1
-        except QuantcError:
-            raise
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
         except Exception as e:
             rows.append((f"read {f.name}", False, f"cannot read safetensors: {e}"))
+    for qname in sorted(k[: -len(".qweight")] for k in meta if k.endswith(".qweight")):
+        opt = module_option(qname, qc)
+        if opt is None:
+            bad.append(f"{qname}: packed but excluded by `dynamic`")
+            continue
+        mod = shapes.get(qname)
+        if mod is not None:
+            in_f, out_f = mod["in"], mod["out"]
+        elif f"{qname}.g_idx" in meta and f"{qname}.scales" in meta:   # no manifest: from the g_idx and scales
+            in_f, out_f = meta[f"{qname}.g_idx"][0][0], meta[f"{qname}.scales"][0][1]
+        else:
+            bad.append(f"{qname}: no g_idx or scales beside its qweight")
+            continue
+        for part, shape in expected_shapes(in_f, out_f, int(opt["bits"]), int(opt["group_size"])).items():
+            key = f"{qname}.{part}"
+            got, dt = meta.get(key, (None, None))
+            if got != shape:
+                bad.append(f"{key}: shape {got}, expected {shape}")
+            elif dt != EXPECTED_DTYPES[part]:
+                bad.append(f"{key}: dtype {dt}, expected {EXPECTED_DTYPES[part]}")
+        count += 1
+    for qname in sorted(k[: -len(".qblocks")] for k in meta if k.endswith(".qblocks")):
+        opt, mod = module_option(qname, qc), shapes.get(qname)
+        got = meta[f"{qname}.qblocks"][0]
+        if opt is None or opt.get("grid", "gptq") == "gptq":
+            bad.append(f"{qname}: llama.cpp blocks but no llama.cpp grid in config.json")
+            continue
+        if mod is not None:   # [out, in / block, block bytes] of the type the linear gets
+            from .ggml import type_for
+            t = type_for(opt["grid"], int(opt["bits"]), bool(opt["sym"]), mod["in"], qname)
+            if got != (mod["out"], mod["in"] // t.block, t.size):
+                bad.append(f"{qname}.qblocks: shape {got}, expected {t.name} blocks "
+                           f"{(mod['out'], mod['in'] // t.block, t.size)}")
+        count += 1
     rows.append(("tensor shapes", not bad and count > 0,
                  f"{count} quantized linears consistent with config.json" if not bad else "; ".join(bad[:5])))
 

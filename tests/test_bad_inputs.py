@@ -128,6 +128,29 @@ def test_verify_detects_tampering(tmp_path, tiny_models, calib_file):
     check(CliRunner().invoke(main, ["eval", str(out), "--text", str(calib_file)]), "does not match its config")
 
 
+def test_verify_reads_a_module_whose_tensors_lie_in_two_shards(tmp_path, tiny_models, calib_file):
+    """transformers-style sharding cuts between tensors, not modules: a module's qweight in one shard and
+    its scales in the next is a valid checkpoint, which quantc.load reads, and verify checks it alike."""
+    from quantc.runtime import read_tensors
+    from quantc.verify import verify
+    y = f"model: {tiny_models['llama']}\nquant: {{bits: 4, group_size: 32}}\ncalibration: {{source: {calib_file}, samples: 4, seq_len: 64}}\n"
+    assert compile_(tmp_path, y).exit_code == 0
+    out = tmp_path / "out"
+    t = load_file(str(out / "model.safetensors"))
+    keys = sorted(t)
+    cut = keys.index("model.layers.0.self_attn.v_proj.qzeros")          # its scales go to the second shard
+    shards = {"model-00001-of-00002.safetensors": keys[:cut + 1], "model-00002-of-00002.safetensors": keys[cut + 1:]}
+    for name, ks in shards.items():
+        save_file({k: t[k] for k in ks}, str(out / name), metadata={"format": "pt"})
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: name for name, ks in shards.items() for k in ks}}))
+    rows = {name: (ok, detail) for name, ok, detail in verify(out, logits=False)}
+    assert rows["tensor shapes"][0] is True, rows["tensor shapes"]
+    assert not any(n.startswith("read ") for n in rows)
+    assert sorted(read_tensors(out)) == keys
+
+
 def test_a_stray_weight_file_is_flagged_and_not_read(tmp_path, tiny_models, calib_file):
     """A .safetensors left beside the checkpoint's (another checkpoint's, a copy): verify names it, and
     quantc.load does not take its tensors, where an index lists the checkpoint's files, and refuses

@@ -253,3 +253,20 @@ def test_a_qep_discount_is_another_measurement(tmp_path, tiny_models, calib_file
     assert sorted(betas, key=str) == [0.5, None]                       # 1 − α (0.5, the default) · ρ (1)
     assert "gradient into every linear × 0.5" in (tmp_path / "discount" / "report.md").read_text()
     assert "QEP leaves" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_the_seed_is_part_of_the_measurement_key(tiny_models):
+    """The fisher probes' labels (and the exact predictor's noise) are drawn from calibration.seed, so two
+    seeds are two measurements even where the source gives both the same tokens (documents of exactly
+    seq_len tokens, a text of one window)."""
+    import torch
+    from quantc.config import parse_config
+    from quantc.planning import measurement_key
+    from quantc.preflight import skeleton
+    raw = {"model": str(tiny_models["llama"]), "budget": {"avg_bits": 4.5}, "quant": {"bits": [2, 4, 8], "group_size": 32}}
+    tokens = torch.randint(3, 100, (6, 32), generator=torch.Generator().manual_seed(0))
+    keys = set()
+    for seed in (0, 1, 2):
+        cfg = parse_config({**raw, "calibration": {"seed": seed}})
+        keys.add(measurement_key(cfg, tokens[:4], tokens[4:], skeleton(cfg)))
+    assert len(keys) == 3
