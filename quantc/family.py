@@ -162,6 +162,22 @@ SUPPORTED_TYPES: tuple[str, ...] = tuple(BY_TYPE)
 FUSED_OF: dict[str, tuple[tuple[str, ...], str]] = {k: v for f in FAMILIES for k, v in f.fused_of().items()}
 
 
+def rope_settings(config: dict) -> list[dict]:
+    """The RoPE settings of a config (config.json as a dict): one dict, or one per layer kind where the
+    kinds differ (Gemma 3), from `rope_parameters` (transformers 5) over `rope_scaling` (older files).
+    Each names its kind by `rope_kind`."""
+    params, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
+    flat = {**scaling, **params}
+    if "rope_type" in flat or "type" in flat or not any(isinstance(v, dict) for v in flat.values()):
+        return [flat]
+    return [v for v in flat.values() if isinstance(v, dict)]
+
+
+def rope_kind(settings: dict) -> str:
+    """A RoPE's kind ("default", "linear", "dynamic", "longrope", ...), from one `rope_settings` entry."""
+    return settings.get("rope_type") or settings.get("type") or "default"
+
+
 def check_supported(model_type: str | None, where: str) -> None:
     if model_type not in BY_TYPE:
         raise QuantcError(f"{where}: model_type {model_type!r} is not supported; quantc supports "

@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from .. import ggml
 from ..errors import QuantcError
-from ..family import FAMILIES, family_for
+from ..family import FAMILIES, family_for, rope_kind, rope_settings
 from ..staging import cleans_up_output
 from ..packing import unpack_cols, unpack_rows
 
@@ -90,12 +90,11 @@ def _rope_rows(n: int, heads: int) -> np.ndarray:
 
 
 def _rope_theta(cfg: dict, where: str) -> float:
-    rp = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    kind = rp.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise QuantcError(f"{where}: rope type {kind!r} is not written to GGUF by quantc (plain RoPE only)")
-    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    settings = rope_settings(cfg)
+    for kind in (rope_kind(s) for s in settings):
+        if kind != "default":
+            raise QuantcError(f"{where}: rope type {kind!r} is not written to GGUF by quantc (plain RoPE only)")
+    return float(settings[0].get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
 def _tokenizer(writer, folder: Path, vocab_size: int, pre: str) -> None:

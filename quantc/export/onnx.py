@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import QuantcError
-from ..family import BY_TYPE, FAMILIES
+from ..family import BY_TYPE, FAMILIES, rope_kind, rope_settings
 from ..staging import cleans_up_output, finalize_output, prepare_output
 from ..packing import unpack_cols, unpack_rows
 
@@ -133,23 +133,21 @@ def matmulnbits_tensors(qweight, qzeros, scales, g_idx, bits: int, group_size: i
 
 # ----------------------------------------------------------------------------- the graph
 
-def static_rope_limit(config) -> int | None:
+def static_rope_limit(config: dict) -> int | None:
     """The longest sequence for which fixed cos/sin tables equal transformers' rotary embedding, or
     None when they do at any length. transformers recomputes `dynamic` (NTK) frequencies once a call's
     positions pass the original context, and `longrope` switches from its short to its long factors
     there, for every position of that call (modeling_rope_utils.dynamic_rope_update): a table built
     for longer sequences would rotate a short prompt by the long factors."""
-    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kinds = [rp] if "rope_type" in rp or "type" in rp else [v for v in rp.values() if isinstance(v, dict)]
     limits = []
-    for k in kinds:
-        kind = k.get("rope_type") or k.get("type") or "default"
+    for s in rope_settings(config):
+        kind = rope_kind(s)
         if "dynamic" in kind:
-            limits.append(int(config.max_position_embeddings))
+            limits.append(int(config["max_position_embeddings"]))
         elif kind == "longrope":
-            limits.append(int(k.get("original_max_position_embeddings")
-                              or getattr(config, "original_max_position_embeddings", None)
-                              or config.max_position_embeddings))
+            limits.append(int(s.get("original_max_position_embeddings")
+                              or config.get("original_max_position_embeddings")
+                              or config["max_position_embeddings"]))
     return min(limits) if limits else None
 
 
@@ -171,7 +169,7 @@ class _Export:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
         self.layers = c.num_hidden_layers
         self.max_length = int(max_length or min(getattr(c, "max_position_embeddings", 4096), 8192))
-        exact = static_rope_limit(c)
+        exact = static_rope_limit(c.to_dict())
         if exact is not None and self.max_length > exact:
             if max_length:
                 raise QuantcError(f"{folder}/config.json: its RoPE changes its frequencies with the sequence length "

@@ -260,7 +260,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
     option to the head, as a check of the whole-model prediction (meta.calibration; no plan reads it)."""
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; one of {PREDICTORS}")
-    n_layers = len(decoder_layers(model))
+    n_layers, fam = len(decoder_layers(model)), family_of(model)
     by_layer: dict[int, list[Unit]] = {}
     for u in units(model, unit_mode):
         by_layer.setdefault(u.layer, []).append(u)
@@ -321,7 +321,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
             mods = {prefix + n: m for n, m in lins.items()}
             hess = {}
             with contextlib.ExitStack() as stack:           # all Hessians from one forward
-                for g in input_groups(lins, family_of(model)):
+                for g in input_groups(lins, fam):
                     first = next(iter(g.values()))
                     h = Hessian(first.in_features, device=place.device, world=world)
                     stack.enter_context(CaptureInput(first, h.add, stop=False))
@@ -354,7 +354,7 @@ def measure(model, acts: Activations, holdout: Activations, holdout_tokens: torc
                 u = here[j - first]
                 solved[j] = _solve_unit(u, prefix, layer, mods, hess, candidates, method, damp,
                                         keep_sq=not exact, anchor=anchor, every=u.key in sample,
-                                        parts={n: family_of(model).parts(n) for n in u.names})
+                                        parts={n: fam.parts(n) for n in u.names})
                 SOLVES.add("measure")
             if not exact:
                 hess.clear()
