@@ -1,7 +1,7 @@
 """Benchmark: peak RSS of compiling SmolLM2-135M (GPTQ 4-bit g128), lazy loading against loading the
 model whole, and against GPTQModel 7.6.0 on the same calibration.
 
-    python -m benchmarks.bench_memory [--samples 32] [--gptqmodel] [--measure fisher,fisher-h16] [--fresh]
+    python -m benchmarks.bench_memory [--samples 32] [--gptqmodel] [--measure fisher-h4,fisher] [--fresh]
 
 It also measures the held-out check's comparison of one sequence (the compile's last step) against the
 estimate's term for it, and with --measure sweep 1 alone (the measurement) against the estimate.
@@ -179,7 +179,8 @@ def main() -> None:
     check = cached("mem-check-head-512", lambda: job("check-head", "512"))
     if args.gptqmodel:
         rows["gptqmodel"] = cached(f"mem-gptqmodel-{n}", lambda: job("gptqmodel", str(n), str(WORK / "mem-gptqmodel")))
-    measure = {p: cached(f"mem-measure-{p}", lambda: job("measure", p)) for p in args.measure.split(",") if p}
+    from benchmarks.bench_mixed import job_label       # keyed by what is measured, as bench_mixed's jobs
+    measure = {p: cached(f"mem-measure-{job_label(p)}", lambda: job("measure", p)) for p in args.measure.split(",") if p}
     write(rows, n, "python -m benchmarks.bench_memory " + " ".join(sys.argv[1:]), check, measure)
 
 

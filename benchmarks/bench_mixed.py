@@ -38,7 +38,7 @@ from benchmarks.bench_gptq import (KL_WINDOWS, write_section, QUANTC_GPTQ, RESUL
                                    peak_rss_mb, prepare, run_kl, run_uniform, subprocess_job, uniform_job)
 from benchmarks.common import ROOT, save_plot
 from benchmarks.models import bench_model, keyed, mark, title
-from quantc.config import PREDICTORS
+from quantc.config import PREDICTORS, PlanSettings
 
 CANDIDATES = [{"bits": 2, "sym": False}, {"bits": 3}, {"bits": 4}, {"bits": 8}]
 VARIANTS = {   # name: (candidates, extra quant settings, what the table says)
@@ -76,6 +76,18 @@ def plan_settings(predictor: str, check: bool = True) -> dict:
         else:
             raise ValueError(f"{m!r} in {predictor!r}")
     return {**s, **({"check_uniform": True} if check and name == "fisher" else {})}
+
+
+def job_label(predictor: str) -> str:
+    """The cache-key form of a predictor label: only the settings that differ from quantc's defaults,
+    so jobs are keyed by what they measure. Two labels of one measurement (fisher-h16 and fisher, with
+    16 held-out sequences the default) share their jobs, and a default changed later moves the bare
+    label to new jobs: the earlier ones keep their explicit form (fisher-h4 since 16 became the default)."""
+    from quantc.config import PlanSettings
+    s, d = plan_settings(predictor, check=False), PlanSettings()
+    mods = [f"h{s['alpha_samples']}"] if s.get("alpha_samples", d.alpha_samples) != d.alpha_samples else []
+    mods += [f"qd{s['qep_discount']:g}"] if s.get("qep_discount", d.qep_discount) != d.qep_discount else []
+    return "-".join([s["predictor"], *mods])
 
 
 def _plan_settings_or_none(predictor: str) -> dict | None:
@@ -297,13 +309,23 @@ def budget_sizes() -> dict[str, int]:
 
 def checkpoint_name(v: str, p: str, b: str, qep: float):
     """The one home of a plan checkpoint's cache key and folder (bench_onnx reads them too)."""
-    key = f"mixed-{prefix(v)}{p}-{b}-qep{qep:g}"
+    key = f"mixed-{prefix(v)}{job_label(p)}-{b}-qep{qep:g}"
     return key, WORK / keyed(key)
 
 
 def run_plan(v: str, p: str, budgets: dict[str, int], qep: float = 0.0) -> dict:
-    """Variant v's measurement and its plans for `budgets` (job_plan), from the cache or run now."""
-    return cached(f"mixed-{prefix(v)}{p}-plan", lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v, str(qep)]))
+    """Variant v's measurement and its plans for `budgets` (job_plan), from the cache or run now. A cached
+    job that did not plan every budget asked for (a narrower run's) is run again for all of them, its
+    own included; its measurement comes from quantc's cache where that still holds it."""
+    name = f"mixed-{prefix(v)}{job_label(p)}-plan"
+    path = WORK / f"{keyed(name)}.json"
+    if path.is_file():
+        done = json.loads(path.read_text())["plans"]
+        if not set(budgets) <= set(done):
+            sizes = budget_sizes()
+            budgets = {**{b: sizes[b] for b in done if b in sizes}, **budgets}
+            path.unlink()
+    return cached(name, lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v, str(qep)]))
 
 
 def run_compile(v: str, p: str, b: str, qep: float, budget: int) -> dict:
@@ -326,7 +348,7 @@ def _when(rows, plans) -> str:
     """When the jobs behind the section finished (their cached results' file times): rows are cached
     jobs, so a section rewritten later may hold rows of several runs, and says so."""
     import datetime
-    names = [f"mixed-{prefix(v)}{p}-plan" for v, p in plans] + \
+    names = [f"mixed-{prefix(v)}{job_label(p)}-plan" for v, p in plans] + \
         [f"{r['key']}-{j}" for r in rows for j in ("compile", "eval", "kl")]
     names += [uniform_job(b, q)[j] for b in ("3b", "4b") for q in {0.0} | {r["qep"] for r in rows}
               for j in ("compile", "eval", "kl")]
@@ -379,7 +401,7 @@ def write(rows, plans, fp, sizes, cmd) -> None:
                         "error is weighted by what error propagation leaves of it."
                         for p in dict.fromkeys(p for _, p in plans) if "qep_discount" in plan_settings(p)))
              + ("".join(f" *{p}* = fisher with a held-out slice of {plan_settings(p)['alpha_samples']} sequences "
-                        "(`plan.alpha_samples`; the default is 4): the slice on which the sample units' ΔKL, the "
+                        f"(`plan.alpha_samples`; the default is {PlanSettings().alpha_samples}): the slice on which the sample units' ΔKL, the "
                         "probes and the head are measured, the last rows of the calibration draw, which sweep 1 "
                         "does not calibrate on."
                         for p in dict.fromkeys(p for _, p in plans) if "alpha_samples" in plan_settings(p))), "",

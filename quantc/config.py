@@ -81,7 +81,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class PlanSettings:
     measure_samples: int = 32      # calibration sequences whose Hessians measure every option
-    alpha_samples: int = 4         # held-out sequences for the linearity coefficients α
+    alpha_samples: int = 16        # held-out sequences on which the fisher predictor is scaled (and α measured):
+    #                                4 left its level at the luck of 4 documents (measured/predicted 1.27–1.33 on
+    #                                Qwen2.5-Coder, 0.96–1.12 with 16; RESULTS.md "held-out slice"), for 1.5× the
+    #                                measurement's time
     alpha_seq_len: int = 256       # ... truncated to this many tokens
     noise: float = 0.01            # relative output error injected to estimate α
     direct_bits: int = 4           # exact predictor: options with ≤ this many bits get their ΔKL measured (0: α·err only)

@@ -186,6 +186,11 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
                     "slice the predictor's ΔKL is measured on includes the Hessians' sequence; raise "
                     "calibration.samples to %d for the full measurement", cfg.source_file or "config",
                     tokens.shape[0], p.alpha_samples, p.measure_samples + p.alpha_samples)
+    elif place.world.main and n_measure < p.measure_samples:   # the held-out slice is taken first, silently
+        log.warning("%s: the calibration has %d sequences, fewer than plan.measure_samples + plan.alpha_samples "
+                    "(%d + %d): the measurement's Hessians use %d sequences; raise calibration.samples to %d (or "
+                    "lower plan.alpha_samples) for the full measurement", cfg.source_file or "config",
+                    tokens.shape[0], p.measure_samples, p.alpha_samples, n_measure, p.measure_samples + p.alpha_samples)
     calib = tokens[:n_measure]
     hold = tokens[-p.alpha_samples:, : p.alpha_seq_len]
     key, base = measurement_key(cfg, calib, hold, model), measurement_key(cfg, calib, hold, model, candidates=False)

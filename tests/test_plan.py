@@ -236,6 +236,22 @@ plan: {{measure_samples: 6, alpha_samples: 4, alpha_seq_len: 32}}
     assert "few.yaml" in caplog.text and "plan.alpha_samples (4)" in caplog.text and "calibration.samples to 10" in caplog.text
 
 
+def test_a_calibration_short_of_the_measurement_is_named(tmp_path, tiny_models, calib_file, cache, caplog):
+    """8 sequences for 6 Hessian + 4 held-out ones: the held-out slice is taken first, so the Hessians
+    get 4; the warning says so and how to get all 6."""
+    y = write_yaml(tmp_path / "short.yaml", f"""model: {tiny_models["llama"]}
+budget: {{avg_bits: 6}}
+quant: {{bits: [4, 8], group_size: 32}}
+calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
+plan: {{measure_samples: 6, alpha_samples: 4, alpha_seq_len: 32}}
+""")
+    with caplog.at_level("WARNING", logger="quantc"):
+        r = run("plan", y, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    assert "short.yaml" in caplog.text and "Hessians use 4 sequences" in caplog.text, caplog.text
+    assert "calibration.samples to 10" in caplog.text
+
+
 def test_a_qep_discount_is_another_measurement(tmp_path, tiny_models, calib_file, cache):
     """plan.qep_discount weights the Fisher form by what QEP leaves: another measurement; quant.qep_alpha
     alone leaves the measurement (and its cache entry) as it was."""
@@ -270,3 +286,16 @@ def test_the_seed_is_part_of_the_measurement_key(tiny_models):
         cfg = parse_config({**raw, "calibration": {"seed": seed}})
         keys.add(measurement_key(cfg, tokens[:4], tokens[4:], skeleton(cfg)))
     assert len(keys) == 3
+
+
+def test_benchmark_jobs_are_keyed_by_what_they_measure():
+    """bench_mixed keys a predictor label's jobs by its settings that differ from quantc's defaults:
+    the bare label and the default written out share jobs, any other slice or discount has its own."""
+    from benchmarks.bench_mixed import job_label
+    from quantc.config import PlanSettings
+    d = PlanSettings()
+    assert job_label(f"fisher-h{d.alpha_samples}") == job_label("fisher") == job_label("fisher-qd0")
+    other = d.alpha_samples // 4
+    assert job_label(f"fisher-h{other}") == f"fisher-h{other}"
+    assert job_label(f"fisher-h{d.alpha_samples}-qd0.4") == job_label("fisher-qd0.4") != job_label("fisher")
+    assert job_label("exact") == "exact"
