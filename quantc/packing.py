@@ -88,13 +88,16 @@ def pack_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx:
 
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     g_idx: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """GPTQ v1 tensors -> dense weight [out, in] in `dtype`."""
+    """GPTQ v1 tensors -> dense weight [out, in] in `dtype`, rounded once: (q − z)·s is exact in float32
+    (an integer of at most 8 bits times a float16 scale needs 19 mantissa bits), so computing it there
+    and casting gives each weight its nearest `dtype` value, where computing in bfloat16 rounded the
+    scale and then the product."""
     q = unpack_rows(qweight, bits)                          # [in, out]
     zeros = unpack_cols(qzeros, bits) + 1                   # v1: stored zero - 1
     g = g_idx.long()
-    s = scales.to(dtype)
-    w = (q.to(dtype) - zeros[g].to(dtype)) * s[g]           # [in, out]
-    return w.t().contiguous()
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (q.to(work) - zeros[g].to(work)) * scales.to(work)[g]   # [in, out]
+    return w.to(dtype).t().contiguous()
 
 
 def packed_bytes(in_features: int, out_features: int, bits: int, group_size: int,

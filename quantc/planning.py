@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import durable
 from .config import Config
 from .errors import ConfigError, QuantcError
 from .family import family_of
@@ -45,9 +46,7 @@ class Plan:
                 "units": {k: {"modules": self.unit_names[k], **_editable(o)} for k, o in self.choices.items()}}
 
     def save(self, path: Path) -> None:
-        tmp = Path(f"{path}.{os.getpid()}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
-        os.replace(tmp, path)
+        durable.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
 
 
 def _editable(o: Option) -> dict:
@@ -236,9 +235,7 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
 
 
 def _atomic_write(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")    # two plans at once: each its own file, then one rename
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    durable.write_text(path, json.dumps(data))     # two plans at once: each its own file, then one rename
 
 
 def _write_about(key: str, base: str, ms: dict) -> None:

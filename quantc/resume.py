@@ -23,6 +23,8 @@ import logging
 import os
 from pathlib import Path
 
+from . import durable
+
 log = logging.getLogger("quantc")
 FORMAT = 4          # 4: the check's held-out streams beside x̂ and x; 3: state.json names its activations
 #                     file (2: one acts.safetensors; 1: raw codes)
@@ -231,4 +233,4 @@ def fault_point(i: int, rank: int = 0, env: str = FAULT_ENV) -> None:
 def _atomic(write, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")      # two runs of one measurement: their own files
     write(tmp)
-    os.replace(tmp, path)
+    durable.replace(tmp, path)

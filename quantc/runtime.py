@@ -15,9 +15,44 @@ from .kernels import HAVE_TRITON, gptq_matmul
 from .packing import dequantize_gptq
 
 
-class QuantLinear(nn.Module):
+class _Packed(nn.Module):
+    """What the packed linears share: a dense weight dequantized on demand (kept when `cache` is set),
+    and moves and casts that keep the format. `.to(dtype)` / `.half()` / `.to(device)` (nn.Module._apply)
+    cast the compute dtype and the bias but not the packed tensors: a float buffer the format stores
+    in its own dtype (GPTQ v1's float16 scales, FORMAT_FLOATS) only changes device, since a cast to
+    bfloat16 would round every scale. The kept dense weight is dropped, to be dequantized again where
+    and as the module now is (before, it stayed on the old device and dtype and the forward failed)."""
+    FORMAT_FLOATS: tuple[str, ...] = ()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._weight is not None:
+            return self._weight
+        w = self.dequantize()
+        if self.cache:
+            self._weight = w
+        return w
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight = None          # new packed tensors: drop the kept dense weight
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros((), dtype=self.dtype))       # what the move or cast does to a compute-dtype float
+        if probe.dtype != self.dtype:
+            keep = {id(self._buffers[n]) for n in self.FORMAT_FLOATS if self._buffers.get(n) is not None}
+            super()._apply(lambda t: t.to(probe.device) if id(t) in keep else fn(t), recurse)
+            self.dtype = probe.dtype
+        else:
+            super()._apply(fn, recurse)
+        self._weight = None
+        return self
+
+
+class QuantLinear(_Packed):
     """A linear layer stored in GPTQ v1 format. On the CPU it dequantizes in torch (once, cached,
     when `cache` is set); on CUDA a fused kernel can take over without changing the format."""
+    FORMAT_FLOATS = ("scales",)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
                  dtype=torch.float32, cache: bool = True):
@@ -35,19 +70,6 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        if self._weight is not None:
-            return self._weight
-        w = self.dequantize()
-        if self.cache:
-            self._weight = w
-        return w
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._weight = None          # new packed tensors: drop the cached dense weight
-        super()._load_from_state_dict(*args, **kwargs)
 
     kernel = "auto"   # "auto": Triton on CUDA tensors, torch dequantize elsewhere; or "torch" / "triton"
 
@@ -113,7 +135,7 @@ def module_option(name: str, qc: dict) -> dict | None:
     return {**base, "grid": qc.get("grid", "gptq")}
 
 
-class GGMLLinear(nn.Module):
+class GGMLLinear(_Packed):
     """A linear stored as llama.cpp blocks (an option on a llama.cpp grid: ggml.py), dequantized in
     torch to the values llama.cpp's (and gguf-py's) dequantization gives; cached when `cache` is set."""
 
@@ -129,12 +151,6 @@ class GGMLLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return ggml.dequantize_blocks(ggml.TYPES[self.qtype], self.qblocks).to(self.qblocks.device, self.dtype)
-
-    weight = QuantLinear.weight
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._weight = None          # new blocks: drop the cached dense weight
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(self.dtype), self.weight, self.bias)

@@ -22,6 +22,7 @@ import time
 from functools import wraps
 from pathlib import Path
 
+from . import durable
 from .errors import QuantcError
 
 try:
@@ -226,6 +227,7 @@ def finalize_output(tmp: Path, out: Path) -> None:
     out = Path(out)
     tmp = Path(tmp)
     st = next((s for s in _active if s.tmp == tmp.resolve() or s.tmp == tmp), None)
+    durable.sync_tree(tmp)                   # every file's bytes on the disk before the rename names them
     if out.exists():
         old = out.parent / f".{out.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -234,6 +236,7 @@ def finalize_output(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    durable.fsync(out.parent)                # and the rename itself
     (out / LOCK_NAME).unlink(missing_ok=True)
     if st is not None:
         st.created = []

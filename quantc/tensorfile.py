@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from . import durable
+
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
           torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16",
@@ -117,5 +119,5 @@ def write(path: str | Path, entries: dict[str, Entry], metadata: dict[str, str] 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
+    durable.replace(tmp, path)
     return offset

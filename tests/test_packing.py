@@ -116,3 +116,48 @@ def test_tensorfile_writes_safetensors_own_bytes_one_tensor_at_a_time(tmp_path, 
     with pytest.raises(ValueError, match="announced"):
         tensorfile.write(tmp_path / "bad.safetensors", bad)
     assert not list(tmp_path.glob("bad.safetensors*"))                        # nor its temporary file
+
+
+def _packed(bits=4, out=64, inp=128, gs=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 2**bits, (inp // gs, out), generator=g, dtype=torch.int32)
+    scales = (torch.rand(inp // gs, out, generator=g) * 0.1 + 0.001).half().float()
+    return pack_gptq(q, zeros, scales, torch.arange(inp, dtype=torch.int32) // gs, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_rounds_each_weight_once(dtype):
+    """(q − z)·s is exact in float32, so the weight in a narrower dtype is the float32 one rounded once
+    (computing in bfloat16 rounded the scale first: most weights then came out one step off)."""
+    t = _packed()
+    w32 = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4)
+    w = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, dtype)
+    assert w.dtype == dtype and torch.equal(w, w32.to(dtype))
+
+
+def test_a_loaded_linear_follows_to_dtype_and_keeps_its_format():
+    """QuantLinear.to(bfloat16) after a forward in float32: the kept dense weight is made again in
+    bfloat16, the bias follows, the float16 scales stay as stored (a cast would round them), and the
+    forward runs; GGMLLinear follows the same way."""
+    from quantc.runtime import GGMLLinear, QuantLinear
+    t = _packed()
+    m = QuantLinear(128, 64, 4, 32, bias=True)
+    m.load_state_dict({**t, "bias": torch.randn(64)})
+    x = torch.randn(3, 128)
+    y32 = m(x)
+    scales = m.scales.clone()
+    assert m.to(torch.bfloat16) is m
+    assert m.scales.dtype == torch.float16 and torch.equal(m.scales, scales)
+    assert m.qweight.dtype == torch.int32 and m.bias.dtype == torch.bfloat16
+    assert m.weight.dtype == torch.bfloat16
+    assert torch.equal(m.weight, dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4).to(torch.bfloat16))
+    y = m(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+    m.float()
+    assert torch.equal(m.weight, dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4))   # scales kept
+    gl = GGMLLinear(64, 8, "Q8_0", bias=False)
+    assert gl.weight.dtype == torch.float32
+    gl.half()
+    assert gl.weight.dtype == torch.float16 and gl.qblocks.dtype == torch.uint8

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .. import durable
 from ..errors import QuantcError
 
 log = logging.getLogger("quantc")
@@ -286,7 +287,7 @@ def self_tokens(cal, tokenizer, model, device: torch.device | None, identity: st
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save(t, tmp)
-        os.replace(tmp, path)
+        durable.replace(tmp, path)
     except OSError as e:
         log.warning("%s: cannot keep the sampled calibration tokens (%s); a run again samples again", path, e)
     return t
