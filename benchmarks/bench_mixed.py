@@ -319,13 +319,16 @@ def run_plan(v: str, p: str, budgets: dict[str, int], qep: float = 0.0) -> dict:
     own included; its measurement comes from quantc's cache where that still holds it."""
     name = f"mixed-{prefix(v)}{job_label(p)}-plan"
     path = WORK / f"{keyed(name)}.json"
+    job = lambda b: subprocess_job_m(["plan", json.dumps(b), p, v, str(qep)])     # noqa: E731
     if path.is_file():
         done = json.loads(path.read_text())["plans"]
-        if not set(budgets) <= set(done):
+        if not set(budgets) <= set(done):      # the cached job stays until the new one has finished
             sizes = budget_sizes()
-            budgets = {**{b: sizes[b] for b in done if b in sizes}, **budgets}
-            path.unlink()
-    return cached(name, lambda: subprocess_job_m(["plan", json.dumps(budgets), p, v, str(qep)]))
+            print(f"[bench] {name}: planning {', '.join(budgets)} beside {', '.join(done)} ...", flush=True)
+            res = job({**{b: sizes[b] for b in done if b in sizes}, **budgets})
+            path.write_text(json.dumps(res, indent=2))
+            return res
+    return cached(name, lambda: job(budgets))
 
 
 def run_compile(v: str, p: str, b: str, qep: float, budget: int) -> dict:

@@ -9,25 +9,40 @@ flushed to the disk (fsync), and after it the folder that holds the name.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+# a folder (or a read-only file) that cannot be opened or synced this way: the platform or file system
+# has nothing to flush for it (Windows opens no folders and flushes no read-only handle; some file
+# systems answer EINVAL for folders); a real I/O error (EIO, ENOSPC) still raises
+_NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM, errno.EISDIR}
+
 
 def fsync(path: str | Path) -> None:
-    """Flush a file's bytes, or a folder's entries, to the disk. Folders cannot be opened for this on
-    Windows (nothing to do there: its renames are not ordered this way); a file system that refuses to
-    sync a folder (EINVAL) has nothing to flush for it."""
+    """Flush a file's bytes, or a folder's entries, to the disk. A file is opened for writing where it
+    may be (Windows flushes only such handles), else read-only (a read-only file copied into an output,
+    as a tokenizer file from a read-only model folder: POSIX flushes it through any handle); a folder
+    read-only, where the platform allows it."""
     path = Path(path)
-    if os.name == "nt" and path.is_dir():
+    folder = path.is_dir()
+    if folder and os.name == "nt":
         return
-    fd = os.open(path, os.O_RDONLY)
+    read_only = folder
     try:
-        os.fsync(fd)
-    except OSError:
-        if not path.is_dir():
+        try:
+            fd = os.open(path, os.O_RDONLY if folder else os.O_RDWR)
+        except PermissionError:
+            if folder:
+                raise
+            fd, read_only = os.open(path, os.O_RDONLY), True
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if not (read_only and e.errno in _NO_FOLDER_SYNC):
             raise
-    finally:
-        os.close(fd)
 
 
 def replace(tmp: str | Path, path: str | Path) -> None:
@@ -52,11 +67,16 @@ def write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def sync_tree(folder: str | Path) -> None:
-    """fsync every file under `folder`, then every folder, deepest first, `folder` last."""
+def sync_tree(folder: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """fsync every file under `folder`, then every folder, deepest first, `folder` last; the top-level
+    entries named in `skip` are left out."""
     folder = Path(folder)
     for root, dirs, files in os.walk(folder, topdown=False):
+        if Path(root) != folder and Path(root).relative_to(folder).parts[0] in skip:
+            continue
         for name in files:
+            if Path(root) == folder and name in skip:
+                continue
             p = Path(root) / name
             if not p.is_symlink():
                 fsync(p)

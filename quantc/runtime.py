@@ -39,12 +39,12 @@ class _Packed(nn.Module):
 
     def _apply(self, fn, recurse=True):
         probe = fn(torch.zeros((), dtype=self.dtype))       # what the move or cast does to a compute-dtype float
-        if probe.dtype != self.dtype:
-            keep = {id(self._buffers[n]) for n in self.FORMAT_FLOATS if self._buffers.get(n) is not None}
-            super()._apply(lambda t: t.to(probe.device) if id(t) in keep else fn(t), recurse)
+        # the format's floats only move, even under a cast to the dtype the module already has (a model
+        # loaded in bfloat16 and then given .to("cuda", torch.bfloat16) would round its scales)
+        keep = {id(self._buffers[n]) for n in self.FORMAT_FLOATS if self._buffers.get(n) is not None}
+        super()._apply(lambda t: t.to(probe.device) if id(t) in keep else fn(t), recurse)
+        if probe.is_floating_point():
             self.dtype = probe.dtype
-        else:
-            super()._apply(fn, recurse)
         self._weight = None
         return self
 

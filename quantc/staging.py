@@ -227,7 +227,9 @@ def finalize_output(tmp: Path, out: Path) -> None:
     out = Path(out)
     tmp = Path(tmp)
     st = next((s for s in _active if s.tmp == tmp.resolve() or s.tmp == tmp), None)
-    durable.sync_tree(tmp)                   # every file's bytes on the disk before the rename names them
+    # every file's bytes on the disk before the rename names them (not the resume point's and the
+    # offloaded activations', which go once the output is in place; the resume point syncs its own)
+    durable.sync_tree(tmp, skip=(RESUME_DIR, "offload"))
     if out.exists():
         old = out.parent / f".{out.name}.old"
         shutil.rmtree(old, ignore_errors=True)

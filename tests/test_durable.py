@@ -60,3 +60,25 @@ def test_the_staged_output_is_on_disk_before_it_is_renamed_into_place(tmp_path, 
     assert {os.path.realpath(tmp), os.path.realpath(tmp / "sub")} <= synced
     assert ("fsync", str(tmp_path.resolve())) in events[i + 1:]
     assert sorted(p.name for p in out.rglob("*")) == sorted(["model.safetensors", "quantc.json", "sub", "tokenizer.json"])
+
+
+
+def test_a_read_only_file_in_the_output_is_synced_too(tmp_path, monkeypatch):
+    """A file copied with its mode from a read-only model folder (a tokenizer file) cannot be opened for
+    writing: it is synced through a read-only handle, and the output still goes into place. (Opening
+    it for writing is refused here by a stand-in, since the tests may run as root.)"""
+    out = tmp_path / "out"
+    tmp = staging.prepare_output(out, force=False)
+    f = tmp / "tokenizer.json"
+    f.write_text("{}")
+    real_open, opened = os.open, []
+
+    def guarded(path, flags, *a, **k):
+        if os.path.basename(path) == "tokenizer.json" and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(path))
+        opened.append((os.path.basename(path), flags))
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(durable.os, "open", guarded)
+    staging.finalize_output(tmp, out)
+    assert ("tokenizer.json", os.O_RDONLY) in opened
+    assert (out / "tokenizer.json").read_text() == "{}"

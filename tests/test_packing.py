@@ -157,6 +157,10 @@ def test_a_loaded_linear_follows_to_dtype_and_keeps_its_format():
     torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
     m.float()
     assert torch.equal(m.weight, dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4))   # scales kept
+    m16 = QuantLinear(128, 64, 4, 32, bias=False, dtype=torch.bfloat16)    # quantc.load(..., dtype=bfloat16)
+    m16.load_state_dict(t)
+    m16.to(torch.bfloat16)                        # a cast to the dtype it has: the scales still stay
+    assert m16.scales.dtype == torch.float16 and torch.equal(m16.scales, t["scales"])
     gl = GGMLLinear(64, 8, "Q8_0", bias=False)
     assert gl.weight.dtype == torch.float32
     gl.half()
