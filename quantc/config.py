@@ -169,6 +169,9 @@ class Config:
             "trust_remote_code": self.trust_remote_code, "allow_pickle": self.allow_pickle, "method": self.method,
             "damp": self.damp,
             "qep_alpha": self.qep_alpha, "units": self.units, "true_sequential": self.true_sequential,
+            # GPTQ's lazy-update block changes the codes (the order of the updates' sums), so a compile
+            # with another one must not resume from this one's shards; only when changed, as gguf_heads
+            **({"block_size": self.block_size} if self.block_size != 128 else {}),
             "rotate": self.rotate, "rotate_seed": self.rotate_seed, "candidate_set": self.candidate_set,
             "candidates": [o.to_dict() for o in self.candidates], "keep_fp16": self.keep_fp16,
             "overrides": [[p, o] for p, o in self.overrides], "budget": vars(self.budget),

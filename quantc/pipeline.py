@@ -273,6 +273,8 @@ def compile_model(cfg: Config, out: str | Path, *, force: bool = False, plan_fil
         fault_point(i, world.rank)
 
     if cfg.method == "rtn":
+        if world.main:
+            ckpt.discard()               # RTN keeps no resume point: a GPTQ one here must not outlive its shards
         quantize_rtn(model, options, layer_done, progress=progress, place=place)
     else:
         bs = cfg.calibration.batch_size

@@ -39,19 +39,50 @@ class Checkpoint:
 
     def load(self):
         """(next layer, x̂, x or None, the check's (original, quantized) streams or None) of an interrupted
-        run of the same compile, else None."""
+        run of the same compile, else None. A resume point of another compile, or one that cannot be read
+        whole (its state, its activations, the header of every finished layer's shard: a copied folder,
+        a file system that ignored fsync), is discarded first: this run then writes its own shards over
+        it, which a later run must never resume from under the old state."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
         state = self.dir / "state.json"
         if not state.is_file():
+            self.discard()               # shards without a state (a run stopped before its first state)
             return None
-        st = json.loads(state.read_text())
-        if st.get("key") != self.key:
-            log.info("resume state is from another compile; starting over")
+        try:
+            st = json.loads(state.read_text())
+            if st.get("key") != self.key:
+                log.warning("the resume point in %s is from another compile (other settings, calibration or "
+                            "weights); starting over", self.dir)
+                self.discard()
+                return None
+            n = int(st["next_layer"])
+            for i in range(n):
+                with safe_open(str(self.shard(i)), "pt"):
+                    pass
+            acts = load_file(str(self.dir / st["acts"]))
+            x_hat = acts["x_hat"]
+        except Exception as e:           # noqa: BLE001 - any damage means the same: start over
+            log.warning("the resume point in %s cannot be read (%s: %s); starting over", self.dir,
+                        type(e).__name__, e)
+            self.discard()
             return None
-        acts = load_file(str(self.dir / st["acts"]))
-        log.warning("resuming after decoder layer %d (%s)", st["next_layer"] - 1, self.dir)
+        log.warning("resuming after decoder layer %d (%s)", n - 1, self.dir)
+        for p in self.dir.glob("*.tmp"):     # a killed run's half-written copies (this run holds the lock)
+            p.unlink(missing_ok=True)
         check = (acts["check_ref"], acts["check_hat"]) if "check_ref" in acts else None
-        return st["next_layer"], acts["x_hat"], acts.get("x_ref"), check
+        return n, x_hat, acts.get("x_ref"), check
+
+    def discard(self) -> None:
+        """Remove the resume point: the state first (durably), so no later run resumes from the shards
+        that go or are overwritten after it."""
+        state = self.dir / "state.json"
+        if state.exists():
+            state.unlink()
+            durable.fsync(self.dir)
+        for p in self.dir.glob("*") if self.dir.is_dir() else ():
+            if p.is_file():
+                p.unlink(missing_ok=True)
 
     def save_layer(self, i: int, tensors: dict) -> None:
         from safetensors.torch import save_file
@@ -232,5 +263,9 @@ def fault_point(i: int, rank: int = 0, env: str = FAULT_ENV) -> None:
 
 def _atomic(write, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")      # two runs of one measurement: their own files
-    write(tmp)
-    durable.replace(tmp, path)
+    try:
+        write(tmp)
+        durable.replace(tmp, path)
+    except BaseException:            # a full disk or Ctrl-C: no half-written copy left behind
+        tmp.unlink(missing_ok=True)
+        raise

@@ -52,6 +52,63 @@ def test_changed_config_does_not_resume(tmp_path, tiny_tokenizer, calib_file):
     assert cfg["quantization_config"]["bits"] == 2
 
 
+def test_another_gptq_block_does_not_resume(tmp_path, tiny_tokenizer, calib_file):
+    """quant.block_size changes GPTQ's codes (the order of its lazy updates): a compile with another
+    block must start over, not join its layers to the first one's."""
+    model = build_tiny("llama", tmp_path / "m3", tiny_tokenizer, layers=3, seed=4)
+    base = f"model: {model}\ncalibration: {{source: {calib_file}, samples: 4, seq_len: 64}}\n"
+    cmd = [sys.executable, "-m", "quantc.cli", "-q", "compile"]
+    y1 = write_yaml(tmp_path / "b1.yaml", base + "quant: {bits: 4, group_size: 32}\n")
+    r = subprocess.run(cmd + [str(y1), "-o", str(tmp_path / "o")], capture_output=True, text=True,
+                       env={**os.environ, "QUANTC_FAULT_AFTER_LAYER": "0"})
+    assert r.returncode == -9
+    y2 = write_yaml(tmp_path / "b2.yaml", base + "quant: {bits: 4, group_size: 32, block_size: 32}\n")
+    r = subprocess.run(cmd + [str(y2), "-o", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming" not in r.stderr and "another compile" in r.stderr, r.stderr[-2000:]
+
+
+def _killed_after(cmd, y, out, layer):
+    r = subprocess.run(cmd + [str(y), "-o", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore", "QUANTC_FAULT_AFTER_LAYER": str(layer)})
+    assert r.returncode == -9, r.stderr[-2000:]
+
+
+def test_a_run_that_does_not_resume_leaves_no_resume_point_over_its_own_shards(tmp_path, tiny_tokenizer,
+                                                                                calib_file):
+    """A GPTQ compile killed after layer 1, then an RTN compile into the same output killed after layer
+    0 (RTN keeps no resume point, and wrote its layer 0 over the GPTQ one): the GPTQ command run again
+    starts over, to the artifact of an uninterrupted run, instead of resuming with RTN's layer 0."""
+    model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
+    base = f"model: {model}\ncalibration: {{source: {calib_file}, samples: 8, seq_len: 64}}\n"
+    gptq = write_yaml(tmp_path / "g.yaml", base + "quant: {bits: 3, group_size: 32}\n")
+    rtn = write_yaml(tmp_path / "r.yaml", f"model: {model}\nquant: {{bits: 3, group_size: 32, method: rtn}}\n")
+    cmd = [sys.executable, "-m", "quantc.cli", "-q", "compile"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(cmd + [str(gptq), "-o", str(tmp_path / "a")], check=True, env=env, capture_output=True)
+    _killed_after(cmd, gptq, tmp_path / "b", 1)
+    _killed_after(cmd, rtn, tmp_path / "b", 0)
+    r = subprocess.run(cmd + [str(gptq), "-o", str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_a_damaged_resume_point_starts_over(tmp_path, tiny_tokenizer, calib_file):
+    """A resume point whose activations file was cut short (a copied folder, a file system that
+    ignored fsync) is discarded with a warning, and the run starts over to the same artifact."""
+    model = build_tiny("llama", tmp_path / "m4", tiny_tokenizer, layers=4, seed=3)
+    y = write_yaml(tmp_path / "g.yaml", f"model: {model}\nquant: {{bits: 3, group_size: 32}}\n"
+                                        f"calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}\n")
+    cmd = [sys.executable, "-m", "quantc.cli", "-q", "compile"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(cmd + [str(y), "-o", str(tmp_path / "a")], check=True, env=env, capture_output=True)
+    _killed_after(cmd, y, tmp_path / "b", 1)
+    (acts,) = (tmp_path / ".b.partial" / "resume").glob("acts-*.safetensors")
+    acts.write_bytes(acts.read_bytes()[: acts.stat().st_size // 2])
+    r = subprocess.run(cmd + [str(y), "-o", str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "cannot be read" in r.stderr and "resuming" not in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
 def test_replaced_weights_do_not_resume(tmp_path, tiny_tokenizer, calib_file):
     """The same YAML over weights replaced in place (a re-download, another export of the model) is
     another compile: resuming would join the old weights' first layers to the new weights' rest."""
@@ -75,7 +132,9 @@ def test_a_death_between_the_resume_files_resumes_consistently(tmp_path, monkeyp
     ck = resume.Checkpoint(tmp_path, "k")
     ck.dir.mkdir()
     first = torch.randn(2, 3, 4)
+    ck.save_layer(0, {"w": torch.zeros(1)})            # as the sweep does: the shard, then the state
     ck.save_state(0, first, None)
+    ck.save_layer(1, {"w": torch.ones(1)})
     write = resume._atomic
 
     def killed_before_the_state(fn, path):
@@ -88,6 +147,7 @@ def test_a_death_between_the_resume_files_resumes_consistently(tmp_path, monkeyp
     monkeypatch.undo()
     nxt, x_hat, x_ref, check = ck.load()
     assert nxt == 1 and torch.equal(x_hat, first) and x_ref is None and check is None
+    ck.save_layer(1, {"w": torch.ones(1)})
     ck.save_state(1, x_hat + 1, None)                   # the next point replaces it, and only one file stays
     assert ck.load()[0] == 2 and len(list(ck.dir.glob("acts-*.safetensors"))) == 1
 
