@@ -223,33 +223,22 @@ plan: {{measure_samples: {measure}, alpha_samples: {alpha}, alpha_seq_len: 64}}
     assert len(list(cache.rglob("*.json"))) == 2
 
 
-def test_held_out_rows_overlapping_the_hessians_are_named(tmp_path, tiny_models, calib_file, cache, caplog):
-    y = write_yaml(tmp_path / "few.yaml", f"""model: {tiny_models["llama"]}
-budget: {{avg_bits: 6}}
-quant: {{bits: [4, 8], group_size: 32}}
-calibration: {{source: {calib_file}, samples: 3, seq_len: 64}}
-plan: {{measure_samples: 6, alpha_samples: 4, alpha_seq_len: 32}}
-""")
-    with caplog.at_level("WARNING", logger="quantc"):
-        r = run("plan", y, "-o", tmp_path / "p")
-    assert r.exit_code == 0, r.output
-    assert "few.yaml" in caplog.text and "plan.alpha_samples (4)" in caplog.text and "calibration.samples to 10" in caplog.text
-
-
-def test_a_calibration_short_of_the_measurement_is_named(tmp_path, tiny_models, calib_file, cache, caplog):
-    """8 sequences for 6 Hessian + 4 held-out ones: the held-out slice is taken first, so the Hessians
-    get 4; the warning says so and how to get all 6."""
+@pytest.mark.parametrize("samples, said", [
+    (3, "plan.alpha_samples (4)"),         # the held-out rows are every row, the Hessians' too
+    (8, "Hessians use 4 sequences"),       # the held-out slice is taken first: the Hessians get 4 of 6
+])
+def test_a_calibration_short_of_the_measurement_is_named(tmp_path, tiny_models, calib_file, cache, caplog,
+                                                         samples, said):
     y = write_yaml(tmp_path / "short.yaml", f"""model: {tiny_models["llama"]}
 budget: {{avg_bits: 6}}
 quant: {{bits: [4, 8], group_size: 32}}
-calibration: {{source: {calib_file}, samples: 8, seq_len: 64}}
+calibration: {{source: {calib_file}, samples: {samples}, seq_len: 64}}
 plan: {{measure_samples: 6, alpha_samples: 4, alpha_seq_len: 32}}
 """)
     with caplog.at_level("WARNING", logger="quantc"):
         r = run("plan", y, "-o", tmp_path / "p")
     assert r.exit_code == 0, r.output
-    assert "short.yaml" in caplog.text and "Hessians use 4 sequences" in caplog.text, caplog.text
-    assert "calibration.samples to 10" in caplog.text
+    assert "short.yaml" in caplog.text and said in caplog.text and "calibration.samples to 10" in caplog.text, caplog.text
 
 
 def test_a_qep_discount_is_another_measurement(tmp_path, tiny_models, calib_file, cache):
