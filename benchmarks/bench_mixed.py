@@ -83,7 +83,6 @@ def job_label(predictor: str) -> str:
     so jobs are keyed by what they measure. Two labels of one measurement (fisher-h16 and fisher, with
     16 held-out sequences the default) share their jobs, and a default changed later moves the bare
     label to new jobs: the earlier ones keep their explicit form (fisher-h4 since 16 became the default)."""
-    from quantc.config import PlanSettings
     s, d = plan_settings(predictor, check=False), PlanSettings()
     mods = [f"h{s['alpha_samples']}"] if s.get("alpha_samples", d.alpha_samples) != d.alpha_samples else []
     mods += [f"qd{s['qep_discount']:g}"] if s.get("qep_discount", d.qep_discount) != d.qep_discount else []
