@@ -54,17 +54,23 @@ def replace(tmp: str | Path, path: str | Path) -> None:
     fsync(path.parent)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` durably, through a temporary file of this process (two processes writing
-    one path each write their own, and the last rename wins)."""
+def write(path: str | Path, fill) -> None:
+    """Make `path` durably: `fill(tmp)` writes the new file under a temporary name of this process (two
+    processes writing one path each write their own, and the last rename wins), which then replaces
+    `path`; a failure or an interrupt (a full disk, Ctrl-C) leaves no half-written copy behind."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        fill(tmp)
         replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` durably (`write`)."""
+    write(path, lambda tmp: tmp.write_text(text))
 
 
 def sync_tree(folder: str | Path, skip: tuple[str, ...] = ()) -> None:

@@ -228,14 +228,10 @@ def get_measurements(cfg: Config, model, tokens: torch.Tensor, progress: bool = 
     if not world.main:
         return ms, False
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, ms.to_dict())
+    durable.write_text(path, json.dumps(ms.to_dict()))   # two plans at once: each its own file
     _write_about(key, base, ms.to_dict())
     point.clear()                                  # the cache entry replaces the resume state
     return ms, False
-
-
-def _atomic_write(path: Path, data: dict) -> None:
-    durable.write_text(path, json.dumps(data))     # two plans at once: each its own file, then one rename
 
 
 def _write_about(key: str, base: str, ms: dict) -> None:
@@ -244,7 +240,7 @@ def _write_about(key: str, base: str, ms: dict) -> None:
     about = cache_dir() / f"{key}.about"
     if not about.is_file():
         anchors_of = ms["meta"].get("anchors") or {k: k for k in ms["options"]}
-        _atomic_write(about, {"base": base, "anchors": anchors_of})
+        durable.write_text(about, json.dumps({"base": base, "anchors": anchors_of}))
 
 
 def _subset_of(base: str, cfg: Config) -> dict | None:

@@ -262,10 +262,4 @@ def fault_point(i: int, rank: int = 0, env: str = FAULT_ENV) -> None:
 
 
 def _atomic(write, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")      # two runs of one measurement: their own files
-    try:
-        write(tmp)
-        durable.replace(tmp, path)
-    except BaseException:            # a full disk or Ctrl-C: no half-written copy left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    durable.write(path, write)       # (a name of its own: the resume tests stop it between two files)

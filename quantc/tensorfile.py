@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +89,8 @@ def write(path: str | Path, entries: dict[str, Entry], metadata: dict[str, str] 
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    try:
+
+    def fill(tmp):
         with open(tmp, "wb") as out, contextlib.ExitStack() as stack:
             sources: dict[str, object] = {}          # each source file opened once for all its tensors
             out.write(struct.pack("<Q", len(blob)))
@@ -116,8 +115,6 @@ def write(path: str | Path, entries: dict[str, Entry], metadata: dict[str, str] 
                             raise ValueError(f"{e.path}: ends inside tensor {k}")
                         out.write(chunk)
                         left -= len(chunk)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    durable.replace(tmp, path)
+
+    durable.write(path, fill)
     return offset

@@ -271,7 +271,6 @@ def self_tokens(cal, tokenizer, model, device: torch.device | None, identity: st
     and calibration settings and kept in `folder`: a run again (a resume, whose keys hash the tokens)
     starts from the same tokens, whichever device sampled them, and does not pay for sampling twice."""
     import hashlib
-    import os
     key = hashlib.sha256(f"{identity}:{cal.samples}:{cal.seq_len}:{cal.seed}".encode()).hexdigest()[:20]
     path = folder / f"self-{key}.pt"
     if path.is_file():
@@ -285,9 +284,7 @@ def self_tokens(cal, tokenizer, model, device: torch.device | None, identity: st
     t = calibration_tokens(cal, tokenizer, model, device)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(t, tmp)
-        durable.replace(tmp, path)
+        durable.write(path, lambda tmp: torch.save(t, tmp))
     except OSError as e:
         log.warning("%s: cannot keep the sampled calibration tokens (%s); a run again samples again", path, e)
     return t
